@@ -1,0 +1,49 @@
+"""Attention backends for NSA: the pure-JAX reference, or Pallas kernels.
+
+A backend is three functions with the signatures of `nsa_jax.reference`:
+`compressed_attention`, `selected_attention` and `sliding_window_attention`.
+`SparseAttention` calls them through `get_backend`, so a kernel slots in without the
+module changing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+
+BACKENDS = ("reference", "pallas")
+
+
+class AttentionBackend(NamedTuple):
+    name: str
+    compressed_attention: Callable
+    selected_attention: Callable
+    sliding_window_attention: Callable
+
+
+def default_backend_name() -> str:
+    """Kernels on GPU once they exist, the reference elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
+
+
+def _pallas_available() -> bool:
+    return False  # the Pallas kernels land with their own issue
+
+
+def get_backend(name: str | None = None) -> AttentionBackend:
+    name = default_backend_name() if name is None else name
+    if name == "reference":
+        from nsa_jax import reference
+
+        return AttentionBackend(
+            "reference",
+            reference.compressed_attention,
+            reference.selected_attention,
+            reference.sliding_window_attention,
+        )
+    if name == "pallas":
+        raise NotImplementedError(
+            "the Pallas NSA kernels are not part of this version yet; use use_pallas_nsa=False"
+        )
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,239 @@
+"""SparseAttention (NSA) and the dense baseline Attention, as Flax NNX modules.
+
+The modules own the parameters (projections, compress networks, memory kv, gates) and
+nothing else: the attention math runs in the backend that `kernels.get_backend` returns
+(the pure-JAX reference, or Pallas kernels), with the signatures of `nsa_jax.reference`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from nsa_jax import reference
+from nsa_jax.compress_networks import CompressMLP, build_compress_network
+from nsa_jax.layers import Linear, RMSNorm
+from nsa_jax.rotary import apply_rotary
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class SparseAttention(nnx.Module):
+    """Native Sparse Attention: compressed, selected and sliding-window branches, gated.
+
+    Arguments, names and defaults are those of `native_sparse_attention_pytorch.SparseAttention`
+    (0.2.3); `compress_block_sliding_stride` defaults to `compress_block_size`. Additions:
+      interpolated_importance_score: token-level linear interpolation of the compressed
+          scores before averaging per selection block (the seed's option); lets the
+          selection block be any size, not only a multiple of the stride.
+      use_pallas_nsa: True for the Pallas kernels, False for the pure-JAX reference,
+          None (default) for kernels on GPU and the reference elsewhere.
+          `use_triton_kernel=True` (the PyTorch name) means the same as True.
+      mask_sliding_window_padding: mask the zero padding that the package's non-causal
+          sliding window lets queries near the end see (off: reproduce the package).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int,
+        heads: int,
+        sliding_window_size: int,
+        compress_block_size: int,
+        compress_block_sliding_stride: int | None = None,
+        selection_block_size: int | None = None,
+        num_selected_blocks: int | None = None,
+        kv_heads: int | None = None,
+        num_compressed_mem_kv: int = 1,
+        causal: bool = False,
+        norm: bool = True,
+        use_diff_topk: bool = False,
+        use_triton_kernel: bool = False,
+        query_heads_share_selected_kv: bool = True,
+        compress_mlp: nnx.Module | str | None = None,
+        compress_mlp_expand_factor: float = 1.0,
+        strategy_combine_mlp: nnx.Module | None = None,
+        *,
+        interpolated_importance_score: bool = False,
+        use_pallas_nsa: bool | None = None,
+        mask_sliding_window_padding: bool = False,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kv_heads = heads if kv_heads is None else kv_heads
+        stride = compress_block_size if compress_block_sliding_stride is None else compress_block_sliding_stride
+        _check(selection_block_size is not None, "selection_block_size is required")
+        _check(num_selected_blocks is not None, "num_selected_blocks is required")
+        _check(heads > 0 and kv_heads > 0 and heads % kv_heads == 0,
+               f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
+        _check(dim_head > 0 and dim_head % 2 == 0, f"dim_head ({dim_head}) must be even (rotary embedding)")
+        _check(compress_block_size > 0, f"compress_block_size ({compress_block_size}) must be > 0")
+        _check(0 < stride <= compress_block_size,
+               f"compress_block_sliding_stride ({stride}) must be in 1..compress_block_size ({compress_block_size})")
+        _check(selection_block_size > 0, f"selection_block_size ({selection_block_size}) must be > 0")
+        _check(interpolated_importance_score or selection_block_size % stride == 0,
+               f"selection_block_size ({selection_block_size}) must be a multiple of the compress stride "
+               f"({stride}), or set interpolated_importance_score=True")
+        _check(num_selected_blocks >= 0, f"num_selected_blocks ({num_selected_blocks}) must be >= 0")
+        _check(sliding_window_size >= 0, f"sliding_window_size ({sliding_window_size}) must be >= 0")
+        _check(num_compressed_mem_kv > 0, f"num_compressed_mem_kv ({num_compressed_mem_kv}) must be > 0")
+
+        self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
+        self.num_grouped_queries = heads // kv_heads
+        self.scale = dim_head**-0.5
+        self.causal = causal
+        self.sliding_window_size = sliding_window_size
+        self.compress_block_size = compress_block_size
+        self.compress_block_sliding_stride = stride
+        self.selection_block_size = selection_block_size
+        self.num_selected_blocks = num_selected_blocks
+        self.num_mem_compress_kv = num_compressed_mem_kv
+        self.use_diff_topk = use_diff_topk
+        self.query_heads_share_selected_kv = query_heads_share_selected_kv
+        self.interpolated_importance_score = interpolated_importance_score
+        self.mask_sliding_window_padding = mask_sliding_window_padding
+        self.use_pallas_nsa = True if use_triton_kernel and use_pallas_nsa is None else use_pallas_nsa
+
+        self.norm = nnx.data(RMSNorm(dim, param_dtype=param_dtype) if norm else None)
+        self.to_qkv = Linear(dim, (heads + 2 * kv_heads) * dim_head, use_bias=False,
+                             param_dtype=param_dtype, rngs=rngs)
+
+        zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
+        self.compress_mem_kv = zeros(2, kv_heads, num_compressed_mem_kv, dim_head)
+        self.k_intrablock_positions = zeros(kv_heads, compress_block_size, dim_head)
+        self.v_intrablock_positions = zeros(kv_heads, compress_block_size, dim_head)
+
+        if compress_mlp is None:
+            compress_mlp = CompressMLP(dim_head, compress_block_size, compress_mlp_expand_factor, rngs=rngs)
+        elif isinstance(compress_mlp, str):
+            compress_mlp = build_compress_network(
+                compress_mlp, dim_head=dim_head, compress_block_size=compress_block_size,
+                kv_heads=kv_heads, expand_factor=compress_mlp_expand_factor, rngs=rngs)
+        self.k_compress = nnx.clone(compress_mlp)
+        self.v_compress = nnx.clone(compress_mlp)
+
+        if strategy_combine_mlp is None:
+            bias = jnp.tile(jnp.array([-2.0, -2.0, 2.0], param_dtype), heads)  # compressed, fine, sliding
+            strategy_combine_mlp = Linear(
+                dim, 3 * heads, kernel_init=lambda key, shape, dtype=param_dtype: jnp.zeros(shape, dtype),
+                bias_init=lambda key, shape, dtype=param_dtype: bias, param_dtype=param_dtype, rngs=rngs)
+        self.to_strategy_combine = strategy_combine_mlp
+        self.combine_heads = Linear(heads * dim_head, dim, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+
+    # -- pieces shared by the parallel forward and (later) cached decoding ---------------
+
+    @property
+    def backend(self) -> kernels.AttentionBackend:
+        if self.use_pallas_nsa is None:
+            return kernels.get_backend()
+        return kernels.get_backend("pallas" if self.use_pallas_nsa else "reference")
+
+    def project(self, inp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """inp [b, n, dim] -> (normed inp, q [b, n, h, d], k [b, n, kh, d], v [b, n, kh, d])."""
+        x = self.norm(inp) if self.norm is not None else inp
+        b, n, _ = x.shape
+        h, kh, d = self.heads, self.kv_heads, self.dim_head
+        q, k, v = jnp.split(self.to_qkv(x), [h * d, (h + kh) * d], axis=-1)
+        return x, q.reshape(b, n, h, d), k.reshape(b, n, kh, d), v.reshape(b, n, kh, d)
+
+    def compress(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Un-rotated k, v [b, n, kh, d] -> compressed ck, cv [b, n // stride, kh, d] (no memory)."""
+        cb, cs = self.compress_block_size, self.compress_block_sliding_stride
+        b, n, kh, d = k.shape
+        if n // cs == 0:
+            empty = jnp.zeros((b, 0, kh, d), k.dtype)
+            return empty, empty
+        kw = reference.compression_windows(k, cb, cs) + self.k_intrablock_positions[...].astype(k.dtype)[:, None]
+        vw = reference.compression_windows(v, cb, cs) + self.v_intrablock_positions[...].astype(v.dtype)[:, None]
+        ck = self.k_compress(kw).transpose(0, 2, 1, 3)  # [b, kh, w, d] -> [b, w, kh, d]
+        cv = self.v_compress(vw).transpose(0, 2, 1, 3)
+        return ck, cv
+
+    def with_memory(self, ck: jax.Array, cv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Prepend the learned memory entries: [b, nc, kh, d] -> [b, m + nc, kh, d]."""
+        b = ck.shape[0]
+        mem = jnp.broadcast_to(self.compress_mem_kv[...].astype(ck.dtype).transpose(0, 2, 1, 3)[:, None],
+                               (2, b, self.num_mem_compress_kv, self.kv_heads, self.dim_head))
+        return jnp.concatenate([mem[0], ck], axis=1), jnp.concatenate([mem[1], cv], axis=1)
+
+    def combine(self, x: jax.Array, compressed: jax.Array, fine: jax.Array, sliding: jax.Array) -> jax.Array:
+        """Gate the three branches [b, n, h, d] per head with sigmoid(Linear(x)); merge heads."""
+        b, n = x.shape[:2]
+        gates = jax.nn.sigmoid(self.to_strategy_combine(x)).reshape(b, n, self.heads, 3, 1)
+        out = gates[..., 0, :] * compressed + gates[..., 1, :] * fine + gates[..., 2, :] * sliding
+        return self.combine_heads(out.reshape(b, n, self.heads * self.dim_head))
+
+    def fine_and_sliding(self, q_rot, k_rot, v, scores, q_positions=None):
+        """Selection from the importance scores, then the fine and sliding-window branches."""
+        backend = self.backend
+        values, indices = reference.select_blocks(
+            scores,
+            num_selected=self.num_selected_blocks,
+            selection_block_size=self.selection_block_size,
+            stride=self.compress_block_sliding_stride,
+            interpolated=self.interpolated_importance_score,
+            q_positions=q_positions,
+        )
+        gates = reference.straight_through_gates(values) if self.use_diff_topk else None
+        fine = backend.selected_attention(
+            q_rot, k_rot, v, indices, reference.valid_selection(values), gates,
+            block_size=self.selection_block_size, causal=self.causal, scale=self.scale,
+            q_positions=q_positions)
+        sliding = backend.sliding_window_attention(
+            q_rot, k_rot, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
+            q_positions=q_positions, mask_padding=self.mask_sliding_window_padding)
+        return fine, sliding
+
+    # -- parallel forward ------------------------------------------------------------------
+
+    def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
+        x, q, k, v = self.project(inp)
+        ck, cv = self.with_memory(*self.compress(k, v))
+        compressed, scores = self.backend.compressed_attention(
+            q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+            causal=self.causal, share_heads=self.query_heads_share_selected_kv, scale=self.scale)
+        positions = jnp.arange(inp.shape[1])
+        q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
+        fine, sliding = self.fine_and_sliding(q_rot, k_rot, v, scores)
+        return self.combine(x, compressed, fine, sliding)
+
+
+class Attention(nnx.Module):
+    """The dense baseline: RMSNorm, bias-free q/k/v/out projections, rotary, GQA, softmax attention.
+
+    As in the PyTorch package, query head i reads kv head i % kv_heads.
+    """
+
+    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, causal: bool = True,
+                 kv_heads: int | None = None, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kv_heads = heads if kv_heads is None else kv_heads
+        _check(heads > 0 and kv_heads > 0 and heads % kv_heads == 0,
+               f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
+        _check(dim_head % 2 == 0, f"dim_head ({dim_head}) must be even (rotary embedding)")
+        self.heads, self.kv_heads, self.dim_head, self.causal = heads, kv_heads, dim_head, causal
+        self.norm = RMSNorm(dim, param_dtype=param_dtype)
+        linear = lambda i, o: Linear(i, o, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.to_q = linear(dim, heads * dim_head)
+        self.to_k = linear(dim, kv_heads * dim_head)
+        self.to_v = linear(dim, kv_heads * dim_head)
+        self.to_out = linear(heads * dim_head, dim)
+
+    def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
+        x = self.norm(inp)
+        b, n, _ = x.shape
+        h, kh, d = self.heads, self.kv_heads, self.dim_head
+        g = h // kh
+        positions = jnp.arange(n)
+        q = apply_rotary(self.to_q(x).reshape(b, n, h, d), positions)
+        k = apply_rotary(self.to_k(x).reshape(b, n, kh, d), positions)
+        v = self.to_v(x).reshape(b, n, kh, d)
+        # head i = j * kh + c reads kv head c; JAX groups query heads as c * g + j.
+        q = q.reshape(b, n, g, kh, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h, d)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = out.reshape(b, n, kh, g, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h * d)
+        return self.to_out(out)

@@ -1,0 +1,141 @@
+"""Compress networks: each maps key or value windows [b, kh, w, cb, d] to one vector [b, kh, w, d].
+
+Same classes, argument names and initialisation as
+`native_sparse_attention_pytorch.compress_networks`. Pass an instance as
+`SparseAttention(..., compress_mlp=...)` (it is cloned for keys and for values), or
+pass one of the names in `COMPRESS_NETWORKS` to have the module build it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsa_jax.layers import Linear, torch_uniform_init
+
+
+def _window_size(compress_window_size: int | None, compress_block_size: int | None) -> int:
+    # The seed's train.py spells the argument `compress_block_size`; the package, `compress_window_size`.
+    size = compress_window_size if compress_window_size is not None else compress_block_size
+    if size is None:
+        raise TypeError("compress_window_size is required")
+    return size
+
+
+class CompressMLP(nnx.Module):
+    """The default network: flatten the window -> Linear -> ReLU -> Linear, shared by all heads."""
+
+    def __init__(self, dim_head: int, compress_window_size: int | None = None, expand_factor: float = 1.0,
+                 *, compress_block_size: int | None = None, rngs: nnx.Rngs):
+        window = _window_size(compress_window_size, compress_block_size)
+        dim = window * dim_head
+        hidden = int(expand_factor * dim)
+        self.proj_in = Linear(dim, hidden, rngs=rngs)
+        self.proj_out = Linear(hidden, dim_head, rngs=rngs)
+
+    def __call__(self, kv: jax.Array) -> jax.Array:  # [b, h, w, n, d] -> [b, h, w, d]
+        x = kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4])
+        return self.proj_out(jax.nn.relu(self.proj_in(x)))
+
+
+class GroupedMLP(nnx.Module):
+    """CompressMLP with separate weights per kv head."""
+
+    def __init__(self, dim_head: int, compress_window_size: int | None = None, heads: int | None = None,
+                 expand_factor: float = 1.0, *, compress_block_size: int | None = None, rngs: nnx.Rngs):
+        if heads is None:
+            raise TypeError("GroupedMLP needs heads (the number of kv heads)")
+        window = _window_size(compress_window_size, compress_block_size)
+        dim = window * dim_head
+        hidden = int(dim * expand_factor)
+        self.heads = heads
+        init_in, init_out = torch_uniform_init(dim), torch_uniform_init(hidden)
+        self.kernel_in = nnx.Param(init_in(rngs.params(), (heads, dim, hidden)))
+        self.bias_in = nnx.Param(init_in(rngs.params(), (heads, hidden)))
+        self.kernel_out = nnx.Param(init_out(rngs.params(), (heads, hidden, dim_head)))
+        self.bias_out = nnx.Param(init_out(rngs.params(), (heads, dim_head)))
+
+    def __call__(self, kv: jax.Array) -> jax.Array:  # [b, h, w, n, d] -> [b, h, w, d]
+        dt = kv.dtype
+        x = kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4])
+        x = jnp.einsum("bhwi,hio->bhwo", x, self.kernel_in[...].astype(dt)) + self.bias_in[...].astype(dt)[:, None]
+        x = jax.nn.relu(x)
+        return jnp.einsum("bhwi,hio->bhwo", x, self.kernel_out[...].astype(dt)) + self.bias_out[...].astype(dt)[:, None]
+
+
+class ConvLinearCompress(nnx.Module):
+    """Per-head linear map of each window (PyTorch: grouped Conv1d, kernel = stride = window)."""
+
+    def __init__(self, heads: int, dim_head: int, compress_window_size: int | None = None,
+                 *, compress_block_size: int | None = None, rngs: nnx.Rngs):
+        window = _window_size(compress_window_size, compress_block_size)
+        init = torch_uniform_init(dim_head * window)
+        self.heads = heads
+        self.kernel = nnx.Param(init(rngs.params(), (heads, window, dim_head, dim_head)))  # [h, n, d_in, d_out]
+        self.bias = nnx.Param(init(rngs.params(), (heads, dim_head)))
+
+    def __call__(self, kv: jax.Array) -> jax.Array:  # [b, h, w, n, d] -> [b, h, w, d]
+        dt = kv.dtype
+        out = jnp.einsum("bhwnd,hndo->bhwo", kv, self.kernel[...].astype(dt))
+        return out + self.bias[...].astype(dt)[:, None]
+
+
+class AttentionPool(nnx.Module):
+    """Softmax-weighted sum over the window, weights per feature (Enformer's attention pool)."""
+
+    def __init__(self, dim_head: int, compress_window_size: int | None = None,
+                 *, compress_block_size: int | None = None, rngs: nnx.Rngs):
+        self.to_attn_logits = Linear(dim_head, dim_head, use_bias=False,
+                                     kernel_init=lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], dtype=dtype),
+                                     rngs=rngs)
+
+    def __call__(self, kv: jax.Array) -> jax.Array:  # [b, h, w, n, d] -> [b, h, w, d]
+        logits = self.to_attn_logits(kv)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-2).astype(kv.dtype)
+        return jnp.sum(kv * attn, axis=-2)
+
+
+class SingleProjection(nnx.Module):
+    """One bias-free projection of the flattened window (heads > 1: per-head [d, d], summed over the window)."""
+
+    def __init__(self, dim_head: int, compress_window_size: int | None = None, heads: int = 1,
+                 *, compress_block_size: int | None = None, rngs: nnx.Rngs):
+        window = _window_size(compress_window_size, compress_block_size)
+        self.heads = heads
+        grouped = heads > 1
+        self.kernel = nnx.data(
+            nnx.Param(torch_uniform_init(dim_head)(rngs.params(), (heads, dim_head, dim_head))) if grouped else None)
+        self.proj = nnx.data(None if grouped else Linear(window * dim_head, dim_head, use_bias=False, rngs=rngs))
+
+    def __call__(self, kv: jax.Array) -> jax.Array:  # [b, h, w, n, d] -> [b, h, w, d]
+        if self.proj is not None:
+            return self.proj(kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4]))
+        # As the package's EinMix 'b h w n i -> b h w o': the window axis is summed over.
+        return jnp.einsum("bhwni,hio->bhwo", kv, self.kernel[...].astype(kv.dtype))
+
+
+COMPRESS_NETWORKS = ("mlp", "grouped_mlp", "conv_linear", "attention_pool", "single_projection")
+
+
+def build_compress_network(
+    name: str,
+    *,
+    dim_head: int,
+    compress_block_size: int,
+    kv_heads: int,
+    expand_factor: float = 1.0,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """Build a compress network by name (used by configs and checkpoints, which store names)."""
+    if name == "mlp":
+        return CompressMLP(dim_head, compress_block_size, expand_factor, rngs=rngs)
+    if name == "grouped_mlp":
+        return GroupedMLP(dim_head, compress_block_size, kv_heads, expand_factor, rngs=rngs)
+    if name == "conv_linear":
+        return ConvLinearCompress(kv_heads, dim_head, compress_block_size, rngs=rngs)
+    if name == "attention_pool":
+        return AttentionPool(dim_head, compress_block_size, rngs=rngs)
+    if name == "single_projection":
+        return SingleProjection(dim_head, compress_block_size, rngs=rngs)
+    raise ValueError(f"unknown compress network {name!r}; choose one of {', '.join(COMPRESS_NETWORKS)}")

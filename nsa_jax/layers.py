@@ -1,0 +1,98 @@
+"""Small NNX layers with PyTorch's conventions (init, RMSNorm epsilon, exact GELU).
+
+Matching PyTorch's defaults keeps a model trained here comparable to one trained with the
+PyTorch package, and makes checkpoint conversion a plain copy (plus a transpose).
+Every layer computes in the dtype of its input: parameters are cast to it, so bfloat16
+activations run bfloat16 matrix products against float32 master weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def torch_uniform_init(fan_in: int) -> Initializer:
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] (PyTorch's weight transposed)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        kernel_init = kernel_init or torch_uniform_init(in_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        bias_init = bias_init or torch_uniform_init(in_features)
+        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        y = jnp.matmul(x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, with PyTorch's default eps = finfo(x.dtype).eps."""
+
+    def __init__(self, dim: int, *, eps: float | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.dim = dim
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., dim]
+        eps = self.eps if self.eps is not None else float(jnp.finfo(x.dtype).eps)
+        ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(ms + eps) * self.scale[...].astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding, N(0, 1) init as in torch.nn.Embedding."""
+
+    def __init__(self, num_embeddings: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_embeddings = num_embeddings
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype))
+
+    def __call__(self, ids: jax.Array, dtype=None) -> jax.Array:  # [b, n] -> [b, n, d]
+        table = self.embedding[...]
+        if dtype is not None:
+            table = table.astype(dtype)
+        return jnp.take(table, ids, axis=0)
+
+
+class FeedForward(nnx.Module):
+    """RMSNorm -> Linear(dim, dim * expansion) -> exact GELU -> Linear(-> dim)."""
+
+    def __init__(self, dim: int, expansion_factor: float = 4.0, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        dim_hidden = int(dim * expansion_factor)
+        self.norm = RMSNorm(dim, param_dtype=param_dtype)
+        self.proj_in = Linear(dim, dim_hidden, param_dtype=param_dtype, rngs=rngs)
+        self.proj_out = Linear(dim_hidden, dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
+        h = self.proj_in(self.norm(x))
+        return self.proj_out(jax.nn.gelu(h, approximate=False))

@@ -1,0 +1,321 @@
+"""The pure-JAX NSA core: the oracle every kernel is tested against.
+
+Written for clarity, not speed: each branch builds its mask densely over
+[queries, keys]. Layout is [b, n, heads, d] throughout (JAX's attention layout);
+query head `k * g + j` belongs to kv head `k` (g = heads // kv_heads).
+
+The pipeline, as `native-sparse-attention-pytorch` 0.2.3 runs it (see NSA_SPEC.md):
+
+    compression_windows -> (compress networks, in the module) -> compressed_attention
+    -> select_blocks -> selected_attention ; sliding_window_attention ; gated sum (module)
+
+`compressed_attention`, `selected_attention` and `sliding_window_attention` are the three
+functions a kernel backend replaces (same signatures); `select_blocks` is shared.
+Every function accepts `q_positions` so that cached decoding (a few queries at the end of a
+longer key sequence) runs through the same code as the parallel forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+IMPORTANCE_PAD_LOGIT = -1e3  # the package prepends this column before the block softmax
+SELECTION_THRESHOLD = 1e-10  # selected blocks with probability <= this are masked out
+
+
+def _neg_max(dtype=F32) -> float:
+    return -float(jnp.finfo(dtype).max)
+
+
+def _positions(q_positions: jax.Array | None, n: int) -> jax.Array:  # [n]
+    return jnp.arange(n) if q_positions is None else q_positions
+
+
+def _softmax_attend(sim: jax.Array, v: jax.Array, out_dtype) -> jax.Array:
+    """sim [b, kh, g, nq, nk] (f32), v [b, nk, kh, d] -> [b, nq, kh * g, d]."""
+    attn = jax.nn.softmax(sim, axis=-1)
+    out = jnp.einsum("bkgij,bjkd->bikgd", attn, v.astype(F32))
+    b, nq, kh, g, d = out.shape
+    return out.reshape(b, nq, kh * g, d).astype(out_dtype)
+
+
+def _grouped_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """q [b, nq, h, d], k [b, nk, kh, d] -> scaled logits [b, kh, g, nq, nk] in float32."""
+    b, nq, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, nq, kh, h // kh, d)
+    return jnp.einsum("bikgd,bjkd->bkgij", qg, k, preferred_element_type=F32) * scale
+
+
+# --------------------------------------------------------------------------------------
+# compression
+
+
+def compression_windows(x: jax.Array, block_size: int, stride: int) -> jax.Array:
+    """Cut x [b, n, kh, d] into windows [b, kh, w, block_size, d], w = n // stride.
+
+    Window i covers tokens [i*stride - (block_size - stride), (i+1)*stride): the first
+    floor(n / stride) * stride tokens, left-padded with block_size - stride zeros.
+    """
+    b, n, kh, d = x.shape
+    num_windows = n // stride
+    if num_windows == 0:
+        return jnp.zeros((b, kh, 0, block_size, d), x.dtype)
+    x = x[:, : num_windows * stride]
+    x = jnp.pad(x, ((0, 0), (block_size - stride, 0), (0, 0), (0, 0)))
+    idx = jnp.arange(num_windows)[:, None] * stride + jnp.arange(block_size)[None, :]
+    return x[:, idx].transpose(0, 3, 1, 2, 4)  # [b, w, cb, kh, d] -> [b, kh, w, cb, d]
+
+
+def compressed_attention(
+    q: jax.Array,  # [b, n, h, d], not rotated
+    ck: jax.Array,  # [b, m + nc, kh, d]: m memory entries, then nc compressed blocks
+    cv: jax.Array,  # [b, m + nc, kh, d]
+    *,
+    num_mem: int,
+    stride: int,
+    causal: bool,
+    share_heads: bool,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,  # [n]
+) -> tuple[jax.Array, jax.Array]:
+    """Attention over [memory, compressed blocks]; also returns the importance logits.
+
+    Compressed block c is visible to the query at position t iff (c + 1) * stride - 1 < t;
+    memory entries are always visible. Masked logits are -(float max) / 10.
+
+    Returns (out [b, n, h, d], scores [b, n, sh, nc]) where scores are the scaled logits of
+    the compressed columns (masked ones hold a large negative value), averaged over the g
+    query heads of each kv head when `share_heads` (sh = kv heads), else per query head
+    (sh = heads).
+    """
+    b, n, h, d = q.shape
+    kh = ck.shape[2]
+    nc = ck.shape[1] - num_mem
+    scale = d**-0.5 if scale is None else scale
+    logits = _grouped_logits(q, ck, scale)  # [b, kh, g, n, m + nc]
+    fill = _neg_max(F32) / 10
+    sim = logits
+    if causal:
+        pos = _positions(q_positions, n)
+        block_end = (jnp.arange(nc) + 1) * stride - 1
+        visible = block_end[None, :] < pos[:, None]  # [n, nc]
+        mask = jnp.concatenate([jnp.ones((n, num_mem), bool), visible], axis=-1)
+        sim = jnp.where(mask, logits, fill)
+    out = _softmax_attend(sim, cv, q.dtype)
+
+    if share_heads:
+        # average the logits over the group, then mask (the mean of g fills could overflow)
+        scores = logits[..., num_mem:].mean(axis=2)  # [b, kh, n, nc]
+        if causal:
+            scores = jnp.where(visible, scores, fill)
+        scores = scores.transpose(0, 2, 1, 3)  # [b, n, kh, nc]
+    else:
+        scores = sim[..., num_mem:].transpose(0, 3, 1, 2, 4).reshape(b, n, h, nc)
+    return out, scores
+
+
+# --------------------------------------------------------------------------------------
+# selection
+
+
+def _interpolate_to_tokens(scores: jax.Array, stride: int) -> jax.Array:
+    """Linear interpolation [.., nc] -> [.., nc * stride] (F.interpolate, align_corners=False)."""
+    nc = scores.shape[-1]
+    j = jnp.arange(nc * stride, dtype=F32)
+    src = jnp.maximum((j + 0.5) / stride - 0.5, 0.0)
+    lo = jnp.floor(src).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, nc - 1)
+    w = src - lo
+    return scores[..., lo] * (1.0 - w) + scores[..., hi] * w
+
+
+def block_importance(
+    scores: jax.Array,  # [b, n, sh, nc] importance logits from compressed_attention
+    *,
+    selection_block_size: int,
+    stride: int,
+    interpolated: bool = False,
+    q_positions: jax.Array | None = None,  # [n]
+) -> jax.Array:
+    """Importance logits per selection block [b, n, sh, nb].
+
+    If selection_block_size == stride the compressed columns are the blocks. Otherwise the
+    scores go to token resolution (repeated, or linearly interpolated when `interpolated`),
+    are averaged per selection block (trailing partial block dropped), and the query's own
+    block is filled with -(float max).
+    """
+    sb = selection_block_size
+    if sb == stride:
+        return scores
+    nc = scores.shape[-1]
+    if interpolated:
+        tokens = _interpolate_to_tokens(scores, stride) if nc > 0 else scores
+        nb = (nc * stride) // sb
+        blocks = tokens[..., : nb * sb].reshape(*scores.shape[:-1], nb, sb).mean(-1)
+    else:
+        per_block = sb // stride
+        nb = nc // per_block
+        blocks = scores[..., : nb * per_block].reshape(*scores.shape[:-1], nb, per_block).mean(-1)
+    if nb == 0:
+        return blocks
+    pos = _positions(q_positions, scores.shape[1])
+    own = (pos // sb)[:, None] == jnp.arange(nb)[None, :]  # [n, nb]
+    return jnp.where(own[None, :, None, :], _neg_max(blocks.dtype), blocks)
+
+
+def select_blocks(
+    scores: jax.Array,  # [b, n, sh, nc]
+    *,
+    num_selected: int,
+    selection_block_size: int,
+    stride: int,
+    interpolated: bool = False,
+    q_positions: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k selection blocks per query: (probabilities [b, n, sh, k'], indices [b, n, sh, k']).
+
+    Block probabilities are a softmax over [-1000, block logits]; k' = min(k, blocks) may be
+    0, in which case both outputs have a last axis of size 0. A selected block is valid iff
+    its probability > SELECTION_THRESHOLD (`valid_selection`).
+    """
+    b, n, sh, nc = scores.shape
+    if min(num_selected, nc) == 0:
+        empty = jnp.zeros((b, n, sh, 0))
+        return empty.astype(F32), empty.astype(jnp.int32)
+    blocks = block_importance(
+        scores,
+        selection_block_size=selection_block_size,
+        stride=stride,
+        interpolated=interpolated,
+        q_positions=q_positions,
+    ).astype(F32)
+    k = min(num_selected, nc, blocks.shape[-1])
+    if k == 0:
+        empty = jnp.zeros((b, n, sh, 0))
+        return empty.astype(F32), empty.astype(jnp.int32)
+    padded = jnp.concatenate([jnp.full((*blocks.shape[:-1], 1), IMPORTANCE_PAD_LOGIT, F32), blocks], -1)
+    probs = jax.nn.softmax(padded, axis=-1)[..., 1:]
+    values, indices = jax.lax.top_k(probs, k)
+    return values, indices.astype(jnp.int32)
+
+
+def valid_selection(values: jax.Array) -> jax.Array:
+    return values > SELECTION_THRESHOLD
+
+
+def straight_through_gates(values: jax.Array) -> jax.Array:
+    """Differentiable top-k: 1 in the forward pass, gradient of `values` in the backward."""
+    return values + jax.lax.stop_gradient(1.0 - values)
+
+
+# --------------------------------------------------------------------------------------
+# fine (selected) attention
+
+
+def selected_attention(
+    q: jax.Array,  # [b, nq, h, d], rotated
+    k: jax.Array,  # [b, nk, kh, d], rotated
+    v: jax.Array,  # [b, nk, kh, d]
+    indices: jax.Array,  # [b, nq, sh, k'] selected block indices (sh = kh or h)
+    valid: jax.Array,  # [b, nq, sh, k'] bool
+    gates: jax.Array | None,  # [b, nq, sh, k'] multiplies the selected keys, or None
+    *,
+    block_size: int,
+    causal: bool,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,  # [nq]
+) -> jax.Array:  # [b, nq, h, d]
+    """Each query attends to the keys of its valid selected blocks, plus its own block.
+
+    The own block (up to and including the query when causal) is attended when causal, and
+    also when no block can be selected (k' = 0; then non-causal queries see their whole
+    block, zero padding past the sequence end included, as the package does).
+    Keys are zero-padded to a multiple of block_size. Masked logits are -(float max).
+    """
+    b, nq, h, d = q.shape
+    nk, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    sh, num_sel = indices.shape[2], indices.shape[3]
+    scale = d**-0.5 if scale is None else scale
+    nb = -(-nk // block_size)
+    npad = nb * block_size
+    pad = ((0, 0), (0, npad - nk), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+
+    pos = _positions(q_positions, nq)
+    key_pos = jnp.arange(npad)
+    to_tokens = lambda x: jnp.repeat(x, block_size, axis=-1)  # [.., nb] -> [.., npad]
+
+    hits = indices[..., None] == jnp.arange(nb)  # [b, nq, sh, k', nb]
+    chosen = to_tokens(jnp.any(hits & valid[..., None], axis=-2))  # [b, nq, sh, npad]
+    if causal or num_sel == 0:
+        own = (key_pos // block_size)[None, :] == (pos // block_size)[:, None]  # [nq, npad]
+        if causal:
+            own = own & (key_pos[None, :] <= pos[:, None])
+        mask = chosen | own[None, :, None, :]
+    else:
+        mask = chosen
+
+    sim = _grouped_logits(q, k, scale)  # [b, kh, g, nq, npad]
+
+    def per_head(x):  # [b, nq, sh, npad] -> broadcastable to [b, kh, g, nq, npad]
+        if sh == kh:
+            return x.transpose(0, 2, 1, 3)[:, :, None]
+        return x.reshape(b, nq, kh, g, npad).transpose(0, 2, 3, 1, 4)
+
+    if gates is not None and num_sel > 0:
+        per_block_gate = 1.0 + jnp.sum(
+            jnp.where(hits & valid[..., None], (gates.astype(F32) - 1.0)[..., None], 0.0), axis=-2
+        )
+        sim = sim * per_head(to_tokens(per_block_gate))
+    mask = per_head(mask)
+    sim = jnp.where(mask, sim, _neg_max(F32))
+    if not causal and num_sel > 0:
+        # A row with no valid block: the package's softmax over all-masked gathered keys is
+        # uniform over the selected blocks' tokens. Reproduce it.
+        empty_row = ~jnp.any(mask, axis=-1, keepdims=True)
+        any_selected = per_head(to_tokens(jnp.any(hits, axis=-2)))
+        sim = jnp.where(empty_row, jnp.where(any_selected, 0.0, -jnp.inf), sim)
+    return _softmax_attend(sim, v, q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# sliding window
+
+
+def sliding_window_attention(
+    q: jax.Array,  # [b, nq, h, d], rotated
+    k: jax.Array,  # [b, nk, kh, d], rotated
+    v: jax.Array,  # [b, nk, kh, d]
+    *,
+    window: int,
+    causal: bool,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,  # [nq]
+    mask_padding: bool = False,
+) -> jax.Array:  # [b, nq, h, d]
+    """Query i attends keys j with i - window <= j <= i (causal) or |i - j| <= window.
+
+    Non-causal quirk of the package's LocalAttention (autopad): keys are zero-padded to a
+    multiple of `window`, and the padding is not masked, so queries near the end also see
+    logit-0 keys with zero values. `mask_padding=True` masks them (the fix).
+    """
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    if not causal and not mask_padding and window > 0:
+        npad = math.ceil(nk / window) * window
+        pad = ((0, 0), (0, npad - nk), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    key_pos = jnp.arange(k.shape[1])
+    pos = _positions(q_positions, nq)
+    dist = pos[:, None] - key_pos[None, :]  # [nq, nk]
+    mask = (dist >= 0) & (dist <= window) if causal else jnp.abs(dist) <= window
+    sim = _grouped_logits(q, k, scale)
+    sim = jnp.where(mask, sim, _neg_max(F32))
+    return _softmax_attend(sim, v, q.dtype)

@@ -1,0 +1,102 @@
+"""Transformer language model with NSA or dense attention (the PyTorch package's `Transformer`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nsa_jax.attention import Attention, SparseAttention
+from nsa_jax.layers import Embedding, FeedForward, Linear, RMSNorm
+
+DEFAULT_SPARSE_ATTN_KWARGS = dict(
+    sliding_window_size=32,
+    compress_block_size=4,
+    selection_block_size=4,
+    num_selected_blocks=4,
+)
+
+
+class Block(nnx.Module):
+    """attention + residual, then feedforward + residual (both pre-norm)."""
+
+    def __init__(self, attn: nnx.Module, ff: FeedForward):
+        self.attn = attn
+        self.ff = ff
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
+        x = self.attn(x) + x
+        return self.ff(x) + x
+
+
+class Transformer(nnx.Module):
+    """Token embedding -> depth x (attention, feedforward) -> RMSNorm -> logits.
+
+    Arguments as in `native_sparse_attention_pytorch.transformer.Transformer`. The flex and
+    Triton switches of the PyTorch class (`use_flex_sliding_window`, `use_flex_fine_selection`,
+    `use_triton_fine_selection`) are accepted for porting; they choose implementations, not
+    math. `use_triton_fine_selection=True` selects the Pallas kernels, as `use_pallas_nsa=True`.
+    `dtype` is the activation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        kv_heads: int | None = None,
+        ff_expansion_factor: float = 4.0,
+        use_sparse_attn: bool = False,
+        causal: bool = True,
+        use_flex_sliding_window: bool = False,
+        use_flex_fine_selection: bool = False,
+        use_triton_fine_selection: bool = False,
+        sparse_attn_kwargs: dict[str, Any] | None = None,
+        *,
+        use_pallas_nsa: bool | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        sparse_attn_kwargs = dict(DEFAULT_SPARSE_ATTN_KWARGS if sparse_attn_kwargs is None else sparse_attn_kwargs)
+        if use_pallas_nsa is None and use_triton_fine_selection:
+            use_pallas_nsa = True
+        sparse_attn_kwargs.setdefault("use_pallas_nsa", use_pallas_nsa)
+
+        self.num_tokens = num_tokens
+        self.causal = causal
+        self.use_sparse_attn = use_sparse_attn
+        self.dtype = dtype
+        self.token_emb = Embedding(num_tokens, dim, param_dtype=param_dtype, rngs=rngs)
+
+        def attention():
+            if use_sparse_attn:
+                return SparseAttention(dim=dim, dim_head=dim_head, heads=heads, kv_heads=kv_heads, causal=causal,
+                                       param_dtype=param_dtype, rngs=rngs, **sparse_attn_kwargs)
+            return Attention(dim=dim, dim_head=dim_head, heads=heads, causal=causal, kv_heads=kv_heads,
+                             param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = nnx.List([
+            Block(attention(), FeedForward(dim, ff_expansion_factor, param_dtype=param_dtype, rngs=rngs))
+            for _ in range(depth)
+        ])
+        self.norm = RMSNorm(dim, param_dtype=param_dtype)
+        self.to_logits = Linear(dim, num_tokens, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, ids: jax.Array, return_loss: bool = False) -> jax.Array:
+        """ids [b, n] -> logits [b, n, num_tokens]; or, with return_loss, the mean next-token
+        cross entropy of ids[:, :-1] predicting ids[:, 1:] (a float32 scalar)."""
+        if return_loss:
+            ids, labels = ids[:, :-1], ids[:, 1:]
+        x = self.token_emb(ids, dtype=self.dtype)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.to_logits(self.norm(x))
+        if not return_loss:
+            return logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()

@@ -1,0 +1,236 @@
+"""SparseAttention over its option grid: shapes, dtypes, causality, gradients, selection."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nsa_jax import SparseAttention, Transformer, reference
+from nsa_jax.rotary import apply_rotary
+
+DIM, DIM_HEAD, HEADS = 32, 16, 4
+
+
+def make(rngs_seed=0, **overrides) -> SparseAttention:
+    kwargs = dict(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, kv_heads=2, causal=True, sliding_window_size=2,
+                  compress_block_size=4, compress_block_sliding_stride=4, selection_block_size=4,
+                  num_selected_blocks=2)
+    kwargs.update(overrides)
+    attn = SparseAttention(**kwargs, rngs=nnx.Rngs(rngs_seed))
+    perturb(attn, rngs_seed)
+    return attn
+
+
+def perturb(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
+    """Move every parameter away from its init (zero-initialised memory, positions and gates too)."""
+    params = nnx.state(module, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(module, jax.tree.unflatten(treedef, leaves))
+
+
+def run(attn: SparseAttention, x: jax.Array) -> jax.Array:
+    graphdef, state = nnx.split(attn)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+
+
+GRID = list(itertools.product(
+    [True, False],  # causal
+    [1, 4, 31, 32, 120],  # seq_len
+))
+OPTIONS = [  # (kv_heads, (compress block, stride, selection block), num_selected, share, diff_topk, interpolated)
+    (2, (4, 4, 4), 2, True, True, False),
+    (4, (4, 2, 4), 2, False, False, False),
+    (1, (8, 4, 8), 0, True, False, False),
+    (2, (8, 4, 4), 2, True, True, False),
+    (2, (4, 4, 2), 2, True, False, True),
+    (2, (8, 4, 6), 3, False, True, True),
+]
+
+
+def bf16_rounded(attn: SparseAttention) -> None:
+    params = nnx.state(attn, nnx.Param)
+    nnx.update(attn, jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params))
+
+
+@pytest.mark.parametrize("causal,seq_len", GRID)
+@pytest.mark.parametrize("opt", range(len(OPTIONS)))
+def test_option_grid_runs_in_float32_and_bfloat16(causal, seq_len, opt):
+    kv_heads, (cb, cs, sb), num_sel, share, diff, interp = OPTIONS[opt]
+    attn = make(opt, kv_heads=kv_heads, causal=causal, compress_block_size=cb, compress_block_sliding_stride=cs,
+                selection_block_size=sb, num_selected_blocks=num_sel, query_heads_share_selected_kv=share,
+                use_diff_topk=diff, interpolated_importance_score=interp)
+    bf16_rounded(attn)  # so that float32 and bfloat16 runs start from the same numbers
+    x = jax.random.normal(jax.random.key(seq_len), (2, seq_len, DIM)).astype(jnp.bfloat16)
+    out = run(attn, x.astype(jnp.float32))
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+    out_bf16 = run(attn, x)
+    assert out_bf16.dtype == jnp.bfloat16
+    # Every bfloat16 op rounds by up to 2^-9; through norm, projections, compress networks,
+    # gates and the output projection a token's relative error is ~1%. A token whose top-k
+    # selection flips between the two precisions differs by more, so bound the median token
+    # and the whole tensor, not the worst token.
+    err = jnp.linalg.norm(out_bf16.astype(jnp.float32) - out, axis=-1)
+    per_token = err / jnp.linalg.norm(out, axis=-1)
+    total = jnp.linalg.norm(err) / jnp.linalg.norm(out)
+    assert float(jnp.median(per_token)) < 2e-2, f"median token relative error {float(jnp.median(per_token)):.3g}"
+    assert float(total) < 5e-2, f"relative error {float(total):.3g}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_core_computes_bfloat16_in_float32(causal):
+    """The core's softmax and accumulation run in float32: bf16 inputs lose only the final rounding."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    b, n, h, kh, d, sb = 2, 50, 4, 2, 16, 8
+    q, k, v = (jax.random.normal(key, (b, n, hh, d)).astype(jnp.bfloat16)
+               for key, hh in zip(keys[:3], (h, kh, kh)))
+    ck, cv = (jax.random.normal(key, (b, 1 + n // 4, kh, d)).astype(jnp.bfloat16) for key in keys[3:5])
+    indices = jax.random.randint(keys[5], (b, n, kh, 2), 0, n // sb)
+    valid = jnp.ones(indices.shape, bool)
+    f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+    calls = [
+        lambda q, k, v, ck, cv: reference.compressed_attention(q, ck, cv, num_mem=1, stride=4, causal=causal,
+                                                               share_heads=True)[0],
+        lambda q, k, v, ck, cv: reference.selected_attention(q, k, v, indices, valid, None, block_size=sb,
+                                                             causal=causal),
+        lambda q, k, v, ck, cv: reference.sliding_window_attention(q, k, v, window=5, causal=causal),
+    ]
+    for call in calls:
+        low, high = call(q, k, v, ck, cv), call(*f32(q, k, v, ck, cv))
+        assert low.dtype == jnp.bfloat16
+        rel = jnp.abs(low.astype(jnp.float32) - high) / (jnp.abs(high) + 1e-2)
+        assert float(rel.max()) <= 2**-8, float(rel.max())
+
+
+CAUSAL_CASES = [
+    dict(),
+    dict(compress_block_size=8, compress_block_sliding_stride=4, selection_block_size=8, kv_heads=4,
+         query_heads_share_selected_kv=False, use_diff_topk=True),
+    dict(compress_block_size=4, compress_block_sliding_stride=2, selection_block_size=4, num_selected_blocks=3),
+    dict(compress_block_size=8, compress_block_sliding_stride=8, selection_block_size=4,
+         interpolated_importance_score=True, num_selected_blocks=3),
+    dict(num_selected_blocks=0, sliding_window_size=5),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CAUSAL_CASES)))
+def test_causality(case):
+    """Changing the input after position t leaves outputs up to t unchanged."""
+    attn = make(10 + case, **CAUSAL_CASES[case])
+    n = 70
+    x = jax.random.normal(jax.random.key(case), (2, n, DIM))
+    base = np.asarray(run(attn, x))
+    for t in (0, 5, 16, 33, 62):
+        changed = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(100 + t), (2, n - t - 1, DIM)))
+        out = np.asarray(run(attn, changed))
+        np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+        assert np.abs(out[:, t + 1:] - base[:, t + 1:]).max() > 1e-3  # the change is visible after t
+
+
+def test_non_causal_sees_the_future():
+    attn = make(3, causal=False)
+    x = jax.random.normal(jax.random.key(0), (1, 40, DIM))
+    out = run(attn, x)
+    out2 = run(attn, x.at[:, -1].set(0.0))
+    assert float(jnp.abs(out[:, 0] - out2[:, 0]).max()) > 1e-6
+
+
+def test_transformer_causality():
+    model = Transformer(num_tokens=256, dim=DIM, depth=2, dim_head=DIM_HEAD, heads=HEADS, kv_heads=2,
+                        use_sparse_attn=True, sparse_attn_kwargs=dict(
+                            sliding_window_size=4, compress_block_size=4, selection_block_size=4,
+                            num_selected_blocks=2, use_diff_topk=True), rngs=nnx.Rngs(0))
+    perturb(model, 0)
+    ids = jax.random.randint(jax.random.key(0), (2, 50), 0, 256)
+    base = np.asarray(model(ids))
+    t = 20
+    changed = ids.at[:, t + 1:].set((ids[:, t + 1:] + 7) % 256)
+    out = np.asarray(model(changed))
+    np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+
+
+def _fine_branch(attn: SparseAttention, x: jax.Array) -> jax.Array:
+    """The fine (selected) branch alone, through the module's own pieces."""
+    _, q, k, v = attn.project(x)
+    ck, cv = attn.with_memory(*attn.compress(k, v))
+    _, scores = attn.backend.compressed_attention(
+        q, ck, cv, num_mem=attn.num_mem_compress_kv, stride=attn.compress_block_sliding_stride,
+        causal=attn.causal, share_heads=attn.query_heads_share_selected_kv)
+    pos = jnp.arange(x.shape[1])
+    fine, _ = attn.fine_and_sliding(apply_rotary(q, pos), apply_rotary(k, pos), v, scores)
+    return fine
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_diff_topk_gradients_reach_compress_networks_through_gates(share):
+    x = jax.random.normal(jax.random.key(0), (2, 48, DIM))
+    norms = {}
+    for diff in (False, True):
+        attn = make(7, use_diff_topk=diff, query_heads_share_selected_kv=share, num_selected_blocks=3)
+        graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+        cot = jax.random.normal(jax.random.key(1), (2, 48, HEADS, DIM_HEAD))
+
+        def loss(p):
+            return jnp.sum(_fine_branch(nnx.merge(graphdef, p, rest), x) * cot)
+
+        grads = nnx.merge(graphdef, jax.grad(loss)(params), rest)
+        leaves = jax.tree.leaves(nnx.state(grads.k_compress, nnx.Param))
+        leaves += [grads.compress_mem_kv[...], grads.k_intrablock_positions[...]]
+        norms[diff] = sum(float(jnp.sum(jnp.square(g))) for g in leaves)
+    assert norms[False] == 0.0  # hard top-k: selection is not differentiable
+    assert norms[True] > 1e-6  # straight-through gates carry the gradient to the compress network
+
+
+def test_interpolation_matches_numpy():
+    scores = jax.random.normal(jax.random.key(0), (1, 3, 2, 5))
+    stride = 4
+    ours = np.asarray(reference._interpolate_to_tokens(scores, stride))
+    src = np.clip((np.arange(5 * stride) + 0.5) / stride - 0.5, 0, 4)
+    expected = np.apply_along_axis(lambda row: np.interp(src, np.arange(5), row), -1, np.asarray(scores))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_interpolated_equals_plain_when_selection_block_is_the_stride():
+    x = jax.random.normal(jax.random.key(0), (2, 40, DIM))
+    a = make(5, compress_block_size=8, compress_block_sliding_stride=4, selection_block_size=4)
+    b = make(5, compress_block_size=8, compress_block_sliding_stride=4, selection_block_size=4,
+             interpolated_importance_score=True)
+    np.testing.assert_array_equal(np.asarray(run(a, x)), np.asarray(run(b, x)))
+
+
+def test_block_importance_masks_own_and_future_blocks():
+    """Selection never picks a block that is not entirely in the past (causal)."""
+    for interp, (cs, sb) in [(False, (4, 8)), (True, (8, 4)), (True, (4, 6))]:
+        n = 64
+        nc = n // cs
+        pos = jnp.arange(n)
+        visible = ((jnp.arange(nc) + 1) * cs - 1)[None, :] < pos[:, None]
+        raw = jax.random.normal(jax.random.key(1), (1, n, 2, nc))
+        scores = jnp.where(visible[None, :, None, :], raw, -jnp.finfo(jnp.float32).max / 10)
+        values, indices = reference.select_blocks(scores, num_selected=3, selection_block_size=sb, stride=cs,
+                                                  interpolated=interp)
+        valid = np.asarray(reference.valid_selection(values))
+        block_end = (np.asarray(indices) + 1) * sb - 1
+        assert np.all(block_end[valid] < np.broadcast_to(np.arange(n)[None, :, None, None], valid.shape)[valid])
+        assert valid.any()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(heads=4, kv_heads=3), "multiple of kv_heads"),
+    (dict(compress_block_sliding_stride=8), "compress_block_sliding_stride"),
+    (dict(compress_block_sliding_stride=0), "compress_block_sliding_stride"),
+    (dict(selection_block_size=6), "multiple of the compress stride"),
+    (dict(num_selected_blocks=-1), "num_selected_blocks"),
+    (dict(sliding_window_size=-1), "sliding_window_size"),
+    (dict(dim_head=15), "even"),
+])
+def test_invalid_settings_raise_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        make(0, **bad)
