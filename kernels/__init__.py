@@ -1,7 +1,7 @@
 """Attention backends for NSA: the pure-JAX reference, or Pallas kernels.
 
-A backend is three functions with the signatures of `nsa_jax.reference`:
-`compressed_attention`, `selected_attention` and `sliding_window_attention`.
+A backend is four functions with the signatures of `nsa_jax.reference`:
+`compressed_attention`, `select_blocks`, `selected_attention` and `sliding_window_attention`.
 `SparseAttention` calls them through `get_backend`, so a kernel slots in without the
 module changing.
 """
@@ -18,6 +18,7 @@ BACKENDS = ("reference", "pallas")
 class AttentionBackend(NamedTuple):
     name: str
     compressed_attention: Callable
+    select_blocks: Callable
     selected_attention: Callable
     sliding_window_attention: Callable
 
@@ -39,6 +40,7 @@ def get_backend(name: str | None = None) -> AttentionBackend:
         return AttentionBackend(
             "reference",
             reference.compressed_attention,
+            reference.select_blocks,
             reference.selected_attention,
             reference.sliding_window_attention,
         )

@@ -168,38 +168,39 @@ class SparseAttention(nnx.Module):
         out = gates[..., 0, :] * compressed + gates[..., 1, :] * fine + gates[..., 2, :] * sliding
         return self.combine_heads(out.reshape(b, n, self.heads * self.dim_head))
 
-    def fine_and_sliding(self, q_rot, k_rot, v, scores, q_positions=None):
-        """Selection from the importance scores, then the fine and sliding-window branches."""
-        backend = self.backend
-        values, indices = reference.select_blocks(
-            scores,
-            num_selected=self.num_selected_blocks,
-            selection_block_size=self.selection_block_size,
-            stride=self.compress_block_sliding_stride,
-            interpolated=self.interpolated_importance_score,
-            q_positions=q_positions,
-        )
+    def select(self, q: jax.Array, ck: jax.Array, q_positions=None) -> tuple[jax.Array, jax.Array]:
+        """Top-k selection blocks from the compressed keys (with memory): (probabilities, indices)."""
+        return self.backend.select_blocks(
+            q, ck, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+            causal=self.causal, share_heads=self.query_heads_share_selected_kv,
+            num_selected=self.num_selected_blocks, selection_block_size=self.selection_block_size,
+            interpolated=self.interpolated_importance_score, scale=self.scale, q_positions=q_positions)
+
+    def fine(self, q_rot, k_rot, v, values, indices, q_positions=None) -> jax.Array:
+        """Selected-block attention (rotated q, k) with validity mask and diff-top-k gates."""
         gates = reference.straight_through_gates(values) if self.use_diff_topk else None
-        fine = backend.selected_attention(
+        return self.backend.selected_attention(
             q_rot, k_rot, v, indices, reference.valid_selection(values), gates,
-            block_size=self.selection_block_size, causal=self.causal, scale=self.scale,
-            q_positions=q_positions)
-        sliding = backend.sliding_window_attention(
+            block_size=self.selection_block_size, causal=self.causal, scale=self.scale, q_positions=q_positions)
+
+    def sliding(self, q_rot, k_rot, v, q_positions=None) -> jax.Array:
+        return self.backend.sliding_window_attention(
             q_rot, k_rot, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
             q_positions=q_positions, mask_padding=self.mask_sliding_window_padding)
-        return fine, sliding
 
     # -- parallel forward ------------------------------------------------------------------
 
     def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
         x, q, k, v = self.project(inp)
         ck, cv = self.with_memory(*self.compress(k, v))
-        compressed, scores = self.backend.compressed_attention(
+        compressed = self.backend.compressed_attention(
             q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-            causal=self.causal, share_heads=self.query_heads_share_selected_kv, scale=self.scale)
+            causal=self.causal, scale=self.scale)
+        values, indices = self.select(q, ck)
         positions = jnp.arange(inp.shape[1])
         q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
-        fine, sliding = self.fine_and_sliding(q_rot, k_rot, v, scores)
+        fine = self.fine(q_rot, k_rot, v, values, indices)
+        sliding = self.sliding(q_rot, k_rot, v)
         return self.combine(x, compressed, fine, sliding)
 
 

@@ -7,10 +7,12 @@ query head `k * g + j` belongs to kv head `k` (g = heads // kv_heads).
 The pipeline, as `native-sparse-attention-pytorch` 0.2.3 runs it (see NSA_SPEC.md):
 
     compression_windows -> (compress networks, in the module) -> compressed_attention
-    -> select_blocks -> selected_attention ; sliding_window_attention ; gated sum (module)
+    ; select_blocks (importance_scores -> block_importance -> softmax -> top-k)
+    -> selected_attention ; sliding_window_attention ; gated sum (module)
 
-`compressed_attention`, `selected_attention` and `sliding_window_attention` are the three
-functions a kernel backend replaces (same signatures); `select_blocks` is shared.
+`compressed_attention`, `select_blocks`, `selected_attention` and `sliding_window_attention`
+are the four functions a kernel backend replaces (same signatures). Selection is its own
+function so that a kernel can pick blocks without writing the [n, n / stride] scores.
 Every function accepts `q_positions` so that cached decoding (a few queries at the end of a
 longer key sequence) runs through the same code as the parallel forward.
 """
@@ -71,6 +73,12 @@ def compression_windows(x: jax.Array, block_size: int, stride: int) -> jax.Array
     return x[:, idx].transpose(0, 3, 1, 2, 4)  # [b, w, cb, kh, d] -> [b, kh, w, cb, d]
 
 
+def _compressed_visibility(n: int, nc: int, stride: int, q_positions: jax.Array | None) -> jax.Array:
+    """[n, nc]: compressed block c is visible to the query at position t iff (c + 1) * stride - 1 < t."""
+    block_end = (jnp.arange(nc) + 1) * stride - 1
+    return block_end[None, :] < _positions(q_positions, n)[:, None]
+
+
 def compressed_attention(
     q: jax.Array,  # [b, n, h, d], not rotated
     ck: jax.Array,  # [b, m + nc, kh, d]: m memory entries, then nc compressed blocks
@@ -79,44 +87,49 @@ def compressed_attention(
     num_mem: int,
     stride: int,
     causal: bool,
-    share_heads: bool,
     scale: float | None = None,
     q_positions: jax.Array | None = None,  # [n]
-) -> tuple[jax.Array, jax.Array]:
-    """Attention over [memory, compressed blocks]; also returns the importance logits.
+) -> jax.Array:  # [b, n, h, d]
+    """Attention over [memory, compressed blocks].
 
     Compressed block c is visible to the query at position t iff (c + 1) * stride - 1 < t;
     memory entries are always visible. Masked logits are -(float max) / 10.
-
-    Returns (out [b, n, h, d], scores [b, n, sh, nc]) where scores are the scaled logits of
-    the compressed columns (masked ones hold a large negative value), averaged over the g
-    query heads of each kv head when `share_heads` (sh = kv heads), else per query head
-    (sh = heads).
     """
     b, n, h, d = q.shape
-    kh = ck.shape[2]
     nc = ck.shape[1] - num_mem
     scale = d**-0.5 if scale is None else scale
-    logits = _grouped_logits(q, ck, scale)  # [b, kh, g, n, m + nc]
-    fill = _neg_max(F32) / 10
-    sim = logits
+    sim = _grouped_logits(q, ck, scale)  # [b, kh, g, n, m + nc]
     if causal:
-        pos = _positions(q_positions, n)
-        block_end = (jnp.arange(nc) + 1) * stride - 1
-        visible = block_end[None, :] < pos[:, None]  # [n, nc]
+        visible = _compressed_visibility(n, nc, stride, q_positions)
         mask = jnp.concatenate([jnp.ones((n, num_mem), bool), visible], axis=-1)
-        sim = jnp.where(mask, logits, fill)
-    out = _softmax_attend(sim, cv, q.dtype)
+        sim = jnp.where(mask, sim, _neg_max(F32) / 10)
+    return _softmax_attend(sim, cv, q.dtype)
 
-    if share_heads:
-        # average the logits over the group, then mask (the mean of g fills could overflow)
-        scores = logits[..., num_mem:].mean(axis=2)  # [b, kh, n, nc]
-        if causal:
-            scores = jnp.where(visible, scores, fill)
-        scores = scores.transpose(0, 2, 1, 3)  # [b, n, kh, nc]
-    else:
-        scores = sim[..., num_mem:].transpose(0, 3, 1, 2, 4).reshape(b, n, h, nc)
-    return out, scores
+
+def importance_scores(
+    q: jax.Array,  # [b, n, h, d], not rotated
+    ck: jax.Array,  # [b, m + nc, kh, d]
+    *,
+    num_mem: int,
+    stride: int,
+    causal: bool,
+    share_heads: bool,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,
+) -> jax.Array:  # [b, n, sh, nc]
+    """The compressed branch's scaled logits without the memory columns (masked ones hold
+    -(float max) / 10), averaged over the g query heads of each kv head when `share_heads`
+    (sh = kv heads), else per query head (sh = heads)."""
+    b, n, h, d = q.shape
+    nc = ck.shape[1] - num_mem
+    scale = d**-0.5 if scale is None else scale
+    logits = _grouped_logits(q, ck[:, num_mem:], scale)  # [b, kh, g, n, nc]
+    if share_heads:  # average before masking (the mean of g fills could overflow)
+        logits = logits.mean(axis=2, keepdims=True)
+    if causal:
+        logits = jnp.where(_compressed_visibility(n, nc, stride, q_positions), logits, _neg_max(F32) / 10)
+    kh, per_kv_head = logits.shape[1], logits.shape[2]
+    return logits.transpose(0, 3, 1, 2, 4).reshape(b, n, kh * per_kv_head, nc)
 
 
 # --------------------------------------------------------------------------------------
@@ -168,7 +181,7 @@ def block_importance(
     return jnp.where(own[None, :, None, :], _neg_max(blocks.dtype), blocks)
 
 
-def select_blocks(
+def select_blocks_from_scores(
     scores: jax.Array,  # [b, n, sh, nc]
     *,
     num_selected: int,
@@ -202,6 +215,31 @@ def select_blocks(
     probs = jax.nn.softmax(padded, axis=-1)[..., 1:]
     values, indices = jax.lax.top_k(probs, k)
     return values, indices.astype(jnp.int32)
+
+
+def select_blocks(
+    q: jax.Array,  # [b, n, h, d], not rotated
+    ck: jax.Array,  # [b, m + nc, kh, d]
+    *,
+    num_mem: int,
+    stride: int,
+    causal: bool,
+    share_heads: bool,
+    num_selected: int,
+    selection_block_size: int,
+    interpolated: bool = False,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Importance scores of the compressed branch -> top-k selection blocks per query.
+
+    Returns (probabilities [b, n, sh, k'], indices [b, n, sh, k']), as `select_blocks_from_scores`.
+    Differentiable in q and ck through the probabilities (for diff top-k).
+    """
+    scores = importance_scores(q, ck, num_mem=num_mem, stride=stride, causal=causal, share_heads=share_heads,
+                               scale=scale, q_positions=q_positions)
+    return select_blocks_from_scores(scores, num_selected=num_selected, selection_block_size=selection_block_size,
+                                     stride=stride, interpolated=interpolated, q_positions=q_positions)
 
 
 def valid_selection(values: jax.Array) -> jax.Array:

@@ -96,8 +96,7 @@ def test_reference_core_computes_bfloat16_in_float32(causal):
     valid = jnp.ones(indices.shape, bool)
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
     calls = [
-        lambda q, k, v, ck, cv: reference.compressed_attention(q, ck, cv, num_mem=1, stride=4, causal=causal,
-                                                               share_heads=True)[0],
+        lambda q, k, v, ck, cv: reference.compressed_attention(q, ck, cv, num_mem=1, stride=4, causal=causal),
         lambda q, k, v, ck, cv: reference.selected_attention(q, k, v, indices, valid, None, block_size=sb,
                                                              causal=causal),
         lambda q, k, v, ck, cv: reference.sliding_window_attention(q, k, v, window=5, causal=causal),
@@ -159,13 +158,10 @@ def test_transformer_causality():
 def _fine_branch(attn: SparseAttention, x: jax.Array) -> jax.Array:
     """The fine (selected) branch alone, through the module's own pieces."""
     _, q, k, v = attn.project(x)
-    ck, cv = attn.with_memory(*attn.compress(k, v))
-    _, scores = attn.backend.compressed_attention(
-        q, ck, cv, num_mem=attn.num_mem_compress_kv, stride=attn.compress_block_sliding_stride,
-        causal=attn.causal, share_heads=attn.query_heads_share_selected_kv)
+    ck, _ = attn.with_memory(*attn.compress(k, v))
+    values, indices = attn.select(q, ck)
     pos = jnp.arange(x.shape[1])
-    fine, _ = attn.fine_and_sliding(apply_rotary(q, pos), apply_rotary(k, pos), v, scores)
-    return fine
+    return attn.fine(apply_rotary(q, pos), apply_rotary(k, pos), v, values, indices)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -214,7 +210,7 @@ def test_block_importance_masks_own_and_future_blocks():
         visible = ((jnp.arange(nc) + 1) * cs - 1)[None, :] < pos[:, None]
         raw = jax.random.normal(jax.random.key(1), (1, n, 2, nc))
         scores = jnp.where(visible[None, :, None, :], raw, -jnp.finfo(jnp.float32).max / 10)
-        values, indices = reference.select_blocks(scores, num_selected=3, selection_block_size=sb, stride=cs,
+        values, indices = reference.select_blocks_from_scores(scores, num_selected=3, selection_block_size=sb, stride=cs,
                                                   interpolated=interp)
         valid = np.asarray(reference.valid_selection(values))
         block_end = (np.asarray(indices) + 1) * sb - 1
