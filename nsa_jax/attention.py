@@ -114,8 +114,8 @@ class SparseAttention(nnx.Module):
             compress_mlp = build_compress_network(
                 compress_mlp, dim_head=dim_head, compress_block_size=compress_block_size,
                 kv_heads=kv_heads, expand_factor=compress_mlp_expand_factor, rngs=rngs)
-        self.k_compress = nnx.clone(compress_mlp)
-        self.v_compress = nnx.clone(compress_mlp)
+        self.k_compress = nnx.clone(compress_mlp, arrays=True)  # own buffers: donation-safe
+        self.v_compress = nnx.clone(compress_mlp, arrays=True)
 
         if strategy_combine_mlp is None:
             bias = jnp.tile(jnp.array([-2.0, -2.0, 2.0], param_dtype), heads)  # compressed, fine, sliding

@@ -1,0 +1,80 @@
+"""The pieces of the training loop: optimizer, the jitted train and eval steps, bits per byte.
+
+The model is split once (`nnx.split`) into a static graph and its parameters; the steps are
+pure functions of arrays, compiled once: forward, backward, gradient accumulation over the
+micro-batches (a `lax.scan`), global-norm clipping and Adam, all in one program, with the
+parameter and optimizer buffers donated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+LN2 = math.log(2.0)
+
+
+class TrainState(NamedTuple):
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def make_optimizer(learning_rate: float, max_grad_norm: float = 0.5) -> optax.GradientTransformation:
+    """The seed's optimizer: clip the global gradient norm, then Adam."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+
+
+def bits_per_byte(loss: jax.Array | float) -> jax.Array | float:
+    """Cross entropy in nats per byte -> bits per byte."""
+    return loss / LN2
+
+
+class Trainer:
+    """Holds the model's static graph and the compiled steps."""
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation):
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.optimizer = optimizer
+        self._init_params = params
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_step)
+
+    def init_state(self) -> TrainState:
+        return TrainState(self._init_params, self.optimizer.init(self._init_params))
+
+    def model(self, params: nnx.State) -> nnx.Module:
+        """A module view of `params` (for sampling and inspection)."""
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def _loss(self, params: nnx.State, batch: jax.Array) -> jax.Array:  # batch [b, n + 1]
+        return nnx.merge(self.graphdef, params, self.rest)(batch, return_loss=True)
+
+    def _train_step(self, state: TrainState, batches: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        """batches [accum, b, n + 1]: the gradient is the mean over the micro-batches."""
+        accum = batches.shape[0]
+        grad_fn = jax.value_and_grad(self._loss)
+
+        def micro_step(grad_sum, batch):
+            loss, grads = grad_fn(state.params, batch)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, batches)
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss = jnp.mean(losses)
+        metrics = dict(loss=loss, bits_per_byte=bits_per_byte(loss), grad_norm=optax.global_norm(grads))
+        return TrainState(params, opt_state), metrics
+
+    def _eval_step(self, params: nnx.State, batch: jax.Array) -> jax.Array:
+        return self._loss(params, batch)
+
+
+def tree_size(tree: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))

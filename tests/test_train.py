@@ -1,0 +1,159 @@
+"""train.py end to end (subprocesses, as users run it) and its data pipeline."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from nsa_jax import data
+from nsa_jax.checkpoint import Checkpointer, model_config_of
+from nsa_jax.config import ModelConfig
+from nsa_jax.training import Trainer, make_optimizer
+from flax import nnx
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--dim=32", "--depth=1", "--heads=2", "--kv_heads=1", "--dim_head=16", "--seq_len=32", "--batch_size=2",
+    "--grad_accum_every=2", "--sliding_window_size=8", "--compress_block_size=8", "--fine_block_size=8",
+    "--num_fine_selected=1", "--generate_every=0", "--validate_every=0", "--learning_rate=3e-3",
+    "--log_every=5",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
+    return path
+
+
+def train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def final_params(checkpoint_dir: Path):
+    ckpt = Checkpointer(checkpoint_dir)
+    step = ckpt.latest_step()
+    config = model_config_of(ckpt.restore_meta(step))
+    trainer = Trainer(config.build(nnx.Rngs(0)), make_optimizer(1e-3))
+    state, meta = ckpt.restore(step, trainer.init_state())
+    ckpt.close()
+    return step, state
+
+
+def test_training_lowers_the_validation_loss(tmp_path, corpus):
+    run = train(*TINY, f"--data_path={corpus}", "--num_batches=60", "--validate_every=20",
+                f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'runs'}", "--run_name=t",
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+)", run.stdout + run.stderr)]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses
+    assert list((tmp_path / "runs" / "t").glob("events.out.tfevents.*")), "TensorBoard events written"
+    assert (tmp_path / "ckpt" / "60").is_dir()
+
+
+def test_resume_is_exact(tmp_path, corpus):
+    common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=0"]
+    straight = train(*common, "--num_batches=16", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = train(*common, "--num_batches=8", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = train(*common, "--num_batches=16", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from step 8" in second.stdout
+    step_a, state_a = final_params(tmp_path / "a")
+    step_b, state_b = final_params(tmp_path / "b")
+    assert step_a == step_b == 16
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_with_another_model_is_refused(tmp_path, corpus):
+    common = [*TINY, f"--data_path={corpus}", f"--checkpoint_dir={tmp_path / 'c'}", f"--log_dir={tmp_path}"]
+    assert train(*common, "--num_batches=2", cwd=tmp_path).returncode == 0
+    run = train(*common, "--num_batches=4", "--dim=48", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "dim: 32 in the checkpoint, 48 now" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_missing_data_path_is_one_line(tmp_path):
+    run = train("--data_path=/no/such/enwik8.gz", cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "/no/such/enwik8.gz" in run.stderr, run.stderr
+
+
+def test_unknown_flag_is_one_line(tmp_path):
+    run = train("--no_such_flag=1", cwd=tmp_path)
+    assert run.returncode == 2 and "no_such_flag" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_flagfiles_parse():
+    sys.path.insert(0, str(ROOT))
+    import train as train_module
+
+    train_module.FLAGS.unparse_flags()
+    train_module.FLAGS(["train.py", f"--flagfile={ROOT / 'configs' / 'enwik8.flags'}"])
+    model, cfg, run_name = train_module.configs_from_flags()
+    assert model == ModelConfig()  # the seed's model
+    assert (cfg.batch_size, cfg.grad_accum_every, cfg.learning_rate, cfg.seq_len, cfg.num_batches) == (4, 4, 1e-4, 512, 100_000)
+    assert run_name == "sparse-attn: compress size 16 | fine size 16 | 4 selected"
+    assert train_module.FLAGS.use_pallas_nsa and train_module.FLAGS.data_path == "data/enwik8.gz"
+
+    train_module.FLAGS.unparse_flags()
+    train_module.FLAGS(["train.py", f"--flagfile={ROOT / 'configs' / 'quickstart.flags'}", "--seq_len=64"])
+    model, cfg, run_name = train_module.configs_from_flags()
+    assert (model.dim, cfg.seq_len, run_name) == (128, 64, "quickstart")
+    train_module.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("name,writer", [
+    ("enwik8", lambda p, b: p.write_bytes(b)),
+    ("enwik8.gz", lambda p, b: p.write_bytes(gzip.compress(b))),
+    ("enwik8.zip", lambda p, b: zipfile.ZipFile(p, "w").writestr("enwik8", b)),
+])
+def test_enwik8_formats_and_seed_split(tmp_path, name, writer):
+    raw = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    writer(tmp_path / name, raw)
+    train_bytes, valid_bytes = data.load_corpus(str(tmp_path / name), enwik8_split=(950, 900))
+    assert train_bytes.tobytes() == raw[:900] and valid_bytes.tobytes() == raw[900:950]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_other_files_split_by_fraction(tmp_path, suffix):
+    raw = np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    path = tmp_path / f"corpus.bin{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix else raw)
+    train_bytes, valid_bytes = data.load_corpus(str(path), valid_fraction=0.1)
+    assert train_bytes.tobytes() == raw[:900] and valid_bytes.tobytes() == raw[900:]
+
+
+def test_builtin_stdlib_corpus_is_deterministic():
+    a, b = data.stdlib_corpus(2**20), data.stdlib_corpus(2**20)
+    assert a == b and len(a) == 2**20 and b"def " in a
+
+
+def test_sampler_state_round_trip():
+    corpus = np.arange(1000, dtype=np.uint8)
+    sampler = data.CropSampler(corpus, seq_len=16, seed=3)
+    sampler.sample(4)
+    state = sampler.state()
+    expected = sampler.sample(2, 4)
+    other = data.CropSampler(corpus, seq_len=16, seed=99)
+    other.set_state(state)
+    np.testing.assert_array_equal(other.sample(2, 4), expected)
+    assert expected.shape == (2, 4, 17)
+    np.testing.assert_array_equal(np.diff(expected, axis=-1) % 256, 1)  # contiguous crops
+
+
+def test_corpus_shorter_than_a_crop_is_a_clear_error():
+    with pytest.raises(data.DataError, match="fewer than seq_len"):
+        data.CropSampler(np.zeros(10, np.uint8), seq_len=16, seed=0)
