@@ -67,7 +67,16 @@ flags.DEFINE_integer("checkpoint_every", 1000, "save every N steps (0: only at t
 flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
 flags.DEFINE_integer("log_every", 10, "fetch and log training metrics every N steps")
 flags.DEFINE_integer("seed", 0, "seeds parameters, data crops and sampling")
+flags.DEFINE_integer("max_nonfinite_steps", 10,
+                     "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
 FLAGS = flags.FLAGS
+
+
+FLAG_NAMES = {  # ModelConfig field -> flag, for error messages
+    "selection_block_size": "fine_block_size",
+    "num_selected_blocks": "num_fine_selected",
+    "query_heads_share_selected_kv": "query_heads_share_selection",
+}
 
 
 def fail(message: str) -> None:
@@ -76,12 +85,27 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_writable(directory: str, flag: str) -> None:
+    """Create `directory` and write a probe file in it, or fail naming the flag."""
+    from pathlib import Path
+
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to {flag} {directory}: {e.strerror or e}")
+
+
 def configs_from_flags() -> tuple[ModelConfig, TrainConfig, str]:
     model = ModelConfig(
         dim=FLAGS.dim, depth=FLAGS.depth, heads=FLAGS.heads, kv_heads=FLAGS.kv_heads, dim_head=FLAGS.dim_head,
         ff_expansion_factor=FLAGS.ff_expansion_factor, use_sparse_attn=FLAGS.use_sparse_attn,
         sliding_window_size=FLAGS.sliding_window_size, compress_block_size=FLAGS.compress_block_size,
-        compress_block_sliding_stride=FLAGS.compress_block_sliding_stride or FLAGS.compress_block_size,
+        compress_block_sliding_stride=(FLAGS.compress_block_size if FLAGS.compress_block_sliding_stride is None
+                                       else FLAGS.compress_block_sliding_stride),
         selection_block_size=FLAGS.fine_block_size, num_selected_blocks=FLAGS.num_fine_selected,
         use_diff_topk=FLAGS.use_diff_topk, query_heads_share_selected_kv=FLAGS.query_heads_share_selection,
         interpolated_importance_score=FLAGS.interpolated_importance_score, compress_mlp=FLAGS.compress_mlp,
@@ -107,6 +131,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
+class NonFiniteTraining(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
 def decode_tokens(tokens) -> str:
     """Bytes to text as the seed prints them: control bytes become spaces."""
     return "".join(chr(max(32, int(t))) for t in tokens)
@@ -118,6 +147,16 @@ def main(argv: list[str]) -> None:
     except flags.Error as e:
         fail(f"{e} (see python train.py --helpfull)")
     model_config, cfg, run_name = configs_from_flags()
+    problem = cfg.validate() or model_config.validate() or (
+        FLAGS.max_nonfinite_steps < 1 and f"--max_nonfinite_steps must be >= 1, got {FLAGS.max_nonfinite_steps}")
+    if problem:
+        for field, flag in FLAG_NAMES.items():
+            problem = problem.replace(field, flag)
+        fail(problem)
+    checkpoint_dir = FLAGS.checkpoint_dir or f"checkpoints/{slug(run_name)}"
+    log_dir = f"{FLAGS.log_dir}/{slug(run_name)}"
+    check_writable(log_dir, "--log_dir")
+    check_writable(checkpoint_dir, "--checkpoint_dir")
 
     # Heavy imports after the flags, so that `--help` and flag errors answer at once.
     import jax
@@ -127,7 +166,7 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
 
     from nsa_jax import data
-    from nsa_jax.checkpoint import Checkpointer, model_config_of
+    from nsa_jax.checkpoint import CheckpointError, Checkpointer, all_finite
     from nsa_jax.training import Trainer, make_optimizer, tree_size
 
     # -- data -------------------------------------------------------------------------------
@@ -139,37 +178,34 @@ def main(argv: list[str]) -> None:
         fail(str(e))
 
     # -- model and compiled steps -----------------------------------------------------------
-    try:
-        model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=None if FLAGS.use_pallas_nsa else False,
-                                   dtype=cfg.dtype)
-    except ValueError as e:
-        fail(str(e))
+    model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=None if FLAGS.use_pallas_nsa else False,
+                               dtype=cfg.dtype)
     trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm))
     state = trainer.init_state()
 
     # -- checkpoints: resume from the newest -------------------------------------------------
-    checkpoint_dir = FLAGS.checkpoint_dir or f"checkpoints/{slug(run_name)}"
     checkpointer = Checkpointer(checkpoint_dir, keep=cfg.keep_checkpoints)
     start_step = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        saved = model_config_of(checkpointer.restore_meta(latest))
-        if saved != model_config:
-            fail(f"checkpoint in {checkpoint_dir} was made with another model configuration "
-                 f"({'; '.join(model_config.differences(saved))}); use another --checkpoint_dir or the same settings")
-        state, meta = checkpointer.restore(latest, state)
+    try:
+        newest = checkpointer.restore_newest(state, model_config, warn=lambda m: print(f"warning: {m}"))
+    except CheckpointError as e:
+        fail(str(e))
+    if newest is not None:
+        start_step, state, meta = newest
         train_data.set_state(meta["train_rng"])
         valid_data.set_state(meta["valid_rng"])
-        start_step = latest
         print(f"resuming from step {start_step} ({checkpoint_dir})")
 
     def save(step: int, train_rng=None, valid_rng=None) -> None:
+        if not all_finite(state.params):  # never replace a good checkpoint with a broken state
+            print(f"warning: not saving step {step}: the parameters hold non-finite values")
+            return
         meta = dict(model_config=model_config.to_dict(), train_config=cfg.to_dict(), run_name=run_name,
                     data_path=FLAGS.data_path, train_rng=train_rng or train_data.state(),
                     valid_rng=valid_rng or valid_data.state())
         checkpointer.save(step, state, meta)
 
-    writer = SummaryWriter(f"{FLAGS.log_dir}/{slug(run_name)}")
+    writer = SummaryWriter(log_dir)
     backend = "dense" if not model_config.use_sparse_attn else (
         "pallas" if FLAGS.use_pallas_nsa and jax.default_backend() == "gpu" else "reference")
     print(f"{run_name}: {tree_size(state.params) / 1e6:.2f}M parameters, attention {backend}, "
@@ -181,6 +217,7 @@ def main(argv: list[str]) -> None:
 
     # -- the loop -----------------------------------------------------------------------------
     pending = []  # (step, metrics on device): fetched every log_every steps, no sync per step
+    nonfinite_run = 0  # consecutive skipped steps
     last_log_time, last_log_step = None, start_step
     completed = (start_step, train_data.state(), valid_data.state())  # what an interrupt can save
     progress = tqdm(range(start_step, cfg.num_batches), initial=start_step, total=cfg.num_batches,
@@ -194,16 +231,23 @@ def main(argv: list[str]) -> None:
 
             if last_log_time is None:  # the first step includes compilation: start the clock after it
                 jax.block_until_ready(metrics)
-                last_log_time, last_log_step, pending = time.perf_counter(), step + 1, []
+                last_log_time, last_log_step = time.perf_counter(), step + 1
             elif every(cfg.log_every, step + 1) or step + 1 == cfg.num_batches:
                 fetched = jax.device_get(pending)
                 now = time.perf_counter()
                 step_time = (now - last_log_time) / max(1, step + 1 - last_log_step)
                 tokens_per_sec = cfg.tokens_per_step / step_time
                 for s, m in fetched:
-                    writer.add_scalar("train/loss", m["loss"], s)
-                    writer.add_scalar("train/bits_per_byte", m["bits_per_byte"], s)
-                    writer.add_scalar("train/grad_norm", m["grad_norm"], s)
+                    nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0
+                    if m["skipped"]:
+                        writer.add_scalar("train/skipped_steps", 1, s)
+                        progress.write(f"step {s}: non-finite loss or gradient; update skipped")
+                    else:
+                        writer.add_scalar("train/loss", m["loss"], s)
+                        writer.add_scalar("train/bits_per_byte", m["bits_per_byte"], s)
+                        writer.add_scalar("train/grad_norm", m["grad_norm"], s)
+                    if nonfinite_run >= FLAGS.max_nonfinite_steps:
+                        raise NonFiniteTraining(s)
                 writer.add_scalar("train/learning_rate", cfg.learning_rate, step)
                 writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
                 writer.add_scalar("train/step_time_ms", 1e3 * step_time, step)
@@ -230,6 +274,12 @@ def main(argv: list[str]) -> None:
 
             if every(cfg.checkpoint_every, step + 1) and step + 1 < cfg.num_batches:
                 save(step + 1)
+    except NonFiniteTraining as e:
+        progress.close()
+        print(f"error: {FLAGS.max_nonfinite_steps} consecutive steps (up to step {e.step}) had a non-finite loss "
+              "or gradient and were skipped; stopping without saving. Lower --learning_rate or check the data; "
+              "rerunning resumes from the last checkpoint.", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         progress.close()
         done, train_rng, valid_rng = completed
@@ -248,7 +298,7 @@ def main(argv: list[str]) -> None:
         save(cfg.num_batches)
     checkpointer.wait()
     print(f"done: {cfg.num_batches} steps; checkpoints in {checkpointer.directory}, "
-          f"TensorBoard events in {FLAGS.log_dir}/{slug(run_name)}")
+          f"TensorBoard events in {log_dir}")
 
 
 if __name__ == "__main__":

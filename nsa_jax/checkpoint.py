@@ -7,13 +7,40 @@ exactly the batches the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from nsa_jax.config import ModelConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used; the message is one line for the user."""
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """Orbax logs whole TensorStore specs when a read fails; we report one line instead."""
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def all_finite(tree: Any) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
 
 
 class Checkpointer:
@@ -47,6 +74,57 @@ class Checkpointer:
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_newest(self, like: Any, model_config: ModelConfig,
+                       warn: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+
+        An unreadable newest checkpoint (truncated, corrupted, or non-finite) is reported,
+        moved aside to `corrupt-<step>` once an older good one is found, and skipped. Raises
+        CheckpointError when the newest readable checkpoint holds another model configuration
+        (naming the differences) or when no checkpoint is readable (nothing is moved then).
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        bad = []
+        for step in steps:
+            try:
+                with _quiet_logs():
+                    meta = self.restore_meta(step)
+                    saved = model_config_of(meta)
+                    if saved == model_config:
+                        state, meta = self.restore(step, like)
+            except Exception as e:  # any read failure means: this checkpoint is not usable
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                warn(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {reason}); "
+                     "trying the previous one")
+                bad.append(step)
+                continue
+            if saved != model_config:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} was made with another model configuration "
+                    f"({'; '.join(model_config.differences(saved))}); use another --checkpoint_dir or the same settings")
+            if not all_finite(state):
+                warn(f"checkpoint step {step} in {self.directory} holds non-finite values; trying the previous one")
+                bad.append(step)
+                continue
+            for b in bad:
+                self._move_aside(b, warn)
+            return step, state, meta
+        if bad:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {', '.join(map(str, bad))} "
+                                  "are damaged); move the directory away to start afresh")
+        return None
+
+    def _move_aside(self, step: int, warn: Callable[[str], None]) -> None:
+        source = self.directory / str(step)
+        target = self.directory / f"corrupt-{step}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"corrupt-{step}-{n}"
+        shutil.move(str(source), str(target))
+        self.manager.reload()
+        warn(f"moved the damaged checkpoint to {target}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

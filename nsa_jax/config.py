@@ -72,6 +72,21 @@ class ModelConfig:
             rngs=rngs,
         )
 
+    def validate(self) -> str | None:
+        """The first problem with these settings, as one line naming the setting, or None.
+
+        Builds the model abstractly (`nnx.eval_shape`: no parameters are computed), so the
+        modules' own argument checks are the single source of truth.
+        """
+        for name in ("num_tokens", "dim", "depth", "heads", "kv_heads", "dim_head"):
+            if getattr(self, name) < 1:
+                return f"{name} must be >= 1, got {getattr(self, name)}"
+        try:
+            nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -106,6 +121,19 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     dtype: str = "float32"
+
+    def validate(self) -> str | None:
+        """The first problem with these settings, as one line naming the setting, or None."""
+        positive = ("batch_size", "grad_accum_every", "seq_len", "prime_length", "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                return f"--{name} must be >= 1, got {getattr(self, name)}"
+        for name in ("num_batches", "validate_every", "generate_every", "generate_length", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                return f"--{name} must be >= 0, got {getattr(self, name)}"
+        if not self.learning_rate > 0:
+            return f"--learning_rate must be > 0, got {self.learning_rate}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -66,11 +66,15 @@ class Trainer:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grad_sum, losses = jax.lax.scan(micro_step, zeros, batches)
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        loss = jnp.mean(losses)
-        metrics = dict(loss=loss, bits_per_byte=bits_per_byte(loss), grad_norm=optax.global_norm(grads))
-        return TrainState(params, opt_state), metrics
+        # A non-finite loss or gradient skips the update: the state stays as it was.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_state = TrainState(jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state))
+        metrics = dict(loss=loss, bits_per_byte=bits_per_byte(loss), grad_norm=grad_norm, skipped=~finite)
+        return new_state, metrics
 
     def _eval_step(self, params: nnx.State, batch: jax.Array) -> jax.Array:
         return self._loss(params, batch)

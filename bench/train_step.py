@@ -1,0 +1,95 @@
+"""Time the jitted train step (forward, backward, accumulation, clipping, Adam) of the seed model.
+
+    python bench/train_step.py                       # all variants this machine runs
+    python bench/train_step.py --variants reference,dense --seq_lens 512,4096
+
+Prints a table (ms per step, steps/s, tokens/s) and writes bench/results/train_step-<date>.json.
+Each variant is timed after warm-up (compilation excluded): median of --repeats runs, each
+ended by block_until_ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.training import Trainer, make_optimizer
+
+VARIANTS = {  # name -> (use_sparse_attn, use_pallas_nsa)
+    "reference": (True, False),
+    "pallas": (True, True),
+    "dense": (False, None),
+}
+
+
+def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str) -> dict:
+    sparse, pallas = VARIANTS[name]
+    config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
+    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype), make_optimizer(1e-4))
+    state = trainer.init_state()
+    rng = np.random.default_rng(0)
+    batches = [jax.device_put(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
+               for _ in range(3)]
+    for i in range(3):  # warm-up: compile, then settle
+        state, metrics = trainer.train_step(state, batches[i % 3])
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batches[i % 3])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    ms = 1e3 * statistics.median(times)
+    tokens = accum * batch_size * seq_len
+    return dict(variant=name, seq_len=seq_len, batch_size=batch_size, grad_accum_every=accum, dtype=dtype,
+                ms_per_step=ms, steps_per_s=1e3 / ms, tokens_per_s=tokens / (ms / 1e3),
+                loss=float(metrics["loss"]), repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="reference,pallas,dense")
+    parser.add_argument("--seq_lens", default="512")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--grad_accum_every", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    results = []
+    for seq_len in map(int, args.seq_lens.split(",")):
+        for name in args.variants.split(","):
+            try:
+                results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
+                                            args.dtype))
+            except NotImplementedError as e:  # a backend this version does not have
+                print(f"skipped {name}: {e}")
+    print(f"\nseed model train step on {device.device_kind} ({jax.__version__}), {args.dtype}, "
+          f"batch {args.batch_size} x accum {args.grad_accum_every}")
+    print(f"{'variant':<10} {'T':>6} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10}")
+    for r in results:
+        print(f"{r['variant']:<10} {r['seq_len']:>6} {r['ms_per_step']:>9.2f} {r['steps_per_s']:>8.2f} "
+              f"{r['tokens_per_s']:>10,.0f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    path = out / f"train_step-{stamp}.json"
+    path.write_text(json.dumps(dict(device=device.device_kind, jax=jax.__version__, date=stamp,
+                                    results=results), indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
