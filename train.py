@@ -67,6 +67,10 @@ flags.DEFINE_integer("checkpoint_every", 1000, "save every N steps (0: only at t
 flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
 flags.DEFINE_integer("log_every", 10, "fetch and log training metrics every N steps")
 flags.DEFINE_integer("seed", 0, "seeds parameters, data crops and sampling")
+flags.DEFINE_boolean("fsdp", False, "split parameters and optimizer state over the devices (default: replicate)")
+flags.DEFINE_string("coordinator_address", None, "multi-host: address of process 0, host:port")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 flags.DEFINE_integer("max_nonfinite_steps", 10,
                      "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
 FLAGS = flags.FLAGS
@@ -131,6 +135,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
+class NullWriter:
+    """What processes other than 0 log to."""
+
+    def add_scalar(self, *args, **kwargs) -> None: ...
+    def add_text(self, *args, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
 class NonFiniteTraining(Exception):
     def __init__(self, step: int):
         self.step = step
@@ -165,9 +177,16 @@ def main(argv: list[str]) -> None:
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
-    from nsa_jax import data
+    from nsa_jax import data, sharding
     from nsa_jax.checkpoint import CheckpointError, Checkpointer, all_finite
     from nsa_jax.training import Trainer, make_optimizer, tree_size
+
+    # -- devices: one mesh over all of them (all hosts, when multi-host) ---------------------
+    sharding.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    mesh = sharding.make_mesh()
+    if cfg.batch_size % mesh.size:
+        fail(f"--batch_size ({cfg.batch_size}) must be a multiple of the number of devices ({mesh.size})")
+    is_main = jax.process_index() == 0
 
     # -- data -------------------------------------------------------------------------------
     try:
@@ -180,7 +199,7 @@ def main(argv: list[str]) -> None:
     # -- model and compiled steps -----------------------------------------------------------
     model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=None if FLAGS.use_pallas_nsa else False,
                                dtype=cfg.dtype)
-    trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm))
+    trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp)
     state = trainer.init_state()
 
     # -- checkpoints: resume from the newest -------------------------------------------------
@@ -205,12 +224,13 @@ def main(argv: list[str]) -> None:
                     valid_rng=valid_rng or valid_data.state())
         checkpointer.save(step, state, meta)
 
-    writer = SummaryWriter(log_dir)
+    writer = SummaryWriter(log_dir) if is_main else NullWriter()  # one process logs
     backend = "dense" if not model_config.use_sparse_attn else (
         "pallas" if FLAGS.use_pallas_nsa and jax.default_backend() == "gpu" else "reference")
     print(f"{run_name}: {tree_size(state.params) / 1e6:.2f}M parameters, attention {backend}, "
           f"device {jax.devices()[0].platform}, {len(train_bytes) / 1e6:.1f} MB train / "
-          f"{len(valid_bytes) / 1e6:.1f} MB valid, {cfg.tokens_per_step} tokens per step")
+          f"{len(valid_bytes) / 1e6:.1f} MB valid, {cfg.tokens_per_step} tokens per step; "
+          f"{sharding.describe(mesh)}{', fsdp' if FLAGS.fsdp else ''}")
 
     def every(n: int, step: int) -> bool:
         return n > 0 and step % n == 0
@@ -221,10 +241,10 @@ def main(argv: list[str]) -> None:
     last_log_time, last_log_step = None, start_step
     completed = (start_step, train_data.state(), valid_data.state())  # what an interrupt can save
     progress = tqdm(range(start_step, cfg.num_batches), initial=start_step, total=cfg.num_batches,
-                    desc="training", mininterval=1.0, dynamic_ncols=True)
+                    desc="training", mininterval=1.0, dynamic_ncols=True, disable=not is_main)
     try:
         for step in progress:
-            batches = train_data.sample(cfg.grad_accum_every, cfg.batch_size)
+            batches = trainer.train_batches(train_data.sample(cfg.grad_accum_every, cfg.batch_size))
             state, metrics = trainer.train_step(state, batches)
             completed = (step + 1, train_data.state(), valid_data.state())
             pending.append((step, metrics))
@@ -255,7 +275,7 @@ def main(argv: list[str]) -> None:
                 pending, last_log_time, last_log_step = [], now, step + 1
 
             if every(cfg.validate_every, step):
-                loss = float(trainer.eval_step(state.params, valid_data.sample(cfg.batch_size)))
+                loss = float(trainer.eval_step(state.params, trainer.eval_batch(valid_data.sample(cfg.batch_size))))
                 writer.add_scalar("valid/loss", loss, step)
                 writer.add_scalar("valid/bits_per_byte", loss / np.log(2), step)
                 progress.write(f"step {step}: validation loss {loss:.3f} ({loss / np.log(2):.3f} bits per byte)")

@@ -13,8 +13,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+
+from nsa_jax import sharding
 
 LN2 = math.log(2.0)
 
@@ -35,17 +39,34 @@ def bits_per_byte(loss: jax.Array | float) -> jax.Array | float:
 
 
 class Trainer:
-    """Holds the model's static graph and the compiled steps."""
+    """Holds the model's static graph, the device mesh and the compiled steps.
 
-    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation):
+    The state lives on `mesh` (replicated, or split FSDP-style); batches are split over its
+    `data` axis. On one device this is plain single-device training.
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation,
+                 mesh: Mesh | None = None, fsdp: bool = False):
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = optimizer
-        self._init_params = params
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_step)
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        state = TrainState(params, optimizer.init(params))
+        self.state_sharding = sharding.state_sharding(state, self.mesh, fsdp)
+        self._init_state = jax.device_put(state, self.state_sharding)
+        scalar = sharding.replicated(self.mesh)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,), out_shardings=(self.state_sharding, scalar))
+        self.eval_step = jax.jit(self._eval_step, out_shardings=scalar)
 
     def init_state(self) -> TrainState:
-        return TrainState(self._init_params, self.optimizer.init(self._init_params))
+        return self._init_state
+
+    def train_batches(self, batches: np.ndarray) -> jax.Array:
+        """Host batches [accum, b, n + 1] -> a device array split over the batch axis."""
+        return sharding.global_batch(batches, sharding.batch_sharding(self.mesh, 1))
+
+    def eval_batch(self, batch: np.ndarray) -> jax.Array:
+        """Host batch [b, n + 1] -> a device array split over the batch axis."""
+        return sharding.global_batch(batch, sharding.batch_sharding(self.mesh, 0))
 
     def model(self, params: nnx.State) -> nnx.Module:
         """A module view of `params` (for sampling and inspection)."""
