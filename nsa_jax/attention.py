@@ -262,36 +262,42 @@ class SparseAttention(nnx.Module):
             q_positions=positions)
         return self.combine(x, compressed, fine, sliding), cache
 
-    def decode(self, inp: jax.Array, cache: SparseCache) -> tuple[jax.Array, SparseCache]:
+    def compress_tail(self, cache: SparseCache) -> SparseCache:
+        """Compress the tail (positions length - cb .. length - 1) into entry length // stride - 1.
+
+        Valid when length % stride == 0: the tail then is exactly that entry's window."""
+        window = lambda tail: tail.transpose(0, 2, 1, 3)[:, :, None]  # [b, cb, kh, d] -> [b, kh, 1, cb, d]
+        new_k, new_v = self.compress_windows(window(cache.tail_k), window(cache.tail_v))  # [b, 1, kh, d]
+        entry = cache.length // self.compress_block_sliding_stride - 1
+        return cache._replace(ck=write_at(cache.ck, new_k, entry), cv=write_at(cache.cv, new_v, entry))
+
+    def window_complete(self, cache: SparseCache) -> jax.Array:
+        """bool []: the last token completed a compression window (compress_tail is due)."""
+        return (cache.length % self.compress_block_sliding_stride == 0) & (cache.ck.shape[1] > 0)
+
+    def decode(self, inp: jax.Array, cache: SparseCache, *, compress: bool = True) -> tuple[jax.Array, SparseCache]:
         """One token [b, 1, dim] at position t = cache.length -> (out [b, 1, dim], cache after t).
 
-        Writes k/v at t and shifts the un-rotated token into the tail; when the tail completes
-        a window ((t + 1) % stride == 0) compresses it into entry (t + 1) // stride - 1, which
+        Writes k/v at t and shifts the un-rotated token into the tail; when that completes a
+        window ((t + 1) % stride == 0) compresses it into entry (t + 1) // stride - 1, which
         the compressed mask hides from t and shows from t + 1, as in the parallel forward.
+        compress=False leaves that to the caller (`compress_tail` when `window_complete`), so
+        that a model compresses all its layers under one `lax.cond` per step.
         The caller keeps t < max_len.
         """
-        cs = self.compress_block_sliding_stride
         t = cache.length
         positions = t[None]  # [1]
         x, q, k, v = self.project(inp)
         q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
-        tail_k, tail_v = push_tail(cache.tail_k, k), push_tail(cache.tail_v, v)  # positions t + 1 - cb .. t
-
-        def compress_tail(ck, cv):
-            window = lambda tail: tail.transpose(0, 2, 1, 3)[:, :, None]  # [b, cb, kh, d] -> [b, kh, 1, cb, d]
-            new_k, new_v = self.compress_windows(window(tail_k), window(tail_v))  # [b, 1, kh, d]
-            entry = (t + 1) // cs - 1
-            return write_at(ck, new_k, entry), write_at(cv, new_v, entry)
-
-        ck, cv = cache.ck, cache.cv
-        if ck.shape[1] > 0:
-            ck, cv = jax.lax.cond((t + 1) % cs == 0, compress_tail, lambda ck, cv: (ck, cv), ck, cv)
-        cache = SparseCache(write_at(cache.k, k_rot, t), write_at(cache.v, v, t), ck, cv, tail_k, tail_v, t + 1)
+        cache = SparseCache(write_at(cache.k, k_rot, t), write_at(cache.v, v, t), cache.ck, cache.cv,
+                            push_tail(cache.tail_k, k), push_tail(cache.tail_v, v), t + 1)  # tail: t + 1 - cb .. t
 
         compressed, values, indices, gates = self._compressed_at(q, cache, positions)
         fine = selected_attention_one(q_rot, cache.k, cache.v, indices, reference.valid_selection(values), gates,
                                       t, block_size=self.selection_block_size, scale=self.scale)
         sliding = sliding_window_one(q_rot, cache.k, cache.v, t, window=self.sliding_window_size, scale=self.scale)
+        if compress and cache.ck.shape[1] > 0:
+            cache = jax.lax.cond(self.window_complete(cache), self.compress_tail, lambda c: c, cache)
         return self.combine(x, compressed, fine, sliding), cache
 
 

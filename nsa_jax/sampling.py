@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nsa_jax.attention import SparseAttention
+
 F32 = jnp.float32
 Cache = Any  # nsa_jax.cache.SparseCache | nsa_jax.cache.DenseCache
 
@@ -49,15 +51,31 @@ def prefill(model: nnx.Module, ids: jax.Array, max_len: int) -> tuple[jax.Array,
 
 
 def decode_step(model: nnx.Module, token: jax.Array, caches: list[Cache]) -> tuple[jax.Array, list[Cache]]:
-    """token [b] at position caches[i].length -> (logits [b, vocab], caches one token longer)."""
+    """token [b] at position caches[i].length -> (logits [b, vocab], caches one token longer).
+
+    Sparse layers defer compressing a completed window to one `lax.cond` per step over all of
+    them (per distinct stride): one branch point per token instead of one per layer.
+    """
     x = model.token_emb(token[:, None], dtype=model.dtype)  # [b, 1, dim]
-    new_caches = []
-    for layer, cache in zip(model.layers, caches):
-        out, cache = layer.attn.decode(x, cache)
+    caches = list(caches)
+    deferred: dict[int, list[int]] = {}  # stride -> layers whose compression waits for the cond
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer.attn, SparseAttention) and caches[i].ck.shape[1] > 0:
+            out, caches[i] = layer.attn.decode(x, caches[i], compress=False)
+            deferred.setdefault(layer.attn.compress_block_sliding_stride, []).append(i)
+        else:
+            out, caches[i] = layer.attn.decode(x, caches[i])
         x = out + x
         x = layer.ff(x) + x
-        new_caches.append(cache)
-    return model.to_logits(model.norm(x))[:, 0], new_caches
+    for group in deferred.values():
+        def compress_group(group_caches, group=group):
+            return [model.layers[i].attn.compress_tail(c) for i, c in zip(group, group_caches)]
+
+        due = model.layers[group[0]].attn.window_complete(caches[group[0]])  # same length and stride in the group
+        done = jax.lax.cond(due, compress_group, lambda c: c, [caches[i] for i in group])
+        for i, c in zip(group, done):
+            caches[i] = c
+    return model.to_logits(model.norm(x))[:, 0], caches
 
 
 def _hidden(model: nnx.Module, ids: jax.Array) -> jax.Array:  # [b, n] -> [b, n, dim], before the final norm
