@@ -46,11 +46,15 @@ GRID = [
     (dict(kv_heads=2, compress_block_size=6, compress_block_sliding_stride=3, selection_block_size=6,
           num_selected_blocks=2, sliding_window_size=0, num_compressed_mem_kv=2, use_diff_topk=True,
           compress_mlp="single_projection"), 44, (5,)),
-    # the seed's shape of settings (block = stride = selection = 16, 4 selected, grouped MLP); the
-    # window covers the whole cache (the unsliced sliding path)
+    # the seed's shape of settings (block = stride = selection = 16, 4 selected, grouped MLP)
     (dict(kv_heads=2, compress_block_size=16, compress_block_sliding_stride=16, selection_block_size=16,
           num_selected_blocks=4, sliding_window_size=64, use_diff_topk=True, compress_mlp="grouped_mlp"),
      70, (2, 33)),
+    # the same, shorter than one stride: no compressed entry ever (memory only), the window
+    # covers the whole cache (the unsliced sliding path)
+    (dict(kv_heads=2, compress_block_size=16, compress_block_sliding_stride=16, selection_block_size=16,
+          num_selected_blocks=4, sliding_window_size=64, use_diff_topk=True, compress_mlp="grouped_mlp"),
+     12, (3,)),
     # more selected blocks than exist for most of the sequence; prompt shorter than one stride
     (dict(kv_heads=2, compress_block_size=4, compress_block_sliding_stride=4, selection_block_size=4,
           num_selected_blocks=5, sliding_window_size=3), 30, (2,)),
@@ -99,7 +103,9 @@ def cached_outputs(module: nnx.Module, x: jax.Array, prompt_len: int):
 
 
 def max_diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
 @pytest.mark.parametrize("case,prompt_len", CASES)
