@@ -13,6 +13,17 @@ from flax import nnx
 
 import kernels
 from nsa_jax import reference
+from nsa_jax.cache import (
+    DenseCache,
+    SparseCache,
+    dense_attention_one,
+    dense_cache_from_prompt,
+    push_tail,
+    selected_attention_one,
+    sliding_window_one,
+    sparse_cache_from_prompt,
+    write_at,
+)
 from nsa_jax.compress_networks import CompressMLP, build_compress_network
 from nsa_jax.layers import Linear, RMSNorm
 from nsa_jax.rotary import apply_rotary
@@ -148,8 +159,12 @@ class SparseAttention(nnx.Module):
         if n // cs == 0:
             empty = jnp.zeros((b, 0, kh, d), k.dtype)
             return empty, empty
-        kw = reference.compression_windows(k, cb, cs) + self.k_intrablock_positions[...].astype(k.dtype)[:, None]
-        vw = reference.compression_windows(v, cb, cs) + self.v_intrablock_positions[...].astype(v.dtype)[:, None]
+        return self.compress_windows(reference.compression_windows(k, cb, cs), reference.compression_windows(v, cb, cs))
+
+    def compress_windows(self, kw: jax.Array, vw: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Windows [b, kh, w, cb, d] (+ intra-block positions) -> ck, cv [b, w, kh, d] (no memory)."""
+        kw = kw + self.k_intrablock_positions[...].astype(kw.dtype)[:, None]
+        vw = vw + self.v_intrablock_positions[...].astype(vw.dtype)[:, None]
         ck = self.k_compress(kw).transpose(0, 2, 1, 3)  # [b, kh, w, d] -> [b, w, kh, d]
         cv = self.v_compress(vw).transpose(0, 2, 1, 3)
         return ck, cv
@@ -203,6 +218,88 @@ class SparseAttention(nnx.Module):
         sliding = self.sliding(q_rot, k_rot, v)
         return self.combine(x, compressed, fine, sliding)
 
+    # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
+    # Both run the reference core directly (not the backend switch): the branches take
+    # queries at `q_positions` against fixed-length caches, which kernels need not support.
+
+    def _select_at(self, q: jax.Array, ck: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return reference.select_blocks(
+            q, ck, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride, causal=True,
+            share_heads=self.query_heads_share_selected_kv, num_selected=self.num_selected_blocks,
+            selection_block_size=self.selection_block_size, interpolated=self.interpolated_importance_score,
+            scale=self.scale, q_positions=positions)
+
+    def _compressed_at(self, q: jax.Array, cache: SparseCache, positions: jax.Array):
+        """Compressed branch and selection for queries at `positions` (memory always visible)."""
+        ck, cv = self.with_memory(cache.ck, cache.cv)
+        compressed = reference.compressed_attention(
+            q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride, causal=True,
+            scale=self.scale, q_positions=positions)
+        values, indices = self._select_at(q, ck, positions)
+        gates = reference.straight_through_gates(values) if self.use_diff_topk else None
+        return compressed, values, indices, gates
+
+    def prefill(self, inp: jax.Array, max_len: int) -> tuple[jax.Array, SparseCache]:
+        """Parallel forward over a prompt [b, P, dim] -> (out [b, P, dim], cache of length max_len).
+
+        The branches read the max_len caches, so every output equals the parallel forward's
+        over max_len tokens (of which the prompt is the start) at that position; this matters
+        only for interpolated importance scores, whose edge clamp depends on the length.
+        """
+        _check(self.causal, "cached decoding needs a causal SparseAttention (causal=True)")
+        x, q, k, v = self.project(inp)
+        positions = jnp.arange(inp.shape[1])
+        q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
+        cache = sparse_cache_from_prompt(
+            k_rot, v, k, *self.compress(k, v), max_len=max_len, stride=self.compress_block_sliding_stride,
+            compress_block_size=self.compress_block_size, selection_block_size=self.selection_block_size)
+        compressed, values, indices, gates = self._compressed_at(q, cache, positions)
+        fine = reference.selected_attention(
+            q_rot, cache.k, cache.v, indices, reference.valid_selection(values), gates,
+            block_size=self.selection_block_size, causal=True, scale=self.scale, q_positions=positions)
+        sliding = reference.sliding_window_attention(
+            q_rot, cache.k, cache.v, window=self.sliding_window_size, causal=True, scale=self.scale,
+            q_positions=positions)
+        return self.combine(x, compressed, fine, sliding), cache
+
+    def compress_tail(self, cache: SparseCache) -> SparseCache:
+        """Compress the tail (positions length - cb .. length - 1) into entry length // stride - 1.
+
+        Valid when length % stride == 0: the tail then is exactly that entry's window."""
+        window = lambda tail: tail.transpose(0, 2, 1, 3)[:, :, None]  # [b, cb, kh, d] -> [b, kh, 1, cb, d]
+        new_k, new_v = self.compress_windows(window(cache.tail_k), window(cache.tail_v))  # [b, 1, kh, d]
+        entry = cache.length // self.compress_block_sliding_stride - 1
+        return cache._replace(ck=write_at(cache.ck, new_k, entry), cv=write_at(cache.cv, new_v, entry))
+
+    def window_complete(self, cache: SparseCache) -> jax.Array:
+        """bool []: the last token completed a compression window (compress_tail is due)."""
+        return (cache.length % self.compress_block_sliding_stride == 0) & (cache.ck.shape[1] > 0)
+
+    def decode(self, inp: jax.Array, cache: SparseCache, *, compress: bool = True) -> tuple[jax.Array, SparseCache]:
+        """One token [b, 1, dim] at position t = cache.length -> (out [b, 1, dim], cache after t).
+
+        Writes k/v at t and shifts the un-rotated token into the tail; when that completes a
+        window ((t + 1) % stride == 0) compresses it into entry (t + 1) // stride - 1, which
+        the compressed mask hides from t and shows from t + 1, as in the parallel forward.
+        compress=False leaves that to the caller (`compress_tail` when `window_complete`), so
+        that a model compresses all its layers under one `lax.cond` per step.
+        The caller keeps t < max_len.
+        """
+        t = cache.length
+        positions = t[None]  # [1]
+        x, q, k, v = self.project(inp)
+        q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
+        cache = SparseCache(write_at(cache.k, k_rot, t), write_at(cache.v, v, t), cache.ck, cache.cv,
+                            push_tail(cache.tail_k, k), push_tail(cache.tail_v, v), t + 1)  # tail: t + 1 - cb .. t
+
+        compressed, values, indices, gates = self._compressed_at(q, cache, positions)
+        fine = selected_attention_one(q_rot, cache.k, cache.v, indices, reference.valid_selection(values), gates,
+                                      t, block_size=self.selection_block_size, scale=self.scale)
+        sliding = sliding_window_one(q_rot, cache.k, cache.v, t, window=self.sliding_window_size, scale=self.scale)
+        if compress and cache.ck.shape[1] > 0:
+            cache = jax.lax.cond(self.window_complete(cache), self.compress_tail, lambda c: c, cache)
+        return self.combine(x, compressed, fine, sliding), cache
+
 
 class Attention(nnx.Module):
     """The dense baseline: RMSNorm, bias-free q/k/v/out projections, rotary, GQA, softmax attention.
@@ -224,17 +321,39 @@ class Attention(nnx.Module):
         self.to_v = linear(dim, kv_heads * dim_head)
         self.to_out = linear(heads * dim_head, dim)
 
-    def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
+    def project(self, inp: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """inp [b, n, dim] at positions [n] -> rotated q [b, n, h, d], rotated k and v [b, n, kh, d]."""
         x = self.norm(inp)
         b, n, _ = x.shape
         h, kh, d = self.heads, self.kv_heads, self.dim_head
-        g = h // kh
-        positions = jnp.arange(n)
         q = apply_rotary(self.to_q(x).reshape(b, n, h, d), positions)
         k = apply_rotary(self.to_k(x).reshape(b, n, kh, d), positions)
         v = self.to_v(x).reshape(b, n, kh, d)
+        return q, k, v
+
+    def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
+        return self._attend(*self.project(inp, jnp.arange(inp.shape[1])))
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # -> [b, n, dim]
+        b, n, h, d = q.shape
+        kh = self.kv_heads
+        g = h // kh
         # head i = j * kh + c reads kv head c; JAX groups query heads as c * g + j.
         q = q.reshape(b, n, g, kh, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h, d)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         out = out.reshape(b, n, kh, g, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h * d)
         return self.to_out(out)
+
+    def prefill(self, inp: jax.Array, max_len: int) -> tuple[jax.Array, DenseCache]:
+        """The parallel forward over a prompt [b, P, dim] -> (out [b, P, dim], cache of length max_len)."""
+        _check(self.causal, "cached decoding needs a causal Attention (causal=True)")
+        q, k, v = self.project(inp, jnp.arange(inp.shape[1]))
+        return self._attend(q, k, v), dense_cache_from_prompt(k, v, max_len=max_len)
+
+    def decode(self, inp: jax.Array, cache: DenseCache) -> tuple[jax.Array, DenseCache]:
+        """One token [b, 1, dim] at position cache.length -> (out [b, 1, dim], updated cache)."""
+        t = cache.length
+        q, k, v = self.project(inp, t[None])
+        cache = DenseCache(write_at(cache.k, k, t), write_at(cache.v, v, t), t + 1)
+        out = dense_attention_one(q, cache.k, cache.v, t)
+        return self.to_out(out.reshape(*inp.shape[:2], self.heads * self.dim_head)), cache

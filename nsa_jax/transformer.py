@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nsa_jax import sampling
 from nsa_jax.attention import Attention, SparseAttention
 from nsa_jax.layers import Embedding, FeedForward, Linear, RMSNorm
 
@@ -100,3 +101,24 @@ class Transformer(nnx.Module):
         if not return_loss:
             return logits
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+    def sample(
+        self,
+        prompt: jax.Array,
+        seq_len: int,
+        *,
+        temperature: float = 1.0,
+        filter_thres: float = 0.9,
+        use_cache_kv: bool = True,
+        rng: jax.Array | int | None = None,
+    ) -> jax.Array:
+        """Generate the seq_len - P tokens after prompt [b, P] (or [P]) as one compiled program.
+
+        As the PyTorch package's `sample`: seq_len is the total length; top-k filter
+        (ceil((1 - filter_thres) * vocab) logits) plus Gumbel sampling at `temperature`,
+        greedy when temperature <= 0. With use_cache_kv, a prefill then a `lax` loop of cached
+        decode steps; without, the parallel forward is rerun each step. `rng`: a `jax.random`
+        key or int seed (default key 0). See nsa_jax/sampling.py.
+        """
+        return sampling.sample(self, prompt, seq_len, temperature=temperature, filter_thres=filter_thres,
+                               use_cache_kv=use_cache_kv, rng=rng)
