@@ -148,11 +148,6 @@ class NonFiniteTraining(Exception):
         self.step = step
 
 
-def decode_tokens(tokens) -> str:
-    """Bytes to text as the seed prints them: control bytes become spaces."""
-    return "".join(chr(max(32, int(t))) for t in tokens)
-
-
 def main(argv: list[str]) -> None:
     try:
         FLAGS(argv)
@@ -288,9 +283,9 @@ def main(argv: list[str]) -> None:
                     prime[None], cfg.prime_length + cfg.generate_length,
                     use_cache_kv=cfg.use_efficient_inference,
                     rng=jax.random.fold_in(jax.random.key(cfg.seed), step))
-                text = decode_tokens(np.asarray(sampled[0]))
-                progress.write(f"\n{decode_tokens(prime)}\n{'-' * 40}\n{text}\n")
-                writer.add_text("samples", f"{decode_tokens(prime)} ▌ {text}", step)
+                text = data.decode_tokens(np.asarray(sampled[0]))
+                progress.write(f"\n{data.decode_tokens(prime)}\n{'-' * 40}\n{text}\n")
+                writer.add_text("samples", f"{data.decode_tokens(prime)} ▌ {text}", step)
 
             if every(cfg.checkpoint_every, step + 1) and step + 1 < cfg.num_batches:
                 save(step + 1)

@@ -89,6 +89,11 @@ def load_corpus(data_path: str, valid_fraction: float = 0.05,
     return array[:split], array[split:]
 
 
+def decode_tokens(tokens) -> str:
+    """Bytes to text as the seed prints them: each byte is a character, control bytes become spaces."""
+    return "".join(chr(max(32, int(t))) for t in tokens)
+
+
 class CropSampler:
     """Random crops of `seq_len + 1` bytes, drawn by a seeded numpy RNG whose state is checkpointable."""
 

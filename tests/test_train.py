@@ -157,3 +157,32 @@ def test_sampler_state_round_trip():
 def test_corpus_shorter_than_a_crop_is_a_clear_error():
     with pytest.raises(data.DataError, match="fewer than seq_len"):
         data.CropSampler(np.zeros(10, np.uint8), seq_len=16, seed=0)
+
+
+def test_periodic_generation_then_sample_py(tmp_path, corpus):
+    ckpt = tmp_path / "ckpt"
+    run = train(*TINY, f"--data_path={corpus}", "--num_batches=6", "--generate_every=5", "--prime_length=8",
+                "--generate_length=16", f"--checkpoint_dir={ckpt}", f"--log_dir={tmp_path}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (run.stdout + run.stderr).count("-" * 40) == 2  # generated at steps 0 and 5
+    sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint_dir={ckpt}", "--prime=def f(",
+                             "--length=24", "--seed=3"], capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    text = sample.stdout.rstrip("\n")
+    assert text.startswith("def f(") and len(text) == len("def f(") + 24, repr(text)
+    greedy = [subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint_dir={ckpt}", "--prime=abc",
+                              "--length=10", "--temperature=0", f"--seed={seed}"], capture_output=True, text=True,
+                             timeout=300).stdout for seed in (0, 1)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("abc")  # greedy ignores the seed
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda d: None, "not found"),
+    (lambda d: d.mkdir(), "no checkpoint"),
+])
+def test_sample_py_errors_are_one_line(tmp_path, setup, needle):
+    directory = tmp_path / "ckpt"
+    setup(directory)
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint_dir={directory}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and needle in run.stderr and run.stderr.strip().count("\n") == 0, run.stderr
