@@ -1,0 +1,152 @@
+"""Does NSA match full attention? Train the seed model both ways on the same data and compare.
+
+    python bench/quality.py --data_path ../shared/data/tinyshakespeare.txt --seq_len 512 --steps 2000
+
+Both runs use the same model size, seed, initial data order, steps and optimizer; NSA runs on
+the Pallas kernels where available (--nouse_pallas_nsa: the pure-JAX reference). Validation bits
+per byte are the mean over the same fixed validation batches, recorded against steps and against
+training wall-clock (evaluation time excluded). Writes a JSON of the points and a PNG of both
+curves (bits per byte vs step, and vs seconds) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nsa_jax import data
+from nsa_jax.config import ModelConfig
+from nsa_jax.training import LN2, Trainer, make_optimizer
+
+
+def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, train_bytes, valid_batches) -> dict:
+    trainer = Trainer(config.build(nnx.Rngs(args.seed), use_pallas_nsa=use_pallas_nsa, dtype=args.dtype),
+                      make_optimizer(args.learning_rate))
+    state = trainer.init_state()
+    sampler = data.CropSampler(train_bytes, args.seq_len, seed=args.seed)  # same order for every variant
+    valid = [trainer.eval_batch(b) for b in valid_batches]
+
+    def evaluate(params) -> float:
+        return float(np.mean([float(trainer.eval_step(params, b)) for b in valid])) / LN2
+
+    # compile outside the clock
+    warm_state = trainer.train_step(jax.tree.map(lambda x: x.copy(), state),
+                                    trainer.train_batches(sampler.sample(args.grad_accum_every, args.batch_size)))
+    jax.block_until_ready(warm_state)
+    sampler = data.CropSampler(train_bytes, args.seq_len, seed=args.seed)
+    evaluate(state.params)
+
+    points = [dict(step=0, seconds=0.0, bits_per_byte=evaluate(state.params))]
+    eval_seconds, start = 0.0, time.perf_counter()
+    for step in range(1, args.steps + 1):
+        state, metrics = trainer.train_step(
+            state, trainer.train_batches(sampler.sample(args.grad_accum_every, args.batch_size)))
+        if step % args.eval_every == 0 or step == args.steps:
+            jax.block_until_ready(metrics)
+            eval_start = time.perf_counter()
+            train_seconds = eval_start - start - eval_seconds
+            points.append(dict(step=step, seconds=train_seconds, bits_per_byte=evaluate(state.params)))
+            eval_seconds += time.perf_counter() - eval_start
+            print(f"  step {step}: valid {points[-1]['bits_per_byte']:.4f} bits/byte, {train_seconds:.1f} s")
+    tokens = args.steps * args.batch_size * args.grad_accum_every * args.seq_len
+    return dict(points=points, final_bits_per_byte=points[-1]["bits_per_byte"], train_seconds=train_seconds,
+                tokens_per_s=tokens / train_seconds)
+
+
+def plot(results: dict, title: str, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        steps = [p["step"] for p in r["points"]]
+        secs = [p["seconds"] for p in r["points"]]
+        bpb = [p["bits_per_byte"] for p in r["points"]]
+        axes[0].plot(steps, bpb, label=name)
+        axes[1].plot(secs, bpb, label=name)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training seconds")
+    for ax in axes:
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        low = min(p["bits_per_byte"] for r in results.values() for p in r["points"])
+        ax.set_ylim(low * 0.95, low * 1.6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", required=True)
+    parser.add_argument("--valid_fraction", type=float, default=0.05)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--eval_batches", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--grad_accum_every", type=int, default=4)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nouse_pallas_nsa", action="store_true", help="NSA on the pure-JAX reference")
+    parser.add_argument("--model", default="seed", help="'seed' (the seed's model) or 'tiny' (for tests)")
+    parser.add_argument("--out", default="docs")
+    parser.add_argument("--name", default=None, help="file stem (default quality-T<seq_len>)")
+    args = parser.parse_args()
+
+    base = ModelConfig()
+    if args.model == "tiny":
+        base = dataclasses.replace(base, dim=32, depth=1, heads=2, kv_heads=1, dim_head=16, sliding_window_size=8,
+                                   compress_block_size=8, compress_block_sliding_stride=8, selection_block_size=8,
+                                   num_selected_blocks=1)
+    train_bytes, valid_bytes = data.load_corpus(args.data_path, args.valid_fraction)
+    valid_sampler = data.CropSampler(valid_bytes, args.seq_len, seed=args.seed + 1)
+    valid_batches = [valid_sampler.sample(args.batch_size) for _ in range(args.eval_batches)]
+
+    device = jax.devices()[0].device_kind
+    results = {}
+    for name, sparse in (("nsa", True), ("dense", False)):
+        print(f"{name}: training {args.steps} steps at seq_len {args.seq_len} on {device}")
+        config = dataclasses.replace(base, use_sparse_attn=sparse)
+        results[name] = train_and_track(config, args, False if args.nouse_pallas_nsa else None, train_bytes,
+                                        valid_batches)
+
+    stem = args.name or f"quality-T{args.seq_len}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=device, jax=jax.__version__, date=datetime.date.today().isoformat(), data=args.data_path,
+                nsa_backend="reference" if args.nouse_pallas_nsa else ("pallas" if jax.default_backend() == "gpu" else "reference"),
+                args=vars(args))
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta, results=results), indent=2))
+    title = f"{args.model} model, T={args.seq_len}, {Path(args.data_path).name}, {device}"
+    plotted = plot(results, title, out / f"{stem}.png")
+
+    nsa, dense = results["nsa"], results["dense"]
+    print(f"\n{title}, {args.steps} steps")
+    print(f"{'':8} {'final bpb':>10} {'tokens/s':>10} {'train s':>8}")
+    for name, r in results.items():
+        print(f"{name:8} {r['final_bits_per_byte']:>10.4f} {r['tokens_per_s']:>10,.0f} {r['train_seconds']:>8.1f}")
+    ratio = nsa["final_bits_per_byte"] / dense["final_bits_per_byte"]
+    print(f"NSA / dense bits per byte at equal steps: {ratio:.4f}")
+    print(f"wrote {out / (stem + '.json')}" + (f" and {out / (stem + '.png')}" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()
