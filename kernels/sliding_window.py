@@ -1,0 +1,64 @@
+"""Sliding-window attention: a band-limited Pallas flash kernel, or cuDNN's local window.
+
+The Pallas kernel (`kernels._flash`) visits only the key tiles within `window` of a query
+tile, with the g query heads of a kv head in the tile rows. For causal attention in
+bf16/f16 on a GPU, `impl="auto"` uses cuDNN through
+`jax.nn.dot_product_attention(..., local_window_size=(window, 0), implementation="cudnn")`
+instead, because it measured faster on an H100 (see BENCHMARKS.md, "Kernels"); the
+Pallas kernel serves f32, non-causal attention and CPU (interpret mode).
+
+Non-causal quirk of the package (keys zero-padded to a multiple of `window` and the padding
+left visible unless `mask_padding`): reproduced by padding the keys before the kernel and
+counting the padding as real keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels._common import interpret_mode, pad_axis
+from kernels._flash import Tiles, Visibility, banded_attention
+from nsa_jax import reference
+
+
+def _cudnn_usable(q: jax.Array, causal: bool) -> bool:
+    return (causal and not interpret_mode() and jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def sliding_window_attention(
+    q: jax.Array,  # [b, nq, h, d], rotated
+    k: jax.Array,  # [b, nk, kh, d], rotated
+    v: jax.Array,  # [b, nk, kh, d]
+    *,
+    window: int,
+    causal: bool,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,
+    mask_padding: bool = False,
+    impl: str = "auto",  # "auto" | "pallas" | "cudnn"
+    tiles: Tiles = Tiles(),
+) -> jax.Array:  # [b, nq, h, d]
+    """Same contract as `nsa_jax.reference.sliding_window_attention`.
+
+    Falls back to the reference for cached decoding (`q_positions` given).
+    """
+    if q_positions is not None:
+        return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
+                                                  q_positions=q_positions, mask_padding=mask_padding)
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    if impl == "cudnn" or (impl == "auto" and _cudnn_usable(q, causal)):
+        if not causal:
+            raise ValueError("the cuDNN sliding window serves causal attention only")
+        return jax.nn.dot_product_attention(q, k, v.astype(q.dtype), scale=scale, is_causal=True,
+                                            local_window_size=(window, 0), implementation="cudnn")
+    num_keys = k.shape[1]
+    if not causal and not mask_padding and window > 0:
+        num_keys = math.ceil(num_keys / window) * window  # the package's visible zero padding
+        k, v = pad_axis(k, 1, num_keys), pad_axis(v, 1, num_keys)
+    vis = Visibility("window", causal=causal, num_keys=num_keys, window=window)
+    return banded_attention(q, k, v, vis, scale=scale, tiles=tiles, interpret=interpret_mode())
