@@ -12,7 +12,10 @@ loaded once per group. Row r is token r // g, head r % g. Logits are kept in bas
 (scale * log2(e) folded in); the saved log-sum-exp is base 2 too.
 
 Grids: forward and dq over (query tiles, b, kh), looping over the key tiles the band
-allows; dk/dv over (key tiles, b, kh), looping over the query tiles that see the key tile.
+allows; dk/dv over (key tiles, splits, b, kh), looping over the query tiles that see the
+key tile. The compressed branch has few key tiles (n / stride keys) and each is seen by
+most queries, so its query range is split over several programs whose partial dk/dv
+(float32) XLA adds up; the sliding window needs no split.
 """
 
 from __future__ import annotations
@@ -83,6 +86,13 @@ class Visibility:
         lo = j0 if self.causal else jnp.maximum(j0 - self.window, 0)
         return jnp.minimum(lo, num_queries), jnp.minimum(j1 + self.window + 1, num_queries)
 
+    def max_query_span(self, block_k: int, num_queries: int) -> int:
+        """The most queries that can see one key tile (static), to size the dk/dv split."""
+        if self.kind == "compressed":
+            return num_queries
+        span = block_k + self.window + (0 if self.causal else self.window)
+        return min(span, num_queries)
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -96,6 +106,10 @@ class Tiles:
     block_k_dkv: int = 64
     num_warps: int | None = None  # None: 4 for d <= 64, else 8
     num_stages: int = 2
+    # dk/dv: a key tile's query range is split over up to this many programs (partial sums
+    # added in XLA) so that the few compressed key tiles still fill the GPU.
+    max_dkv_splits: int = 64
+    dkv_tiles_per_program: int = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +124,7 @@ class _Config:
     block_k_dq: int
     block_q_dkv: int
     block_k_dkv: int
+    dkv_splits: int
     num_warps: int
     num_stages: int
     interpret: bool
@@ -183,10 +198,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     j0 = pl.program_id(0) * block_k
+    split = pl.program_id(1)
     k = k_ref[...]  # [BK, d]
     v = v_ref[...]
     j = j0 + iota(block_k)
     lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
+    lo, hi = lax.div(lo, block_q), _div_up(hi, block_q)  # query tiles
+    per_split = _div_up(jnp.maximum(hi - lo, 0), cfg.dkv_splits)
+    lo, hi = lo + split * per_split, jnp.minimum(hi, lo + (split + 1) * per_split)
 
     def body(qt, carry):
         dk, dv = carry
@@ -205,7 +224,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         return dk, dv
 
     zeros = jnp.zeros((block_k, d), F32)
-    dk, dv = lax.fori_loop(lax.div(lo, block_q), _div_up(hi, block_q), body, (zeros, zeros))
+    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -251,21 +270,23 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
         name=f"nsa_{cfg.vis.kind}_dq",
     )(q, k, v, do, lse, delta)
 
-    bk = cfg.block_k_dkv
-    q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, bi, hi: (bi, 0, hi, 0, 0))
-    row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, bi, hi: (bi, 0, hi, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))
+    bk, splits = cfg.block_k_dkv, cfg.dkv_splits
+    q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, sp, bi, hi: (bi, 0, hi, 0, 0))
+    row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, sp, bi, hi: (bi, 0, hi, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, sp, bi, hi: (bi, j, hi, 0))
+    out_tile = pl.BlockSpec((None, None, bk, None, d), lambda j, sp, bi, hi: (sp, bi, j, hi, 0))
+    out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, precision=precision),
-        grid=(nk_pad // bk, b, kh),
+        grid=(nk_pad // bk, splits, b, kh),
         in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full],
-        out_specs=[kv_tile, kv_tile],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=[out_tile, out_tile],
+        out_shape=[jax.ShapeDtypeStruct((splits, *k.shape), out_dtype)] * 2,
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dkdv",
     )(q, k, v, do, lse, delta)
-    return dq, dk, dv
+    return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -318,10 +339,12 @@ def banded_attention(
     bk = [min(x, key_cap) for x in (tiles.block_k_fwd, tiles.block_k_dq, tiles.block_k_dkv)]
     n_pad = round_up(n, max(bq))
     nk_pad = round_up(max(k.shape[1], vis.num_keys, 1), max(bk))
+    dkv_tiles = cdiv(vis.max_query_span(bk[2], n_pad), bq[2]) + 1
+    dkv_splits = max(1, min(tiles.max_dkv_splits, dkv_tiles // tiles.dkv_tiles_per_program))
     cfg = _Config(
         vis=vis, scale=float(scale), g=g, n_pad=n_pad,
         block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],
-        block_q_dkv=bq[2], block_k_dkv=bk[2],
+        block_q_dkv=bq[2], block_k_dkv=bk[2], dkv_splits=dkv_splits,
         num_warps=tiles.num_warps or (4 if d_pad <= 64 else 8), num_stages=tiles.num_stages,
         interpret=interpret,
     )

@@ -14,9 +14,11 @@ its own block, with an online softmax in float32 (base 2; the log-sum-exp is sav
 
 dk/dv kernel: the transpose of the selection is an inverted index built in XLA (sort the
 (query, slot) pairs of each batch and group by block; offsets by binary search), so one
-program per (key block, batch, kv head) keeps its dk/dv tile in registers and visits only
-the queries that selected the block (plus the queries of the block itself for the own-block
-term). No atomics, deterministic; cost O(n * k' * sb), like the forward.
+program per (key block, split, batch, kv head) keeps its dk/dv tile in registers and visits
+only the queries that selected the block (plus the queries of the block itself for the
+own-block term). Heavily selected blocks (early blocks, under causal selection) have their
+query list split over `dkv_splits` programs whose float32 partial sums XLA adds. No
+atomics, deterministic; cost O(n * k' * sb), like the forward.
 
 Reference quirk reproduced: non-causal, k' > 0, a query group with no valid block attends
 uniformly to the tokens of all its selected blocks (logits forced to 0, no gradient to q,
@@ -54,6 +56,7 @@ class _Config:
     kp: int  # k' padded to a power of two (>= 1)
     rows: int  # rows of a selection group (g heads when shared, else 1), power of two
     groups_per_kv: int  # selection groups per kv head (1 when shared, else g)
+    dkv_splits: int  # programs sharing one key block's query list in the dk/dv kernel
     causal: bool
     scale: float
     num_warps: int
@@ -190,6 +193,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
                  dk_ref, dv_ref, *, cfg: _Config, precision):
     j = pl.program_id(0)
+    split = pl.program_id(1)
     rows = cfg.rows
     d = q_ref.shape[-1]
     kb = k_ref[pl.ds(j * cfg.sb, cfg.sbp), :]  # [sbp, d]
@@ -224,13 +228,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0)) > 0)
             return accumulate(carry, t, u, sgate_ref[u, e], in_block, zero_row)
 
-        carry = lax.fori_loop(off_ref[u, j], off_ref[u, j + 1], selected, carry)
-        if cfg.own_block:
+        start, end = off_ref[u, j], off_ref[u, j + 1]
+        per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
+        first = start + split * per_split
+        carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
+        if cfg.own_block:  # the block's own queries, in the first split
             def own(t, carry):
                 _, mask = _own_mask(cfg, t, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
                 return accumulate(carry, t, u, 1.0, mask[None, :], None)
 
-            carry = lax.fori_loop(j * cfg.sb, jnp.minimum(j * cfg.sb + cfg.sb, cfg.nq), own, carry)
+            own_end = jnp.where(split == 0, jnp.minimum(j * cfg.sb + cfg.sb, cfg.nq), 0)
+            carry = lax.fori_loop(j * cfg.sb, own_end, own, carry)
         return carry
 
     zeros = jnp.zeros((cfg.sbp, d), F32)
@@ -313,21 +321,22 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
     qid = (order // cfg.kp).astype(jnp.int32)
     e = nq * cfg.kp
     gr = upk * rows  # query rows per kv head
-    q_full = pl.BlockSpec((None, nq, None, gr, d), lambda j, bi, h: (bi, 0, h, 0, 0))
-    row_full = pl.BlockSpec((None, nq, None, gr), lambda j, bi, h: (bi, 0, h, 0))
-    sel_full = pl.BlockSpec((None, nq, None, upk, cfg.kp), lambda j, bi, h: (bi, 0, h, 0, 0))
-    ent_spec = pl.BlockSpec((None, None, upk, e), lambda j, bi, h: (bi, h, 0, 0))
-    off_spec = pl.BlockSpec((None, None, upk, cfg.nb + 1), lambda j, bi, h: (bi, h, 0, 0))
-    kv_full = pl.BlockSpec((None, k.shape[1], None, d), lambda j, bi, h: (bi, 0, h, 0))
-    out_spec = pl.BlockSpec((None, None, cfg.sbp, None, d), lambda j, bi, h: (bi, j, 0, h, 0))
+    q_full = pl.BlockSpec((None, nq, None, gr, d), lambda j, sp, bi, h: (bi, 0, h, 0, 0))
+    row_full = pl.BlockSpec((None, nq, None, gr), lambda j, sp, bi, h: (bi, 0, h, 0))
+    sel_full = pl.BlockSpec((None, nq, None, upk, cfg.kp), lambda j, sp, bi, h: (bi, 0, h, 0, 0))
+    ent_spec = pl.BlockSpec((None, None, upk, e), lambda j, sp, bi, h: (bi, h, 0, 0))
+    off_spec = pl.BlockSpec((None, None, upk, cfg.nb + 1), lambda j, sp, bi, h: (bi, h, 0, 0))
+    kv_full = pl.BlockSpec((None, k.shape[1], None, d), lambda j, sp, bi, h: (bi, 0, h, 0))
+    out_spec = pl.BlockSpec((None, None, None, cfg.sbp, None, d), lambda j, sp, bi, h: (sp, bi, j, 0, h, 0))
+    out_dtype = F32 if cfg.dkv_splits > 1 else k.dtype  # partial sums stay in f32
     as_kv = lambda x: x.reshape(b, nq, kh, gr, *x.shape[4:])  # [b, nq, groups, G, ..] -> per kv head
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, precision=precision),
-        grid=(cfg.nb, b, kh),
+        grid=(cfg.nb, cfg.dkv_splits, b, kh),
         in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
                   off_spec],
         out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, cfg.nb, cfg.sbp, kh, d), k.dtype)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((cfg.dkv_splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_dkdv",
@@ -335,7 +344,8 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
       idx.reshape(b, nq, kh, upk, cfg.kp), valid.reshape(b, nq, kh, upk, cfg.kp),
       qid.reshape(b, kh, upk, e), sorted_gate.reshape(b, kh, upk, e), offsets.reshape(b, kh, upk, cfg.nb + 1))
 
-    def to_keys(x):  # [b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
+    def to_keys(x):  # [splits, b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
+        x = x.sum(axis=0).astype(k.dtype) if cfg.dkv_splits > 1 else x[0]
         x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)
         return pad_axis(x, 1, k.shape[1])
 
@@ -375,6 +385,7 @@ def selected_attention(
     q_positions: jax.Array | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    dkv_entries_per_program: int = 256,
 ) -> jax.Array:  # [b, nq, h, d]
     """Same contract as `nsa_jax.reference.selected_attention`."""
     if q_positions is not None:
@@ -395,7 +406,11 @@ def selected_attention(
         sbp = max(sbp, MIN_DOT)
     nb = cdiv(nk, block_size)
     kp = next_pow2(max(num_sel, 1))
+    # Split a key block's query list when blocks are selected by many queries on average
+    # (early blocks get several times the mean under causal selection).
+    dkv_splits = max(1, min(8, (nq * num_sel * upk) // (nb * dkv_entries_per_program)))
     cfg = _Config(sb=block_size, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, groups_per_kv=upk,
+                  dkv_splits=dkv_splits,
                   causal=causal, scale=float(scale), num_warps=num_warps, num_stages=num_stages,
                   interpret=interpret_mode())
 

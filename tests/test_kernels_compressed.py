@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from kernel_testing import DTYPES, check_vjp, randn
+from kernels._flash import Tiles
 from kernels.compressed_attention import compressed_attention
 from nsa_jax import reference
 
@@ -39,3 +40,19 @@ def test_compressed_attention_kernel_matches_reference(case, dtype):
     check_vjp("compressed", functools.partial(compressed_attention, **kw),
               functools.partial(reference.compressed_attention, **kw),
               (q, ck, cv), ("q", "ck", "cv"), dtype, keys[3], case=str(case))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=str)
+def test_compressed_attention_kernel_split_dkdv(case, dtype):
+    """dk/dv with each key tile's query range split over several programs (partial sums)."""
+    n, h, kh, d, stride, m, causal = case
+    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 1), 4)
+    nc = n // stride
+    q = randn(keys[0], (2, n, h, d), dtype)
+    ck, cv = (randn(key, (2, m + nc, kh, d), dtype) for key in keys[1:3])
+    kw = dict(num_mem=m, stride=stride, causal=causal)
+    tiles = Tiles(rows_dkv=16, dkv_tiles_per_program=2)
+    check_vjp("compressed", functools.partial(compressed_attention, tiles=tiles, **kw),
+              functools.partial(reference.compressed_attention, **kw),
+              (q, ck, cv), ("q", "ck", "cv"), dtype, keys[3], case=str(case) + "split")

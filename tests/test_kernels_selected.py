@@ -93,3 +93,21 @@ def test_selected_attention_kernel_with_module_selection(case, dtype):
         num_selected=num_sel, selection_block_size=sb)
     valid = reference.valid_selection(values)
     _check(case, dtype, indices, valid, values, q, k, v, keys[5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", [CASES[3], CASES[6]], ids=str)
+def test_selected_attention_kernel_split_dkdv(case, dtype):
+    """dk/dv with each key block's query list split over several programs (partial sums)."""
+    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
+    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 1), 5)
+    q = randn(keys[0], (2, n, h, d), dtype)
+    k, v = (randn(key, (2, n, kh, d), dtype) for key in keys[1:3])
+    num_blocks = -(-n // sb)
+    sh = kh if shared else h
+    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.7)
+    kw = dict(block_size=sb, causal=causal)
+    split = functools.partial(selected_attention, dkv_entries_per_program=1)
+    check_vjp("selected", lambda q, k, v, g: split(q, k, v, indices, valid, g, **kw),
+              lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, **kw),
+              (q, k, v, gates), ("q", "k", "v", "gates"), dtype, keys[4], case=str(case) + "split")
