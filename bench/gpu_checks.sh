@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine: the kernel tests in float32 and bfloat16 (four files in parallel: Triton
-# compilation is CPU-bound), their largest errors per kernel and dtype, then bench/kernels.py.
+# On a GPU machine: the kernel tests in float32 and bfloat16 (sharded over $SHARDS processes:
+# Triton compilation is CPU-bound), their largest errors per kernel and dtype, then
+# bench/kernels.py.
 #   bash bench/gpu_checks.sh [bench/kernels.py arguments...]
 # Logs and JSON go to $OUT (default /tmp/nsa_gpu). Set SKIP_TESTS=1 or SKIP_BENCH=1 to skip a part.
 set -u
@@ -15,18 +16,25 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   start=$(date +%s)
+  # Shard the tests over processes: Triton and XLA compilation are CPU-bound, the GPU work small.
+  python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_*.py 2>/dev/null | grep "::" > "$OUT/ids.txt"
+  shards=${SHARDS:-12}
   pids=()
-  for f in compressed sliding selected selection; do
-    NSA_KERNEL_ERRLOG="$OUT/err_$f.jsonl" timeout "${TEST_TIMEOUT:-300}" \
-      python3 -m pytest -q -p no:cacheprovider "tests/test_kernels_$f.py" > "$OUT/test_$f.log" 2>&1 &
+  for i in $(seq 0 $((shards - 1))); do
+    awk -v n="$shards" -v i="$i" '(NR - 1) % n == i' "$OUT/ids.txt" > "$OUT/shard_$i.txt"
+    mapfile -t ids < "$OUT/shard_$i.txt"
+    [ "${#ids[@]}" -gt 0 ] || continue
+    NSA_KERNEL_ERRLOG="$OUT/err_$i.jsonl" timeout "${TEST_TIMEOUT:-300}" \
+      python3 -m pytest -q -p no:cacheprovider "${ids[@]}" > "$OUT/test_$i.log" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
-  echo "kernel tests took $(( $(date +%s) - start )) s"
-  for f in compressed sliding selected selection; do
-    echo "== $f: $(tail -n 1 "$OUT/test_$f.log")"
-    grep -E "^(FAILED|ERROR)" "$OUT/test_$f.log" | cut -c1-400 | head -n 8
-  done
+  echo "kernel tests ($(wc -l < "$OUT/ids.txt") collected) took $(( $(date +%s) - start )) s"
+  cat "$OUT"/test_*.log > "$OUT/tests.log"
+  grep -hE "(passed|failed|error)" "$OUT"/test_*.log | grep -E " in [0-9.]+s" | \
+    python3 -c "import re,sys; t={}; [t.__setitem__(k, t.get(k,0)+int(v)) for l in sys.stdin for v,k in re.findall(r'(\d+) (passed|failed|skipped|errors?)', l)]; print('totals', t)"
+  grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | cut -c1-400 | head -n 12
+  rm -f "$OUT"/test_*.log "$OUT"/shard_*.txt
   python3 - "$OUT" <<'PY'
 import glob, json, sys, collections
 worst = collections.defaultdict(float)
@@ -39,6 +47,7 @@ print("largest relative errors (float32: max-abs / max|ref|; bfloat16: norm-wise
 for (kernel, dtype, what), err in sorted(worst.items()):
     print(f"  {kernel:15s} {dtype:9s} {what:14s} {err:.2e}")
 PY
+  cat "$OUT"/err_*.jsonl > "$OUT/errors.jsonl" && rm -f "$OUT"/err_*.jsonl
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then

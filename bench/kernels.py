@@ -10,7 +10,8 @@ of q, k, v, ck, cv), batch 1, bf16, causal, for two configurations:
   seed:  8 query heads, 4 kv heads, head dim 64, compress block 16 stride 16,
          selection block 16, 4 selected, window 64
 
-Each branch is also timed alone (the sliding window with both the Pallas kernel and cuDNN).
+Each branch is also timed alone (the sliding window with both the Pallas kernel and cuDNN;
+"selected" includes the selection that produces its indices).
 Median of repeated runs after warm-up, `block_until_ready` around each. Prints a table and
 writes JSON to bench/results/ (or --out).
 
@@ -53,12 +54,15 @@ def make_inputs(cfg: dict, n: int, seed: int = 0):
     return [jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes)]
 
 
-def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str | None = None):
+def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str | None = None,
+               topk_impl: str | None = None):
     """The core's pieces as functions of (q, k, v, ck, cv)."""
     d = cfg["dim_head"]
     scale = d**-0.5
     sel_kw = dict(num_mem=1, stride=cfg["stride"], causal=True, share_heads=True,
                   num_selected=cfg["num_selected"], selection_block_size=cfg["selection_block"], scale=scale)
+    if topk_impl is not None:
+        sel_kw["topk_impl"] = topk_impl
     slide_kw = dict(window=cfg["window"], causal=True, scale=scale)
     if sliding_impl is not None:
         slide_kw["impl"] = sliding_impl
@@ -122,6 +126,10 @@ def main() -> None:
     parser.add_argument("--budget_s", type=float, default=3.0, help="stop repeating after this long (>= 3 runs)")
     parser.add_argument("--branch_lengths", type=int, nargs="*", default=[65536],
                         help="lengths at which each branch is also timed alone")
+    parser.add_argument("--branch_configs", nargs="*", default=list(CONFIGS),
+                        help="configurations whose branches are timed alone")
+    parser.add_argument("--topk", default=None, choices=["lax", "passes", "pick"],
+                        help="selection top-k; 'pick': time both at the longest length, use the faster")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels_<date>.json)")
     args = parser.parse_args()
 
@@ -138,36 +146,60 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
-    for name in args.configs:
-        cfg = CONFIGS[name]
-        for n in args.lengths:
-            inputs = make_inputs(cfg, n)
-            fns = branch_fns(cfg, backend)
-            cases = {"nsa core": fns["core"], "dense cudnn": dense}
-            if n in args.branch_lengths:
-                cases.update({
-                    "compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
-                    "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
-                    "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"],
-                })
-            for label, fn in cases.items():
-                row = dict(config=name, T=n, what=label)
-                for key in ("fwd_ms", "fwd_bwd_ms"):
-                    try:
-                        forward, backward, ct = fwd_and_bwd(fn, inputs)
-                        call, call_args = (forward, inputs) if key == "fwd_ms" else (backward, (inputs, ct))
-                        row[key] = timed(call, call_args, args.reps, args.budget_s)
-                    except Exception as exc:  # e.g. out of memory; record and go on
-                        row[key] = None
-                        row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                        traceback.print_exc(limit=2)
-                rows.append(row)
-                save()
-                fmt = lambda x: "   n/a" if x is None else f"{x:8.2f}"
-                print(f"{name:6s} T={n:6d} {label:15s} fwd {fmt(row['fwd_ms'])} ms  fwd+bwd {fmt(row['fwd_bwd_ms'])} ms",
-                      flush=True)
+    fmt = lambda x: "   n/a" if x is None else f"{x:8.2f}"
 
-    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}, batch 1, bf16, causal (ms, median)")
+    def measure(name, n, label, fn, inputs):
+        row = dict(config=name, T=n, what=label)
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            try:
+                forward, backward, ct = fwd_and_bwd(fn, inputs)
+                call, call_args = (forward, inputs) if key == "fwd_ms" else (backward, (inputs, ct))
+                row[key] = timed(call, call_args, args.reps, args.budget_s)
+            except Exception as exc:  # e.g. out of memory; record and go on
+                row[key] = None
+                row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc(limit=2)
+        rows.append(row)
+        save()
+        print(f"{name:6s} T={n:6d} {label:16s} fwd {fmt(row['fwd_ms'])} ms  fwd+bwd {fmt(row['fwd_bwd_ms'])} ms",
+              flush=True)
+        return row
+
+    topk = args.topk
+    if topk == "pick":  # selection alone, both top-k implementations, at the longest length
+        total = {"lax": 0.0, "passes": 0.0}
+        for name in args.configs:
+            n = max(args.lengths)
+            inputs = make_inputs(CONFIGS[name], n)
+            for impl in total:
+                row = measure(name, n, f"selection {impl}",
+                              branch_fns(CONFIGS[name], backend, topk_impl=impl)["selection"], inputs)
+                total[impl] += row["fwd_bwd_ms"] if row["fwd_bwd_ms"] is not None else float("inf")
+        topk = min(total, key=total.get)
+        print(f"top-k: {topk} (fwd+bwd {total})", flush=True)
+    meta["topk_impl"] = topk or "default"
+
+    for n in args.lengths:  # the table first, then the branches
+        for name in args.configs:
+            fns = branch_fns(CONFIGS[name], backend, topk_impl=topk)
+            inputs = make_inputs(CONFIGS[name], n)
+            measure(name, n, "nsa core", fns["core"], inputs)
+            measure(name, n, "dense cudnn", dense, inputs)
+    for n in args.branch_lengths:
+        for name in args.branch_configs:
+            cfg = CONFIGS[name]
+            fns = branch_fns(cfg, backend, topk_impl=topk)
+            inputs = make_inputs(cfg, n)
+            cases = {"compressed": fns["compressed"], "selected": fns["selected"],
+                     "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
+                     "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"]}
+            if args.topk != "pick" or n != max(args.lengths):
+                cases["selection"] = fns["selection"]
+            for label, fn in cases.items():
+                measure(name, n, label, fn, inputs)
+
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}, batch 1, bf16, causal (ms, median), "
+          f"top-k {meta['topk_impl']}")
     print("| config | T | NSA fwd | NSA fwd+bwd | dense fwd | dense fwd+bwd | speed-up fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
     by = {(r["config"], r["T"], r["what"]): r for r in rows}
@@ -176,7 +208,7 @@ def main() -> None:
             nsa, dn = by.get((name, n, "nsa core")), by.get((name, n, "dense cudnn"))
             if not nsa or not dn:
                 continue
-            fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+            fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
             speed = (f"{dn['fwd_bwd_ms'] / nsa['fwd_bwd_ms']:.1f}x"
                      if nsa["fwd_bwd_ms"] and dn["fwd_bwd_ms"] else "n/a")
             print(f"| {name} | {n} | {fmt(nsa['fwd_ms'])} | {fmt(nsa['fwd_bwd_ms'])} | {fmt(dn['fwd_ms'])} | "

@@ -195,6 +195,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, precision):
+    """One key tile's dk, dv. Works on transposed scores [BK, R] (keys in the matmul M
+    dimension, as the Triton tutorial does) so no tile is transposed in registers; q, do
+    come as 2-D row arrays [n_pad * g, d] so each loaded tile needs no reshape."""
     block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     j0 = pl.program_id(0) * block_k
@@ -209,18 +212,18 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
     def body(qt, carry):
         dk, dv = carry
-        start = qt * block_q
-        q = q_ref[pl.ds(start, block_q), :, :].reshape(rows, d)
-        do = do_ref[pl.ds(start, block_q), :, :].reshape(rows, d)
-        lse = lse_ref[pl.ds(start, block_q), :].reshape(rows)
-        delta = delta_ref[pl.ds(start, block_q), :].reshape(rows)
-        t = start + lax.div(iota(rows), g)
-        s = mm(q, k, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [R, BK]
-        p = jnp.where(cfg.vis.mask(t[:, None], j[None, :]), jnp.exp2(s - lse[:, None]), 0.0)
-        dv = dv + mm(p.astype(do.dtype), do, trans_a=True, precision=precision)  # [BK, d]
-        dp = mm(do, v, trans_b=True, precision=precision)
-        ds = p * (dp - delta[:, None])
-        dk = dk + mm(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+        rows_slice = pl.ds(qt * rows, rows)
+        q = q_ref[rows_slice, :]  # [R, d]
+        do = do_ref[rows_slice, :]
+        lse = lse_ref[rows_slice]  # [R]
+        delta = delta_ref[rows_slice]
+        t = qt * block_q + lax.div(iota(rows), g)
+        s_t = mm(k, q, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [BK, R]
+        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None]), jnp.exp2(s_t - lse[None, :]), 0.0)
+        dv = dv + mm(p_t.astype(do.dtype), do, precision=precision)  # [BK, d]
+        dp_t = mm(v, do, trans_b=True, precision=precision)  # [BK, R]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + mm(ds_t.astype(q.dtype), q, precision=precision)
         return dk, dv
 
     zeros = jnp.zeros((block_k, d), F32)
@@ -271,8 +274,10 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
     )(q, k, v, do, lse, delta)
 
     bk, splits = cfg.block_k_dkv, cfg.dkv_splits
-    q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, sp, bi, hi: (bi, 0, hi, 0, 0))
-    row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, sp, bi, hi: (bi, 0, hi, 0))
+    # Rows (token, head) of one kv head contiguous: [b, kh, n_pad * g, (d)].
+    as_rows = lambda x: jnp.swapaxes(x, 1, 2).reshape(b, kh, n_pad * g, *x.shape[4:])
+    q_full = pl.BlockSpec((None, None, n_pad * g, d), lambda j, sp, bi, hi: (bi, hi, 0, 0))
+    row_full = pl.BlockSpec((None, None, n_pad * g), lambda j, sp, bi, hi: (bi, hi, 0))
     kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, sp, bi, hi: (bi, j, hi, 0))
     out_tile = pl.BlockSpec((None, None, bk, None, d), lambda j, sp, bi, hi: (sp, bi, j, hi, 0))
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
@@ -285,7 +290,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dkdv",
-    )(q, k, v, do, lse, delta)
+    )(as_rows(q), k, v, as_rows(do), as_rows(lse), as_rows(delta))
     return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
 
 

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 
 from kernels._common import (
     F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, dot_precision, interpret_mode, iota, mm, next_pow2,
-    pad_axis,
+    pad_axis, reference_fallback,
 )
 from nsa_jax import reference
 
@@ -199,25 +199,25 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
     kb = k_ref[pl.ds(j * cfg.sb, cfg.sbp), :]  # [sbp, d]
     vb = v_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
     c = cfg.scale * LOG2E
-    cols = iota(cfg.sbp)
-    in_block = (cols < cfg.sb)[None, :]
+    in_block = (iota(cfg.sbp) < cfg.sb)[:, None]  # [sbp, 1]
 
     def accumulate(carry, t, u, gate, mask, zero_row):
-        """Add query t's (group u) contribution to this block's dk, dv."""
+        """Add query t's (group u) contribution to this block's dk, dv. Transposed scores
+        [sbp, G] (keys in the matmul M dimension): no tile transposes in registers."""
         dk, dv = carry
         q = q_ref[t, pl.ds(u * rows, rows), :]  # [G, d]
         do = do_ref[t, pl.ds(u * rows, rows), :]
-        lse = lse_ref[t, pl.ds(u * rows, rows)][:, None]
-        delta = delta_ref[t, pl.ds(u * rows, rows)][:, None]
-        s = mm(q, kb, trans_b=True, precision=precision) * (gate * c)  # [G, sbp]
+        lse = lse_ref[t, pl.ds(u * rows, rows)][None, :]  # [1, G]
+        delta = delta_ref[t, pl.ds(u * rows, rows)][None, :]
+        s_t = mm(kb, q, trans_b=True, precision=precision) * (gate * c)  # [sbp, G]
         if zero_row is not None:
-            s = jnp.where(zero_row, 0.0, s)
-        p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
-        dv = dv + mm(p.astype(do.dtype), do, trans_a=True, precision=precision)  # [sbp, d]
-        ds = p * (mm(do, vb, trans_b=True, precision=precision) - delta)
+            s_t = jnp.where(zero_row, 0.0, s_t)
+        p_t = jnp.where(mask, jnp.exp2(s_t - lse), 0.0)
+        dv = dv + mm(p_t.astype(do.dtype), do, precision=precision)  # [sbp, d]
+        ds_t = p_t * (mm(vb, do, trans_b=True, precision=precision) - delta)
         if zero_row is not None:
-            ds = jnp.where(zero_row, 0.0, ds)
-        dk = dk + mm((ds * gate).astype(q.dtype), q, trans_a=True, precision=precision)
+            ds_t = jnp.where(zero_row, 0.0, ds_t)
+        dk = dk + mm((ds_t * gate).astype(q.dtype), q, precision=precision)
         return dk, dv
 
     def per_group(u, carry):
@@ -235,7 +235,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         if cfg.own_block:  # the block's own queries, in the first split
             def own(t, carry):
                 _, mask = _own_mask(cfg, t, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
-                return accumulate(carry, t, u, 1.0, mask[None, :], None)
+                return accumulate(carry, t, u, 1.0, mask[:, None], None)
 
             own_end = jnp.where(split == 0, jnp.minimum(j * cfg.sb + cfg.sb, cfg.nq), 0)
             carry = lax.fori_loop(j * cfg.sb, own_end, own, carry)
@@ -389,8 +389,8 @@ def selected_attention(
 ) -> jax.Array:  # [b, nq, h, d]
     """Same contract as `nsa_jax.reference.selected_attention`."""
     if q_positions is not None:
-        return reference.selected_attention(q, k, v, indices, valid, gates, block_size=block_size, causal=causal,
-                                            scale=scale, q_positions=q_positions)
+        return reference_fallback(reference.selected_attention, q, k, v, indices, valid, gates,
+                                  block_size=block_size, causal=causal, scale=scale, q_positions=q_positions)
     b, nq, h, d = q.shape
     nk, kh = k.shape[1], k.shape[2]
     g = h // kh

@@ -14,9 +14,11 @@ with W the static [nb, nc] averaging (or interpolation) weights. This computes q
 
 Masking follows the reference exactly: a block gets probability 0 iff (causal) any column
 with a nonzero weight is invisible to the query, or (sb != stride) it is the query's own
-block; then softmax over [-1000, block logits] and `lax.top_k`. Plain XLA, in float32 with
-full-precision matmuls (TF32 would flip near-tied selections against the reference);
-differentiable in q and ck through the probabilities (diff top-k).
+block. The top k' blocks are picked on the block logits (softmax is monotone) and only
+their probabilities are computed, against the log-sum-exp over [-1000, block logits], as the
+reference's softmax gives them. Plain XLA, in float32 with full-precision matmuls (TF32 would
+flip near-tied selections against the reference); differentiable in q and ck through the
+probabilities (diff top-k).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels._common import reference_fallback
 from nsa_jax import reference
 
 F32 = jnp.float32
+TOPK_IMPL = "lax"  # see select_blocks(topk_impl=...)
 
 
 def block_weights(nc: int, stride: int, sb: int, interpolated: bool) -> np.ndarray:
@@ -96,14 +100,18 @@ def select_blocks(
     interpolated: bool = False,
     scale: float | None = None,
     q_positions: jax.Array | None = None,
+    topk_impl: str = TOPK_IMPL,
 ) -> tuple[jax.Array, jax.Array]:
     """Same contract as `nsa_jax.reference.select_blocks`: (probabilities, indices), each
-    [b, n, sh, k']. Falls back to the reference for cached decoding (`q_positions`)."""
+    [b, n, sh, k']. Falls back to the reference for cached decoding (`q_positions`).
+
+    topk_impl: "lax" (`lax.top_k` on the block logits) or "passes" (`top_k_passes`).
+    """
     if q_positions is not None:
-        return reference.select_blocks(q, ck, num_mem=num_mem, stride=stride, causal=causal,
-                                       share_heads=share_heads, num_selected=num_selected,
-                                       selection_block_size=selection_block_size, interpolated=interpolated,
-                                       scale=scale, q_positions=q_positions)
+        return reference_fallback(reference.select_blocks, q, ck, num_mem=num_mem, stride=stride, causal=causal,
+                                  share_heads=share_heads, num_selected=num_selected,
+                                  selection_block_size=selection_block_size, interpolated=interpolated,
+                                  scale=scale, q_positions=q_positions)
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh
@@ -136,7 +144,43 @@ def select_blocks(
         masked = masked | (pos // sb == blocks)
     logits = jnp.where(masked[None, :, None, :], -jnp.inf, logits)
 
-    padded = jnp.concatenate([jnp.full((b, n, sh, 1), reference.IMPORTANCE_PAD_LOGIT, F32), logits], axis=-1)
-    probs = jax.nn.softmax(padded, axis=-1)[..., 1:]
-    values, indices = lax.top_k(probs, k)
-    return values, indices.astype(jnp.int32)
+    # Softmax is monotone: pick on the logits, then the probabilities of the picks only,
+    # against the log-sum-exp over [-1000, block logits] (never materialise the softmax).
+    picking = lax.stop_gradient(logits)
+    if topk_impl == "lax":
+        indices = lax.top_k(picking, k)[1]
+    elif topk_impl == "passes":
+        indices = top_k_passes(picking, k)
+    else:
+        raise ValueError(f"unknown topk_impl {topk_impl!r}")
+    indices = indices.astype(jnp.int32)
+    pad = reference.IMPORTANCE_PAD_LOGIT
+    top = lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1), pad))  # finite
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1) + jnp.exp(pad - top))
+    values = jnp.exp(jnp.take_along_axis(logits, indices, axis=-1) - lse[..., None])
+    return values, indices
+
+
+def top_k_passes(x: jax.Array, k: int) -> jax.Array:
+    """Indices of the k largest entries of x [..., m] (ties: lower index first), by k
+    reduction passes over x, each taking the largest entry after the previous pick in
+    (value descending, index ascending) order. k reads of x and nothing written but the
+    picks; same order as `lax.top_k` (which also orders -0.0 below 0.0)."""
+    m = x.shape[-1]
+    axis = x.ndim - 1
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, axis)
+
+    def better(a, b):
+        (va, ia), (vb, ib) = a, b
+        take_a = (va > vb) | ((va == vb) & (ia < ib))
+        return jnp.where(take_a, va, vb), jnp.where(take_a, ia, ib)
+
+    prev_v = jnp.full(x.shape[:-1], jnp.inf, x.dtype)
+    prev_i = jnp.full(x.shape[:-1], -1, jnp.int32)
+    picks = []
+    for _ in range(k):
+        after = (x < prev_v[..., None]) | ((x == prev_v[..., None]) & (pos > prev_i[..., None]))
+        prev_v, prev_i = lax.reduce((jnp.where(after, x, -jnp.inf), jnp.where(after, pos, m)),
+                                    (jnp.array(-jnp.inf, x.dtype), jnp.array(m, jnp.int32)), better, (axis,))
+        picks.append(prev_i)
+    return jnp.stack(picks, axis=-1)

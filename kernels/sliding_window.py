@@ -1,11 +1,14 @@
 """Sliding-window attention: a band-limited Pallas flash kernel, or cuDNN's local window.
 
 The Pallas kernel (`kernels._flash`) visits only the key tiles within `window` of a query
-tile, with the g query heads of a kv head in the tile rows. For causal attention in
-bf16/f16 on a GPU, `impl="auto"` uses cuDNN through
+tile, with the g query heads of a kv head in the tile rows. `impl="auto"` picks, for causal
+bf16/f16 attention on a GPU, cuDNN through
 `jax.nn.dot_product_attention(..., local_window_size=(window, 0), implementation="cudnn")`
-instead, because it measured faster on an H100 (see BENCHMARKS.md, "Kernels"); the
-Pallas kernel serves f32, non-causal attention and CPU (interpret mode).
+when the window is long (>= CUDNN_MIN_WINDOW) and the Pallas kernel otherwise, because that
+is what measured faster on an H100 (BENCHMARKS.md, "Kernels"; T = 64k, bf16, fwd+bwd):
+window 512, d 128, g 16: cuDNN 16.2 ms vs Pallas 26.0 ms; window 64, d 64, g 2: Pallas
+0.84 ms vs cuDNN 1.30 ms. The threshold between the two measured windows is a choice, not
+a measurement. The Pallas kernel also serves f32, non-causal attention and CPU (interpret).
 
 Non-causal quirk of the package (keys zero-padded to a multiple of `window` and the padding
 left visible unless `mask_padding`): reproduced by padding the keys before the kernel and
@@ -19,9 +22,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels._common import interpret_mode, pad_axis
+from kernels._common import interpret_mode, pad_axis, reference_fallback
 from kernels._flash import Tiles, Visibility, banded_attention
 from nsa_jax import reference
+
+
+CUDNN_MIN_WINDOW = 256
 
 
 def _cudnn_usable(q: jax.Array, causal: bool) -> bool:
@@ -47,11 +53,11 @@ def sliding_window_attention(
     Falls back to the reference for cached decoding (`q_positions` given).
     """
     if q_positions is not None:
-        return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
-                                                  q_positions=q_positions, mask_padding=mask_padding)
+        return reference_fallback(reference.sliding_window_attention, q, k, v, window=window, causal=causal,
+                                  scale=scale, q_positions=q_positions, mask_padding=mask_padding)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    if impl == "cudnn" or (impl == "auto" and _cudnn_usable(q, causal)):
+    if impl == "cudnn" or (impl == "auto" and window >= CUDNN_MIN_WINDOW and _cudnn_usable(q, causal)):
         if not causal:
             raise ValueError("the cuDNN sliding window serves causal attention only")
         return jax.nn.dot_product_attention(q, k, v.astype(q.dtype), scale=scale, is_causal=True,

@@ -1,5 +1,6 @@
 """Block selection without per-head compressed logits against the reference: the same valid
-(block, probability) picks, and the same gradients of the probabilities in q and ck."""
+(block, probability) picks, and the same gradients of the probabilities in q and ck, for
+both top-k implementations."""
 
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ def valid_picks(values, indices) -> list[dict[int, float]]:
             for pv, pi in zip(flat_v, flat_i)]
 
 
+@pytest.mark.parametrize("topk_impl", ["lax", "passes"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_select_blocks_kernel_matches_reference(case, dtype):
+def test_select_blocks_kernel_matches_reference(case, dtype, topk_impl):
     n, h, kh, d, stride, sb, num_sel, causal, shared, interpolated, m = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 3)
     q = randn(keys[0], (2, n, h, d), dtype)
     ck = randn(keys[1], (2, m + n // stride, kh, d), dtype)
     kw = dict(num_mem=m, stride=stride, causal=causal, share_heads=shared, num_selected=num_sel,
               selection_block_size=sb, interpolated=interpolated)
-    values, indices = jax.jit(functools.partial(select_blocks, **kw))(q, ck)
+    kernel = functools.partial(select_blocks, topk_impl=topk_impl)
+    values, indices = jax.jit(functools.partial(kernel, **kw))(q, ck)
     with jax.default_matmul_precision("highest"):
         ref_values, ref_indices = jax.jit(functools.partial(reference.select_blocks, **kw))(
             q.astype(jnp.float32), ck.astype(jnp.float32))
@@ -58,7 +61,7 @@ def test_select_blocks_kernel_matches_reference(case, dtype):
         return
     gp = np.array([p[i] for p in got for i in sorted(p)])
     wp = np.array([p[i] for p in want for i in sorted(p)])
-    assert_close("selection", "probabilities", gp, wp, jnp.float32, case=str(case))
+    assert_close("selection", "probabilities", gp, wp, jnp.float32, case=str(case), topk=topk_impl)
 
     # Gradient of a random functional of the valid probabilities (what diff top-k uses).
     weights = randn(keys[2], values.shape) * reference.valid_selection(ref_values)
@@ -66,7 +69,7 @@ def test_select_blocks_kernel_matches_reference(case, dtype):
     def loss(fn, q, ck):
         return jnp.sum(fn(q, ck, **kw)[0] * weights)
 
-    grads = jax.jit(jax.grad(lambda q, ck: loss(select_blocks, q, ck), argnums=(0, 1)))(q, ck)
+    grads = jax.jit(jax.grad(lambda q, ck: loss(kernel, q, ck), argnums=(0, 1)))(q, ck)
     with jax.default_matmul_precision("highest"):
         ref_grads = jax.jit(jax.grad(lambda q, ck: loss(reference.select_blocks, q, ck), argnums=(0, 1)))(
             q.astype(jnp.float32), ck.astype(jnp.float32))
@@ -74,7 +77,7 @@ def test_select_blocks_kernel_matches_reference(case, dtype):
         assert g.dtype == dtype
         # The kernel differentiates in float32 and rounds the result to the input dtype once.
         assert_close("selection", f"d{name}", g, r, jnp.float32 if dtype == jnp.float32 else dtype,
-                     case=str(case))
+                     case=str(case), topk=topk_impl)
 
 
 def test_pallas_backend_serves_the_kernels():

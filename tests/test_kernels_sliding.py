@@ -46,6 +46,6 @@ def test_sliding_window_pallas_kernel_matches_reference(case, dtype):
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN runs on the GPU only")
 @pytest.mark.parametrize("case", [c for c in CASES if c[5] and c[4] > 0], ids=str)
-def test_sliding_window_kernel_default_cudnn_matches_reference(case):
-    """The default for causal bf16 on GPU (cuDNN local window)."""
-    _run(case, jnp.bfloat16, "auto")
+def test_sliding_window_kernel_cudnn_matches_reference(case):
+    """cuDNN's local window, the default for long causal bf16 windows on GPU."""
+    _run(case, jnp.bfloat16, "cudnn")
