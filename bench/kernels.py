@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--budget_s", type=float, default=3.0, help="stop repeating after this long (>= 3 runs)")
     parser.add_argument("--branch_lengths", type=int, nargs="*", default=[65536],
                         help="lengths at which each branch is also timed alone")
+    parser.add_argument("--branches", nargs="*", default=None,
+                        help="which branches to time alone (default all): compressed, selection, selected, "
+                             "'sliding pallas', 'sliding cudnn'")
     parser.add_argument("--branch_configs", nargs="*", default=list(CONFIGS),
                         help="configurations whose branches are timed alone")
     parser.add_argument("--topk", default=None, choices=["lax", "passes", "pick"],
@@ -190,12 +193,14 @@ def main() -> None:
             cfg = CONFIGS[name]
             fns = branch_fns(cfg, backend, topk_impl=topk)
             inputs = make_inputs(cfg, n)
-            cases = {"compressed": fns["compressed"], "selected": fns["selected"],
+            cases = {"compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
                      "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
                      "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"]}
-            if args.topk != "pick" or n != max(args.lengths):
-                cases["selection"] = fns["selection"]
+            if args.topk == "pick" and n == max(args.lengths):
+                del cases["selection"]  # timed above
             for label, fn in cases.items():
+                if args.branches and label not in args.branches:
+                    continue
                 measure(name, n, label, fn, inputs)
 
     print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}, batch 1, bf16, causal (ms, median), "
