@@ -46,10 +46,6 @@ def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pads)
 
 
-def compute_dtype(*xs: jax.Array):
-    return jnp.result_type(*xs)
-
-
 def dot_precision(dtype):
     """f32 inputs get IEEE f32 matmuls (Triton's default for f32 is TF32); bf16 the native path."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

@@ -152,7 +152,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
     slots = iota(cfg.kp)
 
-    def grads(kb, vb, s, mask):
+    def grads(vb, s, mask):
         """dL/dlogits (natural) [G, sbp] for base-2 logits s."""
         p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
         dp = mm(do, vb, trans_b=True, precision=precision)
@@ -170,7 +170,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         s = qk * gate
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
-        ds = grads(kb, vb, s, in_block & use)
+        ds = grads(vb, s, in_block & use)
         if cfg.zero_rows_possible:
             ds = jnp.where(zero_row, 0.0, ds)
         dq = dq + mm((ds * gate).astype(kb.dtype), kb, precision=precision)
@@ -184,7 +184,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         s = mm(q, kb, trans_b=True, precision=precision) * c
-        ds = grads(kb, vb, s, mask[None, :])
+        ds = grads(vb, s, mask[None, :])
         dq = dq + mm(ds.astype(kb.dtype), kb, precision=precision)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     dgate_ref[...] = dgate
@@ -247,7 +247,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _group_specs(cfg: _Config, d: int, groups_per_kv: int):
+def _group_specs(cfg: _Config, d: int):
     """BlockSpecs of the per-(query, batch, group) kernels; grid (nq, b, groups)."""
     q_spec = pl.BlockSpec((None, None, None, cfg.rows, d), lambda t, bi, s: (bi, t, s, 0, 0))
     row_spec = pl.BlockSpec((None, None, None, cfg.rows), lambda t, bi, s: (bi, t, s, 0))
@@ -262,7 +262,7 @@ def _kv_spec(nk_alloc: int, d: int, groups_per_kv: int):
 def _forward(cfg: _Config, q, k, v, idx, valid, gate):
     """q [b, nq, groups, G, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate [b, nq, groups, kp]."""
     b, nq, groups, rows, d = q.shape
-    q_spec, row_spec, sel_spec = _group_specs(cfg, d, cfg.groups_per_kv)
+    q_spec, row_spec, sel_spec = _group_specs(cfg, d)
     kv_spec = _kv_spec(k.shape[1], d, cfg.groups_per_kv)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
@@ -302,7 +302,7 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
     params = compiler_params(cfg.num_warps, cfg.num_stages)
     delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)  # [b, nq, groups, G]
 
-    q_spec, row_spec, sel_spec = _group_specs(cfg, d, upk)
+    q_spec, row_spec, sel_spec = _group_specs(cfg, d)
     kv_spec = _kv_spec(k.shape[1], d, upk)
     dq, dgate = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, precision=precision),
