@@ -24,12 +24,18 @@ class AttentionBackend(NamedTuple):
 
 
 def default_backend_name() -> str:
-    """Kernels on GPU once they exist, the reference elsewhere."""
+    """Kernels on GPU, the reference elsewhere (interpreted kernels are for tests, not speed)."""
     return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
 
 
 def _pallas_available() -> bool:
-    return False  # the Pallas kernels land with their own issue
+    """The Pallas kernels import (Triton lowering on GPU, the interpreter on CPU)."""
+    try:
+        from jax.experimental import pallas  # noqa: F401
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def get_backend(name: str | None = None) -> AttentionBackend:
@@ -45,7 +51,13 @@ def get_backend(name: str | None = None) -> AttentionBackend:
             reference.sliding_window_attention,
         )
     if name == "pallas":
-        raise NotImplementedError(
-            "the Pallas NSA kernels are not part of this version yet; use use_pallas_nsa=False"
-        )
+        if not _pallas_available():
+            raise RuntimeError("jax.experimental.pallas (Triton) is not available; use use_pallas_nsa=False")
+        from kernels.compressed_attention import compressed_attention
+        from kernels.selected_attention import selected_attention
+        from kernels.selection import select_blocks
+        from kernels.sliding_window import sliding_window_attention
+
+        return AttentionBackend("pallas", compressed_attention, select_blocks, selected_attention,
+                                sliding_window_attention)
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")

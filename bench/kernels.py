@@ -1,0 +1,225 @@
+"""Time the NSA attention core (Pallas backend) against dense causal cuDNN attention.
+
+The core is what `SparseAttention` hands to the backend, given q, k, v and the compressed
+ck, cv (with one memory entry): compressed attention + block selection (diff top-k gates)
++ selected attention + sliding window, summed. Forward, and forward + backward (gradients
+of q, k, v, ck, cv), batch 1, bf16, causal, for two configurations:
+
+  paper: 64 query heads, 4 kv heads, head dim 128, compress block 32 stride 16,
+         selection block 64, 16 selected, window 512
+  seed:  8 query heads, 4 kv heads, head dim 64, compress block 16 stride 16,
+         selection block 16, 4 selected, window 64
+
+Each branch is also timed alone (the sliding window with both the Pallas kernel and cuDNN;
+"selected" includes the selection that produces its indices).
+Median of repeated runs after warm-up, `block_until_ready` around each. Prints a table and
+writes JSON to bench/results/ (or --out).
+
+    python bench/kernels.py                 # all lengths 4k..64k, branches at 64k
+    python bench/kernels.py --lengths 4096 --branch_lengths 4096 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kernels  # noqa: E402
+from nsa_jax import reference  # noqa: E402
+
+CONFIGS = {
+    "paper": dict(heads=64, kv_heads=4, dim_head=128, compress_block=32, stride=16, selection_block=64,
+                  num_selected=16, window=512),
+    "seed": dict(heads=8, kv_heads=4, dim_head=64, compress_block=16, stride=16, selection_block=16,
+                 num_selected=4, window=64),
+}
+LENGTHS = [4096, 8192, 16384, 32768, 65536]
+
+
+def make_inputs(cfg: dict, n: int, seed: int = 0):
+    h, kh, d, cs = cfg["heads"], cfg["kv_heads"], cfg["dim_head"], cfg["stride"]
+    keys = jax.random.split(jax.random.key(seed), 6)
+    shapes = [(1, n, h, d), (1, n, kh, d), (1, n, kh, d), (1, 1 + n // cs, kh, d), (1, 1 + n // cs, kh, d)]
+    return [jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes)]
+
+
+def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str | None = None,
+               topk_impl: str | None = None):
+    """The core's pieces as functions of (q, k, v, ck, cv)."""
+    d = cfg["dim_head"]
+    scale = d**-0.5
+    sel_kw = dict(num_mem=1, stride=cfg["stride"], causal=True, share_heads=True,
+                  num_selected=cfg["num_selected"], selection_block_size=cfg["selection_block"], scale=scale)
+    if topk_impl is not None:
+        sel_kw["topk_impl"] = topk_impl
+    slide_kw = dict(window=cfg["window"], causal=True, scale=scale)
+    if sliding_impl is not None:
+        slide_kw["impl"] = sliding_impl
+
+    def compressed(q, k, v, ck, cv):
+        return backend.compressed_attention(q, ck, cv, num_mem=1, stride=cfg["stride"], causal=True, scale=scale)
+
+    def selection(q, k, v, ck, cv):
+        values, _ = backend.select_blocks(q, ck, **sel_kw)
+        return values
+
+    def selected(q, k, v, ck, cv):
+        values, indices = backend.select_blocks(q, ck, **sel_kw)
+        gates = reference.straight_through_gates(values)
+        return backend.selected_attention(q, k, v, indices, reference.valid_selection(values), gates,
+                                          block_size=cfg["selection_block"], causal=True, scale=scale)
+
+    def sliding(q, k, v, ck, cv):
+        return backend.sliding_window_attention(q, k, v, **slide_kw)
+
+    def core(q, k, v, ck, cv):
+        return compressed(q, k, v, ck, cv) + selected(q, k, v, ck, cv) + sliding(q, k, v, ck, cv)
+
+    return dict(core=core, compressed=compressed, selection=selection, selected=selected, sliding=sliding)
+
+
+def dense(q, k, v, ck, cv):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def timed(fn, args, reps: int, budget_s: float) -> float:
+    """Median milliseconds of fn(*args) after a warm-up (compilation) call."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def fwd_and_bwd(fn, inputs):
+    """(jitted forward, jitted gradient of <fn(inputs), ct> in all inputs, a random ct)."""
+    forward = jax.jit(fn)
+    out = jax.eval_shape(fn, *inputs)
+    ct = jax.random.normal(jax.random.key(1), out.shape, jnp.float32).astype(out.dtype)
+
+    def loss(args, ct):
+        return jnp.sum(fn(*args).astype(jnp.float32) * ct.astype(jnp.float32))
+
+    return forward, jax.jit(jax.grad(loss)), ct
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--budget_s", type=float, default=3.0, help="stop repeating after this long (>= 3 runs)")
+    parser.add_argument("--branch_lengths", type=int, nargs="*", default=[65536],
+                        help="lengths at which each branch is also timed alone")
+    parser.add_argument("--branches", nargs="*", default=None,
+                        help="which branches to time alone (default all): compressed, selection, selected, "
+                             "'sliding pallas', 'sliding cudnn'")
+    parser.add_argument("--branch_configs", nargs="*", default=list(CONFIGS),
+                        help="configurations whose branches are timed alone")
+    parser.add_argument("--topk", default=None, choices=["lax", "passes", "pick"],
+                        help="selection top-k; 'pick': time both at the longest length, use the faster")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels_<date>.json)")
+    args = parser.parse_args()
+
+    backend = kernels.get_backend("pallas")
+    device = jax.devices()[0]
+    meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, platform=device.platform,
+                jax=jax.__version__, configs={k: CONFIGS[k] for k in args.configs}, batch=1, dtype="bfloat16")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"kernels_{meta['date']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    rows = []
+
+    def save():
+        with open(out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    fmt = lambda x: "   n/a" if x is None else f"{x:8.2f}"
+
+    def measure(name, n, label, fn, inputs):
+        row = dict(config=name, T=n, what=label)
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            try:
+                forward, backward, ct = fwd_and_bwd(fn, inputs)
+                call, call_args = (forward, inputs) if key == "fwd_ms" else (backward, (inputs, ct))
+                row[key] = timed(call, call_args, args.reps, args.budget_s)
+            except Exception as exc:  # e.g. out of memory; record and go on
+                row[key] = None
+                row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc(limit=2)
+        rows.append(row)
+        save()
+        print(f"{name:6s} T={n:6d} {label:16s} fwd {fmt(row['fwd_ms'])} ms  fwd+bwd {fmt(row['fwd_bwd_ms'])} ms",
+              flush=True)
+        return row
+
+    topk = args.topk
+    if topk == "pick":  # selection alone, both top-k implementations, at the longest length
+        total = {"lax": 0.0, "passes": 0.0}
+        for name in args.configs:
+            n = max(args.lengths)
+            inputs = make_inputs(CONFIGS[name], n)
+            for impl in total:
+                row = measure(name, n, f"selection {impl}",
+                              branch_fns(CONFIGS[name], backend, topk_impl=impl)["selection"], inputs)
+                total[impl] += row["fwd_bwd_ms"] if row["fwd_bwd_ms"] is not None else float("inf")
+        topk = min(total, key=total.get)
+        print(f"top-k: {topk} (fwd+bwd {total})", flush=True)
+    meta["topk_impl"] = topk or "default"
+
+    for n in args.lengths:  # the table first, then the branches
+        for name in args.configs:
+            fns = branch_fns(CONFIGS[name], backend, topk_impl=topk)
+            inputs = make_inputs(CONFIGS[name], n)
+            measure(name, n, "nsa core", fns["core"], inputs)
+            measure(name, n, "dense cudnn", dense, inputs)
+    for n in args.branch_lengths:
+        for name in args.branch_configs:
+            cfg = CONFIGS[name]
+            fns = branch_fns(cfg, backend, topk_impl=topk)
+            inputs = make_inputs(cfg, n)
+            cases = {"compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
+                     "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
+                     "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"]}
+            if args.topk == "pick" and n == max(args.lengths):
+                del cases["selection"]  # timed above
+            for label, fn in cases.items():
+                if args.branches and label not in args.branches:
+                    continue
+                measure(name, n, label, fn, inputs)
+
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}, batch 1, bf16, causal (ms, median), "
+          f"top-k {meta['topk_impl']}")
+    print("| config | T | NSA fwd | NSA fwd+bwd | dense fwd | dense fwd+bwd | speed-up fwd+bwd |")
+    print("|---|---|---|---|---|---|---|")
+    by = {(r["config"], r["T"], r["what"]): r for r in rows}
+    for name in args.configs:
+        for n in args.lengths:
+            nsa, dn = by.get((name, n, "nsa core")), by.get((name, n, "dense cudnn"))
+            if not nsa or not dn:
+                continue
+            fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+            speed = (f"{dn['fwd_bwd_ms'] / nsa['fwd_bwd_ms']:.1f}x"
+                     if nsa["fwd_bwd_ms"] and dn["fwd_bwd_ms"] else "n/a")
+            print(f"| {name} | {n} | {fmt(nsa['fwd_ms'])} | {fmt(nsa['fwd_bwd_ms'])} | {fmt(dn['fwd_ms'])} | "
+                  f"{fmt(dn['fwd_bwd_ms'])} | {speed} |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Helpers shared by the Pallas kernels: interpret mode, padding, tile matmuls, constants."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+LOG2E = math.log2(math.e)
+# Masked logits (base-2 domain). Finite, so that a tile whose keys are all masked gives
+# exp2(MASK - MASK) = 1 instead of NaN; the running-max correction removes those terms as
+# soon as a visible key arrives (every real query row has one).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Triton's tensor cores need every matmul dimension >= 16.
+MIN_DOT = 16
+
+
+def interpret_mode() -> bool:
+    """Kernels run through the Pallas interpreter where there is no GPU (CPU CI)."""
+    return jax.default_backend() == "cpu"
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pad `axis` of x up to `size` (no-op when already that size)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads)
+
+
+def dot_precision(dtype):
+    """f32 inputs get IEEE f32 matmuls (Triton's default for f32 is TF32); bf16 the native path."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False, precision=None) -> jax.Array:
+    """2-D matmul with f32 accumulation inside a kernel.
+
+    Uses the matrix unit (`lax.dot_general`) when every dimension is >= 16, as Triton requires;
+    otherwise (few query rows, e.g. one head per query) a broadcast multiply-reduce in f32.
+    """
+    m_dim = a.shape[1] if trans_a else a.shape[0]
+    k_dim = a.shape[0] if trans_a else a.shape[1]
+    n_dim = b.shape[0] if trans_b else b.shape[1]
+    if min(m_dim, k_dim, n_dim) >= MIN_DOT:
+        dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+    a32, b32 = a.astype(F32), b.astype(F32)
+    if trans_a and trans_b:
+        raise NotImplementedError("mm: transpose one operand at most")
+    if trans_b:  # a [m, k], b [n, k]
+        return jnp.sum(a32[:, None, :] * b32[None, :, :], axis=2)
+    if trans_a:  # a [k, m], b [k, n]
+        return jnp.sum(a32[:, :, None] * b32[:, None, :], axis=0)
+    return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)  # a [m, k], b [k, n]
+
+
+def reference_fallback(fn, *args, **kwargs):
+    """Call the pure-JAX reference for a case the kernels do not serve. Float32 runs with
+    full-precision matmuls, as the kernels do, so that the backend's float32 numerics do not
+    depend on which path a shape takes (XLA's GPU default for float32 is TF32)."""
+    dtypes = {jnp.dtype(a.dtype) for a in args if hasattr(a, "dtype")}
+    if jnp.dtype(jnp.float32) in dtypes:
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def compiler_params(num_warps: int, num_stages: int = 2) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def iota(n: int) -> jax.Array:
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)

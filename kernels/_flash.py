@@ -1,0 +1,360 @@
+"""Flash attention over a band of keys, with GQA groups in the tile rows.
+
+The compressed branch and the sliding window are both "each query sees an interval of
+keys, decided by its position": this module is that kernel once, forward and backward,
+parameterized by a static `Visibility` (which keys a query row sees, and the key / query
+intervals a tile must visit). `compressed_attention.py` and `sliding_window.py` are thin
+wrappers around it.
+
+Layout: q [b, n, kh, g, d] (a free view of [b, n, h, d]); the g query heads of kv head k
+and BQ consecutive tokens form the R = BQ * g rows of one tile, so each K/V tile is
+loaded once per group. Row r is token r // g, head r % g. Logits are kept in base 2
+(scale * log2(e) folded in); the saved log-sum-exp is base 2 too.
+
+Grids: forward and dq over (query tiles, b, kh), looping over the key tiles the band
+allows; dk/dv over (key tiles, splits, b, kh), looping over the query tiles that see the
+key tile. The compressed branch has few key tiles (n / stride keys) and each is seen by
+most queries, so its query range is split over several programs whose partial dk/dv
+(float32) XLA adds up; the sliding window needs no split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels._common import (
+    F32, LOG2E, MASK_VALUE, cdiv, compiler_params, dot_precision, iota, mm, next_pow2, pad_axis, round_up,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Visibility:
+    """Which keys a query sees (static).
+
+    kind "compressed": keys are [num_mem memory entries, compressed blocks]; when causal,
+        compressed entry c (key index num_mem + c) is visible to query t iff
+        (c + 1) * stride - 1 < t; memory is always visible.
+    kind "window": key j is visible to query t iff t - window <= j <= t (causal) or
+        |t - j| <= window.
+    Keys at index >= num_keys are padding and never visible.
+    """
+
+    kind: str
+    causal: bool
+    num_keys: int
+    num_mem: int = 0
+    stride: int = 1
+    window: int = 0
+
+    def mask(self, t: jax.Array, j: jax.Array) -> jax.Array:
+        """t [R, 1] query positions, j [1, K] key indices -> bool [R, K]."""
+        visible = j < self.num_keys
+        if self.kind == "compressed":
+            if self.causal:
+                visible = visible & ((j < self.num_mem) | ((j - self.num_mem + 1) * self.stride <= t))
+        else:
+            dist = t - j
+            if self.causal:
+                visible = visible & (dist >= 0) & (dist <= self.window)
+            else:
+                visible = visible & (dist <= self.window) & (dist >= -self.window)
+        return visible
+
+    def key_range(self, t0, t1):
+        """Keys [lo, hi) that queries t0..t1 may see (scalars, possibly traced)."""
+        if self.kind == "compressed":
+            if not self.causal:
+                return 0, self.num_keys
+            return 0, jnp.minimum(self.num_keys, self.num_mem + lax.div(t1, self.stride))
+        lo = jnp.maximum(t0 - self.window, 0)
+        hi = t1 + 1 if self.causal else t1 + self.window + 1
+        return lo, jnp.minimum(hi, self.num_keys)
+
+    def query_range(self, j0, j1, num_queries: int):
+        """Queries [lo, hi) that may see some key in j0..j1."""
+        if self.kind == "compressed":
+            if not self.causal:
+                return 0, num_queries
+            lo = jnp.where(j0 < self.num_mem, 0, (j0 - self.num_mem + 1) * self.stride)
+            return jnp.minimum(lo, num_queries), num_queries
+        lo = j0 if self.causal else jnp.maximum(j0 - self.window, 0)
+        return jnp.minimum(lo, num_queries), jnp.minimum(j1 + self.window + 1, num_queries)
+
+    def max_query_span(self, block_k: int, num_queries: int) -> int:
+        """The most queries that can see one key tile (static), to size the dk/dv split."""
+        if self.kind == "compressed":
+            return num_queries
+        span = block_k + self.window + (0 if self.causal else self.window)
+        return min(span, num_queries)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (rows = query tokens x g heads) and launch parameters."""
+
+    rows_fwd: int = 128
+    block_k_fwd: int = 64
+    rows_dq: int = 64
+    block_k_dq: int = 64
+    rows_dkv: int = 64
+    block_k_dkv: int = 64
+    num_warps: int | None = None  # None: 4 for d <= 64, else 8
+    num_stages: int = 2
+    # dk/dv: a key tile's query range is split over up to this many programs (partial sums
+    # added in XLA) so that the few compressed key tiles still fill the GPU.
+    max_dkv_splits: int = 64
+    dkv_tiles_per_program: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    vis: Visibility
+    scale: float
+    g: int
+    n_pad: int
+    block_q_fwd: int
+    block_k_fwd: int
+    block_q_dq: int
+    block_k_dq: int
+    block_q_dkv: int
+    block_k_dkv: int
+    dkv_splits: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+
+def _div_up(x, b: int):
+    return lax.div(x + (b - 1), b)
+
+
+def _online_softmax_step(carry, s, v, precision):
+    acc, m_i, l_i = carry
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    corr = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = l_i * corr + p.sum(axis=1)
+    acc = acc * corr[:, None] + mm(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l_new
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision):
+    block_q, block_k, g = cfg.block_q_fwd, cfg.block_k_fwd, cfg.g
+    rows, d = block_q * g, q_ref.shape[-1]
+    t0 = pl.program_id(0) * block_q
+    q = q_ref[...].reshape(rows, d)  # [R, d]
+    t = t0 + lax.div(iota(rows), g)  # [R] token of each row
+    lo, hi = cfg.vis.key_range(t0, t0 + block_q - 1)
+
+    def body(kt, carry):
+        start = kt * block_k
+        k = k_ref[pl.ds(start, block_k), :]  # [BK, d]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = mm(q, k, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [R, BK]
+        s = jnp.where(cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :]), s, MASK_VALUE)
+        return _online_softmax_step(carry, s, v, precision)
+
+    init = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
+    acc, m_i, l_i = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, init)
+    seen = l_i > 0  # False only for padding rows that see no key
+    l_safe = jnp.where(seen, l_i, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).reshape(block_q, g, d).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_i + jnp.log2(l_safe), jnp.inf).reshape(block_q, g)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config, precision):
+    block_q, block_k, g = cfg.block_q_dq, cfg.block_k_dq, cfg.g
+    rows, d = block_q * g, q_ref.shape[-1]
+    t0 = pl.program_id(0) * block_q
+    q = q_ref[...].reshape(rows, d)
+    do = do_ref[...].reshape(rows, d)
+    lse = lse_ref[...].reshape(rows)
+    delta = delta_ref[...].reshape(rows)
+    t = t0 + lax.div(iota(rows), g)
+    lo, hi = cfg.vis.key_range(t0, t0 + block_q - 1)
+
+    def body(kt, dq):
+        start = kt * block_k
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = mm(q, k, trans_b=True, precision=precision) * (cfg.scale * LOG2E)
+        visible = cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :])
+        p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)  # [R, BK]
+        dp = mm(do, v, trans_b=True, precision=precision)
+        ds = p * (dp - delta[:, None])
+        return dq + mm(ds.astype(k.dtype), k, precision=precision)
+
+    dq = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, jnp.zeros((rows, d), F32))
+    dq_ref[...] = (dq * cfg.scale).reshape(block_q, g, d).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, precision):
+    """One key tile's dk, dv. Works on transposed scores [BK, R] (keys in the matmul M
+    dimension, as the Triton tutorial does) so no tile is transposed in registers; q, do
+    come as 2-D row arrays [n_pad * g, d] so each loaded tile needs no reshape."""
+    block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
+    rows, d = block_q * g, q_ref.shape[-1]
+    j0 = pl.program_id(0) * block_k
+    split = pl.program_id(1)
+    k = k_ref[...]  # [BK, d]
+    v = v_ref[...]
+    j = j0 + iota(block_k)
+    lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
+    lo, hi = lax.div(lo, block_q), _div_up(hi, block_q)  # query tiles
+    per_split = _div_up(jnp.maximum(hi - lo, 0), cfg.dkv_splits)
+    lo, hi = lo + split * per_split, jnp.minimum(hi, lo + (split + 1) * per_split)
+
+    def body(qt, carry):
+        dk, dv = carry
+        rows_slice = pl.ds(qt * rows, rows)
+        q = q_ref[rows_slice, :]  # [R, d]
+        do = do_ref[rows_slice, :]
+        lse = lse_ref[rows_slice]  # [R]
+        delta = delta_ref[rows_slice]
+        t = qt * block_q + lax.div(iota(rows), g)
+        s_t = mm(k, q, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [BK, R]
+        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None]), jnp.exp2(s_t - lse[None, :]), 0.0)
+        dv = dv + mm(p_t.astype(do.dtype), do, precision=precision)  # [BK, d]
+        dp_t = mm(v, do, trans_b=True, precision=precision)  # [BK, R]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + mm(ds_t.astype(q.dtype), q, precision=precision)
+        return dk, dv
+
+    zeros = jnp.zeros((block_k, d), F32)
+    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _forward(cfg: _Config, q, k, v):
+    """q [b, n_pad, kh, g, d], k/v [b, nk_pad, kh, d] -> o like q, lse [b, n_pad, kh, g] (base 2)."""
+    b, n_pad, kh, g, d = q.shape
+    nk_pad = k.shape[1]
+    bq = cfg.block_q_fwd
+    q_spec = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
+    kv_spec = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
+        grid=(n_pad // bq, b, kh),
+        in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n_pad, kh, g), F32)],
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name=f"nsa_{cfg.vis.kind}_fwd",
+    )(q, k, v)
+
+
+def _backward(cfg: _Config, q, k, v, o, lse, do):
+    b, n_pad, kh, g, d = q.shape
+    nk_pad = k.shape[1]
+    delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)  # [b, n_pad, kh, g]
+    precision = dot_precision(q.dtype)
+    params = compiler_params(cfg.num_warps, cfg.num_stages)
+
+    bq = cfg.block_q_dq
+    q_tile = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
+    row_tile = pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))
+    kv_full = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, precision=precision),
+        grid=(n_pad // bq, b, kh),
+        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile],
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name=f"nsa_{cfg.vis.kind}_dq",
+    )(q, k, v, do, lse, delta)
+
+    bk, splits = cfg.block_k_dkv, cfg.dkv_splits
+    # Rows (token, head) of one kv head contiguous: [b, kh, n_pad * g, (d)].
+    as_rows = lambda x: jnp.swapaxes(x, 1, 2).reshape(b, kh, n_pad * g, *x.shape[4:])
+    q_full = pl.BlockSpec((None, None, n_pad * g, d), lambda j, sp, bi, hi: (bi, hi, 0, 0))
+    row_full = pl.BlockSpec((None, None, n_pad * g), lambda j, sp, bi, hi: (bi, hi, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, sp, bi, hi: (bi, j, hi, 0))
+    out_tile = pl.BlockSpec((None, None, bk, None, d), lambda j, sp, bi, hi: (sp, bi, j, hi, 0))
+    out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg, precision=precision),
+        grid=(nk_pad // bk, splits, b, kh),
+        in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full],
+        out_specs=[out_tile, out_tile],
+        out_shape=[jax.ShapeDtypeStruct((splits, *k.shape), out_dtype)] * 2,
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name=f"nsa_{cfg.vis.kind}_dkdv",
+    )(as_rows(q), k, v, as_rows(do), as_rows(lse), as_rows(delta))
+    return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Config, q, k, v):
+    return _forward(cfg, q, k, v)[0]
+
+
+def _flash_fwd(cfg: _Config, q, k, v):
+    o, lse = _forward(cfg, q, k, v)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, o, lse = res
+    return _backward(cfg, q, k, v, o, lse, do)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _rows_to_tokens(rows: int, g: int, n: int) -> int:
+    """Query tokens per tile: `rows` rows of g heads, at least 16 rows, no more than needed."""
+    block_q = max(1, rows // g, cdiv(16, g))
+    return min(next_pow2(block_q), max(next_pow2(n), next_pow2(cdiv(16, g))))
+
+
+def banded_attention(
+    q: jax.Array,  # [b, n, h, d]
+    k: jax.Array,  # [b, nk, kh, d]
+    v: jax.Array,  # [b, nk, kh, d]
+    vis: Visibility,
+    *,
+    scale: float,
+    tiles: Tiles = Tiles(),
+    interpret: bool = False,
+) -> jax.Array:  # [b, n, h, d]
+    """Softmax attention of each query over the keys `vis` lets it see (GQA, any n, d).
+
+    Pads d to a power of two >= 16, queries to the tile size and keys to the key tile (the
+    padding is masked by `vis.num_keys`), then runs the kernels; every query row must see
+    at least one key (the wrappers guarantee it or fall back).
+    """
+    b, n, h, d = q.shape
+    kh = k.shape[2]
+    g = h // kh
+    dtype = jnp.result_type(q, k, v)
+    d_pad = max(16, next_pow2(d))
+    bq = [_rows_to_tokens(r, g, n) for r in (tiles.rows_fwd, tiles.rows_dq, tiles.rows_dkv)]
+    key_cap = max(16, next_pow2(max(vis.num_keys, 1)))
+    bk = [min(x, key_cap) for x in (tiles.block_k_fwd, tiles.block_k_dq, tiles.block_k_dkv)]
+    n_pad = round_up(n, max(bq))
+    nk_pad = round_up(max(k.shape[1], vis.num_keys, 1), max(bk))
+    dkv_tiles = cdiv(vis.max_query_span(bk[2], n_pad), bq[2]) + 1
+    dkv_splits = max(1, min(tiles.max_dkv_splits, dkv_tiles // tiles.dkv_tiles_per_program))
+    cfg = _Config(
+        vis=vis, scale=float(scale), g=g, n_pad=n_pad,
+        block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],
+        block_q_dkv=bq[2], block_k_dkv=bk[2], dkv_splits=dkv_splits,
+        num_warps=tiles.num_warps or (4 if d_pad <= 64 else 8), num_stages=tiles.num_stages,
+        interpret=interpret,
+    )
+    qp = pad_axis(pad_axis(q.astype(dtype), 3, d_pad), 1, n_pad).reshape(b, n_pad, kh, g, d_pad)
+    kp = pad_axis(pad_axis(k.astype(dtype), 3, d_pad), 1, nk_pad)
+    vp = pad_axis(pad_axis(v.astype(dtype), 3, d_pad), 1, nk_pad)
+    o = _flash(cfg, qp, kp, vp)  # [b, n_pad, kh, g, d_pad]
+    return o.reshape(b, n_pad, h, d_pad)[:, :n, :, :d].astype(q.dtype)

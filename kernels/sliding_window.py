@@ -1,0 +1,83 @@
+"""Sliding-window attention: a band-limited Pallas flash kernel, or cuDNN's local window.
+
+The Pallas kernel (`kernels._flash`) visits only the key tiles within `window` of a query
+tile, with the g query heads of a kv head in the tile rows. `impl="auto"` picks, for causal
+bf16/f16 attention on a GPU, cuDNN through
+`jax.nn.dot_product_attention(..., local_window_size=(window, 0), implementation="cudnn")`
+when the window is long (>= CUDNN_MIN_WINDOW) and the Pallas kernel otherwise, because that
+is what measured faster on an H100 (BENCHMARKS.md, "Kernels"; T = 64k, bf16, fwd+bwd):
+window 512, d 128, g 16: cuDNN 16.0 ms vs Pallas 27.7 ms; window 64, d 64, g 2: Pallas
+0.84 ms vs cuDNN 1.30 ms. The threshold between the two measured windows is a choice, not
+a measurement. The Pallas kernel also serves f32, non-causal attention, odd lengths under
+"auto" and CPU (interpret).
+
+Non-causal quirk of the package (keys zero-padded to a multiple of `window` and the padding
+left visible unless `mask_padding`): reproduced by padding the keys before the kernel and
+counting the padding as real keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels._common import interpret_mode, pad_axis, reference_fallback
+from kernels._flash import Tiles, Visibility, banded_attention
+from nsa_jax import reference
+
+
+CUDNN_MIN_WINDOW = 256
+
+
+def _cudnn_usable(q: jax.Array, k: jax.Array, causal: bool) -> bool:
+    """cuDNN's window path: causal, half precision, head dim a multiple of 8 up to 128, and
+    (for its backward with a window mask, as JAX 0.11.2 checks) even sequence lengths."""
+    return (causal and not interpret_mode() and jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+            and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+
+
+def _cudnn_window(q, k, v, window: int, scale: float) -> jax.Array:
+    """Causal local window through cuDNN. Odd lengths get one zero token appended (cuDNN's
+    window backward rejects odd lengths); being last, it is invisible to every real query."""
+    nq, nk = q.shape[1], k.shape[1]
+    q, k, v = pad_axis(q, 1, nq + nq % 2), pad_axis(k, 1, nk + nk % 2), pad_axis(v.astype(q.dtype), 1, nk + nk % 2)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=(window, 0),
+                                       implementation="cudnn")
+    return out[:, :nq]
+
+
+def sliding_window_attention(
+    q: jax.Array,  # [b, nq, h, d], rotated
+    k: jax.Array,  # [b, nk, kh, d], rotated
+    v: jax.Array,  # [b, nk, kh, d]
+    *,
+    window: int,
+    causal: bool,
+    scale: float | None = None,
+    q_positions: jax.Array | None = None,
+    mask_padding: bool = False,
+    impl: str = "auto",  # "auto" | "pallas" | "cudnn"
+    tiles: Tiles = Tiles(),
+) -> jax.Array:  # [b, nq, h, d]
+    """Same contract as `nsa_jax.reference.sliding_window_attention`.
+
+    Falls back to the reference for cached decoding (`q_positions` given).
+    """
+    if q_positions is not None:
+        return reference_fallback(reference.sliding_window_attention, q, k, v, window=window, causal=causal,
+                                  scale=scale, q_positions=q_positions, mask_padding=mask_padding)
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    if impl == "cudnn" or (impl == "auto" and window >= CUDNN_MIN_WINDOW and _cudnn_usable(q, k, causal)):
+        if not causal:
+            raise ValueError("the cuDNN sliding window serves causal attention only")
+        return _cudnn_window(q, k, v, window, scale)
+    num_keys = k.shape[1]
+    if not causal and not mask_padding and window > 0:
+        num_keys = math.ceil(num_keys / window) * window  # the package's visible zero padding
+        k, v = pad_axis(k, 1, num_keys), pad_axis(v, 1, num_keys)
+    vis = Visibility("window", causal=causal, num_keys=num_keys, window=window)
+    return banded_attention(q, k, v, vis, scale=scale, tiles=tiles, interpret=interpret_mode())

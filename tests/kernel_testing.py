@@ -1,0 +1,79 @@
+"""Shared pieces of the kernel tests: dtypes per platform, the oracle, error checks.
+
+On CPU the kernels run in Pallas interpret mode, in float32 only (CI). On a GPU the same
+tests run the Triton kernels in float32 and bfloat16. The oracle is the pure-JAX reference
+evaluated in float32 on the same (possibly bf16-rounded) inputs with full-precision
+matmuls, so TF32 never enters the comparison.
+
+Error metric: max |kernel - oracle| / max |oracle| per output or gradient (float32), and the
+norm-wise relative error ||kernel - oracle|| / ||oracle|| (bfloat16, whose elementwise errors
+near zeros are meaningless). Set NSA_KERNEL_ERRLOG=path to append every measured error as a
+JSON line (the GPU run summarises them per kernel and dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ON_GPU = jax.default_backend() == "gpu"
+DTYPES = [jnp.float32, jnp.bfloat16] if ON_GPU else [jnp.float32]
+# float32: kernels use IEEE f32 matmuls; only summation order differs from the oracle.
+# bfloat16: inputs, softmax weights and gradient tiles round to 8 bits inside the matmuls.
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def randn(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def oracle(fn, *args):
+    """fn(*args) and its vjp, in float32 with full-precision matmuls."""
+    args = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
+    with jax.default_matmul_precision("highest"):
+        out, vjp = jax.vjp(jax.jit(fn), *args)
+    return out, jax.jit(lambda ct: _highest(vjp, ct))
+
+
+def _highest(vjp, ct):
+    with jax.default_matmul_precision("highest"):
+        return vjp(ct.astype(jnp.float32))
+
+
+def relative_error(got: jax.Array, want: jax.Array, dtype) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.all(np.isfinite(got)), "non-finite values"
+    if jnp.dtype(dtype) == jnp.float32:
+        scale = np.abs(want).max()
+        return float(np.abs(got - want).max() / scale) if scale > 0 else float(np.abs(got).max())
+    scale = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / scale) if scale > 0 else float(np.linalg.norm(got))
+
+
+def assert_close(kernel: str, what: str, got: jax.Array, want: jax.Array, dtype, **case) -> None:
+    err = relative_error(got, want, dtype)
+    path = os.environ.get("NSA_KERNEL_ERRLOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(kernel=kernel, what=what, dtype=jnp.dtype(dtype).name, err=err,
+                                    platform=jax.default_backend(), **case)) + "\n")
+    tol = TOLERANCE[jnp.dtype(dtype)]
+    assert err <= tol, f"{kernel} {what} ({jnp.dtype(dtype).name}): relative error {err:.3g} > {tol:g}"
+
+
+def check_vjp(kernel: str, fn_kernel, fn_reference, diff_args, names, dtype, key, **case) -> None:
+    """Forward and every gradient of fn_kernel against the float32 oracle of fn_reference."""
+    out, vjp = jax.vjp(jax.jit(fn_kernel), *diff_args)
+    vjp = jax.jit(vjp)
+    want, vjp_ref = oracle(fn_reference, *diff_args)
+    assert out.dtype == diff_args[0].dtype, (out.dtype, diff_args[0].dtype)
+    assert_close(kernel, "out", out, want, dtype, **case)
+    ct = randn(key, out.shape, dtype)
+    for name, got, ref in zip(names, vjp(ct), vjp_ref(ct)):
+        assert got.dtype == dict(zip(names, diff_args))[name].dtype
+        assert_close(kernel, f"d{name}", got, ref, dtype, **case)
