@@ -20,11 +20,17 @@ cache (reruns the forward over the full buffer each step; fewer tokens, same buf
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package: put the repository first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 

@@ -11,6 +11,13 @@ curves (bits per byte vs step, and vs seconds) to --out.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package: put the repository first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import dataclasses
 import datetime

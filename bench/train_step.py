@@ -10,6 +10,13 @@ ended by block_until_ready.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package: put the repository first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import dataclasses
 import datetime
@@ -76,6 +83,8 @@ def main() -> None:
                                             args.dtype))
             except NotImplementedError as e:  # a backend this version does not have
                 print(f"skipped {name}: {e}")
+            except Exception as e:  # e.g. out of memory: report it and go on with the other variants
+                print(f"failed {name} at T={seq_len}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     print(f"\nseed model train step on {device.device_kind} ({jax.__version__}), {args.dtype}, "
           f"batch {args.batch_size} x accum {args.grad_accum_every}")
     print(f"{'variant':<10} {'T':>6} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10}")
