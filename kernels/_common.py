@@ -73,6 +73,18 @@ def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fal
     return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)  # a [m, k], b [k, n]
 
 
+def online_softmax_step(carry, s, v, precision):
+    """One key tile of flash attention in base 2: carry (acc [R, d], row max [R], row sum [R]),
+    logits s [R, BK] already scaled by log2(e), values v [BK, d]."""
+    acc, m_i, l_i = carry
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    corr = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = l_i * corr + p.sum(axis=1)
+    acc = acc * corr[:, None] + mm(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l_new
+
+
 def reference_fallback(fn, *args, **kwargs):
     """Call the pure-JAX reference for a case the kernels do not serve. Float32 runs with
     full-precision matmuls, as the kernels do, so that the backend's float32 numerics do not

@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, cdiv, compiler_params, dot_precision, iota, mm, next_pow2, pad_axis, round_up,
+    F32, LOG2E, MASK_VALUE, cdiv, compiler_params, dot_precision, iota, mm, next_pow2, online_softmax_step,
+    pad_axis, round_up,
 )
 
 
@@ -134,16 +135,6 @@ def _div_up(x, b: int):
     return lax.div(x + (b - 1), b)
 
 
-def _online_softmax_step(carry, s, v, precision):
-    acc, m_i, l_i = carry
-    m_new = jnp.maximum(m_i, s.max(axis=1))
-    corr = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = l_i * corr + p.sum(axis=1)
-    acc = acc * corr[:, None] + mm(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l_new
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision):
     block_q, block_k, g = cfg.block_q_fwd, cfg.block_k_fwd, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
@@ -158,7 +149,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision)
         v = v_ref[pl.ds(start, block_k), :]
         s = mm(q, k, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [R, BK]
         s = jnp.where(cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :]), s, MASK_VALUE)
-        return _online_softmax_step(carry, s, v, precision)
+        return online_softmax_step(carry, s, v, precision)
 
     init = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
     acc, m_i, l_i = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, init)

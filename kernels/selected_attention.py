@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 
 from kernels._common import (
     F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, dot_precision, interpret_mode, iota, mm, next_pow2,
-    pad_axis, reference_fallback,
+    online_softmax_step, pad_axis, reference_fallback,
 )
 from nsa_jax import reference
 
@@ -71,16 +71,6 @@ class _Config:
     @property
     def own_block(self) -> bool:
         return self.causal or self.num_sel == 0
-
-
-def _online_softmax_step(carry, s, v, precision):
-    acc, m_i, l_i = carry
-    m_new = jnp.maximum(m_i, s.max(axis=1))
-    corr = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = l_i * corr + p.sum(axis=1)
-    acc = acc * corr[:, None] + mm(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l_new
 
 
 def _usable(cfg: _Config, blk, ok, zero_row):
@@ -120,7 +110,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
         s = jnp.where(in_block & use, s, MASK_VALUE)
-        return _online_softmax_step(carry, s, vb, precision)
+        return online_softmax_step(carry, s, vb, precision)
 
     rows, d = q.shape
     carry = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
@@ -130,7 +120,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
         kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         s = mm(q, kb, trans_b=True, precision=precision) * c
-        carry = _online_softmax_step(carry, jnp.where(mask[None, :], s, MASK_VALUE), vb, precision)
+        carry = online_softmax_step(carry, jnp.where(mask[None, :], s, MASK_VALUE), vb, precision)
     acc, m_i, l_i = carry
     seen = l_i > 0
     l_safe = jnp.where(seen, l_i, 1.0)
