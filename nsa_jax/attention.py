@@ -219,25 +219,17 @@ class SparseAttention(nnx.Module):
         return self.combine(x, compressed, fine, sliding)
 
     # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
-    # Both run the reference core directly (not the backend switch): the branches take
-    # queries at `q_positions` against fixed-length caches, which kernels need not support.
-
-    def _select_at(self, q: jax.Array, ck: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return reference.select_blocks(
-            q, ck, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride, causal=True,
-            share_heads=self.query_heads_share_selected_kv, num_selected=self.num_selected_blocks,
-            selection_block_size=self.selection_block_size, interpolated=self.interpolated_importance_score,
-            scale=self.scale, q_positions=positions)
+    # The branches take queries at `q_positions` against fixed-length caches; every backend
+    # serves such calls with the reference core.
 
     def _compressed_at(self, q: jax.Array, cache: SparseCache, positions: jax.Array):
         """Compressed branch and selection for queries at `positions` (memory always visible)."""
         ck, cv = self.with_memory(cache.ck, cache.cv)
-        compressed = reference.compressed_attention(
+        compressed = self.backend.compressed_attention(
             q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride, causal=True,
             scale=self.scale, q_positions=positions)
-        values, indices = self._select_at(q, ck, positions)
-        gates = reference.straight_through_gates(values) if self.use_diff_topk else None
-        return compressed, values, indices, gates
+        values, indices = self.select(q, ck, positions)
+        return compressed, values, indices
 
     def prefill(self, inp: jax.Array, max_len: int) -> tuple[jax.Array, SparseCache]:
         """Parallel forward over a prompt [b, P, dim] -> (out [b, P, dim], cache of length max_len).
@@ -253,13 +245,9 @@ class SparseAttention(nnx.Module):
         cache = sparse_cache_from_prompt(
             k_rot, v, k, *self.compress(k, v), max_len=max_len, stride=self.compress_block_sliding_stride,
             compress_block_size=self.compress_block_size, selection_block_size=self.selection_block_size)
-        compressed, values, indices, gates = self._compressed_at(q, cache, positions)
-        fine = reference.selected_attention(
-            q_rot, cache.k, cache.v, indices, reference.valid_selection(values), gates,
-            block_size=self.selection_block_size, causal=True, scale=self.scale, q_positions=positions)
-        sliding = reference.sliding_window_attention(
-            q_rot, cache.k, cache.v, window=self.sliding_window_size, causal=True, scale=self.scale,
-            q_positions=positions)
+        compressed, values, indices = self._compressed_at(q, cache, positions)
+        fine = self.fine(q_rot, cache.k, cache.v, values, indices, positions)
+        sliding = self.sliding(q_rot, cache.k, cache.v, positions)
         return self.combine(x, compressed, fine, sliding), cache
 
     def compress_tail(self, cache: SparseCache) -> SparseCache:
@@ -292,7 +280,8 @@ class SparseAttention(nnx.Module):
         cache = SparseCache(write_at(cache.k, k_rot, t), write_at(cache.v, v, t), cache.ck, cache.cv,
                             push_tail(cache.tail_k, k), push_tail(cache.tail_v, v), t + 1)  # tail: t + 1 - cb .. t
 
-        compressed, values, indices, gates = self._compressed_at(q, cache, positions)
+        compressed, values, indices = self._compressed_at(q, cache, positions)
+        gates = reference.straight_through_gates(values) if self.use_diff_topk else None
         fine = selected_attention_one(q_rot, cache.k, cache.v, indices, reference.valid_selection(values), gates,
                                       t, block_size=self.selection_block_size, scale=self.scale)
         sliding = sliding_window_one(q_rot, cache.k, cache.v, t, window=self.sliding_window_size, scale=self.scale)

@@ -78,13 +78,6 @@ def decode_step(model: nnx.Module, token: jax.Array, caches: list[Cache]) -> tup
     return model.to_logits(model.norm(x))[:, 0], caches
 
 
-def _hidden(model: nnx.Module, ids: jax.Array) -> jax.Array:  # [b, n] -> [b, n, dim], before the final norm
-    x = model.token_emb(ids, dtype=model.dtype)
-    for layer in model.layers:
-        x = layer(x)
-    return x
-
-
 # --------------------------------------------------------------------------------------
 # sampling
 
@@ -146,7 +139,7 @@ def _generate(graphdef, state, prompt: jax.Array, key: jax.Array, temperature: j
         return out
 
     def step(i, ids):  # ids [b, seq_len]: token p + i from the forward over the buffer
-        x = jax.lax.dynamic_index_in_dim(_hidden(model, ids), p + i - 1, axis=1, keepdims=False)  # [b, dim]
+        x = jax.lax.dynamic_index_in_dim(model.hidden(ids), p + i - 1, axis=1, keepdims=False)  # [b, dim]
         token = sample(model.to_logits(model.norm(x)), i)
         return jax.lax.dynamic_update_index_in_dim(ids, token, p + i, axis=1)
 

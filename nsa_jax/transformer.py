@@ -89,15 +89,18 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(dim, param_dtype=param_dtype)
         self.to_logits = Linear(dim, num_tokens, use_bias=False, param_dtype=param_dtype, rngs=rngs)
 
+    def hidden(self, ids: jax.Array) -> jax.Array:  # [b, n] -> [b, n, dim], before the final norm
+        x = self.token_emb(ids, dtype=self.dtype)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
     def __call__(self, ids: jax.Array, return_loss: bool = False) -> jax.Array:
         """ids [b, n] -> logits [b, n, num_tokens]; or, with return_loss, the mean next-token
         cross entropy of ids[:, :-1] predicting ids[:, 1:] (a float32 scalar)."""
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
-        x = self.token_emb(ids, dtype=self.dtype)
-        for layer in self.layers:
-            x = layer(x)
-        logits = self.to_logits(self.norm(x))
+        logits = self.to_logits(self.norm(self.hidden(ids)))
         if not return_loss:
             return logits
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
