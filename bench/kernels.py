@@ -9,6 +9,10 @@ of q, k, v, ck, cv), batch 1, bf16, causal, for two configurations:
          selection block 64, 16 selected, window 512
   seed:  8 query heads, 4 kv heads, head dim 64, compress block 16 stride 16,
          selection block 16, 4 selected, window 64
+  fla:   fla-core's NSA benchmark: 64 query heads, 4 kv heads, head dim 128, compression by
+         mean-pooling k and v over blocks of 64 (inside the timed core, plus our one memory
+         entry), selection block 64, 16 selected, compressed and selected branches gated per
+         head (sigmoid gates, differentiated), no sliding window
 
 Each branch is also timed alone (the sliding window with both the Pallas kernel and cuDNN;
 "selected" includes the selection that produces its indices).
@@ -43,6 +47,8 @@ CONFIGS = {
                   num_selected=16, window=512),
     "seed": dict(heads=8, kv_heads=4, dim_head=64, compress_block=16, stride=16, selection_block=16,
                  num_selected=4, window=64),
+    "fla": dict(heads=64, kv_heads=4, dim_head=128, compress_block=64, stride=64, selection_block=64,
+                num_selected=16, window=0, mean_pool=True, gates=True),
 }
 LENGTHS = [4096, 8192, 16384, 32768, 65536]
 
@@ -67,14 +73,25 @@ def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str |
     if sliding_impl is not None:
         slide_kw["impl"] = sliding_impl
 
+    def pooled(k, v, ck, cv):
+        """fla's compression: the memory entry, then k and v averaged over blocks of `stride`."""
+        if not cfg.get("mean_pool"):
+            return ck, cv
+        b, n, kh, _ = k.shape
+        pool = lambda x: x.reshape(b, n // cfg["stride"], cfg["stride"], kh, d).mean(axis=2)  # noqa: E731
+        return (jnp.concatenate([ck[:, :1], pool(k)], axis=1), jnp.concatenate([cv[:, :1], pool(v)], axis=1))
+
     def compressed(q, k, v, ck, cv):
+        ck, cv = pooled(k, v, ck, cv)
         return backend.compressed_attention(q, ck, cv, num_mem=1, stride=cfg["stride"], causal=True, scale=scale)
 
     def selection(q, k, v, ck, cv):
+        ck, _ = pooled(k, v, ck, cv)
         values, _ = backend.select_blocks(q, ck, **sel_kw)
         return values
 
     def selected(q, k, v, ck, cv):
+        ck, _ = pooled(k, v, ck, cv)
         values, indices = backend.select_blocks(q, ck, **sel_kw)
         gates = reference.straight_through_gates(values)
         return backend.selected_attention(q, k, v, indices, reference.valid_selection(values), gates,
@@ -84,7 +101,12 @@ def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str |
         return backend.sliding_window_attention(q, k, v, **slide_kw)
 
     def core(q, k, v, ck, cv):
-        return compressed(q, k, v, ck, cv) + selected(q, k, v, ck, cv) + sliding(q, k, v, ck, cv)
+        if cfg.get("gates"):  # per-head gates of the compressed and selected branches, as fla takes them
+            g_cmp, g_slc = jax.nn.sigmoid(q[..., :1]), jax.nn.sigmoid(q[..., 1:2])
+            out = g_cmp * compressed(q, k, v, ck, cv) + g_slc * selected(q, k, v, ck, cv)
+        else:
+            out = compressed(q, k, v, ck, cv) + selected(q, k, v, ck, cv)
+        return out + sliding(q, k, v, ck, cv) if cfg["window"] > 0 else out
 
     return dict(core=core, compressed=compressed, selection=selection, selected=selected, sliding=sliding)
 
@@ -196,6 +218,8 @@ def main() -> None:
             cases = {"compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
                      "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
                      "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"]}
+            if cfg["window"] == 0:
+                cases = {k: v for k, v in cases.items() if not k.startswith("sliding")}
             if args.topk == "pick" and n == max(args.lengths):
                 del cases["selection"]  # timed above
             for label, fn in cases.items():

@@ -34,7 +34,10 @@ from nsa_jax.config import ModelConfig
 from nsa_jax.training import LN2, Trainer, make_optimizer
 
 
-def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, train_bytes, valid_batches) -> dict:
+def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, train_bytes, valid_batches,
+                    on_point=lambda result: None) -> dict:
+    """Train and evaluate; `on_point` gets the partial result after every evaluation (so a run
+    stopped early still leaves its curve on disk)."""
     trainer = Trainer(config.build(nnx.Rngs(args.seed), use_pallas_nsa=use_pallas_nsa, dtype=args.dtype),
                       make_optimizer(args.learning_rate))
     state = trainer.init_state()
@@ -62,10 +65,18 @@ def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, trai
             train_seconds = eval_start - start - eval_seconds
             points.append(dict(step=step, seconds=train_seconds, bits_per_byte=evaluate(state.params)))
             eval_seconds += time.perf_counter() - eval_start
-            print(f"  step {step}: valid {points[-1]['bits_per_byte']:.4f} bits/byte, {train_seconds:.1f} s")
-    tokens = args.steps * args.batch_size * args.grad_accum_every * args.seq_len
-    return dict(points=points, final_bits_per_byte=points[-1]["bits_per_byte"], train_seconds=train_seconds,
-                tokens_per_s=tokens / train_seconds)
+            print(f"  step {step}: valid {points[-1]['bits_per_byte']:.4f} bits/byte, {train_seconds:.1f} s",
+                  flush=True)
+            on_point(summary(points, args))
+    return summary(points, args)
+
+
+def summary(points: list[dict], args) -> dict:
+    last = points[-1]
+    tokens = last["step"] * args.batch_size * args.grad_accum_every * args.seq_len
+    return dict(points=points, steps=last["step"], final_bits_per_byte=last["bits_per_byte"],
+                best_bits_per_byte=min(p["bits_per_byte"] for p in points), train_seconds=last["seconds"],
+                tokens_per_s=tokens / last["seconds"] if last["seconds"] else 0.0)
 
 
 def plot(results: dict, title: str, path: Path) -> bool:
@@ -116,7 +127,13 @@ def main() -> None:
     parser.add_argument("--model", default="seed", help="'seed' (the seed's model) or 'tiny' (for tests)")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--name", default=None, help="file stem (default quality-T<seq_len>)")
+    parser.add_argument("--variants", default="nsa,dense",
+                        help="which runs, comma-separated (run them on two GPUs at once, then --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine the results of earlier runs (e.g. one per GPU) into one JSON + plot")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
 
     base = ModelConfig()
     if args.model == "tiny":
@@ -127,32 +144,69 @@ def main() -> None:
     valid_sampler = data.CropSampler(valid_bytes, args.seq_len, seed=args.seed + 1)
     valid_batches = [valid_sampler.sample(args.batch_size) for _ in range(args.eval_batches)]
 
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"nsa", "dense"}
+    if unknown or not variants:
+        raise SystemExit(f"error: --variants takes nsa and/or dense, got {args.variants!r}")
     device = jax.devices()[0].device_kind
-    results = {}
-    for name, sparse in (("nsa", True), ("dense", False)):
-        print(f"{name}: training {args.steps} steps at seq_len {args.seq_len} on {device}")
-        config = dataclasses.replace(base, use_sparse_attn=sparse)
-        results[name] = train_and_track(config, args, False if args.nouse_pallas_nsa else None, train_bytes,
-                                        valid_batches)
-
     stem = args.name or f"quality-T{args.seq_len}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, jax=jax.__version__, date=datetime.date.today().isoformat(), data=args.data_path,
                 nsa_backend="reference" if args.nouse_pallas_nsa else ("pallas" if jax.default_backend() == "gpu" else "reference"),
                 args=vars(args))
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta, results=results), indent=2))
-    title = f"{args.model} model, T={args.seq_len}, {Path(args.data_path).name}, {device}"
-    plotted = plot(results, title, out / f"{stem}.png")
+    results = {}
 
-    nsa, dense = results["nsa"], results["dense"]
-    print(f"\n{title}, {args.steps} steps")
-    print(f"{'':8} {'final bpb':>10} {'tokens/s':>10} {'train s':>8}")
+    def save(name=None, partial=None):
+        if name is not None:
+            results[name] = partial
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta, results=results), indent=2))
+
+    for name in variants:
+        print(f"{name}: training {args.steps} steps at seq_len {args.seq_len} on {device}", flush=True)
+        config = dataclasses.replace(base, use_sparse_attn=name == "nsa")
+        save(name, train_and_track(config, args, False if args.nouse_pallas_nsa else None, train_bytes,
+                                   valid_batches, on_point=lambda r, name=name: save(name, r)))
+    report(dict(meta, results=results), out / stem)
+
+
+def merge(args) -> None:
+    """One JSON and plot from several runs' JSONs (same seq_len and steps)."""
+    runs = [json.loads(Path(path).read_text()) for path in args.merge]
+    combined = dict(runs[0], results={})
+    for run in runs:
+        combined["results"].update(run["results"])
+    combined["merged_from"] = list(args.merge)
+    stem = args.name or f"quality-T{combined['args']['seq_len']}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(combined, indent=2))
+    report(combined, out / stem)
+
+
+def report(run: dict, stem: Path) -> None:
+    """Plot and print the table of a (possibly merged) run."""
+    results, a = run["results"], run["args"]
+    title = f"{a['model']} model, T={a['seq_len']}, {Path(a['data_path']).name}, {run['device']}"
+    plotted = plot(results, title, stem.with_suffix(".png"))
+    print(f"\n{title}")
+    print(f"{'':8} {'steps':>6} {'final bpb':>10} {'best bpb':>9} {'tokens/s':>10} {'train s':>8}")
     for name, r in results.items():
-        print(f"{name:8} {r['final_bits_per_byte']:>10.4f} {r['tokens_per_s']:>10,.0f} {r['train_seconds']:>8.1f}")
-    ratio = nsa["final_bits_per_byte"] / dense["final_bits_per_byte"]
-    print(f"NSA / dense bits per byte at equal steps: {ratio:.4f}")
-    print(f"wrote {out / (stem + '.json')}" + (f" and {out / (stem + '.png')}" if plotted else ""))
+        print(f"{name:8} {r['steps']:>6} {r['final_bits_per_byte']:>10.4f} {r['best_bits_per_byte']:>9.4f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['train_seconds']:>8.1f}")
+    if {"nsa", "dense"} <= results.keys():
+        nsa, dense = results["nsa"], results["dense"]
+        print(f"NSA / dense bits per byte at equal steps: {nsa['final_bits_per_byte'] / dense['final_bits_per_byte']:.4f}")
+        # at equal wall-clock: each curve at the time the faster run finished
+        t = min(nsa["train_seconds"], dense["train_seconds"])
+        at = {k: _at_seconds(r["points"], t) for k, r in (("nsa", nsa), ("dense", dense))}
+        print(f"at {t:.0f} training seconds: NSA {at['nsa']:.4f}, dense {at['dense']:.4f} bits per byte")
+    print(f"wrote {stem.with_suffix('.json')}" + (f" and {stem.with_suffix('.png')}" if plotted else ""))
+
+
+def _at_seconds(points: list[dict], t: float) -> float:
+    """The last evaluated bits per byte at or before training time t."""
+    return [p["bits_per_byte"] for p in points if p["seconds"] <= t + 1e-9][-1]
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ module changing.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("reference", "pallas")
 
@@ -58,6 +60,31 @@ def get_backend(name: str | None = None) -> AttentionBackend:
         from kernels.selection import select_blocks
         from kernels.sliding_window import sliding_window_attention
 
-        return AttentionBackend("pallas", compressed_attention, select_blocks, selected_attention,
-                                sliding_window_attention)
+        return AttentionBackend("pallas", batch_parallel(compressed_attention), select_blocks,
+                                batch_parallel(selected_attention), batch_parallel(sliding_window_attention))
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def batch_parallel(fn: Callable, axis: str = "data") -> Callable:
+    """Run a kernel-backed function per shard of the batch when a mesh is in context.
+
+    XLA cannot partition a `pallas_call`: under a batch-sharded `jit` it would gather the
+    whole batch onto every device and repeat the work there. Inside `jax.set_mesh(mesh)` with
+    a `data` axis of size > 1 (the Trainer traces its steps so), the call goes through
+    `jax.shard_map` instead, each device running the kernel on its own slice of the batch.
+    Positional arguments are the batch-leading arrays; keyword arguments are static settings.
+    Calls with array keyword arguments (cached decoding) or a batch the axis does not divide
+    run unchanged.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        mesh = jax.sharding.get_abstract_mesh()
+        shards = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1) if not mesh.empty else 1
+        if (shards == 1 or any(isinstance(v, jax.Array) for v in kwargs.values())
+                or any(a.shape[0] % shards for a in args)):
+            return fn(*args, **kwargs)
+        return jax.shard_map(functools.partial(fn, **kwargs), in_specs=P(axis), out_specs=P(axis),
+                             check_vma=False)(*args)
+
+    return wrapped

@@ -47,8 +47,13 @@ def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def dot_precision(dtype):
-    """f32 inputs get IEEE f32 matmuls (Triton's default for f32 is TF32); bf16 the native path."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    """The kernels' matmul precision: None, i.e. JAX's `jax_default_matmul_precision` setting,
+    which `lax.dot_general` resolves when the kernel is traced. Float32 kernels therefore use
+    TF32 tensor cores by default on the GPU, as XLA's own float32 matmuls do, and IEEE float32
+    under `jax.default_matmul_precision("highest")` (what the parity tests use). bf16 inputs
+    take the native bf16 path either way."""
+    del dtype
+    return None
 
 
 def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False, precision=None) -> jax.Array:
@@ -86,13 +91,9 @@ def online_softmax_step(carry, s, v, precision):
 
 
 def reference_fallback(fn, *args, **kwargs):
-    """Call the pure-JAX reference for a case the kernels do not serve. Float32 runs with
-    full-precision matmuls, as the kernels do, so that the backend's float32 numerics do not
-    depend on which path a shape takes (XLA's GPU default for float32 is TF32)."""
-    dtypes = {jnp.dtype(a.dtype) for a in args if hasattr(a, "dtype")}
-    if jnp.dtype(jnp.float32) in dtypes:
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
+    """Call the pure-JAX reference for a case the kernels do not serve. Its matmuls follow the
+    same precision setting as the kernels (see `dot_precision`), so a shape's numerics do not
+    depend on which path serves it."""
     return fn(*args, **kwargs)
 
 

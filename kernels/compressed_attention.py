@@ -11,7 +11,7 @@ logits per kv head directly (see there).
 Falls back to `nsa_jax.reference.compressed_attention` for cached decoding
 (`q_positions` given) and for causal attention without memory entries (num_mem == 0),
 where the first queries see no key and the reference's softmax is uniform over all
-masked entries (float32 fallbacks run with full-precision matmuls, like the kernels).
+masked entries.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ Masking follows the reference exactly: a block gets probability 0 iff (causal) a
 with a nonzero weight is invisible to the query, or (sb != stride) it is the query's own
 block. The top k' blocks are picked on the block logits (softmax is monotone) and only
 their probabilities are computed, against the log-sum-exp over [-1000, block logits], as the
-reference's softmax gives them. Plain XLA, in float32 with full-precision matmuls (TF32 would
-flip near-tied selections against the reference); differentiable in q and ck through the
+reference's softmax gives them. Plain XLA in float32, its matmuls at JAX's matmul-precision
+setting like the reference's (TF32 by default on the GPU; the parity tests run under "highest",
+since TF32 rounding can flip near-tied selections); differentiable in q and ck through the
 probabilities (diff top-k).
 """
 
@@ -75,7 +76,7 @@ def _block_keys(ck: jax.Array, nc: int, stride: int, sb: int, interpolated: bool
         nb = nc // r
         return ck[:, : nb * r].reshape(b, nb, r, kh, d).mean(axis=2)
     weights = jnp.asarray(block_weights(nc, stride, sb, interpolated))
-    return jnp.einsum("jc,bckd->bjkd", weights, ck, precision=lax.Precision.HIGHEST)
+    return jnp.einsum("jc,bckd->bjkd", weights, ck)
 
 
 def _last_column(nc: int, stride: int, sb: int, interpolated: bool) -> np.ndarray:
@@ -130,9 +131,9 @@ def select_blocks(
     block_keys = _block_keys(ck[:, num_mem:], nc, stride, sb, interpolated)  # [b, nb, kh, d]
     qf = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
-        logits = jnp.einsum("bnkd,bjkd->bnkj", qf.mean(axis=3), block_keys, precision=lax.Precision.HIGHEST)
+        logits = jnp.einsum("bnkd,bjkd->bnkj", qf.mean(axis=3), block_keys)
     else:
-        logits = jnp.einsum("bnkgd,bjkd->bnkgj", qf, block_keys, precision=lax.Precision.HIGHEST)
+        logits = jnp.einsum("bnkgd,bjkd->bnkgj", qf, block_keys)
         logits = logits.reshape(b, n, h, nb)
     logits = logits * scale  # [b, n, sh, nb]
 

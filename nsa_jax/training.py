@@ -54,8 +54,19 @@ class Trainer:
         self.state_sharding = sharding.state_sharding(state, self.mesh, fsdp)
         self._init_state = jax.device_put(state, self.state_sharding)
         scalar = sharding.replicated(self.mesh)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,), out_shardings=(self.state_sharding, scalar))
-        self.eval_step = jax.jit(self._eval_step, out_shardings=scalar)
+        self._jit_train_step = jax.jit(self._train_step, donate_argnums=(0,),
+                                       out_shardings=(self.state_sharding, scalar))
+        self._jit_eval_step = jax.jit(self._eval_step, out_shardings=scalar)
+
+    # The steps trace inside the mesh context, so the Pallas kernels run per batch shard
+    # (`kernels.batch_parallel`) instead of being gathered onto every device.
+    def train_step(self, state: TrainState, batches: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        with jax.set_mesh(self.mesh):
+            return self._jit_train_step(state, batches)
+
+    def eval_step(self, params: nnx.State, batch: jax.Array) -> jax.Array:
+        with jax.set_mesh(self.mesh):
+            return self._jit_eval_step(params, batch)
 
     def init_state(self) -> TrainState:
         return self._init_state

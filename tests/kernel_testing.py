@@ -22,7 +22,8 @@ import numpy as np
 
 ON_GPU = jax.default_backend() == "gpu"
 DTYPES = [jnp.float32, jnp.bfloat16] if ON_GPU else [jnp.float32]
-# float32: kernels use IEEE f32 matmuls; only summation order differs from the oracle.
+# float32: the tests run under jax_default_matmul_precision="highest" (tests/conftest.py), so the
+# kernels use IEEE f32 matmuls and only summation order differs from the oracle.
 # bfloat16: inputs, softmax weights and gradient tiles round to 8 bits inside the matmuls.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 

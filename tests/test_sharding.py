@@ -96,3 +96,41 @@ def test_train_py_resumes_across_device_counts(tmp_path):
     second = subprocess.run([*common, "--num_batches=8"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0 and "resuming from step 4" in second.stdout, second.stderr[-2000:]
     assert "mesh: 1 devices (data=1)" in second.stdout
+
+
+PALLAS_SCRIPT = textwrap.dedent('''
+    import jax, numpy as np, optax
+    from flax import nnx
+    from nsa_jax import sharding
+    from nsa_jax.config import ModelConfig
+    from nsa_jax.training import Trainer
+
+    config = ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=16, sliding_window_size=8,
+                         compress_block_size=8, compress_block_sliding_stride=4, selection_block_size=8,
+                         num_selected_blocks=2)
+    batch = np.random.default_rng(0).integers(0, 256, (1, 4, 33), dtype=np.int32)
+
+    def trainer(devices):
+        optimizer = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.5))
+        model = config.build(nnx.Rngs(0), use_pallas_nsa=True)
+        return Trainer(model, optimizer, sharding.make_mesh(devices))
+
+    one, four = trainer(jax.devices()[:1]), trainer(jax.devices())
+    # the kernels run per batch shard: the traced step holds shard_maps on 4 devices, none on 1
+    def traced(t):
+        with jax.set_mesh(t.mesh):
+            return str(jax.make_jaxpr(t._train_step)(t.init_state(), t.train_batches(batch)))
+    assert "shard_map" in traced(four) and "shard_map" not in traced(one)
+    (s1, m1), (s4, m4) = [t.train_step(t.init_state(), t.train_batches(batch)) for t in (one, four)]
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    print("ok")
+''')
+
+
+def test_pallas_kernels_run_per_batch_shard(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", PALLAS_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -1,0 +1,342 @@
+"""nsa-jax against the PyTorch NSA implementations, on the same GPU in one invocation.
+
+    python bench/compare_peers.py                      # everything (peers need torch + wheels)
+    python bench/compare_peers.py --skip_peers --quick # ours only, few lengths
+
+Rows (the performance issue's table):
+  seed model train step (fwd + bwd + clip + Adam), B=4 T=512, B=1 T=4096, B=1 T=16384
+      ours: the jitted step with the Pallas kernels (the GPU default) and with the pure-JAX
+      reference; peer: native-sparse-attention-pytorch 0.2.3 with its Triton kernels
+  NSA core fwd and fwd+bwd in fla-core's benchmark configuration (bench/kernels.py "fla"),
+      T = 4k..64k, against fla-core's parallel_nsa and dense causal attention (cuDNN in JAX,
+      SDPA in torch); the crossover length where our core beats dense cuDNN attention
+  decode ms/token (seed model, batch 1, 64 prime + 512 generated, prefill included)
+  peak GPU memory of the B=4 T=512 train step
+  the card's measured peaks (bf16 and float32 matmul TFLOP/s, copy bandwidth) and, per row, the
+      floor: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) from the analytic counts below
+
+The peers run first, in a child process (`bench/peers_torch.py`), so that the two frameworks
+never hold GPU memory at the same time; without torch they are skipped with a message.
+Prints one table; writes JSON to bench/results/compare_peers-<date>.json (or --json).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package: put the repository first.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import argparse
+import datetime
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SEED = dict(dim=512, depth=6, heads=8, kv_heads=4, dim_head=64, window=64, stride=16, compress_block=16,
+            selection_block=16, num_selected=4, ff_mult=4, vocab=256)
+TRAIN_SHAPES = [(4, 512), (1, 4096), (1, 16384)]
+FLA_LENGTHS = [4096, 8192, 16384, 32768, 65536]
+
+
+# ---------------------------------------------------------------- analytic counts (floors)
+
+def seed_train_flops(batch: int, n: int, sparse: bool = True) -> float:
+    """FLOPs of one seed-model train step: 3x the forward (backward = 2x forward).
+
+    Forward per token and layer: projections 2*dim*(h+2kh)*dh + out 2*h*dh*dim, feed-forward
+    2*dim*4*dim twice, attention 4*h*dh*(keys seen); NSA keys seen per query:
+    window + k*sb selected + n/2/stride compressed (causal average), plus the GroupedMLP
+    compress networks (k and v, per kv head, per compressed block: 2*(cb*dh*cb*dh + cb*dh*dh))
+    and the gate projection. Embedding/logits: 2*dim*vocab per token.
+    """
+    s = SEED
+    dim, h, kh, dh = s["dim"], s["heads"], s["kv_heads"], s["dim_head"]
+    proj = 2 * dim * (h + 2 * kh) * dh + 2 * h * dh * dim
+    ff = 2 * 2 * s["ff_mult"] * dim * dim
+    if sparse:
+        keys = min(s["window"], n) + s["num_selected"] * s["selection_block"] + n / 2 / s["stride"]
+        blk = s["compress_block"] * dh
+        compress = 2 * kh * 2 * (blk * blk + blk * dh) / s["stride"]
+        gates = 2 * dim * 3 * h
+    else:
+        keys, compress, gates = n / 2, 0.0, 0.0
+    attn = 4 * h * dh * keys
+    per_token = s["depth"] * (proj + ff + attn + compress + gates) + 2 * dim * s["vocab"]
+    return 3.0 * per_token * batch * n
+
+
+def seed_param_bytes() -> float:
+    """Bytes of the seed model's float32 parameters (71.2M, counted by the model)."""
+    return 71.2e6 * 4
+
+
+def train_bytes_floor() -> float:
+    """Adam step: read params, grads, m, v; write params, m, v (float32), once."""
+    return 7 * seed_param_bytes()
+
+
+def core_flops(n: int, fwd_only: bool, heads=64, dh=128, stride=64, sb=64, k=16) -> float:
+    """fla config core: compressed (n/2/stride keys on average) + selected (k*sb keys) per query,
+    4*dh FLOPs per query-key pair per head forward; fwd+bwd = 3.5x forward (flash backward)."""
+    fwd = 4 * dh * heads * n * (n / 2 / stride + k * sb)
+    return fwd if fwd_only else 3.5 * fwd
+
+
+def core_bytes(n: int, fwd_only: bool, heads=64, kh=4, dh=128) -> float:
+    """Compulsory bf16 traffic: q, k, v read and o written once (fwd); the backward also reads
+    them and do, and writes dq, dk, dv. Re-reads of selected blocks (served mostly from L2)
+    are not counted, so this is a lower bound."""
+    fwd = 2 * (2 * n * heads * dh + 2 * n * kh * dh)
+    return fwd if fwd_only else 3 * fwd
+
+
+def dense_core_flops(n: int, fwd_only: bool, heads=64, dh=128) -> float:
+    fwd = 4 * dh * heads * n * n / 2
+    return fwd if fwd_only else 3.5 * fwd
+
+
+# ---------------------------------------------------------------- measurements (ours)
+
+def measure_peaks() -> dict:
+    """Matmul TFLOP/s (bf16, and float32 at JAX's default precision) and copy bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.kernels import timed
+
+    out = {}
+    for dtype in ("bfloat16", "float32"):
+        a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.float32).astype(dtype)
+        ms = timed(jax.jit(lambda x: x @ x), (a,), 20, 2.0)
+        out[f"matmul_tflops_{dtype}"] = 2 * 8192**3 / (ms / 1e3) / 1e12
+    x = jnp.zeros((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
+    ms = timed(jax.jit(lambda x: x + 1), (x,), 20, 2.0)
+    out["copy_tb_per_s"] = 2 * x.nbytes / (ms / 1e3) / 1e12
+    return out
+
+
+def measure_memory() -> dict:
+    """Peak device memory of the seed model's B=4 T=512 step (the first thing this process runs
+    on the device, so the allocator's peak is this step's: params, Adam state, activations)."""
+    import jax
+
+    from bench.train_step import time_variant
+
+    time_variant("pallas", 512, 4, 1, 3, "float32")
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return dict(peak_gib=peak / 2**30 if peak else None)
+
+
+def measure_train(shapes, repeats: int) -> list[dict]:
+    from bench.train_step import time_variant
+
+    import jax
+
+    rows = []
+    batch, n = shapes[0]
+    with jax.default_matmul_precision("highest"):  # torch's float32 matmul default: no TF32
+        row = time_variant("pallas", n, batch, 1, repeats, "float32")
+    rows.append(dict(row, variant="pallas, highest precision"))
+    print(f"ours train pallas (highest precision) B={batch} T={n}: {row['ms_per_step']:.2f} ms", flush=True)
+    for batch, n in shapes:
+        for variant in ("pallas", "reference"):
+            try:
+                row = time_variant(variant, n, batch, 1, repeats, "float32")
+            except Exception as exc:  # e.g. the reference's dense masks out of memory at long T
+                row = dict(variant=variant, seq_len=n, batch_size=batch, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            rows.append(row)
+            print(f"ours train {variant} B={batch} T={n}: "
+                  f"{row.get('ms_per_step', float('nan')):.2f} ms {row.get('error', '')}", flush=True)
+    return rows
+
+
+def measure_core(lengths, reps: int, budget_s: float) -> list[dict]:
+    import jax
+
+    import kernels
+    from bench import kernels as kb
+
+    backend = kernels.get_backend("pallas")
+    rows = []
+    for config in ("fla", "paper"):
+        cfg = kb.CONFIGS[config]
+        for n in lengths:
+            inputs = kb.make_inputs(cfg, n)
+            for what, fn in (("nsa", kb.branch_fns(cfg, backend)["core"]), ("dense cudnn", kb.dense)):
+                row = dict(config=config, T=n, what=what)
+                for key in ("fwd_ms", "fwd_bwd_ms"):
+                    try:
+                        forward, backward, ct = kb.fwd_and_bwd(fn, inputs)
+                        call, args = (forward, inputs) if key == "fwd_ms" else (backward, (inputs, ct))
+                        row[key] = kb.timed(call, args, reps, budget_s)
+                    except Exception as exc:
+                        row[key], row["error"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print(f"ours core {config} {what} T={n}: fwd {row['fwd_ms']} fwd+bwd {row['fwd_bwd_ms']} ms", flush=True)
+            del inputs
+            jax.clear_caches()
+    return rows
+
+
+def measure_decode(repeats: int) -> dict:
+    from bench.decode import time_case
+
+    return time_case("sparse cached", True, 64, 64 + 512, True, repeats)
+
+
+def crossover(rows: list[dict], config: str, key: str = "fwd_bwd_ms") -> int | None:
+    """Shortest measured length from which our core is faster than dense cuDNN at every longer one."""
+    by = {(r["T"], r["what"]): r.get(key) for r in rows if r["config"] == config}
+    lengths = sorted({t for t, _ in by})
+    wins = [t for t in lengths if by.get((t, "nsa")) and by.get((t, "dense cudnn")) and by[(t, "nsa")] < by[(t, "dense cudnn")]]
+    for t in lengths:
+        if all(u in wins for u in lengths if u >= t):
+            return t
+    return None
+
+
+# ---------------------------------------------------------------- peers
+
+def run_peers(args) -> dict | None:
+    """The peers in a child process; its log goes to --peer_log. A run stopped at --peer_timeout
+    still returns the rows it finished (the child rewrites its JSON after every row)."""
+    path = Path(tempfile.mkdtemp()) / "peers.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "peers_torch.py"), "--json", str(path),
+           "--fla_lengths", ",".join(map(str, args.lengths)), "--train_shapes", ",".join(f"{b}x{n}" for b, n in args.shapes)]
+    print("peers: " + " ".join(cmd[1:]) + f" (log: {args.peer_log})", flush=True)
+    start = time.perf_counter()
+    with open(args.peer_log, "w") as log:
+        try:
+            run = subprocess.run(cmd, text=True, stdout=log, stderr=subprocess.STDOUT, timeout=args.peer_timeout)
+            status = f"exit {run.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"stopped after {args.peer_timeout} s (partial results)"
+    print(f"peers: {status} after {time.perf_counter() - start:.0f} s", flush=True)
+    if not path.exists():
+        return None
+    peers = json.loads(path.read_text())
+    peers["status"] = status
+    return peers
+
+
+# ---------------------------------------------------------------- table
+
+def ratio(a, b) -> str:
+    return f"{a / b:.1f}x" if a and b else "n/a"
+
+
+def fmt(x, digits=2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def table(result: dict) -> str:
+    peaks, peers = result.get("peaks", {}), result.get("peers") or {}
+    flops_peak = peaks.get("matmul_tflops_float32", 0) * 1e12
+    bf16_peak = peaks.get("matmul_tflops_bfloat16", 0) * 1e12
+    bw = peaks.get("copy_tb_per_s", 0) * 1e12
+    floor = lambda fl, by, pk: max(fl / pk if pk else 0, by / bw if bw else 0) * 1e3  # noqa: E731
+    lines = ["| workload | ours (ms) | peer (ms) | peer / ours | target | floor (ms) |", "|---|---|---|---|---|---|"]
+    listed = lambda key: peers.get(key) if isinstance(peers.get(key), list) else []  # noqa: E731
+    peer_train = {(r.get("batch"), r.get("seq_len")): r for r in listed("train")}
+    targets = {(4, 512): 10, (1, 4096): 8, (1, 16384): 8}
+    for batch, n in result["settings"]["shapes"]:
+        ours = {r["variant"]: r for r in result["train"] if r["batch_size"] == batch and r["seq_len"] == n}
+        best = min((r["ms_per_step"] for v, r in ours.items() if "ms_per_step" in r and "highest" not in v),
+                   default=None)
+        which = next((v for v, r in ours.items() if r.get("ms_per_step") == best), "-")
+        peer = peer_train.get((batch, n), {}).get("median_ms")
+        fl = floor(seed_train_flops(batch, n), train_bytes_floor(), flops_peak)
+        lines.append(f"| seed train step B={batch} T={n} (ours: {which}) | {fmt(best)} | {fmt(peer)} | "
+                     f"{ratio(peer, best)} | >= {targets.get((batch, n), '-')}x | {fl:.2f} |")
+        if "pallas, highest precision" in ours:
+            high = ours["pallas, highest precision"]["ms_per_step"]
+            lines.append(f"| same, ours with IEEE float32 matmuls (torch's default) | {fmt(high)} | {fmt(peer)} | "
+                         f"{ratio(peer, high)} | | |")
+    core = {(r["config"], r["T"], r["what"]): r for r in result["core"]}
+    fla_rows = {r.get("seq_len"): r for r in listed("fla")}
+    sdpa = {r.get("seq_len"): r for r in listed("dense")}
+    peer_ms = lambda row, key: (row.get(key.replace("_ms", "")) or {}).get("median_ms")  # noqa: E731
+    for n in result["settings"]["lengths"]:
+        ours, dn = core.get(("fla", n, "nsa"), {}), core.get(("fla", n, "dense cudnn"), {})
+        for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
+            peer = peer_ms(fla_rows.get(n, {}), key)
+            fl = floor(core_flops(n, key == "fwd_ms"), core_bytes(n, key == "fwd_ms"), bf16_peak)
+            extra = (f"; dense cuDNN {fmt(dn.get(key))}, torch SDPA {fmt(peer_ms(sdpa.get(n, {}), key))}")
+            tgt = ">= 3x fla, <= 75 ms" if (n == 65536 and key == "fwd_bwd_ms") else "-"
+            lines.append(f"| NSA core {label}, fla config, T={n}{extra} | {fmt(ours.get(key))} | {fmt(peer)} | "
+                         f"{ratio(peer, ours.get(key))} | {tgt} | {fl:.2f} |")
+    dec, pdec = result.get("decode", {}), peers.get("decode") or {}
+    lines.append(f"| decode ms/token, seed model | {fmt(dec.get('ms_per_token_all'), 3)} | "
+                 f"{fmt(pdec.get('ms_per_token'), 3)} | {ratio(pdec.get('ms_per_token'), dec.get('ms_per_token_all'))} | "
+                 f"<= 1 ms | {seed_param_bytes() / bw * 1e3 if bw else 0:.3f} |")
+    mem, pmem = result.get("memory", {}), peers.get("memory") or {}
+    lines.append(f"| peak memory GiB, seed B=4 T=512 | {fmt(mem.get('peak_gib'))} | {fmt(pmem.get('peak_gib'))} | "
+                 f"{ratio(pmem.get('peak_gib'), mem.get('peak_gib'))} | <= theirs | - |")
+    for config in ("fla", "paper"):
+        lines.append(f"\ncrossover ({config} config, fwd+bwd): our core beats dense cuDNN from T = "
+                     f"{crossover(result['core'], config)} (lengths measured: {result['settings']['lengths']})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--skip_peers", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="two core lengths, 5 repeats")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget_s", type=float, default=2.0)
+    parser.add_argument("--peer_timeout", type=int, default=900)
+    parser.add_argument("--peer_log", default=os.path.join(tempfile.gettempdir(), "peers_torch.log"))
+    parser.add_argument("--what", default="peaks,memory,train,core,decode")
+    args = parser.parse_args()
+    args.shapes = TRAIN_SHAPES
+    args.lengths = [4096, 16384] if args.quick else FLA_LENGTHS
+    if args.quick:
+        args.repeats = 5
+    what = set(args.what.split(","))
+
+    result = dict(date=datetime.date.today().isoformat(), settings=dict(shapes=args.shapes, lengths=args.lengths),
+                  train=[], core=[])
+    path = Path(args.json or os.path.join(ROOT, "bench", "results", f"compare_peers-{result['date']}.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: path.write_text(json.dumps(result, indent=2))  # noqa: E731
+
+    if not args.skip_peers:  # before JAX takes the GPU
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("peers skipped: torch is not installed")
+        else:
+            result["peers"] = run_peers(args)
+            save()
+    import jax
+
+    result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
+    steps = [("memory", measure_memory, ()), ("peaks", measure_peaks, ()),
+             ("train", measure_train, (args.shapes, args.repeats)),
+             ("core", measure_core, (args.lengths, args.repeats, args.budget_s)),
+             ("decode", measure_decode, (5,))]
+    for name, fn, fn_args in steps:
+        if name not in what:
+            continue
+        try:
+            result[name] = fn(*fn_args)
+        except Exception as exc:  # record and go on: one failure must not cost the other rows
+            result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"{name} failed: {result[f'{name}_error']}", flush=True)
+        save()
+    print(f"\n{result['device']}, jax {result['jax']}, {result['date']}"
+          + (f", torch {result['peers'].get('torch')}" if result.get("peers") else ""))
+    print(table(result))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Where does a train step's GPU time go? Profile the seed model's jitted step and rank kernels.
+
+    python bench/profile_step.py --variant pallas --seq_len 4096 --batch_size 1 --grad_accum_every 1
+
+Runs a few steps under `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData`
+and sums the device time of every GPU kernel by name (Pallas kernels are named `nsa_*`; XLA's
+fusions keep their HLO names, with the JAX op that produced them where the trace records it).
+Prints the top kernels per step, the share of the Pallas kernels, and GPU busy time against the
+step's wall time (the gap is launch overhead and host work); writes JSON with --json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package: put the repository first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.training import Trainer, make_optimizer
+
+VARIANTS = {"reference": (True, False), "pallas": (True, True), "dense": (False, None)}
+OP_STATS = ("tf_op", "long_name", "hlo_op")  # the first one present names the kernel's source op
+
+
+def build(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str):
+    sparse, pallas = VARIANTS[variant]
+    config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
+    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype), make_optimizer(1e-4))
+    rng = np.random.default_rng(0)
+    batch = jax.device_put(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
+    return trainer, batch
+
+
+def device_events(trace_dir: str) -> list[tuple[str, str, float]]:
+    """(kernel name, source op, microseconds) of every event on a GPU plane's stream lines."""
+    from jax.profiler import ProfileData
+
+    events = []
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if "stream" not in line.name.lower():
+                    continue
+                for ev in line.events:
+                    stats = dict(ev.stats)
+                    op = next((str(stats[k]) for k in OP_STATS if k in stats), "")
+                    events.append((ev.name, op, ev.duration_ns / 1e3))
+    return events
+
+
+def summarise(events, steps: int, top: int) -> dict:
+    by_name: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.Counter()
+    ops: dict[str, str] = {}
+    for name, op, us in events:
+        by_name[name] += us / steps
+        calls[name] += 1
+        ops.setdefault(name, op)
+    total = sum(by_name.values())
+    pallas = sum(us for name, us in by_name.items() if name.startswith("nsa_"))
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
+    rows = [dict(kernel=name, us_per_step=us, share=us / total if total else 0.0, calls_per_step=calls[name] / steps,
+                 op=ops[name][:120]) for name, us in ranked[:top]]
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, us in by_name.items():
+        groups[name.split("_")[0] if not name.startswith("nsa_") else "_".join(name.split("_")[:2])] += us
+    return dict(gpu_us_per_step=total, pallas_us_per_step=pallas, kernels_per_step=len(events) / steps, top=rows,
+                groups=dict(sorted(groups.items(), key=lambda kv: -kv[1])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="pallas", choices=list(VARIANTS))
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--grad_accum_every", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    trainer, batch = build(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype)
+    state = trainer.init_state()
+    for _ in range(3):  # compile and settle
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    walls = []
+    for _ in range(5):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        walls.append(time.perf_counter() - start)
+    wall_us = 1e6 * statistics.median(walls)
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(args.steps):
+                state, metrics = trainer.train_step(state, batch)
+            jax.block_until_ready(metrics)
+        summary = summarise(device_events(trace_dir), args.steps, args.top)
+
+    shape = f"{args.batch_size}x{args.grad_accum_every}x{args.seq_len}"
+    print(f"{args.variant} {shape} {args.dtype} on {jax.devices()[0].device_kind}: wall {wall_us / 1e3:.2f} ms/step, "
+          f"GPU busy {summary['gpu_us_per_step'] / 1e3:.2f} ms, Pallas kernels {summary['pallas_us_per_step'] / 1e3:.2f} ms, "
+          f"{summary['kernels_per_step']:.0f} kernels/step")
+    print(f"{'kernel':48} {'us/step':>9} {'share':>6} {'calls':>6}  op")
+    for row in summary["top"]:
+        print(f"{row['kernel'][:48]:48} {row['us_per_step']:>9.1f} {row['share']:>6.1%} {row['calls_per_step']:>6.0f}  "
+              f"{row['op'][:70]}")
+    print("by kind: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in list(summary["groups"].items())[:10]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(vars(args), device=jax.devices()[0].device_kind, wall_us_per_step=wall_us, **summary), f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
