@@ -289,6 +289,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip_peers", action="store_true")
+    parser.add_argument("--peers_json", default=None,
+                        help="take the peers' rows from this bench/peers_torch.py JSON instead of running them")
     parser.add_argument("--quick", action="store_true", help="two core lengths, 5 repeats")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget_s", type=float, default=2.0)
@@ -308,7 +310,10 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: path.write_text(json.dumps(result, indent=2))  # noqa: E731
 
-    if not args.skip_peers:  # before JAX takes the GPU
+    if args.peers_json:
+        result["peers"] = json.loads(Path(args.peers_json).read_text())
+        result["peers"]["status"] = f"from {args.peers_json}"
+    elif not args.skip_peers:  # before JAX takes the GPU
         try:
             import torch  # noqa: F401
         except ImportError:

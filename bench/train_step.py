@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from nsa_jax import sharding
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
 
@@ -39,13 +40,18 @@ VARIANTS = {  # name -> (use_sparse_attn, use_pallas_nsa)
 }
 
 
-def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str) -> dict:
+def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str,
+                 devices: int = 1) -> dict:
+    """batch_size is per device: the global batch is batch_size * devices, split over a `data` mesh
+    of the first `devices` devices."""
     sparse, pallas = VARIANTS[name]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
-    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype), make_optimizer(1e-4))
+    mesh = sharding.make_mesh(jax.devices()[:devices])
+    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype), make_optimizer(1e-4), mesh)
     state = trainer.init_state()
     rng = np.random.default_rng(0)
-    batches = [jax.device_put(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
+    global_batch = batch_size * devices
+    batches = [trainer.train_batches(rng.integers(0, 256, (accum, global_batch, seq_len + 1), dtype=np.int32))
                for _ in range(3)]
     for i in range(3):  # warm-up: compile, then settle
         state, metrics = trainer.train_step(state, batches[i % 3])
@@ -57,8 +63,9 @@ def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: 
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     ms = 1e3 * statistics.median(times)
-    tokens = accum * batch_size * seq_len
-    return dict(variant=name, seq_len=seq_len, batch_size=batch_size, grad_accum_every=accum, dtype=dtype,
+    tokens = accum * global_batch * seq_len
+    return dict(variant=name, seq_len=seq_len, batch_size=batch_size, devices=devices, global_batch=global_batch,
+                grad_accum_every=accum, dtype=dtype,
                 ms_per_step=ms, steps_per_s=1e3 / ms, tokens_per_s=tokens / (ms / 1e3),
                 loss=float(metrics["loss"]), repeats=repeats)
 
@@ -71,30 +78,40 @@ def main() -> None:
     parser.add_argument("--grad_accum_every", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per device)")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--name", default=None, help="JSON file stem (default train_step-<date>)")
     args = parser.parse_args()
 
     device = jax.devices()[0]
     results = []
+    counts = [int(c) for c in args.devices.split(",")]
+    if max(counts) > jax.device_count():
+        raise SystemExit(f"error: --devices asks for {max(counts)} devices, this machine has {jax.device_count()}")
     for seq_len in map(int, args.seq_lens.split(",")):
         for name in args.variants.split(","):
-            try:
-                results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
-                                            args.dtype))
-            except NotImplementedError as e:  # a backend this version does not have
-                print(f"skipped {name}: {e}")
-            except Exception as e:  # e.g. out of memory: report it and go on with the other variants
-                print(f"failed {name} at T={seq_len}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            for count in counts:
+                try:
+                    results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
+                                                args.dtype, count))
+                except NotImplementedError as e:  # a backend this version does not have
+                    print(f"skipped {name}: {e}")
+                except Exception as e:  # e.g. out of memory: report it and go on with the other variants
+                    print(f"failed {name} at T={seq_len}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     print(f"\nseed model train step on {device.device_kind} ({jax.__version__}), {args.dtype}, "
           f"batch {args.batch_size} x accum {args.grad_accum_every}")
-    print(f"{'variant':<10} {'T':>6} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10}")
+    print(f"{'variant':<10} {'T':>6} {'devices':>7} {'batch':>6} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10} "
+          f"{'scaling':>8}")
     for r in results:
-        print(f"{r['variant']:<10} {r['seq_len']:>6} {r['ms_per_step']:>9.2f} {r['steps_per_s']:>8.2f} "
-              f"{r['tokens_per_s']:>10,.0f}")
+        one = next((o for o in results if o["variant"] == r["variant"] and o["seq_len"] == r["seq_len"]
+                    and o["devices"] == 1), None)
+        scaling = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
+        print(f"{r['variant']:<10} {r['seq_len']:>6} {r['devices']:>7} {r['global_batch']:>6} {r['ms_per_step']:>9.2f} "
+              f"{r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} {scaling:>8}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = out / f"train_step-{stamp}.json"
+    path = out / f"{args.name or 'train_step-' + stamp}.json"
     path.write_text(json.dumps(dict(device=device.device_kind, jax=jax.__version__, date=stamp,
                                     results=results), indent=2))
     print(f"wrote {path}")

@@ -45,6 +45,9 @@ from kernels._common import (
 )
 from nsa_jax import reference
 
+# Largest float32 dk + dv contribution buffer the "scatter" dk/dv path may allocate per call.
+DKV_SCATTER_MAX_BYTES = 1 << 30
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -57,6 +60,7 @@ class _Config:
     rows: int  # rows of a selection group (g heads when shared, else 1), power of two
     groups_per_kv: int  # selection groups per kv head (1 when shared, else g)
     dkv_splits: int  # programs sharing one key block's query list in the dk/dv kernel
+    dkv_scatter: bool  # dk/dv from per-(query, block) contributions of the dq kernel + scatter-add
     causal: bool
     scale: float
     num_warps: int
@@ -129,7 +133,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, dq_ref, dgate_ref,
-               *, cfg: _Config, precision):
+               *contrib_refs, cfg: _Config, precision):
+    """dq and dgates of one query group; with `cfg.dkv_scatter` also each selected (and own)
+    block's dk, dv contribution [sbp, d] (contrib_refs: dk_sel, dv_sel [kp, sbp, d], then
+    dk_own, dv_own [sbp, d] when the own block is attended)."""
     t = pl.program_id(0)
     q = q_ref[...]  # [G, d]
     do = do_ref[...]
@@ -143,10 +150,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     slots = iota(cfg.kp)
 
     def grads(vb, s, mask):
-        """dL/dlogits (natural) [G, sbp] for base-2 logits s."""
+        """(probabilities, dL/dlogits natural) [G, sbp] for base-2 logits s."""
         p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
         dp = mm(do, vb, trans_b=True, precision=precision)
-        return p * (dp - delta)
+        return p, p * (dp - delta)
+
+    def contributions(p, ds_gated):
+        """This query group's dk (before the scale) and dv for one key block: [sbp, d] each."""
+        return (mm(ds_gated.astype(q.dtype), q, trans_a=True, precision=precision),
+                mm(p.astype(do.dtype), do, trans_a=True, precision=precision))
 
     def body(i, carry):
         dq, dgate = carry
@@ -160,11 +172,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         s = qk * gate
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
-        ds = grads(vb, s, in_block & use)
+        p, ds = grads(vb, s, in_block & use)
         if cfg.zero_rows_possible:
             ds = jnp.where(zero_row, 0.0, ds)
         dq = dq + mm((ds * gate).astype(kb.dtype), kb, precision=precision)
         dgate = jnp.where(slots == i, jnp.sum(ds * qk) * (1.0 / LOG2E), dgate)
+        if cfg.dkv_scatter:
+            dk_c, dv_c = contributions(p, ds * gate)
+            contrib_refs[0][i] = dk_c * cfg.scale
+            contrib_refs[1][i] = dv_c
         return dq, dgate
 
     rows, d = q.shape
@@ -174,8 +190,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         s = mm(q, kb, trans_b=True, precision=precision) * c
-        ds = grads(vb, s, mask[None, :])
+        p, ds = grads(vb, s, mask[None, :])
         dq = dq + mm(ds.astype(kb.dtype), kb, precision=precision)
+        if cfg.dkv_scatter:
+            dk_c, dv_c = contributions(p, ds)
+            contrib_refs[2][...] = dk_c * cfg.scale
+            contrib_refs[3][...] = dv_c
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     dgate_ref[...] = dgate
 
@@ -284,6 +304,30 @@ def _inverted_index(cfg: _Config, idx, valid):
     return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1).astype(jnp.int32)
 
 
+def _scatter_contributions(cfg: _Config, contrib, idx, kh: int, nk_alloc: int, dtype):
+    """Sum the dq kernel's per-(query group, block) contributions into dk, dv [b, nk_alloc, kh, d].
+
+    XLA scatter-adds (float32) the first k' slots at their block indices (unused slots hold
+    zeros: their probabilities are masked) and the own-block terms at t // sb.
+    """
+    b, nq, groups = idx.shape[:3]
+    khid = (jnp.arange(groups) // cfg.groups_per_kv)[None, None, :]  # kv head of each group
+    bid = jnp.arange(b)[:, None, None]
+    blk = jnp.clip(idx[..., : cfg.num_sel], 0, cfg.nb - 1)  # [b, nq, groups, k']
+    own = (jnp.arange(nq) // cfg.sb)[None, :, None]
+    outs = []
+    for w in range(2):
+        d = contrib[w].shape[-1]
+        acc = jnp.zeros((b, cfg.nb, kh, cfg.sbp, d), F32)
+        if cfg.num_sel > 0:
+            acc = acc.at[bid[..., None], blk, khid[..., None]].add(contrib[w][:, :, :, : cfg.num_sel])
+        if cfg.own_block:
+            acc = acc.at[bid, own, khid].add(contrib[2 + w])
+        x = acc[:, :, :, : cfg.sb].transpose(0, 1, 3, 2, 4).reshape(b, cfg.nb * cfg.sb, kh, d)
+        outs.append(pad_axis(x, 1, nk_alloc).astype(dtype))
+    return outs
+
+
 def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
     b, nq, groups, rows, d = q.shape
     kh = k.shape[2]
@@ -294,16 +338,27 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
 
     q_spec, row_spec, sel_spec = _group_specs(cfg, d)
     kv_spec = _kv_spec(k.shape[1], d, upk)
-    dq, dgate = pl.pallas_call(
+    out_specs = [q_spec, sel_spec]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)]
+    if cfg.dkv_scatter:  # per (query group, slot) dk and dv contributions, then the own block's
+        sel_c = pl.BlockSpec((None, None, None, cfg.kp, cfg.sbp, d), lambda t, bi, s: (bi, t, s, 0, 0, 0))
+        own_c = pl.BlockSpec((None, None, None, cfg.sbp, d), lambda t, bi, s: (bi, t, s, 0, 0))
+        out_specs += [sel_c, sel_c] + ([own_c, own_c] if cfg.own_block else [])
+        out_shape += [jax.ShapeDtypeStruct((b, nq, groups, cfg.kp, cfg.sbp, d), F32)] * 2
+        out_shape += [jax.ShapeDtypeStruct((b, nq, groups, cfg.sbp, d), F32)] * 2 if cfg.own_block else []
+    dq, dgate, *contrib = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, precision=precision),
         grid=(nq, b, groups),
         in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec],
-        out_specs=[q_spec, sel_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_dq",
     )(q, k, v, idx, valid, gate, do, lse, delta)
+    if cfg.dkv_scatter:
+        dk, dv = _scatter_contributions(cfg, contrib, idx, kh, k.shape[1], k.dtype)
+        return dq, dk, dv, dgate
 
     order, offsets = _inverted_index(cfg, idx, valid)
     gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
@@ -376,8 +431,18 @@ def selected_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     dkv_entries_per_program: int = 256,
+    dkv_impl: str = "auto",
 ) -> jax.Array:  # [b, nq, h, d]
-    """Same contract as `nsa_jax.reference.selected_attention`."""
+    """Same contract as `nsa_jax.reference.selected_attention`.
+
+    dkv_impl: how dk/dv are computed. "inverted": the dk/dv kernel over an inverted index
+    (one program per key block; matrix-unit tiles when a selection group has >= 16 rows);
+    "scatter": the dq kernel also emits each (query group, block) contribution and XLA
+    scatter-adds them (float32 atomics: summation order, and so the last bits, may vary
+    between runs); "auto": scatter when the groups are too small for the matrix unit (the
+    inverted kernel then walks its query list one query at a time) and the contributions
+    fit in DKV_SCATTER_MAX_BYTES.
+    """
     if q_positions is not None:
         return reference_fallback(reference.selected_attention, q, k, v, indices, valid, gates,
                                   block_size=block_size, causal=causal, scale=scale, q_positions=q_positions)
@@ -399,8 +464,13 @@ def selected_attention(
     # Split a key block's query list when blocks are selected by many queries on average
     # (early blocks get several times the mean under causal selection).
     dkv_splits = max(1, min(8, (nq * num_sel * upk) // (nb * dkv_entries_per_program)))
+    contrib_bytes = 2 * 4 * b * nq * sh * (kp + 1) * sbp * d_pad
+    if dkv_impl == "auto":
+        dkv_impl = "scatter" if rows < MIN_DOT and contrib_bytes <= DKV_SCATTER_MAX_BYTES else "inverted"
+    if dkv_impl not in ("scatter", "inverted"):
+        raise ValueError(f"dkv_impl must be 'auto', 'scatter' or 'inverted', got {dkv_impl!r}")
     cfg = _Config(sb=block_size, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, groups_per_kv=upk,
-                  dkv_splits=dkv_splits,
+                  dkv_splits=dkv_splits, dkv_scatter=dkv_impl == "scatter",
                   causal=causal, scale=float(scale), num_warps=num_warps, num_stages=num_stages,
                   interpret=interpret_mode())
 

@@ -42,23 +42,24 @@ def random_selection(key, shape, num_blocks: int, p_valid: float):
     return indices, valid, gates
 
 
-def _check(case, dtype, indices, valid, gates, q, k, v, key):
+def _check(case, dtype, indices, valid, gates, q, k, v, key, dkv_impl="auto"):
     n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
     kw = dict(block_size=sb, causal=causal)
     if use_gates:
         args, names = (q, k, v, gates), ("q", "k", "v", "gates")
-        fn = lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, **kw)
+        fn = lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, dkv_impl=dkv_impl, **kw)
         ref = lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, **kw)
     else:
         args, names = (q, k, v), ("q", "k", "v")
-        fn = lambda q, k, v: selected_attention(q, k, v, indices, valid, None, **kw)
+        fn = lambda q, k, v: selected_attention(q, k, v, indices, valid, None, dkv_impl=dkv_impl, **kw)
         ref = lambda q, k, v: reference.selected_attention(q, k, v, indices, valid, None, **kw)
-    check_vjp("selected", fn, ref, args, names, dtype, key, case=str(case))
+    check_vjp("selected", fn, ref, args, names, dtype, key, case=str(case), dkv_impl=dkv_impl)
 
 
+@pytest.mark.parametrize("dkv_impl", ["inverted", "scatter"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_selected_attention_kernel_matches_reference(case, dtype):
+def test_selected_attention_kernel_matches_reference(case, dtype, dkv_impl):
     n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
     q = randn(keys[0], (2, n, h, d), dtype)
@@ -67,7 +68,7 @@ def test_selected_attention_kernel_matches_reference(case, dtype):
     num_sel = min(num_sel, num_blocks)
     sh = kh if shared else h
     indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.6 if not causal else 0.8)
-    _check(case, dtype, indices, valid, gates, q, k, v, keys[4])
+    _check(case, dtype, indices, valid, gates, q, k, v, keys[4], dkv_impl)
 
 
 # Selections as the module makes them (top-k of the compressed scores; causal: past blocks
