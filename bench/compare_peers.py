@@ -285,6 +285,46 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: str) -> bool:
+    """Core fwd+bwd time against sequence length: ours, fla, dense cuDNN (JAX), torch SDPA."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    peers = result.get("peers") or {}
+    series = {}
+    for what, label in (("nsa", "nsa-jax (Pallas)"), ("dense cudnn", "dense causal, cuDNN (JAX)")):
+        rows = sorted((r["T"], r["fwd_bwd_ms"]) for r in result["core"]
+                      if r["config"] == "fla" and r["what"] == what and r.get("fwd_bwd_ms"))
+        series[label] = rows
+    for key, label in (("fla", "fla-core parallel_nsa"), ("dense", "dense causal, torch SDPA")):
+        rows = peers.get(key) if isinstance(peers.get(key), list) else []
+        series[label] = sorted((r["seq_len"], r["fwd_bwd"]["median_ms"]) for r in rows
+                               if isinstance(r.get("fwd_bwd"), dict) and r["fwd_bwd"].get("median_ms"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in series.items():
+        if rows:
+            ax.plot([t for t, _ in rows], [ms for _, ms in rows], marker="o", label=label,
+                    linestyle="--" if "dense" in label else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("forward + backward (ms)")
+    ax.set_title(f"NSA core, fla benchmark config (64 q heads, 4 kv, d 128, bf16)\n{result.get('device')}, "
+                 f"{result.get('date')}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
@@ -296,6 +336,10 @@ def main() -> None:
     parser.add_argument("--budget_s", type=float, default=2.0)
     parser.add_argument("--peer_timeout", type=int, default=900)
     parser.add_argument("--peer_log", default=os.path.join(tempfile.gettempdir(), "peers_torch.log"))
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="print the table of an earlier run's JSON (with --peers_json: merge those peer rows "
+                             "in and rewrite it to --json)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also plot core time against length")
     parser.add_argument("--what", default="peaks,memory,train,core,decode")
     parser.add_argument("--core_configs", default="fla", help="bench/kernels.py configurations for the core rows "
                         "(fla; add paper for the paper's own, which bench/kernels.py also times)")
@@ -305,6 +349,18 @@ def main() -> None:
     if args.quick:
         args.repeats = 5
     what = set(args.what.split(","))
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        if args.peers_json:
+            result["peers"] = json.loads(Path(args.peers_json).read_text())
+            result["peers"]["status"] = f"from {args.peers_json}"
+            Path(args.json or args.report).write_text(json.dumps(result, indent=2))
+        print(f"{result.get('device')}, jax {result.get('jax')}, {result.get('date')}"
+              + (f", torch {result['peers'].get('torch')}" if result.get("peers") else ""))
+        print(table(result))
+        if args.plot:
+            plot(result, args.plot)
+        return
 
     result = dict(date=datetime.date.today().isoformat(), settings=dict(shapes=args.shapes, lengths=args.lengths),
                   train=[], core=[])
@@ -343,6 +399,8 @@ def main() -> None:
           + (f", torch {result['peers'].get('torch')}" if result.get("peers") else ""))
     print(table(result))
     print(f"wrote {path}")
+    if args.plot:
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,11 @@ class Tiles:
     # added in XLA) so that the few compressed key tiles still fill the GPU.
     max_dkv_splits: int = 64
     dkv_tiles_per_program: int = 256
+    # ... and split further, down to min_dkv_tiles_per_program query tiles per program, until
+    # about this many programs run (4 per SM of an H100): with few key tiles (the seed's 257
+    # compressed keys at T = 4096 make 5) the unsplit grid left most SMs idle.
+    dkv_target_programs: int = 528
+    min_dkv_tiles_per_program: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +341,9 @@ def banded_attention(
     n_pad = round_up(n, max(bq))
     nk_pad = round_up(max(k.shape[1], vis.num_keys, 1), max(bk))
     dkv_tiles = cdiv(vis.max_query_span(bk[2], n_pad), bq[2]) + 1
-    dkv_splits = max(1, min(tiles.max_dkv_splits, dkv_tiles // tiles.dkv_tiles_per_program))
+    programs = cdiv(nk_pad, bk[2]) * b * kh  # dk/dv programs per split
+    fill = min(cdiv(tiles.dkv_target_programs, programs), dkv_tiles // tiles.min_dkv_tiles_per_program)
+    dkv_splits = max(1, min(tiles.max_dkv_splits, max(dkv_tiles // tiles.dkv_tiles_per_program, fill)))
     cfg = _Config(
         vis=vis, scale=float(scale), g=g, n_pad=n_pad,
         block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],
