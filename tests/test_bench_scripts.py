@@ -89,3 +89,31 @@ def test_peers_torch_script(tmp_path):
         assert "skipped" in decode
     else:
         assert decode["ms_per_token"] > 0, decode
+
+
+def test_compare_peers_report_merges_peer_rows_and_plots(tmp_path):
+    """The side-by-side table from saved results: our rows, the peers' rows, ratios, crossover."""
+    ours = dict(device="H100", jax="0.11.2", date="2026-11-27",
+                settings=dict(shapes=[[4, 512]], lengths=[4096, 65536]),
+                peaks=dict(matmul_tflops_float32=355.0, matmul_tflops_bfloat16=653.0, copy_tb_per_s=2.2),
+                train=[dict(variant="pallas", batch_size=4, seq_len=512, ms_per_step=10.0)],
+                core=[dict(config="fla", T=4096, what="nsa", fwd_ms=2.0, fwd_bwd_ms=6.0),
+                      dict(config="fla", T=4096, what="dense cudnn", fwd_ms=0.7, fwd_bwd_ms=2.5),
+                      dict(config="fla", T=65536, what="nsa", fwd_ms=40.0, fwd_bwd_ms=110.0),
+                      dict(config="fla", T=65536, what="dense cudnn", fwd_ms=115.0, fwd_bwd_ms=460.0)],
+                decode=dict(ms_per_token_all=0.5), memory=dict(peak_gib=1.5))
+    peers = dict(torch="2.11", train=[dict(batch=4, seq_len=512, median_ms=100.0)],
+                 fla=[dict(seq_len=65536, fwd=dict(median_ms=57.5), fwd_bwd=dict(median_ms=220.0))],
+                 dense=[], decode=dict(ms_per_token=20.0), memory=dict(peak_gib=1.5))
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_peers.py"), "--report", str(tmp_path / "ours.json"),
+                          "--peers_json", str(tmp_path / "peers.json"), "--json", str(tmp_path / "merged.json"),
+                          "--plot", str(tmp_path / "core.png")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| 10.00 | 100.00 | 10.0x | >= 10x |" in run.stdout  # train step: ours, peer, ratio, target
+    assert "| 110.00 | 220.00 | 2.0x |" in run.stdout  # core fwd+bwd at 64k against fla
+    assert "| 0.500 | 20.000 | 40.0x |" in run.stdout  # decode
+    assert "beats dense cuDNN from T = 65536" in run.stdout
+    assert json.loads((tmp_path / "merged.json").read_text())["peers"]["torch"] == "2.11"
+    assert (tmp_path / "core.png").stat().st_size > 10_000
