@@ -90,12 +90,15 @@ def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str |
         values, _ = backend.select_blocks(q, ck, **sel_kw)
         return values
 
-    def selected(q, k, v, ck, cv):
+    def selected(q, k, v, ck, cv, **impl):
         ck, _ = pooled(k, v, ck, cv)
         values, indices = backend.select_blocks(q, ck, **sel_kw)
         gates = reference.straight_through_gates(values)
         return backend.selected_attention(q, k, v, indices, reference.valid_selection(values), gates,
-                                          block_size=cfg["selection_block"], causal=True, scale=scale)
+                                          block_size=cfg["selection_block"], causal=True, scale=scale, **impl)
+
+    def selected_tiled(q, k, v, ck, cv):
+        return selected(q, k, v, ck, cv, impl="tiled")
 
     def sliding(q, k, v, ck, cv):
         return backend.sliding_window_attention(q, k, v, **slide_kw)
@@ -108,7 +111,8 @@ def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str |
             out = compressed(q, k, v, ck, cv) + selected(q, k, v, ck, cv)
         return out + sliding(q, k, v, ck, cv) if cfg["window"] > 0 else out
 
-    return dict(core=core, compressed=compressed, selection=selection, selected=selected, sliding=sliding)
+    return dict(core=core, compressed=compressed, selection=selection, selected=selected, sliding=sliding,
+                selected_tiled=selected_tiled)
 
 
 def dense(q, k, v, ck, cv):
@@ -150,7 +154,7 @@ def main() -> None:
                         help="lengths at which each branch is also timed alone")
     parser.add_argument("--branches", nargs="*", default=None,
                         help="which branches to time alone (default all): compressed, selection, selected, "
-                             "'sliding pallas', 'sliding cudnn'")
+                             "'selected tiled', 'sliding pallas', 'sliding cudnn'")
     parser.add_argument("--branch_configs", nargs="*", default=list(CONFIGS),
                         help="configurations whose branches are timed alone")
     parser.add_argument("--topk", default=None, choices=["lax", "passes", "pick"],
@@ -216,6 +220,7 @@ def main() -> None:
             fns = branch_fns(cfg, backend, topk_impl=topk)
             inputs = make_inputs(cfg, n)
             cases = {"compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
+                     "selected tiled": fns["selected_tiled"],
                      "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
                      "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"]}
             if cfg["window"] == 0:

@@ -81,7 +81,13 @@ def main() -> None:
     parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per device)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default=None, help="JSON file stem (default train_step-<date>)")
+    parser.add_argument("--selected_impl", default=None, choices=["query", "tiled"],
+                        help="selected-attention kernels for the pallas variant (default: the library's)")
     args = parser.parse_args()
+    if args.selected_impl:
+        import kernels.selected_attention
+
+        kernels.selected_attention.IMPL = args.selected_impl
 
     device = jax.devices()[0]
     results = []
@@ -113,7 +119,7 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     path = out / f"{args.name or 'train_step-' + stamp}.json"
     path.write_text(json.dumps(dict(device=device.device_kind, jax=jax.__version__, date=stamp,
-                                    results=results), indent=2))
+                                    selected_impl=args.selected_impl or "default", results=results), indent=2))
     print(f"wrote {path}")
 
 

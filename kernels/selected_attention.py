@@ -47,10 +47,15 @@ from nsa_jax import reference
 
 # Largest float32 dk + dv contribution buffer the "scatter" dk/dv path may allocate per call.
 DKV_SCATTER_MAX_BYTES = 1 << 30
+# Default `impl` of `selected_attention` ("query" or "tiled"); the tiled kernels stay opt-in
+# until a GPU measurement shows them faster (bench/train_step.py --selected_impl=tiled).
+IMPL = "query"
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class SelectedConfig:
+    """What both selected-attention kernel families need to know (static)."""
+
     sb: int  # selection block size
     sbp: int  # keys loaded per block: a power of two >= sb (>= 16 on the matrix-unit path)
     nb: int  # key blocks
@@ -59,8 +64,6 @@ class _Config:
     kp: int  # k' padded to a power of two (>= 1)
     rows: int  # rows of a selection group (g heads when shared, else 1), power of two
     groups_per_kv: int  # selection groups per kv head (1 when shared, else g)
-    dkv_splits: int  # programs sharing one key block's query list in the dk/dv kernel
-    dkv_scatter: bool  # dk/dv from per-(query, block) contributions of the dq kernel + scatter-add
     causal: bool
     scale: float
     num_warps: int
@@ -75,6 +78,12 @@ class _Config:
     @property
     def own_block(self) -> bool:
         return self.causal or self.num_sel == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config(SelectedConfig):
+    dkv_splits: int  # programs sharing one key block's query list in the dk/dv kernel
+    dkv_scatter: bool  # dk/dv from per-(query, block) contributions of the dq kernel + scatter-add
 
 
 def _usable(cfg: _Config, blk, ok, zero_row):
@@ -432,6 +441,8 @@ def selected_attention(
     num_stages: int = 2,
     dkv_entries_per_program: int = 256,
     dkv_impl: str = "auto",
+    impl: str | None = None,
+    tile_rows: int = 32,
 ) -> jax.Array:  # [b, nq, h, d]
     """Same contract as `nsa_jax.reference.selected_attention`.
 
@@ -442,6 +453,11 @@ def selected_attention(
     between runs); "auto": scatter when the groups are too small for the matrix unit (the
     inverted kernel then walks its query list one query at a time) and the contributions
     fit in DKV_SCATTER_MAX_BYTES.
+
+    impl: "query" (one program per query, above), "tiled" (`kernels.selected_tiled`: one
+    program per tile of queries, about `tile_rows` rows, walking the union of their blocks;
+    dk/dv by scatter-add; needs distinct valid indices per query, as top-k gives), or None:
+    the module default `IMPL`.
     """
     if q_positions is not None:
         return reference_fallback(reference.selected_attention, q, k, v, indices, valid, gates,
@@ -488,6 +504,36 @@ def selected_attention(
         val = pad_axis(valid.astype(jnp.int32), 3, kp)
         gate = jnp.ones(indices.shape, F32) if gates is None else gates.astype(F32)
         gate = jnp.concatenate([gate, jnp.ones((b, nq, sh, kp - num_sel), F32)], axis=-1)
-    o = _selected(cfg, qg, kp_, vp_, idx, val, gate)  # [b, nq, sh, rows, d_pad]
+    impl = IMPL if impl is None else impl
+    if impl == "tiled":
+        o = _tiled(qg, kp_, vp_, idx, val, gate, sb=block_size, nb=nb, num_sel=num_sel, kp=kp, upk=upk,
+                   causal=causal, scale=float(scale), tile_rows=tile_rows, num_warps=num_warps,
+                   num_stages=num_stages)
+    elif impl == "query":
+        o = _selected(cfg, qg, kp_, vp_, idx, val, gate)  # [b, nq, sh, rows, d_pad]
+    else:
+        raise ValueError(f"impl must be 'query' or 'tiled', got {impl!r}")
     o = o.reshape(b, nq, kh, upk * rows, d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)
+
+
+def _tiled(qg, k, v, idx, val, gate, *, sb, nb, num_sel, kp, upk, causal, scale, tile_rows, num_warps, num_stages):
+    """The per-query layout [b, nq, groups, rows, d] through `selected_tiled` and back."""
+    from kernels.selected_tiled import TiledConfig, tiled_selected
+
+    b, nq, groups, rows, d = qg.shape
+    bq = max(1, tile_rows // rows)
+    nq_pad = -(-nq // bq) * bq
+    sbp = max(MIN_DOT, next_pow2(sb))
+    k, v = (pad_axis(x, 1, nb * sb + sbp - sb) for x in (k, v))
+    cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
+                      groups_per_kv=upk, causal=causal, scale=scale, num_warps=num_warps,
+                      num_stages=num_stages, interpret=interpret_mode())
+    q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
+
+    def per_row(x):  # [b, nq, groups, kp] -> [b, groups, nq_pad * rows, kp]
+        x = pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)
+        return jnp.repeat(x, rows, axis=2)
+
+    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate))
+    return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)

@@ -42,24 +42,31 @@ def random_selection(key, shape, num_blocks: int, p_valid: float):
     return indices, valid, gates
 
 
-def _check(case, dtype, indices, valid, gates, q, k, v, key, dkv_impl="auto"):
+# (impl, dkv_impl): per-query kernels with either dk/dv path, and the query-tiled kernels.
+VARIANTS = [("query", "inverted"), ("query", "scatter"), ("tiled", "auto")]
+
+
+def _check(case, dtype, indices, valid, gates, q, k, v, key, variant=("query", "auto"), tile_rows=32):
     n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
+    impl, dkv_impl = variant
     kw = dict(block_size=sb, causal=causal)
+    kernel_kw = dict(kw, impl=impl, dkv_impl=dkv_impl, tile_rows=tile_rows)
     if use_gates:
         args, names = (q, k, v, gates), ("q", "k", "v", "gates")
-        fn = lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, dkv_impl=dkv_impl, **kw)
+        fn = lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, **kernel_kw)
         ref = lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, **kw)
     else:
         args, names = (q, k, v), ("q", "k", "v")
-        fn = lambda q, k, v: selected_attention(q, k, v, indices, valid, None, dkv_impl=dkv_impl, **kw)
+        fn = lambda q, k, v: selected_attention(q, k, v, indices, valid, None, **kernel_kw)
         ref = lambda q, k, v: reference.selected_attention(q, k, v, indices, valid, None, **kw)
-    check_vjp("selected", fn, ref, args, names, dtype, key, case=str(case), dkv_impl=dkv_impl)
+    check_vjp("selected" if impl == "query" else "selected tiled", fn, ref, args, names, dtype, key, case=str(case),
+              dkv_impl=dkv_impl, tile_rows=tile_rows)
 
 
-@pytest.mark.parametrize("dkv_impl", ["inverted", "scatter"])
+@pytest.mark.parametrize("variant", VARIANTS, ids="-".join)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_selected_attention_kernel_matches_reference(case, dtype, dkv_impl):
+def test_selected_attention_kernel_matches_reference(case, dtype, variant):
     n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
     q = randn(keys[0], (2, n, h, d), dtype)
@@ -68,7 +75,21 @@ def test_selected_attention_kernel_matches_reference(case, dtype, dkv_impl):
     num_sel = min(num_sel, num_blocks)
     sh = kh if shared else h
     indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.6 if not causal else 0.8)
-    _check(case, dtype, indices, valid, gates, q, k, v, keys[4], dkv_impl)
+    _check(case, dtype, indices, valid, gates, q, k, v, keys[4], variant)
+
+
+@pytest.mark.parametrize("tile_rows", [16, 128])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]], ids=str)
+def test_selected_attention_tiled_tile_sizes(case, tile_rows):
+    """Tiles smaller and larger than a selection block (one or many own blocks per tile)."""
+    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
+    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 2), 5)
+    q = randn(keys[0], (2, n, h, d))
+    k, v = (randn(key, (2, n, kh, d)) for key in keys[1:3])
+    num_blocks = -(-n // sb)
+    sh = kh if shared else h
+    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.7)
+    _check(case, jnp.float32, indices, valid, gates, q, k, v, keys[4], ("tiled", "auto"), tile_rows)
 
 
 # Selections as the module makes them (top-k of the compressed scores; causal: past blocks
@@ -80,9 +101,10 @@ PIPELINE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["query", "tiled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=str)
-def test_selected_attention_kernel_with_module_selection(case, dtype):
+def test_selected_attention_kernel_with_module_selection(case, dtype, impl):
     n, h, kh, d, sb, num_sel, causal, shared, _ = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 6)
     q = randn(keys[0], (2, n, h, d), dtype)
@@ -93,7 +115,7 @@ def test_selected_attention_kernel_with_module_selection(case, dtype):
         q.astype(jnp.float32), ck, num_mem=1, stride=stride, causal=causal, share_heads=shared,
         num_selected=num_sel, selection_block_size=sb)
     valid = reference.valid_selection(values)
-    _check(case, dtype, indices, valid, values, q, k, v, keys[5])
+    _check(case, dtype, indices, valid, values, q, k, v, keys[5], (impl, "auto"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
