@@ -36,7 +36,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -128,7 +127,7 @@ def main() -> None:
     cases = [("sparse cached", True, args.prime, seq_len, True),
              ("dense cached", False, args.prime, seq_len, True)]
     if args.long:
-        cases.append((f"sparse cached, long", True, args.prime, args.prime + args.long, True))
+        cases.append(("sparse cached, long", True, args.prime, args.prime + args.long, True))
     if args.uncached:
         cases.append(("sparse uncached", True, seq_len - args.uncached, seq_len, False))
     for name, sparse, prime, length, cached in cases:

@@ -46,18 +46,14 @@ def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pads)
 
 
-def dot_precision(dtype):
-    """The kernels' matmul precision: None, i.e. JAX's `jax_default_matmul_precision` setting,
-    which `lax.dot_general` resolves when the kernel is traced. Float32 kernels therefore use
-    TF32 tensor cores by default on the GPU, as XLA's own float32 matmuls do, and IEEE float32
-    under `jax.default_matmul_precision("highest")` (what the parity tests use). bf16 inputs
-    take the native bf16 path either way."""
-    del dtype
-    return None
-
-
-def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False, precision=None) -> jax.Array:
+def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """2-D matmul with f32 accumulation inside a kernel.
+
+    Its precision is JAX's `jax_default_matmul_precision` setting, which `lax.dot_general`
+    resolves when the kernel is traced: float32 kernels use TF32 tensor cores by default on the
+    GPU, as XLA's own float32 matmuls do, and IEEE float32 under
+    `jax.default_matmul_precision("highest")` (what the parity tests use); bf16 takes the
+    native bf16 path either way.
 
     Uses the matrix unit (`lax.dot_general`) when every dimension is >= 16, as Triton requires;
     otherwise (few query rows, e.g. one head per query) a broadcast multiply-reduce in f32.
@@ -67,7 +63,7 @@ def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fal
     n_dim = b.shape[0] if trans_b else b.shape[1]
     if min(m_dim, k_dim, n_dim) >= MIN_DOT:
         dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+        return lax.dot_general(a, b, dims, preferred_element_type=F32)
     a32, b32 = a.astype(F32), b.astype(F32)
     if trans_a and trans_b:
         raise NotImplementedError("mm: transpose one operand at most")
@@ -78,7 +74,7 @@ def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fal
     return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)  # a [m, k], b [k, n]
 
 
-def online_softmax_step(carry, s, v, precision):
+def online_softmax_step(carry, s, v):
     """One key tile of flash attention in base 2: carry (acc [R, d], row max [R], row sum [R]),
     logits s [R, BK] already scaled by log2(e), values v [BK, d]."""
     acc, m_i, l_i = carry
@@ -86,15 +82,8 @@ def online_softmax_step(carry, s, v, precision):
     corr = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - m_new[:, None])
     l_new = l_i * corr + p.sum(axis=1)
-    acc = acc * corr[:, None] + mm(p.astype(v.dtype), v, precision=precision)
+    acc = acc * corr[:, None] + mm(p.astype(v.dtype), v)
     return acc, m_new, l_new
-
-
-def reference_fallback(fn, *args, **kwargs):
-    """Call the pure-JAX reference for a case the kernels do not serve. Its matmuls follow the
-    same precision setting as the kernels (see `dot_precision`), so a shape's numerics do not
-    depend on which path serves it."""
-    return fn(*args, **kwargs)
 
 
 def compiler_params(num_warps: int, num_stages: int = 2) -> plgpu.CompilerParams:

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, cdiv, compiler_params, dot_precision, iota, mm, next_pow2, online_softmax_step,
+    F32, LOG2E, MASK_VALUE, cdiv, compiler_params, iota, mm, next_pow2, online_softmax_step,
     pad_axis, round_up,
 )
 
@@ -140,7 +140,7 @@ def _div_up(x, b: int):
     return lax.div(x + (b - 1), b)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     block_q, block_k, g = cfg.block_q_fwd, cfg.block_k_fwd, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     t0 = pl.program_id(0) * block_q
@@ -152,9 +152,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision)
         start = kt * block_k
         k = k_ref[pl.ds(start, block_k), :]  # [BK, d]
         v = v_ref[pl.ds(start, block_k), :]
-        s = mm(q, k, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [R, BK]
+        s = mm(q, k, trans_b=True) * (cfg.scale * LOG2E)  # [R, BK]
         s = jnp.where(cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :]), s, MASK_VALUE)
-        return online_softmax_step(carry, s, v, precision)
+        return online_softmax_step(carry, s, v)
 
     init = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
     acc, m_i, l_i = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, init)
@@ -164,7 +164,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision)
     lse_ref[...] = jnp.where(seen, m_i + jnp.log2(l_safe), jnp.inf).reshape(block_q, g)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config, precision):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
     block_q, block_k, g = cfg.block_q_dq, cfg.block_k_dq, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     t0 = pl.program_id(0) * block_q
@@ -179,18 +179,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
         start = kt * block_k
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        s = mm(q, k, trans_b=True, precision=precision) * (cfg.scale * LOG2E)
+        s = mm(q, k, trans_b=True) * (cfg.scale * LOG2E)
         visible = cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :])
         p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)  # [R, BK]
-        dp = mm(do, v, trans_b=True, precision=precision)
+        dp = mm(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
-        return dq + mm(ds.astype(k.dtype), k, precision=precision)
+        return dq + mm(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, jnp.zeros((rows, d), F32))
     dq_ref[...] = (dq * cfg.scale).reshape(block_q, g, d).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, precision):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config):
     """One key tile's dk, dv. Works on transposed scores [BK, R] (keys in the matmul M
     dimension, as the Triton tutorial does) so no tile is transposed in registers; q, do
     come as 2-D row arrays [n_pad * g, d] so each loaded tile needs no reshape."""
@@ -214,12 +214,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         lse = lse_ref[rows_slice]  # [R]
         delta = delta_ref[rows_slice]
         t = qt * block_q + lax.div(iota(rows), g)
-        s_t = mm(k, q, trans_b=True, precision=precision) * (cfg.scale * LOG2E)  # [BK, R]
+        s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
         p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None]), jnp.exp2(s_t - lse[None, :]), 0.0)
-        dv = dv + mm(p_t.astype(do.dtype), do, precision=precision)  # [BK, d]
-        dp_t = mm(v, do, trans_b=True, precision=precision)  # [BK, R]
+        dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]
+        dp_t = mm(v, do, trans_b=True)  # [BK, R]
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = dk + mm(ds_t.astype(q.dtype), q, precision=precision)
+        dk = dk + mm(ds_t.astype(q.dtype), q)
         return dk, dv
 
     zeros = jnp.zeros((block_k, d), F32)
@@ -236,7 +236,7 @@ def _forward(cfg: _Config, q, k, v):
     q_spec = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
     kv_spec = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
+        functools.partial(_fwd_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
         in_specs=[q_spec, kv_spec, kv_spec],
         out_specs=[q_spec, pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))],
@@ -251,7 +251,6 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
     b, n_pad, kh, g, d = q.shape
     nk_pad = k.shape[1]
     delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)  # [b, n_pad, kh, g]
-    precision = dot_precision(q.dtype)
     params = compiler_params(cfg.num_warps, cfg.num_stages)
 
     bq = cfg.block_q_dq
@@ -259,7 +258,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
     row_tile = pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))
     kv_full = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, precision=precision),
+        functools.partial(_dq_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
         in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile],
         out_specs=q_tile,
@@ -278,7 +277,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
     out_tile = pl.BlockSpec((None, None, bk, None, d), lambda j, sp, bi, hi: (sp, bi, j, hi, 0))
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, precision=precision),
+        functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(nk_pad // bk, splits, b, kh),
         in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full],
         out_specs=[out_tile, out_tile],

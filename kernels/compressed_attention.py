@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 
-from kernels._common import interpret_mode, reference_fallback
+from kernels._common import interpret_mode
 from kernels._flash import Tiles, Visibility, banded_attention
 from nsa_jax import reference
 
@@ -37,8 +37,8 @@ def compressed_attention(
 ) -> jax.Array:  # [b, n, h, d]
     """Same contract as `nsa_jax.reference.compressed_attention`."""
     if q_positions is not None or (causal and num_mem == 0):
-        return reference_fallback(reference.compressed_attention, q, ck, cv, num_mem=num_mem, stride=stride,
-                                  causal=causal, scale=scale, q_positions=q_positions)
+        return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride,
+                                              causal=causal, scale=scale, q_positions=q_positions)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     vis = Visibility("compressed", causal=causal, num_keys=ck.shape[1], num_mem=num_mem, stride=stride)

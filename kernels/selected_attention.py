@@ -40,8 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, dot_precision, interpret_mode, iota, mm, next_pow2,
-    online_softmax_step, pad_axis, reference_fallback,
+    F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, interpret_mode, iota, mm, next_pow2,
+    online_softmax_step, pad_axis,
 )
 from nsa_jax import reference
 
@@ -104,7 +104,7 @@ def _own_mask(cfg: _Config, t, idx_vec, valid_vec):
     return own, mask
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_ref, *, cfg: _Config, precision):
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_ref, *, cfg: _Config):
     t = pl.program_id(0)
     q = q_ref[...]  # [G, d]
     c = cfg.scale * LOG2E
@@ -119,11 +119,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
         start = jnp.clip(blk, 0, cfg.nb - 1) * cfg.sb
         kb = k_ref[pl.ds(start, cfg.sbp), :]  # [sbp, d]
         vb = v_ref[pl.ds(start, cfg.sbp), :]
-        s = mm(q, kb, trans_b=True, precision=precision) * (gate_ref[i] * c)  # [G, sbp]
+        s = mm(q, kb, trans_b=True) * (gate_ref[i] * c)  # [G, sbp]
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
         s = jnp.where(in_block & use, s, MASK_VALUE)
-        return online_softmax_step(carry, s, vb, precision)
+        return online_softmax_step(carry, s, vb)
 
     rows, d = q.shape
     carry = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
@@ -132,8 +132,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
         own, mask = _own_mask(cfg, t, idx_vec, valid_vec)
         kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
-        s = mm(q, kb, trans_b=True, precision=precision) * c
-        carry = online_softmax_step(carry, jnp.where(mask[None, :], s, MASK_VALUE), vb, precision)
+        s = mm(q, kb, trans_b=True) * c
+        carry = online_softmax_step(carry, jnp.where(mask[None, :], s, MASK_VALUE), vb)
     acc, m_i, l_i = carry
     seen = l_i > 0
     l_safe = jnp.where(seen, l_i, 1.0)
@@ -142,7 +142,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, dq_ref, dgate_ref,
-               *contrib_refs, cfg: _Config, precision):
+               *contrib_refs, cfg: _Config):
     """dq and dgates of one query group; with `cfg.dkv_scatter` also each selected (and own)
     block's dk, dv contribution [sbp, d] (contrib_refs: dk_sel, dv_sel [kp, sbp, d], then
     dk_own, dv_own [sbp, d] when the own block is attended)."""
@@ -161,13 +161,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     def grads(vb, s, mask):
         """(probabilities, dL/dlogits natural) [G, sbp] for base-2 logits s."""
         p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
-        dp = mm(do, vb, trans_b=True, precision=precision)
+        dp = mm(do, vb, trans_b=True)
         return p, p * (dp - delta)
 
     def contributions(p, ds_gated):
         """This query group's dk (before the scale) and dv for one key block: [sbp, d] each."""
-        return (mm(ds_gated.astype(q.dtype), q, trans_a=True, precision=precision),
-                mm(p.astype(do.dtype), do, trans_a=True, precision=precision))
+        return (mm(ds_gated.astype(q.dtype), q, trans_a=True),
+                mm(p.astype(do.dtype), do, trans_a=True))
 
     def body(i, carry):
         dq, dgate = carry
@@ -177,14 +177,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         start = jnp.clip(blk, 0, cfg.nb - 1) * cfg.sb
         kb = k_ref[pl.ds(start, cfg.sbp), :]
         vb = v_ref[pl.ds(start, cfg.sbp), :]
-        qk = mm(q, kb, trans_b=True, precision=precision) * c  # [G, sbp], without the gate
+        qk = mm(q, kb, trans_b=True) * c  # [G, sbp], without the gate
         s = qk * gate
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
         p, ds = grads(vb, s, in_block & use)
         if cfg.zero_rows_possible:
             ds = jnp.where(zero_row, 0.0, ds)
-        dq = dq + mm((ds * gate).astype(kb.dtype), kb, precision=precision)
+        dq = dq + mm((ds * gate).astype(kb.dtype), kb)
         dgate = jnp.where(slots == i, jnp.sum(ds * qk) * (1.0 / LOG2E), dgate)
         if cfg.dkv_scatter:
             dk_c, dv_c = contributions(p, ds * gate)
@@ -198,9 +198,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         own, mask = _own_mask(cfg, t, idx_vec, valid_vec)
         kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
         vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
-        s = mm(q, kb, trans_b=True, precision=precision) * c
+        s = mm(q, kb, trans_b=True) * c
         p, ds = grads(vb, s, mask[None, :])
-        dq = dq + mm(ds.astype(kb.dtype), kb, precision=precision)
+        dq = dq + mm(ds.astype(kb.dtype), kb)
         if cfg.dkv_scatter:
             dk_c, dv_c = contributions(p, ds)
             contrib_refs[2][...] = dk_c * cfg.scale
@@ -210,7 +210,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
-                 dk_ref, dv_ref, *, cfg: _Config, precision):
+                 dk_ref, dv_ref, *, cfg: _Config):
     j = pl.program_id(0)
     split = pl.program_id(1)
     rows = cfg.rows
@@ -228,15 +228,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         do = do_ref[t, pl.ds(u * rows, rows), :]
         lse = lse_ref[t, pl.ds(u * rows, rows)][None, :]  # [1, G]
         delta = delta_ref[t, pl.ds(u * rows, rows)][None, :]
-        s_t = mm(kb, q, trans_b=True, precision=precision) * (gate * c)  # [sbp, G]
+        s_t = mm(kb, q, trans_b=True) * (gate * c)  # [sbp, G]
         if zero_row is not None:
             s_t = jnp.where(zero_row, 0.0, s_t)
         p_t = jnp.where(mask, jnp.exp2(s_t - lse), 0.0)
-        dv = dv + mm(p_t.astype(do.dtype), do, precision=precision)  # [sbp, d]
-        ds_t = p_t * (mm(vb, do, trans_b=True, precision=precision) - delta)
+        dv = dv + mm(p_t.astype(do.dtype), do)  # [sbp, d]
+        ds_t = p_t * (mm(vb, do, trans_b=True) - delta)
         if zero_row is not None:
             ds_t = jnp.where(zero_row, 0.0, ds_t)
-        dk = dk + mm((ds_t * gate).astype(q.dtype), q, precision=precision)
+        dk = dk + mm((ds_t * gate).astype(q.dtype), q)
         return dk, dv
 
     def per_group(u, carry):
@@ -284,7 +284,7 @@ def _forward(cfg: _Config, q, k, v, idx, valid, gate):
     q_spec, row_spec, sel_spec = _group_specs(cfg, d)
     kv_spec = _kv_spec(k.shape[1], d, cfg.groups_per_kv)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
+        functools.partial(_fwd_kernel, cfg=cfg),
         grid=(nq, b, groups),
         in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec],
         out_specs=[q_spec, row_spec],
@@ -313,12 +313,23 @@ def _inverted_index(cfg: _Config, idx, valid):
     return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1).astype(jnp.int32)
 
 
-def _scatter_contributions(cfg: _Config, contrib, idx, kh: int, nk_alloc: int, dtype):
-    """Sum the dq kernel's per-(query group, block) contributions into dk, dv [b, nk_alloc, kh, d].
+def sum_block_contributions(pieces, *, b: int, nb: int, kh: int, sb: int, nk_alloc: int, dtype) -> jax.Array:
+    """Scatter-add (float32) per-block dk or dv contributions [..., sbp, d] into [b, nk_alloc, kh, d].
 
-    XLA scatter-adds (float32) the first k' slots at their block indices (unused slots hold
-    zeros: their probabilities are masked) and the own-block terms at t // sb.
+    pieces: (batch ids, block ids, kv head ids, values) with broadcastable index arrays.
     """
+    *_, sbp, d = pieces[0][3].shape
+    acc = jnp.zeros((b, nb, kh, sbp, d), F32)
+    for bid, blk, khid, values in pieces:
+        acc = acc.at[bid, blk, khid].add(values)
+    x = acc[:, :, :, :sb].transpose(0, 1, 3, 2, 4).reshape(b, nb * sb, kh, d)
+    return pad_axis(x, 1, nk_alloc).astype(dtype)
+
+
+def _scatter_contributions(cfg: _Config, contrib, idx, kh: int, nk_alloc: int, dtype):
+    """Sum the dq kernel's per-(query group, block) contributions into dk, dv [b, nk_alloc, kh, d]:
+    the first k' slots at their block indices (unused slots hold zeros: their probabilities are
+    masked) and the own-block terms at t // sb."""
     b, nq, groups = idx.shape[:3]
     khid = (jnp.arange(groups) // cfg.groups_per_kv)[None, None, :]  # kv head of each group
     bid = jnp.arange(b)[:, None, None]
@@ -326,14 +337,12 @@ def _scatter_contributions(cfg: _Config, contrib, idx, kh: int, nk_alloc: int, d
     own = (jnp.arange(nq) // cfg.sb)[None, :, None]
     outs = []
     for w in range(2):
-        d = contrib[w].shape[-1]
-        acc = jnp.zeros((b, cfg.nb, kh, cfg.sbp, d), F32)
+        pieces = []
         if cfg.num_sel > 0:
-            acc = acc.at[bid[..., None], blk, khid[..., None]].add(contrib[w][:, :, :, : cfg.num_sel])
+            pieces.append((bid[..., None], blk, khid[..., None], contrib[w][:, :, :, : cfg.num_sel]))
         if cfg.own_block:
-            acc = acc.at[bid, own, khid].add(contrib[2 + w])
-        x = acc[:, :, :, : cfg.sb].transpose(0, 1, 3, 2, 4).reshape(b, cfg.nb * cfg.sb, kh, d)
-        outs.append(pad_axis(x, 1, nk_alloc).astype(dtype))
+            pieces.append((bid, own, khid, contrib[2 + w]))
+        outs.append(sum_block_contributions(pieces, b=b, nb=cfg.nb, kh=kh, sb=cfg.sb, nk_alloc=nk_alloc, dtype=dtype))
     return outs
 
 
@@ -341,7 +350,6 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
     b, nq, groups, rows, d = q.shape
     kh = k.shape[2]
     upk = cfg.groups_per_kv
-    precision = dot_precision(q.dtype)
     params = compiler_params(cfg.num_warps, cfg.num_stages)
     delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)  # [b, nq, groups, G]
 
@@ -356,7 +364,7 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
         out_shape += [jax.ShapeDtypeStruct((b, nq, groups, cfg.kp, cfg.sbp, d), F32)] * 2
         out_shape += [jax.ShapeDtypeStruct((b, nq, groups, cfg.sbp, d), F32)] * 2 if cfg.own_block else []
     dq, dgate, *contrib = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, precision=precision),
+        functools.partial(_dq_kernel, cfg=cfg),
         grid=(nq, b, groups),
         in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec],
         out_specs=out_specs,
@@ -385,7 +393,7 @@ def _backward(cfg: _Config, q, k, v, idx, valid, gate, o, lse, do):
     out_dtype = F32 if cfg.dkv_splits > 1 else k.dtype  # partial sums stay in f32
     as_kv = lambda x: x.reshape(b, nq, kh, gr, *x.shape[4:])  # [b, nq, groups, G, ..] -> per kv head
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, precision=precision),
+        functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(cfg.nb, cfg.dkv_splits, b, kh),
         in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
                   off_spec],
@@ -460,8 +468,8 @@ def selected_attention(
     the module default `IMPL`.
     """
     if q_positions is not None:
-        return reference_fallback(reference.selected_attention, q, k, v, indices, valid, gates,
-                                  block_size=block_size, causal=causal, scale=scale, q_positions=q_positions)
+        return reference.selected_attention(q, k, v, indices, valid, gates,
+                                            block_size=block_size, causal=causal, scale=scale, q_positions=q_positions)
     b, nq, h, d = q.shape
     nk, kh = k.shape[1], k.shape[2]
     g = h // kh
@@ -519,7 +527,7 @@ def selected_attention(
 
 def _tiled(qg, k, v, idx, val, gate, *, sb, nb, num_sel, kp, upk, causal, scale, tile_rows, num_warps, num_stages):
     """The per-query layout [b, nq, groups, rows, d] through `selected_tiled` and back."""
-    from kernels.selected_tiled import TiledConfig, tiled_selected
+    from kernels.selected_tiled import TiledConfig, candidates, tiled_selected
 
     b, nq, groups, rows, d = qg.shape
     bq = max(1, tile_rows // rows)
@@ -531,9 +539,8 @@ def _tiled(qg, k, v, idx, val, gate, *, sb, nb, num_sel, kp, upk, causal, scale,
                       num_stages=num_stages, interpret=interpret_mode())
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
-    def per_row(x):  # [b, nq, groups, kp] -> [b, groups, nq_pad * rows, kp]
-        x = pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)
-        return jnp.repeat(x, rows, axis=2)
-
-    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate))
+    per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]
+    per_row = lambda x: jnp.repeat(per_query(x), rows, axis=2)  # noqa: E731  [b, groups, nq_pad * rows, kp]
+    cand, meta = candidates(cfg, per_query(idx), per_query(val))
+    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, meta)
     return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)

@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import F32, LOG2E, MASK_VALUE, cdiv, compiler_params, iota, mm, next_pow2, \
-    online_softmax_step, pad_axis
-from kernels.selected_attention import SelectedConfig
+    online_softmax_step
+from kernels.selected_attention import SelectedConfig, sum_block_contributions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,8 @@ def _own_mask(cfg: TiledConfig, o, t, idx, valid):
     return mask
 
 
-def _own_range(cfg: TiledConfig):
-    tile = pl.program_id(0)
+def _own_range(cfg: TiledConfig, tile):
+    """First and last own block of the queries of `tile` (a program id, or an array of them)."""
     first = lax.div(tile * cfg.bq, cfg.sb)
     last = jnp.minimum(lax.div(jnp.minimum(tile * cfg.bq + cfg.bq, cfg.nq) - 1, cfg.sb), cfg.nb - 1)
     return first, last
@@ -103,19 +103,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
         s = mm(q, kb, trans_b=True) * (row_gate * c)[:, None]  # [R, sbp]
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row[:, None], 0.0, s)
-        return online_softmax_step(carry, jnp.where(in_block & member[:, None], s, MASK_VALUE), vb, None)
+        return online_softmax_step(carry, jnp.where(in_block & member[:, None], s, MASK_VALUE), vb)
 
     rows, d = q.shape
     carry = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
     carry = lax.fori_loop(0, meta_ref[0], body, carry)
     if cfg.own_block:
-        first, last = _own_range(cfg)
+        first, last = _own_range(cfg, pl.program_id(0))
 
         def own(o, carry):
             kb = k_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             vb = v_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             s = mm(q, kb, trans_b=True) * c
-            return online_softmax_step(carry, jnp.where(_own_mask(cfg, o, t, idx, valid), s, MASK_VALUE), vb, None)
+            return online_softmax_step(carry, jnp.where(_own_mask(cfg, o, t, idx, valid), s, MASK_VALUE), vb)
 
         carry = lax.fori_loop(first, last + 1, own, carry)
     acc, m_i, l_i = carry
@@ -164,7 +164,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
     dq, dgate = lax.fori_loop(0, meta_ref[0], body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
     if cfg.own_block:
         dko_ref, dvo_ref = own_refs
-        first, last = _own_range(cfg)
+        first, last = _own_range(cfg, pl.program_id(0))
 
         def own(o, dq):
             kb = k_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
@@ -180,7 +180,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
     dgate_ref[...] = dgate
 
 
-def _candidates(cfg: TiledConfig, idx, valid):
+def candidates(cfg: TiledConfig, idx, valid):
     """Per (batch, group, tile): the distinct blocks its queries attend, first, and their count.
 
     idx, valid [b, groups, nq_pad, kp] -> cand [b, groups, tiles, bq * kp] (unused entries 0),
@@ -254,44 +254,30 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, o, lse, d
         interpret=cfg.interpret,
         name="nsa_selected_tiled_dq",
     )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta)
-    kh = k.shape[2]
     khid = (jnp.arange(groups) // cfg.groups_per_kv)[None, :, None, None]
     bid = jnp.arange(b)[:, None, None, None]
     walked = jnp.arange(cfg.max_blocks) < meta[..., :1]  # [b, groups, tiles, mb]
-    first = (jnp.arange(tiles) * cfg.bq) // cfg.sb
-    last = jnp.minimum((jnp.minimum(jnp.arange(tiles) * cfg.bq + cfg.bq, cfg.nq) - 1) // cfg.sb, cfg.nb - 1)
+    first, last = _own_range(cfg, jnp.arange(tiles))
     own_blk = first[:, None] + jnp.arange(cfg.own_blocks)[None, :]  # [tiles, own_blocks]
-    own_ok = own_blk <= last[:, None]
+    own_ok = (own_blk <= last[:, None])[None, None, :, :, None, None]
     grads = []
-    for w in range(2):
-        acc = jnp.zeros((b, cfg.nb, kh, cfg.sbp, d), F32)
-        part = (dkc, dvc)[w]
-        acc = acc.at[bid, cand, khid].add(jnp.where(walked[..., None, None], part, 0.0))
+    for part, own_part in zip((dkc, dvc), owns or (None, None)):
+        pieces = [(bid, cand, khid, jnp.where(walked[..., None, None], part, 0.0))]
         if cfg.own_block:
-            acc = acc.at[bid, jnp.clip(own_blk, 0, cfg.nb - 1)[None, None], khid].add(
-                jnp.where(own_ok[None, None, :, :, None, None], owns[w], 0.0))
-        x = acc[:, :, :, : cfg.sb].transpose(0, 1, 3, 2, 4).reshape(b, cfg.nb * cfg.sb, kh, d)
-        grads.append(pad_axis(x, 1, k.shape[1]).astype(k.dtype))
+            pieces.append((bid, jnp.clip(own_blk, 0, cfg.nb - 1)[None, None], khid, jnp.where(own_ok, own_part, 0.0)))
+        grads.append(sum_block_contributions(pieces, b=b, nb=cfg.nb, kh=k.shape[2], sb=cfg.sb, nk_alloc=k.shape[1],
+                                             dtype=k.dtype))
     return dq, grads[0], grads[1], dgate
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate):
+def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta):
     """q [b, groups, nq_pad * rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate per row
-    [b, groups, nq_pad * rows, kp] -> o like q."""
-    cand, meta = _candidates(cfg, *_per_query(cfg, idx, valid))
+    [b, groups, nq_pad * rows, kp]; cand, meta from `candidates` -> o like q."""
     return _forward(cfg, q, k, v, idx, valid, gate, cand, meta)[0]
 
 
-def _per_query(cfg: TiledConfig, idx, valid):
-    """The per-row selection arrays back to one row per query (rows of a query are equal)."""
-    b, groups, nr, kp = idx.shape
-    pick = lambda x: x.reshape(b, groups, nr // cfg.rows, cfg.rows, kp)[:, :, :, 0]  # noqa: E731
-    return pick(idx), pick(valid)
-
-
-def _tiled_fwd(cfg, q, k, v, idx, valid, gate):
-    cand, meta = _candidates(cfg, *_per_query(cfg, idx, valid))
+def _tiled_fwd(cfg, q, k, v, idx, valid, gate, cand, meta):
     o, lse = _forward(cfg, q, k, v, idx, valid, gate, cand, meta)
     return o, (q, k, v, idx, valid, gate, cand, meta, o, lse)
 
@@ -299,7 +285,7 @@ def _tiled_fwd(cfg, q, k, v, idx, valid, gate):
 def _tiled_bwd(cfg, res, do):
     q, k, v, idx, valid, gate, cand, meta, o, lse = res
     dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, cand, meta, o, lse, do)
-    return dq, dk, dv, None, None, dgate
+    return dq, dk, dv, None, None, dgate, None, None
 
 
 tiled_selected.defvjp(_tiled_fwd, _tiled_bwd)

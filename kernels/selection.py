@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._common import reference_fallback
 from nsa_jax import reference
 
 F32 = jnp.float32
@@ -111,10 +110,10 @@ def select_blocks(
     topk_impl: "lax" (`lax.top_k` on the block logits) or "passes" (`top_k_passes`).
     """
     if q_positions is not None:
-        return reference_fallback(reference.select_blocks, q, ck, num_mem=num_mem, stride=stride, causal=causal,
-                                  share_heads=share_heads, num_selected=num_selected,
-                                  selection_block_size=selection_block_size, interpolated=interpolated,
-                                  scale=scale, q_positions=q_positions)
+        return reference.select_blocks(q, ck, num_mem=num_mem, stride=stride, causal=causal,
+                                       share_heads=share_heads, num_selected=num_selected,
+                                       selection_block_size=selection_block_size, interpolated=interpolated,
+                                       scale=scale, q_positions=q_positions)
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh

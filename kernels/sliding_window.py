@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels._common import interpret_mode, pad_axis, reference_fallback
+from kernels._common import interpret_mode, pad_axis
 from kernels._flash import Tiles, Visibility, banded_attention
 from nsa_jax import reference
 
@@ -67,8 +67,8 @@ def sliding_window_attention(
     Falls back to the reference for cached decoding (`q_positions` given).
     """
     if q_positions is not None:
-        return reference_fallback(reference.sliding_window_attention, q, k, v, window=window, causal=causal,
-                                  scale=scale, q_positions=q_positions, mask_padding=mask_padding)
+        return reference.sliding_window_attention(q, k, v, window=window, causal=causal,
+                                                  scale=scale, q_positions=q_positions, mask_padding=mask_padding)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     if impl == "cudnn" or (impl == "auto" and window >= CUDNN_MIN_WINDOW and _cudnn_usable(q, k, causal)):

@@ -20,7 +20,7 @@ from flax import nnx
 
 from nsa_jax.attention import Attention, SparseAttention
 from nsa_jax.compress_networks import AttentionPool, CompressMLP, ConvLinearCompress, GroupedMLP, SingleProjection
-from nsa_jax.layers import FeedForward, Linear, RMSNorm
+from nsa_jax.layers import FeedForward, Linear
 from nsa_jax.transformer import DEFAULT_SPARSE_ATTN_KWARGS, Transformer
 
 # (our variable, torch key, transform of the torch array into our layout)

@@ -70,7 +70,6 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, corpus):
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         # wait until training is under way (a checkpoint beyond the previous ones exists), then a random delay
-        before = len(glob.glob(str(killed_dir / "[0-9]*")))
         while time.time() < deadline and proc.poll() is None:
             steps = [int(Path(p).name) for p in glob.glob(str(killed_dir / "[0-9]*")) if Path(p).name.isdigit()]
             if steps and max(steps) > attempt * 5:
