@@ -204,12 +204,38 @@ def crossover(rows: list[dict], config: str, key: str = "fwd_bwd_ms") -> int | N
 
 # ---------------------------------------------------------------- peers
 
+# Our sections -> the peers' (bench/peers_torch.py) sections that give their side of the rows.
+PEER_SECTIONS = {"train": "train", "memory": "memory", "decode": "decode", "core": "fla,dense", "peaks": ""}
+
+
+def merge_results(paths: list[str]) -> dict:
+    """One result from runs that each timed some rows (--what) on their own card: the rows of
+    each, and the peers' sections of each."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(runs[0], train=[], core=[], merged_from=[str(p) for p in paths])
+    peers = dict(runs[0].get("peers") or {})
+    for run in runs:
+        merged["train"] += run.get("train", [])
+        merged["core"] += run.get("core", [])
+        for key in ("memory", "peaks", "decode"):
+            if key in run:
+                merged[key] = run[key]
+        for key, value in (run.get("peers") or {}).items():
+            if value not in (None, [], {}):
+                peers[key] = value
+    merged["devices"] = sorted({run.get("device") for run in runs if run.get("device")})
+    if peers:
+        merged["peers"] = peers
+    return merged
+
+
 def run_peers(args) -> dict | None:
     """The peers in a child process; its log goes to --peer_log. A run stopped at --peer_timeout
     still returns the rows it finished (the child rewrites its JSON after every row)."""
     path = Path(tempfile.mkdtemp()) / "peers.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "peers_torch.py"), "--json", str(path),
-           "--fla_lengths", ",".join(map(str, args.lengths)), "--train_shapes", ",".join(f"{b}x{n}" for b, n in args.shapes)]
+           "--fla_lengths", ",".join(map(str, args.lengths)), "--train_shapes", ",".join(f"{b}x{n}" for b, n in args.shapes),
+           "--what", ",".join(PEER_SECTIONS[w] for w in args.what.split(",") if PEER_SECTIONS.get(w))]
     print("peers: " + " ".join(cmd[1:]) + f" (log: {args.peer_log})", flush=True)
     start = time.perf_counter()
     with open(args.peer_log, "w") as log:
@@ -336,9 +362,10 @@ def main() -> None:
     parser.add_argument("--budget_s", type=float, default=2.0)
     parser.add_argument("--peer_timeout", type=int, default=900)
     parser.add_argument("--peer_log", default=os.path.join(tempfile.gettempdir(), "peers_torch.log"))
-    parser.add_argument("--report", default=None, metavar="JSON",
+    parser.add_argument("--report", default=None, metavar="JSON[,JSON...]",
                         help="print the table of an earlier run's JSON (with --peers_json: merge those peer rows "
-                             "in and rewrite it to --json)")
+                             "in and rewrite it to --json); several JSONs of runs that each timed some rows "
+                             "(--what) are merged into one table (and written to --json)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also plot core time against length")
     parser.add_argument("--what", default="peaks,memory,train,core,decode")
     parser.add_argument("--core_configs", default="fla", help="bench/kernels.py configurations for the core rows "
@@ -350,7 +377,10 @@ def main() -> None:
         args.repeats = 5
     what = set(args.what.split(","))
     if args.report:
-        result = json.loads(Path(args.report).read_text())
+        reports = args.report.split(",")
+        result = merge_results(reports) if len(reports) > 1 else json.loads(Path(args.report).read_text())
+        if len(reports) > 1 and args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
         if args.peers_json:
             result["peers"] = json.loads(Path(args.peers_json).read_text())
             result["peers"]["status"] = f"from {args.peers_json}"

@@ -96,7 +96,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tiled_dkv", default=None, choices=["kernel", "atomic"],
+                        help="dk/dv of the tiled selected kernels (default: the library's)")
+    parser.add_argument("--tile_rows", type=int, default=None, help="rows per tile of the tiled selected kernels")
+    parser.add_argument("--selected_impl", default=None, choices=["auto", "query", "tiled"],
+                        help="selected-attention kernels for the pallas variant (default: the library's)")
     args = parser.parse_args()
+    if args.tiled_dkv or args.tile_rows:
+        import kernels.selected_attention
+        import kernels.selected_tiled
+
+        if args.tiled_dkv:
+            kernels.selected_tiled.ATOMIC_DKV = args.tiled_dkv == "atomic"
+        if args.tile_rows:
+            kernels.selected_attention.TILE_ROWS = args.tile_rows
+    if args.selected_impl:
+        import kernels.selected_attention
+
+        kernels.selected_attention.IMPL = args.selected_impl
 
     trainer, batch = build(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype)
     state = trainer.init_state()
@@ -110,6 +127,20 @@ def main() -> None:
         jax.block_until_ready(metrics)
         walls.append(time.perf_counter() - start)
     wall_us = 1e6 * statistics.median(walls)
+    # Host side: how long the call takes to return (dispatch), and steps issued back to back
+    # (as train.py does) so that one step's dispatch overlaps the previous step's kernels.
+    dispatch = []
+    for _ in range(5):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        dispatch.append(time.perf_counter() - start)
+        jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(10):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    pipelined_us = 1e6 * (time.perf_counter() - start) / 10
+    dispatch_us = 1e6 * statistics.median(dispatch)
 
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
@@ -121,7 +152,8 @@ def main() -> None:
     shape = f"{args.batch_size}x{args.grad_accum_every}x{args.seq_len}"
     print(f"{args.variant} {shape} {args.dtype} on {jax.devices()[0].device_kind}: wall {wall_us / 1e3:.2f} ms/step, "
           f"GPU busy {summary['gpu_us_per_step'] / 1e3:.2f} ms, Pallas kernels {summary['pallas_us_per_step'] / 1e3:.2f} ms, "
-          f"{summary['kernels_per_step']:.0f} kernels/step")
+          f"{summary['kernels_per_step']:.0f} kernels/step; dispatch {dispatch_us / 1e3:.2f} ms, "
+          f"back-to-back {pipelined_us / 1e3:.2f} ms/step")
     print(f"{'kernel':48} {'us/step':>9} {'share':>6} {'calls':>6}  op")
     for row in summary["top"]:
         print(f"{row['kernel'][:48]:48} {row['us_per_step']:>9.1f} {row['share']:>6.1%} {row['calls_per_step']:>6.0f}  "
@@ -129,7 +161,8 @@ def main() -> None:
     print("by kind: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in list(summary["groups"].items())[:10]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(vars(args), device=jax.devices()[0].device_kind, wall_us_per_step=wall_us, **summary), f,
+            json.dump(dict(vars(args), device=jax.devices()[0].device_kind, wall_us_per_step=wall_us,
+                           dispatch_us=dispatch_us, pipelined_us_per_step=pipelined_us, **summary), f,
                       indent=2)
 
 

@@ -47,9 +47,13 @@ from nsa_jax import reference
 
 # Largest float32 dk + dv contribution buffer the "scatter" dk/dv path may allocate per call.
 DKV_SCATTER_MAX_BYTES = 1 << 30
-# Default `impl` of `selected_attention` ("query" or "tiled"); the tiled kernels stay opt-in
-# until a GPU measurement shows them faster (bench/train_step.py --selected_impl=tiled).
-IMPL = "query"
+# Default `impl` of `selected_attention`: "auto" takes the query-tiled kernels when a selection
+# group has fewer rows than the matrix unit's 16 (the seed model's g = 2: train step on an H100,
+# B=4 T=512 and B=1 T=16384 faster, T=4096 equal), else one program per query (groups of >= 16
+# rows already fill the matrix unit, and tiles of them would walk far more blocks).
+IMPL = "auto"
+TILE_ROWS = 64  # rows per tile of the tiled kernels (queries per tile = TILE_ROWS // group rows)
+TILES_PER_DKV_SPLIT = 16  # tiled dk/dv kernel: one split of a block's tile list per this many tiles (<= 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,7 +454,7 @@ def selected_attention(
     dkv_entries_per_program: int = 256,
     dkv_impl: str = "auto",
     impl: str | None = None,
-    tile_rows: int = 32,
+    tile_rows: int | None = None,
 ) -> jax.Array:  # [b, nq, h, d]
     """Same contract as `nsa_jax.reference.selected_attention`.
 
@@ -463,9 +467,9 @@ def selected_attention(
     fit in DKV_SCATTER_MAX_BYTES.
 
     impl: "query" (one program per query, above), "tiled" (`kernels.selected_tiled`: one
-    program per tile of queries, about `tile_rows` rows, walking the union of their blocks;
-    dk/dv by scatter-add; needs distinct valid indices per query, as top-k gives), or None:
-    the module default `IMPL`.
+    program per tile of queries, about `tile_rows` (default TILE_ROWS) rows, walking the union of their blocks;
+    dk/dv by atomic adds; needs distinct valid indices per query, as top-k gives), "auto"
+    (tiled when a selection group has fewer than 16 rows), or None: the module default `IMPL`.
     """
     if q_positions is not None:
         return reference.selected_attention(q, k, v, indices, valid, gates,
@@ -513,21 +517,23 @@ def selected_attention(
         gate = jnp.ones(indices.shape, F32) if gates is None else gates.astype(F32)
         gate = jnp.concatenate([gate, jnp.ones((b, nq, sh, kp - num_sel), F32)], axis=-1)
     impl = IMPL if impl is None else impl
+    if impl == "auto":
+        impl = "tiled" if rows < MIN_DOT else "query"
     if impl == "tiled":
         o = _tiled(qg, kp_, vp_, idx, val, gate, sb=block_size, nb=nb, num_sel=num_sel, kp=kp, upk=upk,
-                   causal=causal, scale=float(scale), tile_rows=tile_rows, num_warps=num_warps,
+                   causal=causal, scale=float(scale), tile_rows=tile_rows or TILE_ROWS, num_warps=num_warps,
                    num_stages=num_stages)
     elif impl == "query":
         o = _selected(cfg, qg, kp_, vp_, idx, val, gate)  # [b, nq, sh, rows, d_pad]
     else:
-        raise ValueError(f"impl must be 'query' or 'tiled', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'query' or 'tiled', got {impl!r}")
     o = o.reshape(b, nq, kh, upk * rows, d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)
 
 
 def _tiled(qg, k, v, idx, val, gate, *, sb, nb, num_sel, kp, upk, causal, scale, tile_rows, num_warps, num_stages):
     """The per-query layout [b, nq, groups, rows, d] through `selected_tiled` and back."""
-    from kernels.selected_tiled import TiledConfig, candidates, tiled_selected
+    from kernels.selected_tiled import ATOMIC_DKV, TiledConfig, candidates, tiled_selected
 
     b, nq, groups, rows, d = qg.shape
     bq = max(1, tile_rows // rows)
@@ -536,7 +542,8 @@ def _tiled(qg, k, v, idx, val, gate, *, sb, nb, num_sel, kp, upk, causal, scale,
     k, v = (pad_axis(x, 1, nb * sb + sbp - sb) for x in (k, v))
     cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=num_warps,
-                      num_stages=num_stages, interpret=interpret_mode())
+                      num_stages=num_stages, interpret=interpret_mode(), atomic_dkv=ATOMIC_DKV,
+                      dkv_splits=max(1, min(8, nq_pad // bq // TILES_PER_DKV_SPLIT)))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

@@ -6,12 +6,15 @@ program takes BQ consecutive queries of one selection group (BQ * g rows) and wa
 union of the blocks they selected (computed in XLA: sorted, deduplicated, with its count):
 each block's K/V is loaded once per tile, the [rows, keys] logits come from one matmul, and
 rows that did not select the block are masked. The own (diagonal) blocks of the tile follow.
-Forward and dq kernels share this walk; the dq kernel also emits each (tile, block) dk/dv
-contribution, which XLA scatter-adds (float32).
+Forward and dq kernels share this walk. dk/dv: a third kernel, one program per (key block,
+split, batch, group), walks the transpose of the candidate lists (the tiles that walked the
+block, sorted in XLA, heavily selected blocks split over programs) and then the tiles holding
+the block's own queries: no atomics, deterministic. (`ATOMIC_DKV`: the dq kernel adds each
+contribution with float32 atomics instead; as fast on an H100, kept as an alternative.)
 
 Same contract and numerics as `nsa_jax.reference.selected_attention`, provided the valid
-indices of a query are distinct (selections made by top-k are). Not yet the default: chosen
-with `selected_attention(..., impl="tiled")` until measured on a GPU.
+indices of a query are distinct (selections made by top-k are). The default for selection
+groups of fewer than 16 rows (`kernels.selected_attention.IMPL`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from kernels._common import F32, LOG2E, MASK_VALUE, cdiv, compiler_params, iota, mm, next_pow2, \
-    online_softmax_step
-from kernels.selected_attention import SelectedConfig, sum_block_contributions
+from kernels._common import F32, LOG2E, MASK_VALUE, compiler_params, iota, mm, online_softmax_step
+from kernels.selected_attention import SelectedConfig
+
+
+# dk/dv of the tiled path: the per-block dk/dv kernel over the inverted candidate lists (False,
+# deterministic) or atomic adds from the dq kernel (True).
+ATOMIC_DKV = False
 
 
 @dataclasses.dataclass(frozen=True)
 class TiledConfig(SelectedConfig):
     bq: int  # queries per tile
+    atomic_dkv: bool = False  # dk/dv by atomic adds from the dq kernel, else the per-block dk/dv kernel
+    dkv_splits: int = 1  # programs sharing one key block's tile list in the dk/dv kernel
 
     @property
     def tile_rows(self) -> int:
@@ -41,17 +51,14 @@ class TiledConfig(SelectedConfig):
     def max_blocks(self) -> int:  # candidate list length per tile
         return self.bq * self.kp
 
-    @property
-    def own_blocks(self) -> int:  # own blocks a tile can span, padded to a power of two
-        return next_pow2(cdiv(self.bq - 1, self.sb) + 1)
 
-
-def _row_state(cfg: TiledConfig, idx_ref, valid_ref):
-    """Per row of the tile: its query, its selection [R, kp], validity and the zero-row flag."""
-    tile = pl.program_id(0)
+def _row_state(cfg: TiledConfig, idx_ref, valid_ref, tile=None, rows=slice(None)):
+    """Per row of a tile (this program's, or `tile` with its `rows` of the refs): its query,
+    its selection [R, kp], validity and the zero-row flag."""
+    tile = pl.program_id(0) if tile is None else tile
     t = tile * cfg.bq + lax.div(iota(cfg.tile_rows), cfg.rows)  # [R] query of each row
-    idx = idx_ref[...]  # [R, kp]
-    valid = (valid_ref[...] > 0) & (iota(cfg.kp) < cfg.num_sel)[None, :]
+    idx = idx_ref[rows, :]  # [R, kp]
+    valid = (valid_ref[rows, :] > 0) & (iota(cfg.kp) < cfg.num_sel)[None, :]
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid, 1, 0), axis=1) > 0)  # [R]
     return t, idx, valid, zero_row
 
@@ -125,8 +132,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, dgate_ref, dkc_ref, dvc_ref, *own_refs, cfg: TiledConfig):
-    """dq, per-row dgates [R, kp], and the tile's dk/dv contribution for each walked block."""
+               *refs, cfg: TiledConfig):
+    """dq and per-row dgates [R, kp]; with cfg.atomic_dkv also the tile's dk/dv for each walked
+    block, added atomically (float32) into dk_ref, dv_ref [nk_alloc, d] of its kv head."""
+    dq_ref, dgate_ref, dk_ref, dv_ref = refs[2:] if cfg.atomic_dkv else (*refs, None, None)
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...][:, None]
@@ -156,14 +165,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
         ds_gated = ds * row_gate[:, None]
         dq = dq + mm(ds_gated.astype(kb.dtype), kb)
         dgate = dgate + jnp.where(chosen, (jnp.sum(ds * qk, axis=1) * (1.0 / LOG2E))[:, None], 0.0)
-        dkc_ref[i] = mm(ds_gated.astype(q.dtype), q, trans_a=True) * cfg.scale
-        dvc_ref[i] = mm(p.astype(do.dtype), do, trans_a=True)
+        if cfg.atomic_dkv:
+            keys = (pl.ds(blk * cfg.sb, cfg.sbp), slice(None))
+            plgpu.atomic_add(dk_ref, keys, mm(ds_gated.astype(q.dtype), q, trans_a=True) * cfg.scale)
+            plgpu.atomic_add(dv_ref, keys, mm(p.astype(do.dtype), do, trans_a=True))
         return dq, dgate
 
     rows, d = q.shape
     dq, dgate = lax.fori_loop(0, meta_ref[0], body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
     if cfg.own_block:
-        dko_ref, dvo_ref = own_refs
         first, last = _own_range(cfg, pl.program_id(0))
 
         def own(o, dq):
@@ -171,13 +181,89 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
             vb = v_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             s = mm(q, kb, trans_b=True) * c
             p, ds = grads(kb, vb, s, _own_mask(cfg, o, t, idx, valid))
-            dko_ref[o - first] = mm(ds.astype(q.dtype), q, trans_a=True) * cfg.scale
-            dvo_ref[o - first] = mm(p.astype(do.dtype), do, trans_a=True)
+            if cfg.atomic_dkv:
+                keys = (pl.ds(o * cfg.sb, cfg.sbp), slice(None))
+                plgpu.atomic_add(dk_ref, keys, mm(ds.astype(q.dtype), q, trans_a=True) * cfg.scale)
+                plgpu.atomic_add(dv_ref, keys, mm(p.astype(do.dtype), do, trans_a=True))
             return dq + mm(ds.astype(kb.dtype), kb)
 
         dq = lax.fori_loop(first, last + 1, own, dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     dgate_ref[...] = dgate
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, tile_ref, off_ref,
+                dk_ref, dv_ref, *, cfg: TiledConfig):
+    """dk, dv [sbp, d] of key block j for one selection group: the tiles that walked j (from the
+    inverted index; split `split` of cfg.dkv_splits parts of that list), then (split 0) the tiles
+    whose queries have j as their own block. No atomics."""
+    j, split = pl.program_id(0), pl.program_id(1)
+    c = cfg.scale * LOG2E
+    r = cfg.tile_rows
+    kb = k_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
+    vb = v_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
+    in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
+
+    def tile_terms(tile):
+        rows = pl.ds(tile * r, r)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        state = _row_state(cfg, idx_ref, valid_ref, tile, rows)
+        qk = mm(q, kb, trans_b=True) * c  # [R, sbp]
+        dp = mm(do, vb, trans_b=True) - delta_ref[rows][:, None]
+        return q, do, lse_ref[rows][:, None], gate_ref[rows, :], state, qk, dp
+
+    def accumulate(carry, q, do, p, ds):
+        dk, dv = carry
+        return dk + mm(ds.astype(q.dtype), q, trans_a=True), dv + mm(p.astype(do.dtype), do, trans_a=True)
+
+    def walked(e, carry):
+        q, do, lse, gate, (t, idx, valid, zero_row), qk, dp = tile_terms(tile_ref[e])
+        member, row_gate, _ = _member(cfg, j, t, idx, valid, zero_row, gate)
+        s = qk * row_gate[:, None]
+        if cfg.zero_rows_possible:
+            s = jnp.where(zero_row[:, None], 0.0, s)
+        p = jnp.where(in_block & member[:, None], jnp.exp2(s - lse), 0.0)
+        ds = p * dp
+        if cfg.zero_rows_possible:
+            ds = jnp.where(zero_row[:, None], 0.0, ds)
+        return accumulate(carry, q, do, p, ds * row_gate[:, None])
+
+    d = q_ref.shape[-1]
+    carry = (jnp.zeros((cfg.sbp, d), F32), jnp.zeros((cfg.sbp, d), F32))
+    start, stop = off_ref[j], off_ref[j + 1]
+    if cfg.dkv_splits > 1:  # heavily selected blocks (early ones, under causal selection) get split
+        chunk = lax.div(stop - start + cfg.dkv_splits - 1, cfg.dkv_splits)
+        start, stop = start + split * chunk, jnp.minimum(start + split * chunk + chunk, stop)
+    carry = lax.fori_loop(start, stop, walked, carry)
+    if cfg.own_block:  # tiles holding queries of block j
+        tiles = q_ref.shape[0] // r
+
+        def own(tile, carry):
+            q, do, lse, _, (t, idx, valid, _), qk, dp = tile_terms(tile)
+            p = jnp.where(_own_mask(cfg, j, t, idx, valid), jnp.exp2(qk - lse), 0.0)
+            return accumulate(carry, q, do, p, p * dp)
+
+        first = lax.div(j * cfg.sb, cfg.bq)
+        last = jnp.minimum(lax.div(j * cfg.sb + cfg.sb - 1, cfg.bq), tiles - 1)
+        carry = lax.fori_loop(first, jnp.where(split == 0, last + 1, first), own, carry)
+    dk, dv = carry
+    dk_ref[...] = dk * cfg.scale
+    dv_ref[...] = dv
+
+
+def inverted_tiles(cfg: TiledConfig, cand, meta):
+    """The transpose of the candidate lists: per (batch, group), the tiles that walk each block.
+
+    cand [b, groups, tiles, mb], meta -> (tile ids [b, groups, tiles * mb] sorted by block,
+    offsets [b, groups, nb + 1]); unused entries sort last.
+    """
+    b, groups, tiles, mb = cand.shape
+    key = jnp.where(jnp.arange(mb) < meta[..., :1], cand, cfg.nb).reshape(b * groups, tiles * mb)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    sorted_key = jnp.take_along_axis(key, order, axis=-1)
+    offsets = jax.vmap(lambda row: jnp.searchsorted(row, jnp.arange(cfg.nb + 1), side="left"))(sorted_key)
+    return ((order // mb).astype(jnp.int32).reshape(b, groups, tiles * mb),
+            offsets.astype(jnp.int32).reshape(b, groups, cfg.nb + 1))
 
 
 def candidates(cfg: TiledConfig, idx, valid):
@@ -212,8 +298,7 @@ def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
         kv=pl.BlockSpec((None, nk_alloc, None, d), lambda i, bi, s: (bi, 0, s // upk, 0)),
         cand=pl.BlockSpec((None, None, None, mb), lambda i, bi, s: (bi, s, i, 0)),
         meta=pl.BlockSpec((None, None, None, 2), lambda i, bi, s: (bi, s, i, 0)),
-        contrib=pl.BlockSpec((None, None, None, mb, cfg.sbp, d), lambda i, bi, s: (bi, s, i, 0, 0, 0)),
-        own=pl.BlockSpec((None, None, None, cfg.own_blocks, cfg.sbp, d), lambda i, bi, s: (bi, s, i, 0, 0, 0)),
+        acc=pl.BlockSpec((None, None, nk_alloc, d), lambda i, bi, s: (bi, s // upk, 0, 0)),
     )
 
 
@@ -235,39 +320,63 @@ def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta):
 
 def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, o, lse, do):
     b, groups, nr, d = q.shape
-    tiles = nr // cfg.tile_rows
-    sp = _specs(cfg, d, k.shape[1])
+    nk_alloc, kh = k.shape[1], k.shape[2]
+    sp = _specs(cfg, d, nk_alloc)
+    params = compiler_params(cfg.num_warps, cfg.num_stages)
     delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)
-    contrib = jax.ShapeDtypeStruct((b, groups, tiles, cfg.max_blocks, cfg.sbp, d), F32)
-    own = jax.ShapeDtypeStruct((b, groups, tiles, cfg.own_blocks, cfg.sbp, d), F32)
-    out_specs = [sp["row_d"], sp["row_kp"], sp["contrib"], sp["contrib"]] + ([sp["own"]] * 2 if cfg.own_block else [])
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32), contrib, contrib]
-    out_shape += [own, own] if cfg.own_block else []
-    dq, dgate, dkc, dvc, *owns = pl.pallas_call(
+    in_specs = [sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
+                sp["row_d"], sp["row"], sp["row"]]
+    out_specs = [sp["row_d"], sp["row_kp"]]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)]
+    args = [q, k, v, idx, valid, gate, cand, meta, do, lse, delta]
+    aliases = {}
+    if cfg.atomic_dkv:  # float32 accumulators, zeroed, aliased to the outputs
+        zeros = jnp.zeros((b, kh, nk_alloc, d), F32)
+        in_specs += [sp["acc"], sp["acc"]]
+        out_specs += [sp["acc"], sp["acc"]]
+        out_shape += [jax.ShapeDtypeStruct(zeros.shape, F32)] * 2
+        args += [zeros, zeros]
+        aliases = {11: 2, 12: 3}
+    dq, dgate, *acc = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(tiles, b, groups),
-        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
-                  sp["row_d"], sp["row"], sp["row"]],
+        grid=(nr // cfg.tile_rows, b, groups),
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        input_output_aliases=aliases,
+        compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_tiled_dq",
-    )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta)
-    khid = (jnp.arange(groups) // cfg.groups_per_kv)[None, :, None, None]
-    bid = jnp.arange(b)[:, None, None, None]
-    walked = jnp.arange(cfg.max_blocks) < meta[..., :1]  # [b, groups, tiles, mb]
-    first, last = _own_range(cfg, jnp.arange(tiles))
-    own_blk = first[:, None] + jnp.arange(cfg.own_blocks)[None, :]  # [tiles, own_blocks]
-    own_ok = (own_blk <= last[:, None])[None, None, :, :, None, None]
-    grads = []
-    for part, own_part in zip((dkc, dvc), owns or (None, None)):
-        pieces = [(bid, cand, khid, jnp.where(walked[..., None, None], part, 0.0))]
-        if cfg.own_block:
-            pieces.append((bid, jnp.clip(own_blk, 0, cfg.nb - 1)[None, None], khid, jnp.where(own_ok, own_part, 0.0)))
-        grads.append(sum_block_contributions(pieces, b=b, nb=cfg.nb, kh=k.shape[2], sb=cfg.sb, nk_alloc=k.shape[1],
-                                             dtype=k.dtype))
-    return dq, grads[0], grads[1], dgate
+    )(*args)
+    keep = (jnp.arange(nk_alloc) < cfg.nb * cfg.sb)[None, :, None, None]  # keys past nb * sb: zero
+    if cfg.atomic_dkv:
+        dk, dv = (jnp.where(keep, x.transpose(0, 2, 1, 3), 0.0).astype(k.dtype) for x in acc)
+        return dq, dk, dv, dgate
+
+    tile_ids, offsets = inverted_tiles(cfg, cand, meta)
+    full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
+    upk = cfg.groups_per_kv
+    kv = pl.BlockSpec((None, nk_alloc, None, d), lambda j, p, bi, s: (bi, 0, s // upk, 0))
+    per_group = lambda n: pl.BlockSpec((None, None, n), lambda j, p, bi, s: (bi, s, 0))  # noqa: E731
+    out = pl.BlockSpec((None, None, None, None, cfg.sbp, d), lambda j, p, bi, s: (p, bi, s, j, 0, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid=(cfg.nb, cfg.dkv_splits, b, groups),
+        in_specs=[full(d), kv, kv, full(cfg.kp), full(cfg.kp), full(cfg.kp), full(d), full(), full(),
+                  per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)],
+        out_specs=[out, out],
+        out_shape=[jax.ShapeDtypeStruct((cfg.dkv_splits, b, groups, cfg.nb, cfg.sbp, d), F32)] * 2,
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_selected_tiled_dkdv",
+    )(q, k, v, idx, valid, gate, do, lse, delta, tile_ids, offsets)
+
+    def to_keys(x):  # [splits, b, groups, nb, sbp, d] -> [b, nk_alloc, kh, d]: splits, groups of a kv head summed
+        x = x[..., : cfg.sb, :].sum(axis=0).reshape(b, kh, upk, cfg.nb * cfg.sb, d).sum(axis=2)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, nk_alloc - cfg.nb * cfg.sb), (0, 0)))
+        return x.transpose(0, 2, 1, 3).astype(k.dtype)
+
+    return dq, to_keys(dk), to_keys(dv), dgate
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -92,6 +92,27 @@ def test_selected_attention_tiled_tile_sizes(case, tile_rows):
     _check(case, jnp.float32, indices, valid, gates, q, k, v, keys[4], ("tiled", "auto"), tile_rows)
 
 
+@pytest.mark.parametrize("dkv", ["splits", "atomic"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=str)
+def test_selected_attention_tiled_dkv_variants(case, dkv, monkeypatch):
+    """The tiled dk/dv kernel with each block's tile list split over several programs, and the
+    atomic-add alternative (kernels.selected_tiled.ATOMIC_DKV)."""
+    import kernels.selected_attention
+    import kernels.selected_tiled
+
+    if dkv == "splits":
+        monkeypatch.setattr(kernels.selected_attention, "TILES_PER_DKV_SPLIT", 1)
+    else:
+        monkeypatch.setattr(kernels.selected_tiled, "ATOMIC_DKV", True)
+    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
+    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 3), 5)
+    q = randn(keys[0], (2, n, h, d))
+    k, v = (randn(key, (2, n, kh, d)) for key in keys[1:3])
+    sh = kh if shared else h
+    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), -(-n // sb), 0.7)
+    _check(case, jnp.float32, indices, valid, gates, q, k, v, keys[4], ("tiled", "auto"), 16)
+
+
 # Selections as the module makes them (top-k of the compressed scores; causal: past blocks
 # only), with diff-top-k gates.
 PIPELINE_CASES = [
