@@ -221,7 +221,8 @@ def merge_results(paths: list[str]) -> dict:
             if key in run:
                 merged[key] = run[key]
         for key, value in (run.get("peers") or {}).items():
-            if value not in (None, [], {}):
+            skipped = isinstance(value, dict) and set(value) <= {"skipped"}  # a section this run left out
+            if value not in (None, [], {}) and not (skipped and key in peers):
                 peers[key] = value
     merged["devices"] = sorted({run.get("device") for run in runs if run.get("device")})
     if peers:
@@ -303,7 +304,7 @@ def table(result: dict) -> str:
                  f"{fmt(pdec.get('ms_per_token'), 3)} | {ratio(pdec.get('ms_per_token'), dec.get('ms_per_token_all'))} | "
                  f"<= 1 ms | {seed_param_bytes() / bw * 1e3 if bw else 0:.3f} |")
     mem, pmem = result.get("memory", {}), peers.get("memory") or {}
-    lines.append(f"| peak memory GiB, seed B=4 T=512 | {fmt(mem.get('peak_gib'))} | {fmt(pmem.get('peak_gib'))} | "
+    lines.append(f"| peak memory GiB, seed B=4 T=512 | {fmt(mem.get('peak_gib'), 3)} | {fmt(pmem.get('peak_gib'), 3)} | "
                  f"{ratio(pmem.get('peak_gib'), mem.get('peak_gib'))} | <= theirs | - |")
     for config in sorted({r["config"] for r in result["core"]}):
         lines.append(f"\ncrossover ({config} config, fwd+bwd): our core beats dense cuDNN from T = "

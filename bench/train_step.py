@@ -81,24 +81,14 @@ def main() -> None:
     parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per device)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default=None, help="JSON file stem (default train_step-<date>)")
-    parser.add_argument("--tiled_dkv", default=None, choices=["kernel", "atomic"],
-                        help="dk/dv of the tiled selected kernels (default: the library's)")
-    parser.add_argument("--tile_rows", type=int, default=None, help="rows per tile of the tiled selected kernels")
     parser.add_argument("--selected_impl", default=None, choices=["auto", "query", "tiled"],
-                        help="selected-attention kernels for the pallas variant (default: the library's)")
+                        help="selected-attention kernels (default: the library's; kernels.set_selected_defaults)")
+    parser.add_argument("--tiled_dkv", default=None, choices=["kernel", "atomic"])
+    parser.add_argument("--tile_rows", type=int, default=None)
     args = parser.parse_args()
-    if args.tiled_dkv or args.tile_rows:
-        import kernels.selected_attention
-        import kernels.selected_tiled
+    import kernels
 
-        if args.tiled_dkv:
-            kernels.selected_tiled.ATOMIC_DKV = args.tiled_dkv == "atomic"
-        if args.tile_rows:
-            kernels.selected_attention.TILE_ROWS = args.tile_rows
-    if args.selected_impl:
-        import kernels.selected_attention
-
-        kernels.selected_attention.IMPL = args.selected_impl
+    kernels.set_selected_defaults(args.selected_impl, args.tiled_dkv, args.tile_rows)
 
     device = jax.devices()[0]
     results = []

@@ -88,3 +88,21 @@ def batch_parallel(fn: Callable, axis: str = "data") -> Callable:
                              check_vma=False)(*args)
 
     return wrapped
+
+
+def set_selected_defaults(impl: str | None = None, tiled_dkv: str | None = None, tile_rows: int | None = None) -> None:
+    """Change the selected-attention kernels' module defaults (None keeps one), e.g. to time
+    variants: impl "auto" / "query" / "tiled"; tiled_dkv "kernel" / "atomic"; rows per tile."""
+    import kernels.selected_attention as selected
+    import kernels.selected_tiled as tiled
+
+    if impl is not None:
+        if impl not in ("auto", "query", "tiled"):
+            raise ValueError(f"impl must be 'auto', 'query' or 'tiled', got {impl!r}")
+        selected.IMPL = impl
+    if tiled_dkv is not None:
+        if tiled_dkv not in ("kernel", "atomic"):
+            raise ValueError(f"tiled_dkv must be 'kernel' or 'atomic', got {tiled_dkv!r}")
+        tiled.ATOMIC_DKV = tiled_dkv == "atomic"
+    if tile_rows is not None:
+        selected.TILE_ROWS = tile_rows

@@ -117,3 +117,33 @@ def test_compare_peers_report_merges_peer_rows_and_plots(tmp_path):
     assert "beats dense cuDNN from T = 65536" in run.stdout
     assert json.loads((tmp_path / "merged.json").read_text())["peers"]["torch"] == "2.11"
     assert (tmp_path / "core.png").stat().st_size > 10_000
+
+
+def test_compare_peers_merges_runs_of_row_groups(tmp_path):
+    """Rows timed by separate runs (--what, each with its peers on its own card) -> one table."""
+    skipped = dict(skipped="not in --what")
+    base = dict(device="H100", jax="0.11.2", date="2026-11-28", settings=dict(shapes=[[4, 512]], lengths=[65536]))
+    train = dict(base, train=[dict(variant="pallas", batch_size=4, seq_len=512, ms_per_step=10.0)], core=[],
+                 peers=dict(torch="2.11", train=[dict(batch=4, seq_len=512, median_ms=80.0)], fla=skipped,
+                            dense=skipped, decode=skipped, memory=skipped))
+    core = dict(base, train=[], core=[dict(config="fla", T=65536, what="nsa", fwd_ms=40.0, fwd_bwd_ms=110.0),
+                                      dict(config="fla", T=65536, what="dense cudnn", fwd_ms=115.0, fwd_bwd_ms=460.0)],
+                peers=dict(torch="2.11", train=skipped, decode=skipped, memory=skipped, dense=[],
+                           fla=[dict(seq_len=65536, fwd=dict(median_ms=57.5), fwd_bwd=dict(median_ms=220.0))]))
+    misc = dict(base, train=[], core=[], memory=dict(peak_gib=1.526), decode=dict(ms_per_token_all=0.5),
+                peaks=dict(matmul_tflops_float32=355.0, matmul_tflops_bfloat16=653.0, copy_tb_per_s=2.2),
+                peers=dict(torch="2.11", train=skipped, fla=skipped, dense=skipped,
+                           decode=dict(ms_per_token=20.0), memory=dict(peak_gib=1.534)))
+    paths = []
+    for name, run in (("train", train), ("core", core), ("misc", misc)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_peers.py"), "--report", ",".join(map(str, paths)),
+                          "--json", str(tmp_path / "merged.json")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| 10.00 | 80.00 | 8.0x | >= 10x |" in run.stdout
+    assert "| 110.00 | 220.00 | 2.0x |" in run.stdout
+    assert "| 0.500 | 20.000 | 40.0x |" in run.stdout
+    assert "| 1.526 | 1.534 |" in run.stdout
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["peers"]["train"][0]["median_ms"] == 80.0 and merged["peers"]["fla"][0]["seq_len"] == 65536

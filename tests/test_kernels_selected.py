@@ -183,3 +183,20 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
         scale = float(jnp.max(jnp.abs(gr)))
         # float32 through projections, compress networks and all four branches: ~1e-5 of max.
         assert float(jnp.max(jnp.abs(gk - gr))) <= 5e-5 * scale + 1e-7
+
+
+def test_set_selected_defaults(monkeypatch):
+    import kernels
+    import kernels.selected_attention
+    import kernels.selected_tiled
+
+    for module, name in ((kernels.selected_attention, "IMPL"), (kernels.selected_attention, "TILE_ROWS"),
+                         (kernels.selected_tiled, "ATOMIC_DKV")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    kernels.set_selected_defaults("query", "atomic", 16)
+    assert (kernels.selected_attention.IMPL, kernels.selected_tiled.ATOMIC_DKV,
+            kernels.selected_attention.TILE_ROWS) == ("query", True, 16)
+    with pytest.raises(ValueError, match="impl must be"):
+        kernels.set_selected_defaults("fast")
+    with pytest.raises(ValueError, match="tiled_dkv must be"):
+        kernels.set_selected_defaults(tiled_dkv="scatter")
