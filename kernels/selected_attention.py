@@ -311,10 +311,17 @@ def _inverted_index(cfg: _Config, idx, valid):
         used = used | ~jnp.any(used, axis=-1, keepdims=True)
     used = used & (jnp.arange(kp) < cfg.num_sel) & (idx >= 0) & (idx < cfg.nb)
     key = jnp.where(used, idx, cfg.nb).transpose(0, 2, 1, 3).reshape(b * groups, nq * kp)
+    order, offsets = sort_by_block(key, cfg.nb)
+    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1)
+
+
+def sort_by_block(key, nb: int):
+    """key [rows, e] block ids (nb: unused entry) -> (order [rows, e]: entry ids sorted by block,
+    stable; offsets [rows, nb + 1] int32: block j's entries are order[offsets[j]:offsets[j + 1]])."""
     order = jnp.argsort(key, axis=-1, stable=True)
     sorted_key = jnp.take_along_axis(key, order, axis=-1)
-    offsets = jax.vmap(lambda row: jnp.searchsorted(row, jnp.arange(cfg.nb + 1), side="left"))(sorted_key)
-    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1).astype(jnp.int32)
+    offsets = jax.vmap(lambda row: jnp.searchsorted(row, jnp.arange(nb + 1), side="left"))(sorted_key)
+    return order, offsets.astype(jnp.int32)
 
 
 def sum_block_contributions(pieces, *, b: int, nb: int, kh: int, sb: int, nk_alloc: int, dtype) -> jax.Array:
@@ -467,8 +474,9 @@ def selected_attention(
     fit in DKV_SCATTER_MAX_BYTES.
 
     impl: "query" (one program per query, above), "tiled" (`kernels.selected_tiled`: one
-    program per tile of queries, about `tile_rows` (default TILE_ROWS) rows, walking the union of their blocks;
-    dk/dv by atomic adds; needs distinct valid indices per query, as top-k gives), "auto"
+    program per tile of queries, about `tile_rows` (default TILE_ROWS) rows, walking the union
+    of their blocks; dk/dv by a per-block kernel over the transposed tile lists; needs distinct
+    valid indices per query, as top-k gives), "auto"
     (tiled when a selection group has fewer than 16 rows), or None: the module default `IMPL`.
     """
     if q_positions is not None:

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels._common import F32, LOG2E, MASK_VALUE, compiler_params, iota, mm, online_softmax_step
-from kernels.selected_attention import SelectedConfig
+from kernels.selected_attention import SelectedConfig, sort_by_block
 
 
 # dk/dv of the tiled path: the per-block dk/dv kernel over the inverted candidate lists (False,
@@ -259,11 +259,8 @@ def inverted_tiles(cfg: TiledConfig, cand, meta):
     """
     b, groups, tiles, mb = cand.shape
     key = jnp.where(jnp.arange(mb) < meta[..., :1], cand, cfg.nb).reshape(b * groups, tiles * mb)
-    order = jnp.argsort(key, axis=-1, stable=True)
-    sorted_key = jnp.take_along_axis(key, order, axis=-1)
-    offsets = jax.vmap(lambda row: jnp.searchsorted(row, jnp.arange(cfg.nb + 1), side="left"))(sorted_key)
-    return ((order // mb).astype(jnp.int32).reshape(b, groups, tiles * mb),
-            offsets.astype(jnp.int32).reshape(b, groups, cfg.nb + 1))
+    order, offsets = sort_by_block(key, cfg.nb)
+    return (order // mb).astype(jnp.int32).reshape(b, groups, tiles * mb), offsets.reshape(b, groups, cfg.nb + 1)
 
 
 def candidates(cfg: TiledConfig, idx, valid):
