@@ -30,6 +30,14 @@ def default_backend_name() -> str:
     return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
 
 
+def backend_name(use_pallas_nsa: bool | None = None) -> str:
+    """The backend a `use_pallas_nsa` setting runs: True "pallas", False "reference",
+    None the platform's default (`default_backend_name`)."""
+    if use_pallas_nsa is None:
+        return default_backend_name()
+    return "pallas" if use_pallas_nsa else "reference"
+
+
 def _pallas_available() -> bool:
     """The Pallas kernels import (Triton lowering on GPU, the interpreter on CPU)."""
     try:
