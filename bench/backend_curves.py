@@ -1,20 +1,13 @@
 """Train the seed model with the Pallas kernels and with the pure-JAX reference from the same
 initialisation and data order, and print both loss curves side by side.
 
-    python bench/backend_curves.py --data_path ../shared/data/tinyshakespeare.txt --steps 200
+    python -m bench.backend_curves --data_path ../shared/data/tinyshakespeare.txt --steps 200
 
 The two runs should follow the same curve: they differ only by floating-point rounding (and by
 the occasional top-k flip that rounding causes). Writes bench/results/backend_curves-<date>.json.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package: put the repository first.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import datetime

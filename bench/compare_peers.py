@@ -1,13 +1,13 @@
 """nsa-jax against the PyTorch NSA implementations, on the same GPU in one invocation.
 
-    python bench/compare_peers.py                      # everything (peers need torch + wheels)
-    python bench/compare_peers.py --skip_peers --quick # ours only, few lengths
+    python -m bench.compare_peers                      # everything (peers need torch + wheels)
+    python -m bench.compare_peers --skip_peers --quick # ours only, few lengths
 
 Rows (the performance issue's table):
   seed model train step (fwd + bwd + clip + Adam), B=4 T=512, B=1 T=4096, B=1 T=16384
       ours: the jitted step with the Pallas kernels (the GPU default) and with the pure-JAX
       reference; peer: native-sparse-attention-pytorch 0.2.3 with its Triton kernels
-  NSA core fwd and fwd+bwd in fla-core's benchmark configuration (bench/kernels.py "fla"),
+  NSA core fwd and fwd+bwd in fla-core's benchmark configuration (bench/core.py "fla"),
       T = 4k..64k, against fla-core's parallel_nsa and dense causal attention (cuDNN in JAX,
       SDPA in torch); the crossover length where our core beats dense cuDNN attention
   decode ms/token (seed model, batch 1, 64 prime + 512 generated, prefill included)
@@ -25,10 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package: put the repository first.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import argparse
 import datetime
@@ -160,16 +157,14 @@ def measure_train(shapes, repeats: int) -> list[dict]:
 def measure_core(lengths, reps: int, budget_s: float, configs=("fla",)) -> list[dict]:
     import jax
 
-    import kernels
-    from bench import kernels as kb
+    from bench import core as kb
 
-    backend = kernels.get_backend("pallas")
     rows = []
     for config in configs:
         cfg = kb.CONFIGS[config]
         for n in lengths:
             inputs = kb.make_inputs(cfg, n)
-            for what, fn in (("nsa", kb.branch_fns(cfg, backend)["core"]), ("dense cudnn", kb.dense)):
+            for what, fn in (("nsa", kb.branch_fns(cfg)["core"]), ("dense cudnn", kb.dense)):
                 row = dict(config=config, T=n, what=what)
                 for key in ("fwd_ms", "fwd_bwd_ms"):
                     try:
@@ -369,8 +364,8 @@ def main() -> None:
                              "(--what) are merged into one table (and written to --json)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also plot core time against length")
     parser.add_argument("--what", default="peaks,memory,train,core,decode")
-    parser.add_argument("--core_configs", default="fla", help="bench/kernels.py configurations for the core rows "
-                        "(fla; add paper for the paper's own, which bench/kernels.py also times)")
+    parser.add_argument("--core_configs", default="fla", help="bench/core.py configurations for the core rows "
+                        "(fla; add paper for the paper's own, which bench/core.py also times)")
     args = parser.parse_args()
     args.shapes = TRAIN_SHAPES
     args.lengths = [4096, 16384] if args.quick else FLA_LENGTHS

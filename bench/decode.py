@@ -15,17 +15,10 @@ where "prefill" is the jitted prefill + first-token sample, timed alone the same
 Cases: sparse cached (the target), dense cached, sparse long context, and sparse without
 cache (reruns the forward over the full buffer each step; fewer tokens, same buffer length).
 
-  python bench/decode.py [--json bench/results/decode_h100.json] [--long 8192] [--quick]
+  python -m bench.decode [--json bench/results/decode_h100.json] [--long 8192] [--quick]
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package: put the repository first.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import datetime
@@ -38,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nsa_jax import Transformer, sampling  # noqa: E402
+from nsa_jax import Transformer, sampling
 
 SEED_SPARSE = dict(sliding_window_size=64, compress_block_size=16, compress_block_sliding_stride=16,
                    selection_block_size=16, num_selected_blocks=4, use_diff_topk=True,

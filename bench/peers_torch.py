@@ -36,8 +36,9 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as `python bench/peers_torch.py`, Python puts bench/ first on sys.path, where the other bench
-# scripts (kernels.py, decode.py, ...) could shadow modules of the same name: take it off.
+# A torch-only script, run by path (`python3 bench/peers_torch.py`, as compare_peers does): Python
+# puts bench/ first on sys.path, where the bench modules (core.py, decode.py, ...) could shadow
+# modules of the peers' packages of the same name: take it off.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 os.environ.setdefault("TQDM_DISABLE", "1")  # Transformer.sample wraps its loop in tqdm (read at import)

@@ -1,6 +1,6 @@
 """Where does a train step's GPU time go? Profile the seed model's jitted step and rank kernels.
 
-    python bench/profile_step.py --variant pallas --seq_len 4096 --batch_size 1 --grad_accum_every 1
+    python -m bench.profile_step --variant pallas --seq_len 4096 --batch_size 1 --grad_accum_every 1
 
 Runs a few steps under `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData`
 and sums the device time of every GPU kernel by name (Pallas kernels are named `nsa_*`; XLA's
@@ -11,18 +11,12 @@ step's wall time (the gap is launch overhead and host work); writes JSON with --
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package: put the repository first.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import collections
 import dataclasses
 import glob
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -31,6 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bench.kernel_flags import add_kernel_flags, kernel_settings_from
+from kernels import KernelSettings
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
 
@@ -38,10 +34,12 @@ VARIANTS = {"reference": (True, False), "pallas": (True, True), "dense": (False,
 OP_STATS = ("tf_op", "long_name", "hlo_op")  # the first one present names the kernel's source op
 
 
-def build(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str):
+def build(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str,
+          kernel_settings: KernelSettings | None = None):
     sparse, pallas = VARIANTS[variant]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
-    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype), make_optimizer(1e-4))
+    model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings)
+    trainer = Trainer(model, make_optimizer(1e-4))
     rng = np.random.default_rng(0)
     batch = jax.device_put(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
     return trainer, batch
@@ -96,16 +94,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--selected_impl", default=None, choices=["auto", "query", "tiled"],
-                        help="selected-attention kernels (default: the library's; kernels.set_selected_defaults)")
-    parser.add_argument("--tiled_dkv", default=None, choices=["kernel", "atomic"])
-    parser.add_argument("--tile_rows", type=int, default=None)
+    add_kernel_flags(parser)
     args = parser.parse_args()
-    import kernels
 
-    kernels.set_selected_defaults(args.selected_impl, args.tiled_dkv, args.tile_rows)
-
-    trainer, batch = build(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype)
+    trainer, batch = build(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype,
+                           kernel_settings_from(args))
     state = trainer.init_state()
     for _ in range(3):  # compile and settle
         state, metrics = trainer.train_step(state, batch)

@@ -1,6 +1,6 @@
 """Does NSA match full attention? Train the seed model both ways on the same data and compare.
 
-    python bench/quality.py --data_path ../shared/data/tinyshakespeare.txt --seq_len 512 --steps 2000
+    python -m bench.quality --data_path ../shared/data/tinyshakespeare.txt --seq_len 512 --steps 2000
 
 Both runs use the same model size, seed, initial data order, steps and optimizer; NSA runs on
 the Pallas kernels where available (--nouse_pallas_nsa: the pure-JAX reference). Validation bits
@@ -10,13 +10,6 @@ curves (bits per byte vs step, and vs seconds) to --out.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package: put the repository first.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import dataclasses
@@ -29,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+import kernels
 from nsa_jax import data
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import LN2, Trainer, make_optimizer
@@ -153,7 +147,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, jax=jax.__version__, date=datetime.date.today().isoformat(), data=args.data_path,
-                nsa_backend="reference" if args.nouse_pallas_nsa else ("pallas" if jax.default_backend() == "gpu" else "reference"),
+                nsa_backend=kernels.backend_name(False if args.nouse_pallas_nsa else None),
                 args=vars(args))
     results = {}
 

@@ -1,7 +1,7 @@
 """Time the jitted train step (forward, backward, accumulation, clipping, Adam) of the seed model.
 
-    python bench/train_step.py                       # all variants this machine runs
-    python bench/train_step.py --variants reference,dense --seq_lens 512,4096
+    python -m bench.train_step                       # all variants this machine runs
+    python -m bench.train_step --variants reference,dense --seq_lens 512,4096
 
 Prints a table (ms per step, steps/s, tokens/s) and writes bench/results/train_step-<date>.json.
 Each variant is timed after warm-up (compilation excluded): median of --repeats runs, each
@@ -9,13 +9,6 @@ ended by block_until_ready.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as `python bench/<script>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package: put the repository first.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import dataclasses
@@ -29,6 +22,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bench.kernel_flags import add_kernel_flags, kernel_settings_from
+from kernels import KernelSettings
 from nsa_jax import sharding
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
@@ -41,13 +36,14 @@ VARIANTS = {  # name -> (use_sparse_attn, use_pallas_nsa)
 
 
 def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str,
-                 devices: int = 1) -> dict:
+                 devices: int = 1, kernel_settings: KernelSettings | None = None) -> dict:
     """batch_size is per device: the global batch is batch_size * devices, split over a `data` mesh
     of the first `devices` devices."""
     sparse, pallas = VARIANTS[name]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
     mesh = sharding.make_mesh(jax.devices()[:devices])
-    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype), make_optimizer(1e-4), mesh)
+    model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings)
+    trainer = Trainer(model, make_optimizer(1e-4), mesh)
     state = trainer.init_state()
     rng = np.random.default_rng(0)
     global_batch = batch_size * devices
@@ -81,14 +77,9 @@ def main() -> None:
     parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per device)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default=None, help="JSON file stem (default train_step-<date>)")
-    parser.add_argument("--selected_impl", default=None, choices=["auto", "query", "tiled"],
-                        help="selected-attention kernels (default: the library's; kernels.set_selected_defaults)")
-    parser.add_argument("--tiled_dkv", default=None, choices=["kernel", "atomic"])
-    parser.add_argument("--tile_rows", type=int, default=None)
+    add_kernel_flags(parser)
     args = parser.parse_args()
-    import kernels
-
-    kernels.set_selected_defaults(args.selected_impl, args.tiled_dkv, args.tile_rows)
+    kernel_settings = kernel_settings_from(args)
 
     device = jax.devices()[0]
     results = []
@@ -100,7 +91,7 @@ def main() -> None:
             for count in counts:
                 try:
                     results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
-                                                args.dtype, count))
+                                                args.dtype, count, kernel_settings))
                 except NotImplementedError as e:  # a backend this version does not have
                     print(f"skipped {name}: {e}")
                 except Exception as e:  # e.g. out of memory: report it and go on with the other variants
@@ -120,7 +111,7 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     path = out / f"{args.name or 'train_step-' + stamp}.json"
     path.write_text(json.dumps(dict(device=device.device_kind, jax=jax.__version__, date=stamp,
-                                    selected_impl=args.selected_impl or "default", results=results), indent=2))
+                                    kernel_settings=repr(kernel_settings), results=results), indent=2))
     print(f"wrote {path}")
 
 

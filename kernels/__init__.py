@@ -3,7 +3,8 @@
 A backend is four functions with the signatures of `nsa_jax.reference`:
 `compressed_attention`, `select_blocks`, `selected_attention` and `sliding_window_attention`.
 `SparseAttention` calls them through `get_backend`, so a kernel slots in without the
-module changing.
+module changing. The kernels serve the parallel forward; calls with `q_positions` (cached
+decoding: a few queries against a longer cache) go to the reference in every backend.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Callable, NamedTuple
 import jax
 from jax.sharding import PartitionSpec as P
 
+from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings, Tiles
+
 BACKENDS = ("reference", "pallas")
+
+__all__ = ["AttentionBackend", "BACKENDS", "KernelSettings", "SelectedSettings", "SelectionSettings", "Tiles",
+           "backend_name", "batch_parallel", "default_backend_name", "get_backend"]
 
 
 class AttentionBackend(NamedTuple):
@@ -48,18 +54,16 @@ def _pallas_available() -> bool:
     return True
 
 
-def get_backend(name: str | None = None) -> AttentionBackend:
+@functools.cache
+def get_backend(name: str | None = None, settings: KernelSettings = KernelSettings()) -> AttentionBackend:
+    """The backend `name` ("reference", "pallas", or None for the platform's default), its
+    kernels bound to `settings`. Cached: the same arguments give the same functions."""
     name = default_backend_name() if name is None else name
-    if name == "reference":
-        from nsa_jax import reference
+    from nsa_jax import reference
 
-        return AttentionBackend(
-            "reference",
-            reference.compressed_attention,
-            reference.select_blocks,
-            reference.selected_attention,
-            reference.sliding_window_attention,
-        )
+    if name == "reference":
+        return AttentionBackend("reference", reference.compressed_attention, reference.select_blocks,
+                                reference.selected_attention, reference.sliding_window_attention)
     if name == "pallas":
         if not _pallas_available():
             raise RuntimeError("jax.experimental.pallas (Triton) is not available; use use_pallas_nsa=False")
@@ -68,9 +72,27 @@ def get_backend(name: str | None = None) -> AttentionBackend:
         from kernels.selection import select_blocks
         from kernels.sliding_window import sliding_window_attention
 
-        return AttentionBackend("pallas", batch_parallel(compressed_attention), select_blocks,
-                                batch_parallel(selected_attention), batch_parallel(sliding_window_attention))
+        kernel = lambda fn, ref, **bound: _decode_with(ref, functools.partial(fn, **bound))  # noqa: E731
+        return AttentionBackend(
+            "pallas",
+            kernel(batch_parallel(compressed_attention), reference.compressed_attention, tiles=settings.flash),
+            kernel(select_blocks, reference.select_blocks, settings=settings.selection),
+            kernel(batch_parallel(selected_attention), reference.selected_attention, settings=settings.selected),
+            kernel(batch_parallel(sliding_window_attention), reference.sliding_window_attention,
+                   impl=settings.sliding_impl, tiles=settings.flash))
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _decode_with(reference_fn: Callable, kernel_fn: Callable) -> Callable:
+    """kernel_fn for the parallel forward; reference_fn for calls with `q_positions` (decoding)."""
+
+    @functools.wraps(reference_fn)
+    def call(*args, q_positions=None, **kwargs):
+        if q_positions is not None:
+            return reference_fn(*args, q_positions=q_positions, **kwargs)
+        return kernel_fn(*args, **kwargs)
+
+    return call
 
 
 def batch_parallel(fn: Callable, axis: str = "data") -> Callable:
@@ -80,37 +102,17 @@ def batch_parallel(fn: Callable, axis: str = "data") -> Callable:
     whole batch onto every device and repeat the work there. Inside `jax.set_mesh(mesh)` with
     a `data` axis of size > 1 (the Trainer traces its steps so), the call goes through
     `jax.shard_map` instead, each device running the kernel on its own slice of the batch.
-    Positional arguments are the batch-leading arrays; keyword arguments are static settings.
-    Calls with array keyword arguments (cached decoding) or a batch the axis does not divide
-    run unchanged.
+    Positional arguments are the batch-leading arrays (or None); keyword arguments are
+    static settings. A batch the axis does not divide runs unchanged.
     """
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         mesh = jax.sharding.get_abstract_mesh()
         shards = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1) if not mesh.empty else 1
-        if (shards == 1 or any(isinstance(v, jax.Array) for v in kwargs.values())
-                or any(a.shape[0] % shards for a in args)):
+        if shards == 1 or any(a is not None and a.shape[0] % shards for a in args):
             return fn(*args, **kwargs)
         return jax.shard_map(functools.partial(fn, **kwargs), in_specs=P(axis), out_specs=P(axis),
                              check_vma=False)(*args)
 
     return wrapped
-
-
-def set_selected_defaults(impl: str | None = None, tiled_dkv: str | None = None, tile_rows: int | None = None) -> None:
-    """Change the selected-attention kernels' module defaults (None keeps one), e.g. to time
-    variants: impl "auto" / "query" / "tiled"; tiled_dkv "kernel" / "atomic"; rows per tile."""
-    import kernels.selected_attention as selected
-    import kernels.selected_tiled as tiled
-
-    if impl is not None:
-        if impl not in ("auto", "query", "tiled"):
-            raise ValueError(f"impl must be 'auto', 'query' or 'tiled', got {impl!r}")
-        selected.IMPL = impl
-    if tiled_dkv is not None:
-        if tiled_dkv not in ("kernel", "atomic"):
-            raise ValueError(f"tiled_dkv must be 'kernel' or 'atomic', got {tiled_dkv!r}")
-        tiled.ATOMIC_DKV = tiled_dkv == "atomic"
-    if tile_rows is not None:
-        selected.TILE_ROWS = tile_rows

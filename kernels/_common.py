@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-F32 = jnp.float32
+from nsa_jax.numerics import F32, cdiv, round_up  # noqa: F401  (re-exported for the kernels)
+
 LOG2E = math.log2(math.e)
 # Masked logits (base-2 domain). Finite, so that a tile whose keys are all masked gives
 # exp2(MASK - MASK) = 1 instead of NaN; the running-max correction removes those terms as
@@ -28,12 +29,9 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-    return cdiv(a, b) * b
+def div_up(x: jax.Array, b: int) -> jax.Array:
+    """ceil(x / b) of a non-negative traced int inside a kernel (truncating division)."""
+    return lax.div(x + (b - 1), b)
 
 
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -72,6 +70,25 @@ def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fal
     if trans_a:  # a [k, m], b [k, n]
         return jnp.sum(a32[:, :, None] * b32[:, None, :], axis=0)
     return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)  # a [m, k], b [k, n]
+
+
+def softmax_init(rows: int, d: int):
+    """The online softmax's carry before the first key tile: (acc [R, d], row max [R], row sum [R])."""
+    return jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32)
+
+
+def softmax_finish(carry) -> tuple[jax.Array, jax.Array]:
+    """(normalised output [R, d] float32, base-2 log-sum-exp [R]). A row that saw no key (padding
+    rows only) gets output 0 and lse +inf, so that its backward probabilities exp2(s - lse) are 0."""
+    acc, m_i, l_i = carry
+    seen = l_i > 0
+    l_safe = jnp.where(seen, l_i, 1.0)
+    return acc / l_safe[:, None], jnp.where(seen, m_i + jnp.log2(l_safe), jnp.inf)
+
+
+def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
+    """The backward's row term delta = sum(o * do) over the head dimension, in float32."""
+    return jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)
 
 
 def online_softmax_step(carry, s, v):

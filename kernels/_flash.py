@@ -29,9 +29,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, cdiv, compiler_params, iota, mm, next_pow2, online_softmax_step,
-    pad_axis, round_up,
+    F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, div_up, iota, mm, next_pow2, online_softmax_step,
+    pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
 )
+from kernels.settings import Tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,29 +97,6 @@ class Visibility:
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiles:
-    """Tile sizes (rows = query tokens x g heads) and launch parameters."""
-
-    rows_fwd: int = 128
-    block_k_fwd: int = 64
-    rows_dq: int = 64
-    block_k_dq: int = 64
-    rows_dkv: int = 64
-    block_k_dkv: int = 64
-    num_warps: int | None = None  # None: 4 for d <= 64, else 8
-    num_stages: int = 2
-    # dk/dv: a key tile's query range is split over up to this many programs (partial sums
-    # added in XLA) so that the few compressed key tiles still fill the GPU.
-    max_dkv_splits: int = 64
-    dkv_tiles_per_program: int = 256
-    # ... and split further, down to min_dkv_tiles_per_program query tiles per program, until
-    # about this many programs run (4 per SM of an H100): with few key tiles (the seed's 257
-    # compressed keys at T = 4096 make 5) the unsplit grid left most SMs idle.
-    dkv_target_programs: int = 528
-    min_dkv_tiles_per_program: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
 class _Config:
     vis: Visibility
     scale: float
@@ -134,10 +112,6 @@ class _Config:
     num_warps: int
     num_stages: int
     interpret: bool
-
-
-def _div_up(x, b: int):
-    return lax.div(x + (b - 1), b)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
@@ -156,12 +130,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
         s = jnp.where(cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :]), s, MASK_VALUE)
         return online_softmax_step(carry, s, v)
 
-    init = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
-    acc, m_i, l_i = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, init)
-    seen = l_i > 0  # False only for padding rows that see no key
-    l_safe = jnp.where(seen, l_i, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).reshape(block_q, g, d).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_i + jnp.log2(l_safe), jnp.inf).reshape(block_q, g)
+    carry = lax.fori_loop(lax.div(lo, block_k), div_up(hi, block_k), body, softmax_init(rows, d))
+    o, lse = softmax_finish(carry)  # only padding rows see no key
+    o_ref[...] = o.reshape(block_q, g, d).astype(o_ref.dtype)
+    lse_ref[...] = lse.reshape(block_q, g)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
@@ -186,7 +158,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
         ds = p * (dp - delta[:, None])
         return dq + mm(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(lax.div(lo, block_k), _div_up(hi, block_k), body, jnp.zeros((rows, d), F32))
+    dq = lax.fori_loop(lax.div(lo, block_k), div_up(hi, block_k), body, jnp.zeros((rows, d), F32))
     dq_ref[...] = (dq * cfg.scale).reshape(block_q, g, d).astype(dq_ref.dtype)
 
 
@@ -202,8 +174,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     v = v_ref[...]
     j = j0 + iota(block_k)
     lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
-    lo, hi = lax.div(lo, block_q), _div_up(hi, block_q)  # query tiles
-    per_split = _div_up(jnp.maximum(hi - lo, 0), cfg.dkv_splits)
+    lo, hi = lax.div(lo, block_q), div_up(hi, block_q)  # query tiles
+    per_split = div_up(jnp.maximum(hi - lo, 0), cfg.dkv_splits)
     lo, hi = lo + split * per_split, jnp.minimum(hi, lo + (split + 1) * per_split)
 
     def body(qt, carry):
@@ -250,7 +222,7 @@ def _forward(cfg: _Config, q, k, v):
 def _backward(cfg: _Config, q, k, v, o, lse, do):
     b, n_pad, kh, g, d = q.shape
     nk_pad = k.shape[1]
-    delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)  # [b, n_pad, kh, g]
+    delta = softmax_delta(o, do)  # [b, n_pad, kh, g]
     params = compiler_params(cfg.num_warps, cfg.num_stages)
 
     bq = cfg.block_q_dq
@@ -308,9 +280,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _rows_to_tokens(rows: int, g: int, n: int) -> int:
-    """Query tokens per tile: `rows` rows of g heads, at least 16 rows, no more than needed."""
-    block_q = max(1, rows // g, cdiv(16, g))
-    return min(next_pow2(block_q), max(next_pow2(n), next_pow2(cdiv(16, g))))
+    """Query tokens per tile: `rows` rows of g heads, at least MIN_DOT rows, no more than needed."""
+    block_q = max(1, rows // g, cdiv(MIN_DOT, g))
+    return min(next_pow2(block_q), max(next_pow2(n), next_pow2(cdiv(MIN_DOT, g))))
 
 
 def banded_attention(
@@ -325,7 +297,7 @@ def banded_attention(
 ) -> jax.Array:  # [b, n, h, d]
     """Softmax attention of each query over the keys `vis` lets it see (GQA, any n, d).
 
-    Pads d to a power of two >= 16, queries to the tile size and keys to the key tile (the
+    Pads d to a power of two >= MIN_DOT, queries to the tile size and keys to the key tile (the
     padding is masked by `vis.num_keys`), then runs the kernels; every query row must see
     at least one key (the wrappers guarantee it or fall back).
     """
@@ -333,9 +305,9 @@ def banded_attention(
     kh = k.shape[2]
     g = h // kh
     dtype = jnp.result_type(q, k, v)
-    d_pad = max(16, next_pow2(d))
+    d_pad = max(MIN_DOT, next_pow2(d))
     bq = [_rows_to_tokens(r, g, n) for r in (tiles.rows_fwd, tiles.rows_dq, tiles.rows_dkv)]
-    key_cap = max(16, next_pow2(max(vis.num_keys, 1)))
+    key_cap = max(MIN_DOT, next_pow2(max(vis.num_keys, 1)))
     bk = [min(x, key_cap) for x in (tiles.block_k_fwd, tiles.block_k_dq, tiles.block_k_dkv)]
     n_pad = round_up(n, max(bq))
     nk_pad = round_up(max(k.shape[1], vis.num_keys, 1), max(bk))

@@ -8,10 +8,9 @@ last token can see. The logits are never written to HBM: the selection scores th
 fine branch needs come from `kernels.selection.select_blocks`, which computes block
 logits per kv head directly (see there).
 
-Falls back to `nsa_jax.reference.compressed_attention` for cached decoding
-(`q_positions` given) and for causal attention without memory entries (num_mem == 0),
-where the first queries see no key and the reference's softmax is uniform over all
-masked entries.
+Causal attention without memory entries (num_mem == 0; `SparseAttention` always has at
+least one) goes to `nsa_jax.reference.compressed_attention`: there the first queries see
+no key and the reference's softmax is uniform over all masked entries.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from __future__ import annotations
 import jax
 
 from kernels._common import interpret_mode
-from kernels._flash import Tiles, Visibility, banded_attention
+from kernels._flash import Visibility, banded_attention
+from kernels.settings import Tiles
 from nsa_jax import reference
 
 
@@ -32,13 +32,11 @@ def compressed_attention(
     stride: int,
     causal: bool,
     scale: float | None = None,
-    q_positions: jax.Array | None = None,
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, n, h, d]
-    """Same contract as `nsa_jax.reference.compressed_attention`."""
-    if q_positions is not None or (causal and num_mem == 0):
-        return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride,
-                                              causal=causal, scale=scale, q_positions=q_positions)
+    """`nsa_jax.reference.compressed_attention` for the parallel forward (no `q_positions`)."""
+    if causal and num_mem == 0:
+        return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     vis = Visibility("compressed", causal=causal, num_keys=ck.shape[1], num_mem=num_mem, stride=stride)

@@ -9,12 +9,11 @@ rows that did not select the block are masked. The own (diagonal) blocks of the 
 Forward and dq kernels share this walk. dk/dv: a third kernel, one program per (key block,
 split, batch, group), walks the transpose of the candidate lists (the tiles that walked the
 block, sorted in XLA, heavily selected blocks split over programs) and then the tiles holding
-the block's own queries: no atomics, deterministic. (`ATOMIC_DKV`: the dq kernel adds each
-contribution with float32 atomics instead; as fast on an H100, kept as an alternative.)
+the block's own queries: no atomics, deterministic.
 
 Same contract and numerics as `nsa_jax.reference.selected_attention`, provided the valid
 indices of a query are distinct (selections made by top-k are). The default for selection
-groups of fewer than 16 rows (`kernels.selected_attention.IMPL`).
+groups of fewer than 16 rows (`SelectedSettings.impl`).
 """
 
 from __future__ import annotations
@@ -26,21 +25,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from kernels._common import F32, LOG2E, MASK_VALUE, compiler_params, iota, mm, online_softmax_step
-from kernels.selected_attention import SelectedConfig, sort_by_block
-
-
-# dk/dv of the tiled path: the per-block dk/dv kernel over the inverted candidate lists (False,
-# deterministic) or atomic adds from the dq kernel (True).
-ATOMIC_DKV = False
+from kernels._common import (
+    F32, LOG2E, MASK_VALUE, MIN_DOT, compiler_params, interpret_mode, iota, mm, next_pow2, online_softmax_step,
+    pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
+)
+from kernels._selected_common import SelectedConfig, sort_by_block
+from kernels.settings import SelectedSettings
 
 
 @dataclasses.dataclass(frozen=True)
 class TiledConfig(SelectedConfig):
     bq: int  # queries per tile
-    atomic_dkv: bool = False  # dk/dv by atomic adds from the dq kernel, else the per-block dk/dv kernel
     dkv_splits: int = 1  # programs sharing one key block's tile list in the dk/dv kernel
 
     @property
@@ -112,9 +108,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
             s = jnp.where(zero_row[:, None], 0.0, s)
         return online_softmax_step(carry, jnp.where(in_block & member[:, None], s, MASK_VALUE), vb)
 
-    rows, d = q.shape
-    carry = (jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32))
-    carry = lax.fori_loop(0, meta_ref[0], body, carry)
+    carry = lax.fori_loop(0, meta_ref[0], body, softmax_init(*q.shape))
     if cfg.own_block:
         first, last = _own_range(cfg, pl.program_id(0))
 
@@ -125,17 +119,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
             return online_softmax_step(carry, jnp.where(_own_mask(cfg, o, t, idx, valid), s, MASK_VALUE), vb)
 
         carry = lax.fori_loop(first, last + 1, own, carry)
-    acc, m_i, l_i = carry
-    l_safe = jnp.where(l_i > 0, l_i, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m_i + jnp.log2(l_safe)
+    o, lse = softmax_finish(carry)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, do_ref, lse_ref, delta_ref,
-               *refs, cfg: TiledConfig):
-    """dq and per-row dgates [R, kp]; with cfg.atomic_dkv also the tile's dk/dv for each walked
-    block, added atomically (float32) into dk_ref, dv_ref [nk_alloc, d] of its kv head."""
-    dq_ref, dgate_ref, dk_ref, dv_ref = refs[2:] if cfg.atomic_dkv else (*refs, None, None)
+               dq_ref, dgate_ref, *, cfg: TiledConfig):
+    """dq and per-row dgates [R, kp]."""
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...][:, None]
@@ -145,9 +136,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
     gate = gate_ref[...]
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
-    def grads(kb, vb, s, mask):
+    def dlogits(vb, s, mask):
         p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
-        return p, p * (mm(do, vb, trans_b=True) - delta)
+        return p * (mm(do, vb, trans_b=True) - delta)
 
     def body(i, carry):
         dq, dgate = carry
@@ -159,16 +150,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
         s = qk * row_gate[:, None]
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row[:, None], 0.0, s)
-        p, ds = grads(kb, vb, s, in_block & member[:, None])
+        ds = dlogits(vb, s, in_block & member[:, None])
         if cfg.zero_rows_possible:
             ds = jnp.where(zero_row[:, None], 0.0, ds)
-        ds_gated = ds * row_gate[:, None]
-        dq = dq + mm(ds_gated.astype(kb.dtype), kb)
+        dq = dq + mm((ds * row_gate[:, None]).astype(kb.dtype), kb)
         dgate = dgate + jnp.where(chosen, (jnp.sum(ds * qk, axis=1) * (1.0 / LOG2E))[:, None], 0.0)
-        if cfg.atomic_dkv:
-            keys = (pl.ds(blk * cfg.sb, cfg.sbp), slice(None))
-            plgpu.atomic_add(dk_ref, keys, mm(ds_gated.astype(q.dtype), q, trans_a=True) * cfg.scale)
-            plgpu.atomic_add(dv_ref, keys, mm(p.astype(do.dtype), do, trans_a=True))
         return dq, dgate
 
     rows, d = q.shape
@@ -180,12 +166,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
             kb = k_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             vb = v_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             s = mm(q, kb, trans_b=True) * c
-            p, ds = grads(kb, vb, s, _own_mask(cfg, o, t, idx, valid))
-            if cfg.atomic_dkv:
-                keys = (pl.ds(o * cfg.sb, cfg.sbp), slice(None))
-                plgpu.atomic_add(dk_ref, keys, mm(ds.astype(q.dtype), q, trans_a=True) * cfg.scale)
-                plgpu.atomic_add(dv_ref, keys, mm(p.astype(do.dtype), do, trans_a=True))
-            return dq + mm(ds.astype(kb.dtype), kb)
+            return dq + mm(dlogits(vb, s, _own_mask(cfg, o, t, idx, valid)).astype(kb.dtype), kb)
 
         dq = lax.fori_loop(first, last + 1, own, dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -295,7 +276,6 @@ def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
         kv=pl.BlockSpec((None, nk_alloc, None, d), lambda i, bi, s: (bi, 0, s // upk, 0)),
         cand=pl.BlockSpec((None, None, None, mb), lambda i, bi, s: (bi, s, i, 0)),
         meta=pl.BlockSpec((None, None, None, 2), lambda i, bi, s: (bi, s, i, 0)),
-        acc=pl.BlockSpec((None, None, nk_alloc, d), lambda i, bi, s: (bi, s // upk, 0, 0)),
     )
 
 
@@ -320,35 +300,18 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, o, lse, d
     nk_alloc, kh = k.shape[1], k.shape[2]
     sp = _specs(cfg, d, nk_alloc)
     params = compiler_params(cfg.num_warps, cfg.num_stages)
-    delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)
-    in_specs = [sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
-                sp["row_d"], sp["row"], sp["row"]]
-    out_specs = [sp["row_d"], sp["row_kp"]]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)]
-    args = [q, k, v, idx, valid, gate, cand, meta, do, lse, delta]
-    aliases = {}
-    if cfg.atomic_dkv:  # float32 accumulators, zeroed, aliased to the outputs
-        zeros = jnp.zeros((b, kh, nk_alloc, d), F32)
-        in_specs += [sp["acc"], sp["acc"]]
-        out_specs += [sp["acc"], sp["acc"]]
-        out_shape += [jax.ShapeDtypeStruct(zeros.shape, F32)] * 2
-        args += [zeros, zeros]
-        aliases = {11: 2, 12: 3}
-    dq, dgate, *acc = pl.pallas_call(
+    delta = softmax_delta(o, do)
+    dq, dgate = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
+                  sp["row_d"], sp["row"], sp["row"]],
+        out_specs=[sp["row_d"], sp["row_kp"]],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_tiled_dq",
-    )(*args)
-    keep = (jnp.arange(nk_alloc) < cfg.nb * cfg.sb)[None, :, None, None]  # keys past nb * sb: zero
-    if cfg.atomic_dkv:
-        dk, dv = (jnp.where(keep, x.transpose(0, 2, 1, 3), 0.0).astype(k.dtype) for x in acc)
-        return dq, dk, dv, dgate
+    )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta)
 
     tile_ids, offsets = inverted_tiles(cfg, cand, meta)
     full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
@@ -395,3 +358,34 @@ def _tiled_bwd(cfg, res, do):
 
 
 tiled_selected.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+def tile_layout(nq: int, rows: int, settings: SelectedSettings) -> tuple[int, int, int]:
+    """(queries per tile, queries padded to whole tiles, dk/dv programs per key block)."""
+    bq = max(1, settings.tile_rows // rows)
+    nq_pad = round_up(nq, bq)
+    dkv_splits = max(1, min(settings.max_dkv_splits, (nq_pad // bq) // settings.tiles_per_dkv_split))
+    return bq, nq_pad, dkv_splits
+
+
+def tiled_selected_attention(qg, k, v, idx, val, gate, *, sb: int, nb: int, num_sel: int, kp: int, upk: int,
+                             causal: bool, scale: float, settings: SelectedSettings) -> jax.Array:
+    """The per-query layout of `kernels.selected_attention` through the tiled kernels and back.
+
+    qg [b, nq, groups, rows, d]; k, v [b, nk_alloc, kh, d]; idx / val / gate [b, nq, groups, kp]
+    -> o like qg.
+    """
+    b, nq, groups, rows, d = qg.shape
+    bq, nq_pad, dkv_splits = tile_layout(nq, rows, settings)
+    sbp = max(MIN_DOT, next_pow2(sb))
+    k, v = (pad_axis(x, 1, nb * sb + sbp - sb) for x in (k, v))
+    cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
+                      groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
+                      num_stages=settings.num_stages, interpret=interpret_mode(), dkv_splits=dkv_splits)
+    q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
+
+    per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]
+    per_row = lambda x: jnp.repeat(per_query(x), rows, axis=2)  # noqa: E731  [b, groups, nq_pad * rows, kp]
+    cand, meta = candidates(cfg, per_query(idx), per_query(val))
+    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, meta)
+    return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)

@@ -16,10 +16,10 @@ Masking follows the reference exactly: a block gets probability 0 iff (causal) a
 with a nonzero weight is invisible to the query, or (sb != stride) it is the query's own
 block. The top k' blocks are picked on the block logits (softmax is monotone) and only
 their probabilities are computed, against the log-sum-exp over [-1000, block logits], as the
-reference's softmax gives them. Plain XLA in float32, its matmuls at JAX's matmul-precision
-setting like the reference's (TF32 by default on the GPU; the parity tests run under "highest",
-since TF32 rounding can flip near-tied selections); differentiable in q and ck through the
-probabilities (diff top-k).
+reference's softmax gives them (top-k by `SelectionSettings.topk`). Plain XLA in float32,
+its matmuls at JAX's matmul-precision setting like the reference's (TF32 by default on the
+GPU; the parity tests run under "highest", since TF32 rounding can flip near-tied
+selections); differentiable in q and ck through the probabilities (diff top-k).
 """
 
 from __future__ import annotations
@@ -30,12 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels.settings import SelectionSettings
 from nsa_jax import reference
-
-F32 = jnp.float32
-# k reduction passes measured faster than lax.top_k on an H100 (T = 64k, bf16 inputs, selection
-# fwd+bwd): paper config 23.2 vs 34.8 ms, seed config 31.9 vs 42.8 ms (BENCHMARKS.md).
-TOPK_IMPL = "passes"
+from nsa_jax.numerics import F32
 
 
 def block_weights(nc: int, stride: int, sb: int, interpolated: bool) -> np.ndarray:
@@ -101,19 +98,10 @@ def select_blocks(
     selection_block_size: int,
     interpolated: bool = False,
     scale: float | None = None,
-    q_positions: jax.Array | None = None,
-    topk_impl: str = TOPK_IMPL,
+    settings: SelectionSettings = SelectionSettings(),
 ) -> tuple[jax.Array, jax.Array]:
-    """Same contract as `nsa_jax.reference.select_blocks`: (probabilities, indices), each
-    [b, n, sh, k']. Falls back to the reference for cached decoding (`q_positions`).
-
-    topk_impl: "lax" (`lax.top_k` on the block logits) or "passes" (`top_k_passes`).
-    """
-    if q_positions is not None:
-        return reference.select_blocks(q, ck, num_mem=num_mem, stride=stride, causal=causal,
-                                       share_heads=share_heads, num_selected=num_selected,
-                                       selection_block_size=selection_block_size, interpolated=interpolated,
-                                       scale=scale, q_positions=q_positions)
+    """`nsa_jax.reference.select_blocks` for the parallel forward (no `q_positions`):
+    (probabilities, indices), each [b, n, sh, k']."""
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh
@@ -149,12 +137,7 @@ def select_blocks(
     # Softmax is monotone: pick on the logits, then the probabilities of the picks only,
     # against the log-sum-exp over [-1000, block logits] (never materialise the softmax).
     picking = lax.stop_gradient(logits)
-    if topk_impl == "lax":
-        indices = lax.top_k(picking, k)[1]
-    elif topk_impl == "passes":
-        indices = top_k_passes(picking, k)
-    else:
-        raise ValueError(f"unknown topk_impl {topk_impl!r}")
+    indices = lax.top_k(picking, k)[1] if settings.topk == "lax" else top_k_passes(picking, k)
     indices = indices.astype(jnp.int32)
     pad = reference.IMPORTANCE_PAD_LOGIT
     top = lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1), pad))  # finite

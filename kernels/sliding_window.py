@@ -4,12 +4,11 @@ The Pallas kernel (`kernels._flash`) visits only the key tiles within `window` o
 tile, with the g query heads of a kv head in the tile rows. `impl="auto"` picks, for causal
 bf16/f16 attention on a GPU, cuDNN through
 `jax.nn.dot_product_attention(..., local_window_size=(window, 0), implementation="cudnn")`
-when the window is long (>= CUDNN_MIN_WINDOW) and the Pallas kernel otherwise, because that
-is what measured faster on an H100 (BENCHMARKS.md, "Kernels"; T = 64k, bf16, fwd+bwd):
-window 512, d 128, g 16: cuDNN 16.0 ms vs Pallas 27.7 ms; window 64, d 64, g 2: Pallas
-0.84 ms vs cuDNN 1.30 ms. The threshold between the two measured windows is a choice, not
-a measurement. The Pallas kernel also serves f32, non-causal attention, odd lengths under
-"auto" and CPU (interpret).
+when the window is long (>= CUDNN_MIN_WINDOW) and the Pallas kernel otherwise: cuDNN
+measured faster for the paper's window of 512, the Pallas kernel for the seed's 64
+(BENCHMARKS.md, "Kernel settings"); the threshold between the two measured windows is a
+choice, not a measurement. The Pallas kernel also serves f32, non-causal attention, odd
+lengths under "auto" and CPU (interpret).
 
 Non-causal quirk of the package (keys zero-padded to a multiple of `window` and the padding
 left visible unless `mask_padding`): reproduced by padding the keys before the kernel and
@@ -18,14 +17,12 @@ counting the padding as real keys.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from kernels._common import interpret_mode, pad_axis
-from kernels._flash import Tiles, Visibility, banded_attention
-from nsa_jax import reference
+from kernels._common import interpret_mode, pad_axis, round_up
+from kernels._flash import Visibility, banded_attention
+from kernels.settings import Tiles
 
 
 CUDNN_MIN_WINDOW = 256
@@ -57,18 +54,11 @@ def sliding_window_attention(
     window: int,
     causal: bool,
     scale: float | None = None,
-    q_positions: jax.Array | None = None,
     mask_padding: bool = False,
     impl: str = "auto",  # "auto" | "pallas" | "cudnn"
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, nq, h, d]
-    """Same contract as `nsa_jax.reference.sliding_window_attention`.
-
-    Falls back to the reference for cached decoding (`q_positions` given).
-    """
-    if q_positions is not None:
-        return reference.sliding_window_attention(q, k, v, window=window, causal=causal,
-                                                  scale=scale, q_positions=q_positions, mask_padding=mask_padding)
+    """`nsa_jax.reference.sliding_window_attention` for the parallel forward (no `q_positions`)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     if impl == "cudnn" or (impl == "auto" and window >= CUDNN_MIN_WINDOW and _cudnn_usable(q, k, causal)):
@@ -77,7 +67,7 @@ def sliding_window_attention(
         return _cudnn_window(q, k, v, window, scale)
     num_keys = k.shape[1]
     if not causal and not mask_padding and window > 0:
-        num_keys = math.ceil(num_keys / window) * window  # the package's visible zero padding
+        num_keys = round_up(num_keys, window)  # the package's visible zero padding
         k, v = pad_axis(k, 1, num_keys), pad_axis(v, 1, num_keys)
     vis = Visibility("window", causal=causal, num_keys=num_keys, window=window)
     return banded_attention(q, k, v, vis, scale=scale, tiles=tiles, interpret=interpret_mode())

@@ -29,6 +29,12 @@ from nsa_jax.layers import Linear, RMSNorm
 from nsa_jax.rotary import apply_rotary
 
 
+# Initial bias of the branch gates, per head: sigmoid(-2) = 0.12 for the compressed and fine
+# branches, sigmoid(2) = 0.88 for the sliding window (the PyTorch package's init: training
+# starts close to local attention and learns to open the sparse branches).
+STRATEGY_GATE_BIAS = (-2.0, -2.0, 2.0)  # compressed, fine, sliding
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -47,6 +53,8 @@ class SparseAttention(nnx.Module):
           `use_triton_kernel=True` (the PyTorch name) means the same as True.
       mask_sliding_window_padding: mask the zero padding that the package's non-causal
           sliding window lets queries near the end see (off: reproduce the package).
+      kernel_settings: `kernels.KernelSettings` for the Pallas backend (tile sizes, kernel
+          families); speed only, never the result. None: the measured defaults.
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class SparseAttention(nnx.Module):
         interpolated_importance_score: bool = False,
         use_pallas_nsa: bool | None = None,
         mask_sliding_window_padding: bool = False,
+        kernel_settings: kernels.KernelSettings | None = None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -109,6 +118,7 @@ class SparseAttention(nnx.Module):
         self.interpolated_importance_score = interpolated_importance_score
         self.mask_sliding_window_padding = mask_sliding_window_padding
         self.use_pallas_nsa = True if use_triton_kernel and use_pallas_nsa is None else use_pallas_nsa
+        self.kernel_settings = kernels.KernelSettings() if kernel_settings is None else kernel_settings
 
         self.norm = nnx.data(RMSNorm(dim, param_dtype=param_dtype) if norm else None)
         self.to_qkv = Linear(dim, (heads + 2 * kv_heads) * dim_head, use_bias=False,
@@ -129,7 +139,7 @@ class SparseAttention(nnx.Module):
         self.v_compress = nnx.clone(compress_mlp, arrays=True)
 
         if strategy_combine_mlp is None:
-            bias = jnp.tile(jnp.array([-2.0, -2.0, 2.0], param_dtype), heads)  # compressed, fine, sliding
+            bias = jnp.tile(jnp.array(STRATEGY_GATE_BIAS, param_dtype), heads)
             strategy_combine_mlp = Linear(
                 dim, 3 * heads, kernel_init=lambda key, shape, dtype=param_dtype: jnp.zeros(shape, dtype),
                 bias_init=lambda key, shape, dtype=param_dtype: bias, param_dtype=param_dtype, rngs=rngs)
@@ -140,9 +150,8 @@ class SparseAttention(nnx.Module):
 
     @property
     def backend(self) -> kernels.AttentionBackend:
-        if self.use_pallas_nsa is None:
-            return kernels.get_backend()
-        return kernels.get_backend("pallas" if self.use_pallas_nsa else "reference")
+        """The attention core this module runs (`kernels.get_backend` caches it)."""
+        return kernels.get_backend(kernels.backend_name(self.use_pallas_nsa), self.kernel_settings)
 
     def project(self, inp: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """inp [b, n, dim] -> (normed inp, q [b, n, h, d], k [b, n, kh, d], v [b, n, kh, d])."""

@@ -20,12 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import reference
-
-F32 = jnp.float32
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+from nsa_jax.numerics import F32, round_up
 
 
 class SparseCache(NamedTuple):

@@ -54,8 +54,10 @@ class ModelConfig:
             compress_mlp_expand_factor=self.compress_mlp_expand_factor,
         )
 
-    def build(self, rngs: nnx.Rngs, *, use_pallas_nsa: bool | None = None, dtype: str = "float32") -> Transformer:
-        """The Transformer. Backend and activation dtype are run-time choices, not part of the model."""
+    def build(self, rngs: nnx.Rngs, *, use_pallas_nsa: bool | None = None, dtype: str = "float32",
+              kernel_settings=None) -> Transformer:
+        """The Transformer. Backend, kernel settings and activation dtype are run-time choices,
+        not part of the model."""
         return Transformer(
             num_tokens=self.num_tokens,
             dim=self.dim,
@@ -68,6 +70,7 @@ class ModelConfig:
             causal=self.causal,
             sparse_attn_kwargs=self.sparse_attn_kwargs(),
             use_pallas_nsa=use_pallas_nsa,
+            kernel_settings=kernel_settings,
             dtype=None if dtype == "float32" else jnp.dtype(dtype),
             rngs=rngs,
         )

@@ -4,7 +4,8 @@ Written for clarity, not speed: each branch builds its mask densely over
 [queries, keys]. Layout is [b, n, heads, d] throughout (JAX's attention layout);
 query head `k * g + j` belongs to kv head `k` (g = heads // kv_heads).
 
-The pipeline, as `native-sparse-attention-pytorch` 0.2.3 runs it (see NSA_SPEC.md):
+The pipeline, as `native-sparse-attention-pytorch` 0.2.3 runs it (its `SparseAttention.forward`;
+the golden fixtures in tests/golden pin this module to it):
 
     compression_windows -> (compress networks, in the module) -> compressed_attention
     ; select_blocks (importance_scores -> block_importance -> softmax -> top-k)
@@ -19,12 +20,11 @@ longer key sequence) runs through the same code as the parallel forward.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from nsa_jax.numerics import F32, cdiv, round_up
+
 IMPORTANCE_PAD_LOGIT = -1e3  # the package prepends this column before the block softmax
 SELECTION_THRESHOLD = 1e-10  # selected blocks with probability <= this are masked out
 
@@ -280,7 +280,7 @@ def selected_attention(
     g = h // kh
     sh, num_sel = indices.shape[2], indices.shape[3]
     scale = d**-0.5 if scale is None else scale
-    nb = -(-nk // block_size)
+    nb = cdiv(nk, block_size)
     npad = nb * block_size
     pad = ((0, 0), (0, npad - nk), (0, 0), (0, 0))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
@@ -347,7 +347,7 @@ def sliding_window_attention(
     nk = k.shape[1]
     scale = d**-0.5 if scale is None else scale
     if not causal and not mask_padding and window > 0:
-        npad = math.ceil(nk / window) * window
+        npad = round_up(nk, window)
         pad = ((0, 0), (0, npad - nk), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     key_pos = jnp.arange(k.shape[1])

@@ -29,8 +29,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.attention import SparseAttention
-
-F32 = jnp.float32
+from nsa_jax.numerics import F32
 Cache = Any  # nsa_jax.cache.SparseCache | nsa_jax.cache.DenseCache
 
 
@@ -43,9 +42,7 @@ def prefill(model: nnx.Module, ids: jax.Array, max_len: int) -> tuple[jax.Array,
     x = model.token_emb(ids, dtype=model.dtype)  # [b, P, dim]
     caches = []
     for layer in model.layers:
-        out, cache = layer.attn.prefill(x, max_len)
-        x = out + x
-        x = layer.ff(x) + x
+        x, cache = layer.prefill(x, max_len)
         caches.append(cache)
     return model.to_logits(model.norm(x)), caches
 
@@ -61,12 +58,10 @@ def decode_step(model: nnx.Module, token: jax.Array, caches: list[Cache]) -> tup
     deferred: dict[int, list[int]] = {}  # stride -> layers whose compression waits for the cond
     for i, layer in enumerate(model.layers):
         if isinstance(layer.attn, SparseAttention) and caches[i].ck.shape[1] > 0:
-            out, caches[i] = layer.attn.decode(x, caches[i], compress=False)
+            x, caches[i] = layer.decode(x, caches[i], compress=False)
             deferred.setdefault(layer.attn.compress_block_sliding_stride, []).append(i)
         else:
-            out, caches[i] = layer.attn.decode(x, caches[i])
-        x = out + x
-        x = layer.ff(x) + x
+            x, caches[i] = layer.decode(x, caches[i])
     for group in deferred.values():
         def compress_group(group_caches, group=group):
             return [model.layers[i].attn.compress_tail(c) for i, c in zip(group, group_caches)]

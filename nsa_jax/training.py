@@ -23,9 +23,9 @@ from nsa_jax import sharding
 LN2 = math.log(2.0)
 
 # XLA options of the compiled train and eval steps. Command buffers (CUDA graphs) off: the step
-# runs ~1,000 kernels and, with them on, issuing it took longer than the GPU took to run it
-# (H100, jax 0.11.2, seed model: B=4 T=512 20.5 -> 13.8 ms, B=1 T=4096 25.4 -> 19.2 ms). Decoding
-# keeps XLA's default, under which it is 4x faster (nsa_jax/sampling.py).
+# runs ~1,000 small kernels, and with them on, issuing the step took longer than the GPU took to
+# run it (measured on an H100: BENCHMARKS.md, "What blocks the targets"). Decoding keeps XLA's
+# default, under which it is faster (nsa_jax/sampling.py).
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 

@@ -22,14 +22,29 @@ DEFAULT_SPARSE_ATTN_KWARGS = dict(
 
 
 class Block(nnx.Module):
-    """attention + residual, then feedforward + residual (both pre-norm)."""
+    """attention + residual, then feedforward + residual (both pre-norm).
+
+    `prefill` and `decode` are the same block over the attention's cached paths (generation).
+    """
 
     def __init__(self, attn: nnx.Module, ff: FeedForward):
         self.attn = attn
         self.ff = ff
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
-        x = self.attn(x) + x
+        return self._feedforward(self.attn(x) + x)
+
+    def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, Any]:
+        """x [b, P, dim] -> (out [b, P, dim], the attention's cache of length max_len)."""
+        out, cache = self.attn.prefill(x, max_len)
+        return self._feedforward(out + x), cache
+
+    def decode(self, x: jax.Array, cache: Any, **kwargs) -> tuple[jax.Array, Any]:
+        """One token x [b, 1, dim] through the attention's cache -> (out [b, 1, dim], cache)."""
+        out, cache = self.attn.decode(x, cache, **kwargs)
+        return self._feedforward(out + x), cache
+
+    def _feedforward(self, x: jax.Array) -> jax.Array:
         return self.ff(x) + x
 
 
@@ -41,6 +56,7 @@ class Transformer(nnx.Module):
     `use_triton_fine_selection`) are accepted for porting; they choose implementations, not
     math. `use_triton_fine_selection=True` selects the Pallas kernels, as `use_pallas_nsa=True`.
     `dtype` is the activation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
+    `kernel_settings` (a `kernels.KernelSettings`) goes to every SparseAttention.
     """
 
     def __init__(
@@ -60,6 +76,7 @@ class Transformer(nnx.Module):
         sparse_attn_kwargs: dict[str, Any] | None = None,
         *,
         use_pallas_nsa: bool | None = None,
+        kernel_settings=None,
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -68,6 +85,7 @@ class Transformer(nnx.Module):
         if use_pallas_nsa is None and use_triton_fine_selection:
             use_pallas_nsa = True
         sparse_attn_kwargs.setdefault("use_pallas_nsa", use_pallas_nsa)
+        sparse_attn_kwargs.setdefault("kernel_settings", kernel_settings)
 
         self.num_tokens = num_tokens
         self.causal = causal

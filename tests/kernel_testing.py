@@ -1,7 +1,9 @@
-"""Shared pieces of the kernel tests: dtypes per platform, the oracle, error checks.
+"""Shared pieces of the kernel tests: dtypes, tiers, the oracle, error checks.
 
-On CPU the kernels run in Pallas interpret mode, in float32 only (CI). On a GPU the same
-tests run the Triton kernels in float32 and bfloat16. The oracle is the pure-JAX reference
+On CPU the kernels run in Pallas interpret mode (CI); on a GPU the same tests run the Triton
+kernels. Both in float32 and bfloat16. Each test file keeps a few cases per kernel, branch
+and dtype in the quick tier (`pytest -q`) and the rest of its grid under the `slow` marker
+(`pytest -q -m slow`); `cases()` builds such a parameter list. The oracle is the pure-JAX reference
 evaluated in float32 on the same (possibly bf16-rounded) inputs with full-precision
 matmuls, so TF32 never enters the comparison.
 
@@ -19,13 +21,27 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ON_GPU = jax.default_backend() == "gpu"
-DTYPES = [jnp.float32, jnp.bfloat16] if ON_GPU else [jnp.float32]
+DTYPES = [jnp.float32, jnp.bfloat16]
 # float32: the tests run under jax_default_matmul_precision="highest" (tests/conftest.py), so the
 # kernels use IEEE f32 matmuls and only summation order differs from the oracle.
 # bfloat16: inputs, softmax weights and gradient tiles round to 8 bits inside the matmuls.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def grid(named: dict, quick: dict[str, tuple] | None = None, dtypes=DTYPES) -> list:
+    """pytest params (case, dtype) for every named case and dtype, id "name-dtype"; the pairs
+    listed in `quick` ({name: dtypes}) run in the quick tier, the rest under the slow marker."""
+    quick = quick or {}
+    return [pytest.param(case, dtype, id=f"{name}-{jnp.dtype(dtype).name}",
+                         marks=() if dtype in quick.get(name, ()) else pytest.mark.slow)
+            for name, case in named.items() for dtype in dtypes]
+
+
+BOTH = (jnp.float32, jnp.bfloat16)  # for `grid`'s quick pairs
+F32_ONLY = (jnp.float32,)
 
 
 def randn(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:

@@ -1,4 +1,8 @@
-"""The bench scripts run end to end on small settings (their real runs are on the GPU)."""
+"""The bench scripts run end to end on small settings (their real runs are on the GPU).
+
+They are modules of the `bench` package, run from the repository root: `python -m bench.<name>`.
+The ones that train or time models are in the slow tier.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quality_script_writes_json_and_plot(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), f"--data_path={corpus}", "--model=tiny",
+    run = subprocess.run([sys.executable, "-m", "bench.quality", f"--data_path={corpus}", "--model=tiny",
                           "--seq_len=32", "--steps=6", "--eval_every=3", "--eval_batches=2", "--grad_accum_every=1",
-                          f"--out={tmp_path / 'out'}", "--name=q"], capture_output=True, text=True, timeout=600)
+                          f"--out={tmp_path / 'out'}", "--name=q"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "q.json").read_text())
     for name in ("nsa", "dense"):
@@ -25,20 +33,21 @@ def test_quality_script_writes_json_and_plot(tmp_path):
     assert (tmp_path / "out" / "q.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_quality_runs_split_over_processes_then_merge(tmp_path):
     """One variant per process (one per GPU on the device), then --merge gives the same report."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
-    common = [sys.executable, str(ROOT / "bench" / "quality.py"), f"--data_path={corpus}", "--model=tiny",
+    common = [sys.executable, "-m", "bench.quality", f"--data_path={corpus}", "--model=tiny",
               "--seq_len=32", "--steps=4", "--eval_every=2", "--eval_batches=1", "--grad_accum_every=1",
               f"--out={tmp_path}"]
     for name in ("nsa", "dense"):
         run = subprocess.run(common + [f"--variants={name}", f"--name={name}"], capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, cwd=ROOT)
         assert run.returncode == 0, run.stderr[-2000:]
         assert list(json.loads((tmp_path / f"{name}.json").read_text())["results"]) == [name]
     run = subprocess.run(common + ["--merge", str(tmp_path / "nsa.json"), str(tmp_path / "dense.json"), "--name=both"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     merged = json.loads((tmp_path / "both.json").read_text())
     assert set(merged["results"]) == {"nsa", "dense"}
@@ -46,9 +55,10 @@ def test_quality_runs_split_over_processes_then_merge(tmp_path):
     assert (tmp_path / "both.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_profile_step_script_runs(tmp_path):
     out = tmp_path / "profile.json"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--variant=dense", "--seq_len=32",
+    run = subprocess.run([sys.executable, "-m", "bench.profile_step", "--variant=dense", "--seq_len=32",
                           "--batch_size=1", "--steps=1", f"--json={out}"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -56,13 +66,31 @@ def test_profile_step_script_runs(tmp_path):
     assert result["variant"] == "dense" and result["wall_us_per_step"] > 0
 
 
+@pytest.mark.slow
 def test_train_step_bench_runs(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--variants=reference,dense",
+    run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=reference,dense",
                           "--seq_lens=32", "--batch_size=1", "--grad_accum_every=1", "--repeats=2",
-                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          "--selected_impl=tiled", "--tile_rows=32", f"--out={tmp_path}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     (result,) = tmp_path.glob("train_step-*.json")
-    assert {r["variant"] for r in json.loads(result.read_text())["results"]} == {"reference", "dense"}
+    saved = json.loads(result.read_text())
+    assert {r["variant"] for r in saved["results"]} == {"reference", "dense"}
+    assert "impl='tiled', tile_rows=32" in saved["kernel_settings"]
+
+
+@pytest.mark.slow
+def test_core_bench_runs_on_cpu(tmp_path):
+    """bench.core on tiny lengths (interpreted kernels; cuDNN rows are recorded as errors on CPU)."""
+    out = tmp_path / "core.json"
+    run = subprocess.run([sys.executable, "-m", "bench.core", "--lengths", "128", "--configs", "seed",
+                          "--branch_lengths", "128", "--branch_configs", "seed", "--branches", "selected",
+                          "selected tiled", "--reps", "1", "--budget_s", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["what"]: r for r in json.loads(out.read_text())["rows"]}
+    for what in ("nsa core", "selected", "selected tiled"):
+        assert rows[what]["fwd_ms"] > 0 and rows[what]["fwd_bwd_ms"] > 0, rows[what]
 
 
 def test_peers_torch_script(tmp_path):
@@ -107,7 +135,7 @@ def test_compare_peers_report_merges_peer_rows_and_plots(tmp_path):
                  dense=[], decode=dict(ms_per_token=20.0), memory=dict(peak_gib=1.5))
     (tmp_path / "ours.json").write_text(json.dumps(ours))
     (tmp_path / "peers.json").write_text(json.dumps(peers))
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_peers.py"), "--report", str(tmp_path / "ours.json"),
+    run = subprocess.run([sys.executable, "-m", "bench.compare_peers", "--report", str(tmp_path / "ours.json"),
                           "--peers_json", str(tmp_path / "peers.json"), "--json", str(tmp_path / "merged.json"),
                           "--plot", str(tmp_path / "core.png")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -138,7 +166,7 @@ def test_compare_peers_merges_runs_of_row_groups(tmp_path):
     for name, run in (("train", train), ("core", core), ("misc", misc)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(run))
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_peers.py"), "--report", ",".join(map(str, paths)),
+    run = subprocess.run([sys.executable, "-m", "bench.compare_peers", "--report", ",".join(map(str, paths)),
                           "--json", str(tmp_path / "merged.json")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| 10.00 | 80.00 | 8.0x | >= 10x |" in run.stdout

@@ -3,56 +3,76 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
+import numpy as np
 import pytest
 
-from kernel_testing import DTYPES, check_vjp, randn
-from kernels._flash import Tiles
+from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
 from kernels.compressed_attention import compressed_attention
+from kernels.settings import Tiles
 from nsa_jax import reference
 
-# (n, heads, kv_heads, dim_head, stride, num_mem, causal): g = 1, 2, 4, 16; n from 1 to 300,
-# multiples of the stride and not; no compressed block at all (n < stride).
-CASES = [
-    (1, 2, 2, 32, 4, 1, True),
-    (37, 4, 4, 32, 4, 1, True),
-    (100, 8, 4, 64, 16, 1, True),
-    (100, 8, 4, 64, 16, 2, False),
-    (150, 16, 4, 32, 8, 3, False),
-    (61, 4, 1, 128, 2, 1, True),
-    (255, 16, 1, 64, 4, 1, True),
-    (300, 16, 1, 128, 16, 1, True),
-    (40, 4, 2, 32, 4, 0, False),
-    (40, 4, 2, 32, 4, 0, True),  # no memory, causal: documented fallback to the reference
-]
+
+class Case(NamedTuple):
+    n: int
+    heads: int
+    kv_heads: int
+    dim_head: int
+    stride: int
+    num_mem: int
+    causal: bool
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_compressed_attention_kernel_matches_reference(case, dtype):
-    n, h, kh, d, stride, m, causal = case
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 4)
-    nc = n // stride
-    q = randn(keys[0], (2, n, h, d), dtype)
-    ck, cv = (randn(key, (2, m + nc, kh, d), dtype) for key in keys[1:3])
-    kw = dict(num_mem=m, stride=stride, causal=causal)
-    check_vjp("compressed", functools.partial(compressed_attention, **kw),
+# g = 1, 2, 4, 16; n from 1 to 300, multiples of the stride and not; no compressed block at
+# all (n < stride); no memory entry (non-causal; causal without memory falls back, below).
+CASES = {
+    "one_query": Case(1, 2, 2, 32, 4, 1, True),
+    "g1": Case(37, 4, 4, 32, 4, 1, True),
+    "g2_seed": Case(100, 8, 4, 64, 16, 1, True),
+    "g2_noncausal_mem2": Case(100, 8, 4, 64, 16, 2, False),
+    "g4_noncausal_mem3": Case(150, 16, 4, 32, 8, 3, False),
+    "g4_d128_stride2": Case(61, 4, 1, 128, 2, 1, True),
+    "g16": Case(255, 16, 1, 64, 4, 1, True),
+    "g16_d128": Case(300, 16, 1, 128, 16, 1, True),
+    "no_memory_noncausal": Case(40, 4, 2, 32, 4, 0, False),
+}
+
+
+def inputs(case: Case, dtype, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    nc = case.n // case.stride
+    q = randn(keys[0], (2, case.n, case.heads, case.dim_head), dtype)
+    ck, cv = (randn(key, (2, case.num_mem + nc, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    return q, ck, cv, keys[3]
+
+
+def check(case: Case, dtype, seed: int, tiles: Tiles = Tiles(), label: str = "compressed") -> None:
+    q, ck, cv, key = inputs(case, dtype, seed)
+    kw = dict(num_mem=case.num_mem, stride=case.stride, causal=case.causal)
+    check_vjp(label, functools.partial(compressed_attention, tiles=tiles, **kw),
               functools.partial(reference.compressed_attention, **kw),
-              (q, ck, cv), ("q", "ck", "cv"), dtype, keys[3], case=str(case))
+              (q, ck, cv), ("q", "ck", "cv"), dtype, key, case=str(case))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=str)
+@pytest.mark.parametrize("case,dtype", grid(CASES, {"g2_seed": BOTH, "g4_noncausal_mem3": BOTH}))
+def test_compressed_attention_kernel_matches_reference(case, dtype):
+    check(case, dtype, hash(case) % 2**31)
+
+
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g4_noncausal_mem3")},
+                                            {"g2_seed": F32_ONLY}))
 def test_compressed_attention_kernel_split_dkdv(case, dtype):
     """dk/dv with each key tile's query range split over several programs (partial sums)."""
-    n, h, kh, d, stride, m, causal = case
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 1), 4)
-    nc = n // stride
-    q = randn(keys[0], (2, n, h, d), dtype)
-    ck, cv = (randn(key, (2, m + nc, kh, d), dtype) for key in keys[1:3])
-    kw = dict(num_mem=m, stride=stride, causal=causal)
-    tiles = Tiles(rows_dkv=16, dkv_tiles_per_program=2)
-    check_vjp("compressed", functools.partial(compressed_attention, tiles=tiles, **kw),
-              functools.partial(reference.compressed_attention, **kw),
-              (q, ck, cv), ("q", "ck", "cv"), dtype, keys[3], case=str(case) + "split")
+    check(case, dtype, hash(case) % 2**31 + 1, Tiles(rows_dkv=16, dkv_tiles_per_program=2), "compressed split")
+
+
+def test_causal_without_memory_is_the_reference():
+    """Documented fallback, not a kernel: causal attention with no memory entry (queries before
+    the first stride see no key; `SparseAttention` always has >= 1 memory entry) is computed by
+    the reference, bit for bit."""
+    q, ck, cv, _ = inputs(Case(40, 4, 2, 32, 4, 0, True), np.float32, 5)
+    kw = dict(num_mem=0, stride=4, causal=True)
+    np.testing.assert_array_equal(np.asarray(compressed_attention(q, ck, cv, **kw)),
+                                  np.asarray(reference.compressed_attention(q, ck, cv, **kw)))

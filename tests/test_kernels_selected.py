@@ -1,33 +1,61 @@
-"""Selected (fine) attention Pallas kernels against the reference: forward, d(q, k, v, gates)."""
+"""Selected (fine) attention Pallas kernels against the reference: forward, d(q, k, v, gates).
+
+Both kernel families (`impl`): "query" (one program per query; the default for selection
+groups of >= 16 rows) and "tiled" (tiles of queries; the default for smaller groups).
+Every test asserts the layout it means to reach, so a changed default cannot silently skip a path.
+"""
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from kernel_testing import DTYPES, check_vjp, randn
-from kernels.selected_attention import selected_attention
+from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernels.selected_attention import layout, selected_attention
+from kernels.selected_tiled import tile_layout
+from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings, Tiles
 from nsa_jax import reference
 
-# (n, heads, kv_heads, dim_head, selection block, k, causal, shared selection, gates):
-# g = 1, 2, 4, 16 (16: the matrix-unit path); per-head selection; block sizes that are not
-# powers of two or below 16; no selectable block (k = 0); partial last block.
-CASES = [
-    (1, 4, 2, 32, 16, 4, True, True, True),
-    (37, 2, 2, 32, 4, 2, True, True, True),
-    (37, 2, 2, 32, 4, 2, False, True, True),
-    (100, 8, 4, 64, 16, 4, True, True, True),
-    (100, 8, 4, 64, 16, 4, False, True, False),
-    (130, 16, 4, 32, 6, 3, True, False, True),
-    (77, 16, 4, 128, 8, 3, False, False, True),
-    (300, 32, 2, 64, 64, 3, True, True, True),
-    (200, 16, 1, 128, 32, 4, False, True, True),
-    (50, 4, 2, 32, 8, 0, True, True, False),
-    (50, 4, 2, 32, 8, 0, False, True, False),
-]
+
+class Case(NamedTuple):
+    n: int
+    heads: int
+    kv_heads: int
+    dim_head: int
+    block: int  # selection block size
+    num_selected: int
+    causal: bool
+    shared: bool = True  # the query heads of a kv head share the selection
+    gates: bool = True  # diff-top-k gates on the selected blocks
+
+    @property
+    def group_rows(self) -> int:  # rows of a selection group
+        return self.heads // self.kv_heads if self.shared else 1
+
+
+# g = heads / kv_heads = 1, 2, 4, 16 (16 rows: the matrix-unit path); per-head selection; block
+# sizes that are not powers of two or below 16; no selectable block (k = 0); partial last block.
+CASES = {
+    "one_query": Case(1, 4, 2, 32, 16, 4, True),
+    "g1_block4": Case(37, 2, 2, 32, 4, 2, True),
+    "g1_block4_noncausal": Case(37, 2, 2, 32, 4, 2, False),
+    "g2_seed": Case(100, 8, 4, 64, 16, 4, True),
+    "g2_noncausal_nogates": Case(100, 8, 4, 64, 16, 4, False, gates=False),
+    "per_head_block6": Case(130, 16, 4, 32, 6, 3, True, shared=False),
+    "per_head_noncausal_d128": Case(77, 16, 4, 128, 8, 3, False, shared=False),
+    "g16_block64": Case(300, 32, 2, 64, 64, 3, True),
+    "g16_noncausal_d128": Case(200, 16, 1, 128, 32, 4, False),
+    "k0": Case(50, 4, 2, 32, 8, 0, True, gates=False),
+    "k0_noncausal": Case(50, 4, 2, 32, 8, 0, False, gates=False),
+}
+QUICK = {  # the defaults' paths in both dtypes, and the non-causal per-head fallback
+    "query": {"g16_block64": BOTH},
+    "tiled": {"g2_seed": BOTH, "per_head_noncausal_d128": F32_ONLY},
+}
 
 
 def random_selection(key, shape, num_blocks: int, p_valid: float):
@@ -42,137 +70,126 @@ def random_selection(key, shape, num_blocks: int, p_valid: float):
     return indices, valid, gates
 
 
-# (impl, dkv_impl): per-query kernels with either dk/dv path, and the query-tiled kernels.
-VARIANTS = [("query", "inverted"), ("query", "scatter"), ("tiled", "auto")]
+def inputs(case: Case, dtype, seed: int, p_valid: float):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = randn(keys[0], (2, case.n, case.heads, case.dim_head), dtype)
+    k, v = (randn(key, (2, case.n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    num_blocks = -(-case.n // case.block)
+    sh = case.kv_heads if case.shared else case.heads
+    indices, valid, gates = random_selection(keys[3], (2, case.n, sh, min(case.num_selected, num_blocks)),
+                                             num_blocks, p_valid)
+    return q, k, v, indices, valid, gates, keys[4]  # gates float32, as selection makes them
 
 
-def _check(case, dtype, indices, valid, gates, q, k, v, key, variant=("query", "auto"), tile_rows=32):
-    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
-    impl, dkv_impl = variant
-    kw = dict(block_size=sb, causal=causal)
-    kernel_kw = dict(kw, impl=impl, dkv_impl=dkv_impl, tile_rows=tile_rows)
-    if use_gates:
+def check(case: Case, dtype, q, k, v, indices, valid, gates, key, settings: SelectedSettings, label: str) -> None:
+    kw = dict(block_size=case.block, causal=case.causal)
+    if case.gates:
         args, names = (q, k, v, gates), ("q", "k", "v", "gates")
-        fn = lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, **kernel_kw)
+        fn = lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, settings=settings, **kw)
         ref = lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, **kw)
     else:
         args, names = (q, k, v), ("q", "k", "v")
-        fn = lambda q, k, v: selected_attention(q, k, v, indices, valid, None, **kernel_kw)
+        fn = lambda q, k, v: selected_attention(q, k, v, indices, valid, None, settings=settings, **kw)
         ref = lambda q, k, v: reference.selected_attention(q, k, v, indices, valid, None, **kw)
-    check_vjp("selected" if impl == "query" else "selected tiled", fn, ref, args, names, dtype, key, case=str(case),
-              dkv_impl=dkv_impl, tile_rows=tile_rows)
+    check_vjp(label, fn, ref, args, names, dtype, key, case=str(case), settings=str(settings))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids="-".join)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_selected_attention_kernel_matches_reference(case, dtype, variant):
-    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
-    q = randn(keys[0], (2, n, h, d), dtype)
-    k, v = (randn(key, (2, n, kh, d), dtype) for key in keys[1:3])
-    num_blocks = -(-n // sb)
-    num_sel = min(num_sel, num_blocks)
-    sh = kh if shared else h
-    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.6 if not causal else 0.8)
-    _check(case, dtype, indices, valid, gates, q, k, v, keys[4], variant)
+def impl_grid(named: dict, quick: dict) -> list:
+    """(case, dtype, impl) params for both kernel families."""
+    return [pytest.param(*p.values, impl, id=f"{impl}-{p.id}", marks=p.marks)
+            for impl in ("query", "tiled") for p in grid(named, quick[impl])]
+
+
+@pytest.mark.parametrize("case,dtype,impl", impl_grid(CASES, QUICK))
+def test_selected_attention_kernel_matches_reference(case, dtype, impl):
+    settings = SelectedSettings(impl=impl)
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31, 0.6 if not case.causal else 0.8)
+    assert layout(q.shape, k.shape, indices.shape, block_size=case.block, settings=settings).impl == impl
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, f"selected {impl}")
+
+
+def test_default_layouts_are_the_measured_choices():
+    """Tiled below 16 rows per selection group, one program per query from 16 rows on."""
+    default = SelectedSettings()
+    for name, case in CASES.items():
+        sh = case.kv_heads if case.shared else case.heads
+        lay = layout((2, case.n, case.heads, case.dim_head), (2, case.n, case.kv_heads, case.dim_head),
+                     (2, case.n, sh, case.num_selected), block_size=case.block, settings=default)
+        assert lay.impl == ("query" if case.group_rows >= 16 else "tiled"), name
+
+
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g16_block64", "g16_noncausal_d128")},
+                                            {"g16_block64": F32_ONLY}))
+def test_query_kernel_split_dkdv_with_16_row_groups(case, dtype):
+    """The per-query path as the paper's configuration runs it (16-row groups, matrix-unit tiles)
+    with each key block's query list split over several programs: float32 partial sums, split
+    ranges, the own-block term in split 0 (causal case)."""
+    settings = SelectedSettings(impl="auto", dkv_entries_per_program=1)
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 1, 0.7)
+    lay = layout(q.shape, k.shape, indices.shape, block_size=case.block, settings=settings)
+    assert (lay.impl, lay.rows, lay.dkv_splits) == ("query", 16, settings.max_dkv_splits), lay
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query split")
+
+
+TILED_CASES = {n: CASES[n] for n in ("g1_block4", "g1_block4_noncausal", "per_head_block6")}
 
 
 @pytest.mark.parametrize("tile_rows", [16, 128])
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]], ids=str)
-def test_selected_attention_tiled_tile_sizes(case, tile_rows):
+@pytest.mark.parametrize("case,dtype", grid(TILED_CASES, dtypes=[jnp.float32]))
+def test_tiled_kernel_tile_sizes(case, dtype, tile_rows):
     """Tiles smaller and larger than a selection block (one or many own blocks per tile)."""
-    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 2), 5)
-    q = randn(keys[0], (2, n, h, d))
-    k, v = (randn(key, (2, n, kh, d)) for key in keys[1:3])
-    num_blocks = -(-n // sb)
-    sh = kh if shared else h
-    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.7)
-    _check(case, jnp.float32, indices, valid, gates, q, k, v, keys[4], ("tiled", "auto"), tile_rows)
+    settings = SelectedSettings(impl="tiled", tile_rows=tile_rows)
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 2, 0.7)
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled")
 
 
-@pytest.mark.parametrize("dkv", ["splits", "atomic"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=str)
-def test_selected_attention_tiled_dkv_variants(case, dkv, monkeypatch):
-    """The tiled dk/dv kernel with each block's tile list split over several programs, and the
-    atomic-add alternative (kernels.selected_tiled.ATOMIC_DKV)."""
-    import kernels.selected_attention
-    import kernels.selected_tiled
-
-    if dkv == "splits":
-        monkeypatch.setattr(kernels.selected_attention, "TILES_PER_DKV_SPLIT", 1)
-    else:
-        monkeypatch.setattr(kernels.selected_tiled, "ATOMIC_DKV", True)
-    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 3), 5)
-    q = randn(keys[0], (2, n, h, d))
-    k, v = (randn(key, (2, n, kh, d)) for key in keys[1:3])
-    sh = kh if shared else h
-    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), -(-n // sb), 0.7)
-    _check(case, jnp.float32, indices, valid, gates, q, k, v, keys[4], ("tiled", "auto"), 16)
+@pytest.mark.parametrize("case,dtype", grid({n: TILED_CASES[n] for n in ("g1_block4", "per_head_block6")},
+                                            {"per_head_block6": F32_ONLY}))
+def test_tiled_kernel_split_dkdv(case, dtype):
+    """The tiled dk/dv kernel with each block's tile list split over several programs."""
+    settings = SelectedSettings(impl="tiled", tile_rows=16, tiles_per_dkv_split=1)
+    assert tile_layout(case.n, case.group_rows, settings)[2] > 1
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 3, 0.7)
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled split")
 
 
 # Selections as the module makes them (top-k of the compressed scores; causal: past blocks
 # only), with diff-top-k gates.
-PIPELINE_CASES = [
-    (120, 8, 4, 64, 16, 4, True, True, True),
-    (200, 16, 1, 128, 32, 4, True, True, True),
-    (90, 8, 2, 32, 8, 3, False, False, True),
-]
+PIPELINE_CASES = {
+    "seed_like": Case(120, 8, 4, 64, 16, 4, True),
+    "g16": Case(200, 16, 1, 128, 32, 4, True),
+    "per_head_noncausal": Case(90, 8, 2, 32, 8, 3, False, shared=False),
+}
 
 
-@pytest.mark.parametrize("impl", ["query", "tiled"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", PIPELINE_CASES, ids=str)
+@pytest.mark.parametrize("case,dtype,impl", impl_grid(PIPELINE_CASES, {"query": {}, "tiled": {}}))
 def test_selected_attention_kernel_with_module_selection(case, dtype, impl):
-    n, h, kh, d, sb, num_sel, causal, shared, _ = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 6)
-    q = randn(keys[0], (2, n, h, d), dtype)
-    k, v = (randn(key, (2, n, kh, d), dtype) for key in keys[1:3])
-    stride = sb // 2
-    ck = randn(keys[3], (2, 1 + n // stride, kh, d), jnp.float32)
+    q = randn(keys[0], (2, case.n, case.heads, case.dim_head), dtype)
+    k, v = (randn(key, (2, case.n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    stride = case.block // 2
+    ck = randn(keys[3], (2, 1 + case.n // stride, case.kv_heads, case.dim_head), jnp.float32)
     values, indices = reference.select_blocks(
-        q.astype(jnp.float32), ck, num_mem=1, stride=stride, causal=causal, share_heads=shared,
-        num_selected=num_sel, selection_block_size=sb)
+        q.astype(jnp.float32), ck, num_mem=1, stride=stride, causal=case.causal, share_heads=case.shared,
+        num_selected=case.num_selected, selection_block_size=case.block)
     valid = reference.valid_selection(values)
-    _check(case, dtype, indices, valid, values, q, k, v, keys[5], (impl, "auto"))
+    check(case, dtype, q, k, v, indices, valid, values, keys[5], SelectedSettings(impl=impl),
+          f"selected {impl}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", [CASES[3], CASES[6]], ids=str)
-def test_selected_attention_kernel_split_dkdv(case, dtype):
-    """dk/dv with each key block's query list split over several programs (partial sums)."""
-    n, h, kh, d, sb, num_sel, causal, shared, use_gates = case
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31 + 1), 5)
-    q = randn(keys[0], (2, n, h, d), dtype)
-    k, v = (randn(key, (2, n, kh, d), dtype) for key in keys[1:3])
-    num_blocks = -(-n // sb)
-    sh = kh if shared else h
-    indices, valid, gates = random_selection(keys[3], (2, n, sh, num_sel), num_blocks, 0.7)
-    kw = dict(block_size=sb, causal=causal)
-    split = functools.partial(selected_attention, dkv_entries_per_program=1)
-    check_vjp("selected", lambda q, k, v, g: split(q, k, v, indices, valid, g, **kw),
-              lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, **kw),
-              (q, k, v, gates), ("q", "k", "v", "gates"), dtype, keys[4], case=str(case) + "split")
-
-
-@pytest.mark.parametrize("causal,option", [(True, 0), (False, 5)])
+@pytest.mark.parametrize("causal,option", [(True, 0), pytest.param(False, 5, marks=pytest.mark.slow)])
 def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     """The whole module on both backends: output and every parameter gradient (float32)."""
-    import numpy as np
     from flax import nnx
 
     from test_sparse_attention import OPTIONS, make
 
-    kv_heads, (cb, cs, sb), num_sel, share, diff, interp = OPTIONS[option]
-    kw = dict(kv_heads=kv_heads, causal=causal, compress_block_size=cb, compress_block_sliding_stride=cs,
-              selection_block_size=sb, num_selected_blocks=num_sel, query_heads_share_selected_kv=share,
-              use_diff_topk=diff, interpolated_importance_score=interp)
+    kw = dict(causal=causal, **OPTIONS[option].kwargs())
     x = jax.random.normal(jax.random.key(option), (2, 45, 32))
     results = []
     for use_pallas in (True, False):
         attn = make(option, use_pallas_nsa=use_pallas, **kw)
+        assert attn.backend.name == ("pallas" if use_pallas else "reference")
         graphdef, state = nnx.split(attn)
         loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2)
         with jax.default_matmul_precision("highest"):
@@ -185,18 +202,22 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
         assert float(jnp.max(jnp.abs(gk - gr))) <= 5e-5 * scale + 1e-7
 
 
-def test_set_selected_defaults(monkeypatch):
-    import kernels
-    import kernels.selected_attention
-    import kernels.selected_tiled
+@pytest.mark.parametrize("make,message", [
+    (lambda: SelectedSettings(impl="fast"), "impl must be one of auto, query, tiled"),
+    (lambda: SelectedSettings(tile_rows=0), "tile_rows must be >= 1"),
+    (lambda: SelectionSettings(topk="sort"), "topk must be one of passes, lax"),
+    (lambda: KernelSettings(sliding_impl="flash"), "sliding_impl must be one of auto, pallas, cudnn"),
+])
+def test_kernel_settings_reject_unknown_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
-    for module, name in ((kernels.selected_attention, "IMPL"), (kernels.selected_attention, "TILE_ROWS"),
-                         (kernels.selected_tiled, "ATOMIC_DKV")):
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    kernels.set_selected_defaults("query", "atomic", 16)
-    assert (kernels.selected_attention.IMPL, kernels.selected_tiled.ATOMIC_DKV,
-            kernels.selected_attention.TILE_ROWS) == ("query", True, 16)
-    with pytest.raises(ValueError, match="impl must be"):
-        kernels.set_selected_defaults("fast")
-    with pytest.raises(ValueError, match="tiled_dkv must be"):
-        kernels.set_selected_defaults(tiled_dkv="scatter")
+
+def test_kernel_settings_are_static_and_hashable():
+    """Settings are jit-static: equal settings hash equal, so they reuse one compiled program."""
+    a, b = KernelSettings(selected=SelectedSettings(tile_rows=32)), KernelSettings(
+        selected=SelectedSettings(tile_rows=32))
+    assert a == b and hash(a) == hash(b) and a != KernelSettings()
+    with pytest.raises(AttributeError):
+        a.sliding_impl = "cudnn"  # frozen
+    assert Tiles().dkv_target_programs == 4 * 132

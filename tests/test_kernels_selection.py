@@ -1,33 +1,54 @@
 """Block selection without per-head compressed logits against the reference: the same valid
-(block, probability) picks, and the same gradients of the probabilities in q and ck, for
-both top-k implementations."""
+(block, probability) picks, the same blocks for rows with no valid pick where attention uses
+them, and the same gradients of the probabilities in q and ck, for both top-k implementations."""
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_testing import DTYPES, assert_close, randn
-from kernels import get_backend
+from kernel_testing import BOTH, F32_ONLY, assert_close, grid, randn
+from kernels import KernelSettings, get_backend
 from kernels.selection import select_blocks
+from kernels.settings import SelectionSettings
 from nsa_jax import reference
 
-# (n, heads, kv_heads, dim_head, stride, selection block, k, causal, shared, interpolated, num_mem)
-CASES = [
-    (1, 4, 2, 32, 4, 4, 2, True, True, False, 1),
-    (37, 4, 2, 32, 4, 4, 2, True, True, False, 1),
-    (100, 16, 1, 64, 4, 8, 3, True, False, False, 2),
-    (120, 4, 2, 32, 4, 6, 3, True, True, True, 1),
-    (77, 4, 2, 32, 4, 2, 2, False, True, True, 1),
-    (64, 4, 4, 32, 4, 8, 16, False, True, False, 1),
-    (300, 32, 2, 128, 16, 64, 4, True, True, False, 1),
-    (200, 8, 4, 64, 16, 16, 4, True, True, False, 1),
-    (150, 8, 2, 64, 8, 8, 5, False, False, False, 1),
-]
+
+class Case(NamedTuple):
+    n: int
+    heads: int
+    kv_heads: int
+    dim_head: int
+    stride: int
+    block: int  # selection block size
+    num_selected: int
+    causal: bool
+    shared: bool
+    interpolated: bool
+    num_mem: int = 1
+
+
+CASES = {
+    "one_query": Case(1, 4, 2, 32, 4, 4, 2, True, True, False),
+    "block_is_stride": Case(37, 4, 2, 32, 4, 4, 2, True, True, False),
+    "per_head_two_mem": Case(100, 16, 1, 64, 4, 8, 3, True, False, False, num_mem=2),
+    "interpolated_block6": Case(120, 4, 2, 32, 4, 6, 3, True, True, True),
+    "interpolated_block_below_stride_noncausal": Case(77, 4, 2, 32, 4, 2, 2, False, True, True),
+    "more_selected_than_blocks_noncausal": Case(64, 4, 4, 32, 4, 8, 16, False, True, False),
+    "paper_like": Case(300, 32, 2, 128, 16, 64, 4, True, True, False),
+    "seed_like": Case(200, 8, 4, 64, 16, 16, 4, True, True, False),
+    "per_head_noncausal": Case(150, 8, 2, 64, 8, 8, 5, False, False, False),
+    # one selection block, the own block of most queries: rows with no valid pick, whose
+    # selected (invalid) blocks non-causal fine attention attends uniformly
+    "own_block_only_noncausal": Case(8, 4, 2, 32, 2, 8, 2, False, True, False),
+    "own_block_interpolated_noncausal": Case(10, 4, 2, 32, 4, 6, 2, False, False, True),
+}
+QUICK = {"seed_like": BOTH, "interpolated_block6": F32_ONLY, "own_block_only_noncausal": F32_ONLY}
 
 
 def valid_picks(values, indices) -> list[dict[int, float]]:
@@ -38,17 +59,23 @@ def valid_picks(values, indices) -> list[dict[int, float]]:
             for pv, pi in zip(flat_v, flat_i)]
 
 
-@pytest.mark.parametrize("topk_impl", ["lax", "passes"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_select_blocks_kernel_matches_reference(case, dtype, topk_impl):
-    n, h, kh, d, stride, sb, num_sel, causal, shared, interpolated, m = case
+def rows_without_valid_pick(values, indices) -> dict[int, list[int]]:
+    """{row: its selected blocks, sorted} for the rows with no valid pick."""
+    values, indices = np.asarray(values), np.asarray(indices)
+    flat_v, flat_i = values.reshape(-1, values.shape[-1]), indices.reshape(-1, values.shape[-1])
+    return {r: sorted(flat_i[r].tolist()) for r in range(flat_v.shape[0])
+            if not np.any(flat_v[r] > reference.SELECTION_THRESHOLD)}
+
+
+@pytest.mark.parametrize("topk", ["lax", "passes"])
+@pytest.mark.parametrize("case,dtype", grid(CASES, QUICK))
+def test_select_blocks_kernel_matches_reference(case, dtype, topk):
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 3)
-    q = randn(keys[0], (2, n, h, d), dtype)
-    ck = randn(keys[1], (2, m + n // stride, kh, d), dtype)
-    kw = dict(num_mem=m, stride=stride, causal=causal, share_heads=shared, num_selected=num_sel,
-              selection_block_size=sb, interpolated=interpolated)
-    kernel = functools.partial(select_blocks, topk_impl=topk_impl)
+    q = randn(keys[0], (2, case.n, case.heads, case.dim_head), dtype)
+    ck = randn(keys[1], (2, case.num_mem + case.n // case.stride, case.kv_heads, case.dim_head), dtype)
+    kw = dict(num_mem=case.num_mem, stride=case.stride, causal=case.causal, share_heads=case.shared,
+              num_selected=case.num_selected, selection_block_size=case.block, interpolated=case.interpolated)
+    kernel = functools.partial(select_blocks, settings=SelectionSettings(topk=topk))
     values, indices = jax.jit(functools.partial(kernel, **kw))(q, ck)
     with jax.default_matmul_precision("highest"):
         ref_values, ref_indices = jax.jit(functools.partial(reference.select_blocks, **kw))(
@@ -57,11 +84,16 @@ def test_select_blocks_kernel_matches_reference(case, dtype, topk_impl):
     assert values.dtype == jnp.float32 and indices.dtype == jnp.int32
     got, want = valid_picks(values, indices), valid_picks(ref_values, ref_indices)
     assert [sorted(p) for p in got] == [sorted(p) for p in want], "different valid blocks"
-    if values.size == 0:
+    if not case.causal:  # non-causal fine attention attends a row's invalid picks when it has no valid one
+        empty = rows_without_valid_pick(ref_values, ref_indices)
+        assert rows_without_valid_pick(values, indices) == empty, "different blocks for rows with no valid pick"
+        if case.n <= 10:
+            assert empty, "the case meant to produce rows with no valid pick has none"
+    if values.size == 0 or not any(want):
         return
     gp = np.array([p[i] for p in got for i in sorted(p)])
     wp = np.array([p[i] for p in want for i in sorted(p)])
-    assert_close("selection", "probabilities", gp, wp, jnp.float32, case=str(case), topk=topk_impl)
+    assert_close("selection", "probabilities", gp, wp, jnp.float32, case=str(case), topk=topk)
 
     # Gradient of a random functional of the valid probabilities (what diff top-k uses).
     weights = randn(keys[2], values.shape) * reference.valid_selection(ref_values)
@@ -77,13 +109,22 @@ def test_select_blocks_kernel_matches_reference(case, dtype, topk_impl):
         assert g.dtype == dtype
         # The kernel differentiates in float32 and rounds the result to the input dtype once.
         assert_close("selection", f"d{name}", g, r, jnp.float32 if dtype == jnp.float32 else dtype,
-                     case=str(case), topk=topk_impl)
+                     case=str(case), topk=topk)
 
 
 def test_pallas_backend_serves_the_kernels():
+    """The backend's functions are the kernels for the parallel forward (bound to the settings)
+    and the reference for decoding (`q_positions`); one backend object per settings."""
     backend = get_backend("pallas")
-    assert backend.name == "pallas"
-    assert backend.select_blocks is select_blocks
-    assert backend.selected_attention.__module__ == "kernels.selected_attention"
-    assert backend.compressed_attention.__module__ == "kernels.compressed_attention"
-    assert backend.sliding_window_attention.__module__ == "kernels.sliding_window"
+    assert backend.name == "pallas" and get_backend("pallas") is backend
+    assert get_backend("pallas", KernelSettings(sliding_impl="pallas")) is not backend
+    q = randn(jax.random.key(0), (1, 12, 4, 16))
+    ck = randn(jax.random.key(1), (1, 4, 2, 16))
+    kw = dict(num_mem=1, stride=4, causal=True, share_heads=True, num_selected=2, selection_block_size=4)
+    with jax.default_matmul_precision("highest"):
+        ours = backend.select_blocks(q, ck, **kw)
+        theirs = select_blocks(q, ck, **kw)
+        decode = backend.select_blocks(q[:, -1:], ck, q_positions=jnp.array([11]), **kw)
+        ref = reference.select_blocks(q[:, -1:], ck, q_positions=jnp.array([11]), **kw)
+    for a, b in zip(ours + decode, theirs + ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

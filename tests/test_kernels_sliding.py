@@ -3,49 +3,59 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from kernel_testing import DTYPES, ON_GPU, check_vjp, randn
+from kernel_testing import BOTH, ON_GPU, check_vjp, grid, randn
 from kernels.sliding_window import sliding_window_attention
 from nsa_jax import reference
 
-# (n, heads, kv_heads, dim_head, window, causal, mask_padding): g = 1, 2, 4, 16; the
-# package's non-causal zero-padding quirk with windows that do and do not divide n.
-CASES = [
-    (1, 2, 2, 32, 4, True, False),
-    (37, 4, 4, 32, 5, True, False),
-    (100, 8, 4, 64, 64, True, False),
-    (100, 8, 4, 64, 16, False, False),
-    (100, 8, 4, 64, 16, False, True),
-    (150, 16, 4, 32, 0, True, False),
-    (130, 16, 1, 128, 33, False, False),
-    (257, 4, 2, 64, 300, True, False),
-    (300, 16, 1, 128, 48, True, False),
-]
+
+class Case(NamedTuple):
+    n: int
+    heads: int
+    kv_heads: int
+    dim_head: int
+    window: int
+    causal: bool
+    mask_padding: bool = False  # mask the package's non-causal zero padding
 
 
-def _run(case, dtype, impl):
-    n, h, kh, d, w, causal, mask_padding = case
+# g = 1, 2, 4, 16; the package's non-causal zero-padding quirk with windows that do and do not
+# divide n; window 0 (the token alone); a window longer than the sequence.
+CASES = {
+    "one_query": Case(1, 2, 2, 32, 4, True),
+    "g1_window5": Case(37, 4, 4, 32, 5, True),
+    "g2_seed": Case(100, 8, 4, 64, 64, True),
+    "g2_noncausal_quirk": Case(100, 8, 4, 64, 16, False),
+    "g2_noncausal_masked": Case(100, 8, 4, 64, 16, False, mask_padding=True),
+    "g4_window0": Case(150, 16, 4, 32, 0, True),
+    "g16_noncausal_quirk_d128": Case(130, 16, 1, 128, 33, False),
+    "g2_window_longer_than_n": Case(257, 4, 2, 64, 300, True),
+    "g16_d128": Case(300, 16, 1, 128, 48, True),
+}
+
+
+def run(case: Case, dtype, impl: str) -> None:
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 4)
-    q = randn(keys[0], (2, n, h, d), dtype)
-    k, v = (randn(key, (2, n, kh, d), dtype) for key in keys[1:3])
-    kw = dict(window=w, causal=causal, mask_padding=mask_padding)
+    q = randn(keys[0], (2, case.n, case.heads, case.dim_head), dtype)
+    k, v = (randn(key, (2, case.n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    kw = dict(window=case.window, causal=case.causal, mask_padding=case.mask_padding)
     check_vjp(f"sliding_{impl}", functools.partial(sliding_window_attention, impl=impl, **kw),
               functools.partial(reference.sliding_window_attention, **kw),
               (q, k, v), ("q", "k", "v"), dtype, keys[3], case=str(case))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case,dtype", grid(CASES, {"g2_seed": BOTH, "g2_noncausal_quirk": BOTH}))
 def test_sliding_window_pallas_kernel_matches_reference(case, dtype):
-    _run(case, dtype, "pallas")
+    run(case, dtype, "pallas")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN runs on the GPU only")
-@pytest.mark.parametrize("case", [c for c in CASES if c[5] and c[4] > 0], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES.values() if c.causal and c.window > 0], ids=str)
 def test_sliding_window_kernel_cudnn_matches_reference(case):
     """cuDNN's local window, the default for long causal bf16 windows on GPU."""
-    _run(case, jnp.bfloat16, "cudnn")
+    run(case, jnp.bfloat16, "cudnn")

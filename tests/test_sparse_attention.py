@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +40,42 @@ def run(attn: SparseAttention, x: jax.Array) -> jax.Array:
     return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
 
 
-GRID = list(itertools.product(
-    [True, False],  # causal
-    [1, 4, 31, 32, 120],  # seq_len
-))
-OPTIONS = [  # (kv_heads, (compress block, stride, selection block), num_selected, share, diff_topk, interpolated)
-    (2, (4, 4, 4), 2, True, True, False),
-    (4, (4, 2, 4), 2, False, False, False),
-    (1, (8, 4, 8), 0, True, False, False),
-    (2, (8, 4, 4), 2, True, True, False),
-    (2, (4, 4, 2), 2, True, False, True),
-    (2, (8, 4, 6), 3, False, True, True),
+class Option(NamedTuple):
+    """One point of the package's option grid."""
+
+    kv_heads: int
+    compress_block: int
+    stride: int
+    selection_block: int
+    num_selected: int
+    share: bool  # query heads share the selection
+    diff_topk: bool
+    interpolated: bool
+
+    def kwargs(self) -> dict:
+        return dict(kv_heads=self.kv_heads, compress_block_size=self.compress_block,
+                    compress_block_sliding_stride=self.stride, selection_block_size=self.selection_block,
+                    num_selected_blocks=self.num_selected, query_heads_share_selected_kv=self.share,
+                    use_diff_topk=self.diff_topk, interpolated_importance_score=self.interpolated)
+
+
+OPTIONS = [
+    Option(2, 4, 4, 4, 2, share=True, diff_topk=True, interpolated=False),
+    Option(4, 4, 2, 4, 2, share=False, diff_topk=False, interpolated=False),
+    Option(1, 8, 4, 8, 0, share=True, diff_topk=False, interpolated=False),
+    Option(2, 8, 4, 4, 2, share=True, diff_topk=True, interpolated=False),
+    Option(2, 4, 4, 2, 2, share=True, diff_topk=False, interpolated=True),
+    Option(2, 8, 4, 6, 3, share=False, diff_topk=True, interpolated=True),
 ]
+SEQ_LENS = [1, 4, 31, 32, 120]
+
+
+def option_grid() -> list:
+    """(option, causal, seq_len) for every option, both causalities and every length; the quick
+    tier runs each option once (causal for even options, non-causal for odd, 31 tokens)."""
+    return [pytest.param(i, causal, n, id=f"opt{i}-{'causal' if causal else 'noncausal'}-{n}",
+                         marks=() if (causal == (i % 2 == 0) and n == 31) else pytest.mark.slow)
+            for i in range(len(OPTIONS)) for causal in (True, False) for n in SEQ_LENS]
 
 
 def bf16_rounded(attn: SparseAttention) -> None:
@@ -59,13 +83,9 @@ def bf16_rounded(attn: SparseAttention) -> None:
     nnx.update(attn, jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params))
 
 
-@pytest.mark.parametrize("causal,seq_len", GRID)
-@pytest.mark.parametrize("opt", range(len(OPTIONS)))
-def test_option_grid_runs_in_float32_and_bfloat16(causal, seq_len, opt):
-    kv_heads, (cb, cs, sb), num_sel, share, diff, interp = OPTIONS[opt]
-    attn = make(opt, kv_heads=kv_heads, causal=causal, compress_block_size=cb, compress_block_sliding_stride=cs,
-                selection_block_size=sb, num_selected_blocks=num_sel, query_heads_share_selected_kv=share,
-                use_diff_topk=diff, interpolated_importance_score=interp)
+@pytest.mark.parametrize("opt,causal,seq_len", option_grid())
+def test_option_grid_runs_in_float32_and_bfloat16(opt, causal, seq_len):
+    attn = make(opt, causal=causal, **OPTIONS[opt].kwargs())
     bf16_rounded(attn)  # so that float32 and bfloat16 runs start from the same numbers
     x = jax.random.normal(jax.random.key(seq_len), (2, seq_len, DIM)).astype(jnp.bfloat16)
     out = run(attn, x.astype(jnp.float32))

@@ -19,28 +19,26 @@ Each branch is also timed alone (the sliding window with both the Pallas kernel 
 Median of repeated runs after warm-up, `block_until_ready` around each. Prints a table and
 writes JSON to bench/results/ (or --out).
 
-    python bench/kernels.py                 # all lengths 4k..64k, branches at 64k
-    python bench/kernels.py --lengths 4096 --branch_lengths 4096 --reps 5
+    python -m bench.core                 # all lengths 4k..64k, branches at 64k
+    python -m bench.core --lengths 4096 --branch_lengths 4096 --reps 5
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import statistics
-import sys
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import kernels  # noqa: E402
-from nsa_jax import reference  # noqa: E402
+import kernels
+from nsa_jax import reference
 
 CONFIGS = {
     "paper": dict(heads=64, kv_heads=4, dim_head=128, compress_block=32, stride=16, selection_block=64,
@@ -60,18 +58,16 @@ def make_inputs(cfg: dict, n: int, seed: int = 0):
     return [jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes)]
 
 
-def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str | None = None,
-               topk_impl: str | None = None):
-    """The core's pieces as functions of (q, k, v, ck, cv)."""
+def branch_fns(cfg: dict, settings: kernels.KernelSettings = kernels.KernelSettings()):
+    """The core's pieces as functions of (q, k, v, ck, cv), on the Pallas backend with `settings`."""
+    backend = kernels.get_backend("pallas", settings)
+    tiled = kernels.get_backend("pallas", dataclasses.replace(
+        settings, selected=dataclasses.replace(settings.selected, impl="tiled")))
     d = cfg["dim_head"]
     scale = d**-0.5
     sel_kw = dict(num_mem=1, stride=cfg["stride"], causal=True, share_heads=True,
                   num_selected=cfg["num_selected"], selection_block_size=cfg["selection_block"], scale=scale)
-    if topk_impl is not None:
-        sel_kw["topk_impl"] = topk_impl
     slide_kw = dict(window=cfg["window"], causal=True, scale=scale)
-    if sliding_impl is not None:
-        slide_kw["impl"] = sliding_impl
 
     def pooled(k, v, ck, cv):
         """fla's compression: the memory entry, then k and v averaged over blocks of `stride`."""
@@ -90,15 +86,15 @@ def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str |
         values, _ = backend.select_blocks(q, ck, **sel_kw)
         return values
 
-    def selected(q, k, v, ck, cv, **impl):
+    def selected(q, k, v, ck, cv, backend=backend):
         ck, _ = pooled(k, v, ck, cv)
         values, indices = backend.select_blocks(q, ck, **sel_kw)
         gates = reference.straight_through_gates(values)
         return backend.selected_attention(q, k, v, indices, reference.valid_selection(values), gates,
-                                          block_size=cfg["selection_block"], causal=True, scale=scale, **impl)
+                                          block_size=cfg["selection_block"], causal=True, scale=scale)
 
     def selected_tiled(q, k, v, ck, cv):
-        return selected(q, k, v, ck, cv, impl="tiled")
+        return selected(q, k, v, ck, cv, backend=tiled)
 
     def sliding(q, k, v, ck, cv):
         return backend.sliding_window_attention(q, k, v, **slide_kw)
@@ -113,6 +109,11 @@ def branch_fns(cfg: dict, backend: kernels.AttentionBackend, sliding_impl: str |
 
     return dict(core=core, compressed=compressed, selection=selection, selected=selected, sliding=sliding,
                 selected_tiled=selected_tiled)
+
+
+def with_topk(topk: str | None) -> kernels.KernelSettings:
+    """The default settings, with selection top-k `topk` (None: the default)."""
+    return kernels.KernelSettings(selection=kernels.SelectionSettings(topk or kernels.SelectionSettings().topk))
 
 
 def dense(q, k, v, ck, cv):
@@ -162,7 +163,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels_<date>.json)")
     args = parser.parse_args()
 
-    backend = kernels.get_backend("pallas")
     device = jax.devices()[0]
     meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, platform=device.platform,
                 jax=jax.__version__, configs={k: CONFIGS[k] for k in args.configs}, batch=1, dtype="bfloat16")
@@ -201,8 +201,8 @@ def main() -> None:
             n = max(args.lengths)
             inputs = make_inputs(CONFIGS[name], n)
             for impl in total:
-                row = measure(name, n, f"selection {impl}",
-                              branch_fns(CONFIGS[name], backend, topk_impl=impl)["selection"], inputs)
+                row = measure(name, n, f"selection {impl}", branch_fns(CONFIGS[name], with_topk(impl))["selection"],
+                              inputs)
                 total[impl] += row["fwd_bwd_ms"] if row["fwd_bwd_ms"] is not None else float("inf")
         topk = min(total, key=total.get)
         print(f"top-k: {topk} (fwd+bwd {total})", flush=True)
@@ -210,19 +210,19 @@ def main() -> None:
 
     for n in args.lengths:  # the table first, then the branches
         for name in args.configs:
-            fns = branch_fns(CONFIGS[name], backend, topk_impl=topk)
+            fns = branch_fns(CONFIGS[name], with_topk(topk))
             inputs = make_inputs(CONFIGS[name], n)
             measure(name, n, "nsa core", fns["core"], inputs)
             measure(name, n, "dense cudnn", dense, inputs)
     for n in args.branch_lengths:
         for name in args.branch_configs:
             cfg = CONFIGS[name]
-            fns = branch_fns(cfg, backend, topk_impl=topk)
+            fns = branch_fns(cfg, with_topk(topk))
             inputs = make_inputs(cfg, n)
             cases = {"compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
                      "selected tiled": fns["selected_tiled"],
-                     "sliding pallas": branch_fns(cfg, backend, "pallas")["sliding"],
-                     "sliding cudnn": branch_fns(cfg, backend, "cudnn")["sliding"]}
+                     "sliding pallas": branch_fns(cfg, kernels.KernelSettings(sliding_impl="pallas"))["sliding"],
+                     "sliding cudnn": branch_fns(cfg, kernels.KernelSettings(sliding_impl="cudnn"))["sliding"]}
             if cfg["window"] == 0:
                 cases = {k: v for k, v in cases.items() if not k.startswith("sliding")}
             if args.topk == "pick" and n == max(args.lengths):

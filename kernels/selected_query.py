@@ -1,0 +1,327 @@
+"""Selected attention, one program per query: the kernels for selection groups of >= 16 rows.
+
+Forward and dq kernels: one program per (query, batch, selection group); a selection group
+is the g query heads of a kv head when they share the selection (the paper's 16), so the
+tile rows are those g heads and each selected K/V block is loaded once for all of them;
+with per-head selection a group is one head. The program loops over its k' selected
+blocks (dynamic `pl.ds(idx * sb, ...)` loads, invalid ones masked) and then its own block,
+with an online softmax in float32 (base 2; the log-sum-exp is saved).
+
+dk/dv kernel: the transpose of the selection is an inverted index built in XLA (the
+(query, slot) pairs of each batch and group sorted by block, offsets by binary search), so
+one program per (key block, split, batch, kv head) keeps its dk/dv tile in registers and
+visits only the queries that selected the block (plus the block's own queries for the
+own-block term). Heavily selected blocks (early blocks, under causal selection) have their
+query list split over `dkv_splits` programs whose float32 partial sums XLA adds. No
+atomics, deterministic; cost O(n * k' * sb), like the forward.
+
+Reference quirk reproduced: non-causal, k' > 0, a query group with no valid block attends
+uniformly to the tokens of all its selected blocks (logits forced to 0, no gradient to q,
+k or the gates). Tiles smaller than the matrix unit's 16 rows (g < 16, or per-head
+selection) use a broadcast multiply-reduce: correct, but `kernels.selected_tiled` is the
+fast path there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels._common import (
+    F32, LOG2E, MASK_VALUE, compiler_params, iota, mm, online_softmax_step, pad_axis, softmax_delta,
+    softmax_finish, softmax_init,
+)
+from kernels._selected_common import SelectedConfig, sort_by_block
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryConfig(SelectedConfig):
+    dkv_splits: int  # programs sharing one key block's query list in the dk/dv kernel
+
+
+def _usable(cfg: QueryConfig, blk, ok, zero_row):
+    use = ok | zero_row if cfg.zero_rows_possible else ok
+    return use & (blk >= 0) & (blk < cfg.nb)
+
+
+def _own_mask(cfg: QueryConfig, t, idx_vec, valid_vec):
+    """[sbp] keys of the own block that query t attends as its own block."""
+    own = lax.div(t, cfg.sb)
+    cols = iota(cfg.sbp)
+    mask = cols < cfg.sb
+    if cfg.causal:
+        mask = mask & (own * cfg.sb + cols <= t)
+    if cfg.num_sel > 0:  # a validly selected own block is already attended in full (with its gate)
+        own_selected = jnp.max(jnp.where((idx_vec == own) & valid_vec, 1, 0)) > 0
+        mask = mask & jnp.logical_not(own_selected)
+    return own, mask
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_ref, *, cfg: QueryConfig):
+    t = pl.program_id(0)
+    q = q_ref[...]  # [G, d]
+    c = cfg.scale * LOG2E
+    in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
+    idx_vec = idx_ref[...]  # [kp]
+    valid_vec = valid_ref[...] > 0
+    zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
+
+    def body(i, carry):
+        blk = idx_ref[i]
+        use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
+        start = jnp.clip(blk, 0, cfg.nb - 1) * cfg.sb
+        kb = k_ref[pl.ds(start, cfg.sbp), :]  # [sbp, d]
+        vb = v_ref[pl.ds(start, cfg.sbp), :]
+        s = mm(q, kb, trans_b=True) * (gate_ref[i] * c)  # [G, sbp]
+        if cfg.zero_rows_possible:
+            s = jnp.where(zero_row, 0.0, s)
+        s = jnp.where(in_block & use, s, MASK_VALUE)
+        return online_softmax_step(carry, s, vb)
+
+    carry = lax.fori_loop(0, cfg.num_sel, body, softmax_init(*q.shape))
+    if cfg.own_block:
+        own, mask = _own_mask(cfg, t, idx_vec, valid_vec)
+        kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
+        vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
+        s = mm(q, kb, trans_b=True) * c
+        carry = online_softmax_step(carry, jnp.where(mask[None, :], s, MASK_VALUE), vb)
+    o, lse = softmax_finish(carry)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, dq_ref, dgate_ref,
+               *, cfg: QueryConfig):
+    """dq and the dgates of one query group."""
+    t = pl.program_id(0)
+    q = q_ref[...]  # [G, d]
+    do = do_ref[...]
+    lse = lse_ref[...][:, None]  # [G, 1]
+    delta = delta_ref[...][:, None]
+    c = cfg.scale * LOG2E
+    in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
+    idx_vec = idx_ref[...]
+    valid_vec = valid_ref[...] > 0
+    zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
+    slots = iota(cfg.kp)
+
+    def dlogits(vb, s, mask):
+        """dL/dlogits (natural) [G, sbp] for base-2 logits s."""
+        p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
+        return p * (mm(do, vb, trans_b=True) - delta)
+
+    def body(i, carry):
+        dq, dgate = carry
+        blk = idx_ref[i]
+        gate = gate_ref[i]
+        use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
+        start = jnp.clip(blk, 0, cfg.nb - 1) * cfg.sb
+        kb = k_ref[pl.ds(start, cfg.sbp), :]
+        vb = v_ref[pl.ds(start, cfg.sbp), :]
+        qk = mm(q, kb, trans_b=True) * c  # [G, sbp], without the gate
+        s = qk * gate
+        if cfg.zero_rows_possible:
+            s = jnp.where(zero_row, 0.0, s)
+        ds = dlogits(vb, s, in_block & use)
+        if cfg.zero_rows_possible:
+            ds = jnp.where(zero_row, 0.0, ds)
+        dq = dq + mm((ds * gate).astype(kb.dtype), kb)
+        dgate = jnp.where(slots == i, jnp.sum(ds * qk) * (1.0 / LOG2E), dgate)
+        return dq, dgate
+
+    rows, d = q.shape
+    dq, dgate = lax.fori_loop(0, cfg.num_sel, body, (jnp.zeros((rows, d), F32), jnp.zeros((cfg.kp,), F32)))
+    if cfg.own_block:
+        own, mask = _own_mask(cfg, t, idx_vec, valid_vec)
+        kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
+        vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
+        s = mm(q, kb, trans_b=True) * c
+        dq = dq + mm(dlogits(vb, s, mask[None, :]).astype(kb.dtype), kb)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    dgate_ref[...] = dgate
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
+                 dk_ref, dv_ref, *, cfg: QueryConfig):
+    j = pl.program_id(0)
+    split = pl.program_id(1)
+    rows = cfg.rows
+    d = q_ref.shape[-1]
+    kb = k_ref[pl.ds(j * cfg.sb, cfg.sbp), :]  # [sbp, d]
+    vb = v_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
+    c = cfg.scale * LOG2E
+    in_block = (iota(cfg.sbp) < cfg.sb)[:, None]  # [sbp, 1]
+
+    def accumulate(carry, t, u, gate, mask, zero_row):
+        """Add query t's (group u) contribution to this block's dk, dv. Transposed scores
+        [sbp, G] (keys in the matmul M dimension): no tile transposes in registers."""
+        dk, dv = carry
+        q = q_ref[t, pl.ds(u * rows, rows), :]  # [G, d]
+        do = do_ref[t, pl.ds(u * rows, rows), :]
+        lse = lse_ref[t, pl.ds(u * rows, rows)][None, :]  # [1, G]
+        delta = delta_ref[t, pl.ds(u * rows, rows)][None, :]
+        s_t = mm(kb, q, trans_b=True) * (gate * c)  # [sbp, G]
+        if zero_row is not None:
+            s_t = jnp.where(zero_row, 0.0, s_t)
+        p_t = jnp.where(mask, jnp.exp2(s_t - lse), 0.0)
+        dv = dv + mm(p_t.astype(do.dtype), do)  # [sbp, d]
+        ds_t = p_t * (mm(vb, do, trans_b=True) - delta)
+        if zero_row is not None:
+            ds_t = jnp.where(zero_row, 0.0, ds_t)
+        dk = dk + mm((ds_t * gate).astype(q.dtype), q)
+        return dk, dv
+
+    def per_group(u, carry):
+        def selected(e, carry):
+            t = qid_ref[u, e]
+            zero_row = None
+            if cfg.zero_rows_possible:
+                zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0)) > 0)
+            return accumulate(carry, t, u, sgate_ref[u, e], in_block, zero_row)
+
+        start, end = off_ref[u, j], off_ref[u, j + 1]
+        per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
+        first = start + split * per_split
+        carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
+        if cfg.own_block:  # the block's own queries, in the first split
+            def own(t, carry):
+                _, mask = _own_mask(cfg, t, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
+                return accumulate(carry, t, u, 1.0, mask[:, None], None)
+
+            own_end = jnp.where(split == 0, jnp.minimum(j * cfg.sb + cfg.sb, cfg.nq), 0)
+            carry = lax.fori_loop(j * cfg.sb, own_end, own, carry)
+        return carry
+
+    zeros = jnp.zeros((cfg.sbp, d), F32)
+    dk, dv = lax.fori_loop(0, cfg.groups_per_kv, per_group, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _group_specs(cfg: QueryConfig, d: int):
+    """BlockSpecs of the per-(query, batch, group) kernels; grid (nq, b, groups)."""
+    q_spec = pl.BlockSpec((None, None, None, cfg.rows, d), lambda t, bi, s: (bi, t, s, 0, 0))
+    row_spec = pl.BlockSpec((None, None, None, cfg.rows), lambda t, bi, s: (bi, t, s, 0))
+    sel_spec = pl.BlockSpec((None, None, None, cfg.kp), lambda t, bi, s: (bi, t, s, 0))
+    return q_spec, row_spec, sel_spec
+
+
+def _kv_spec(cfg: QueryConfig, nk_alloc: int, d: int):
+    """All keys of the group's kv head: [nk_alloc, d]."""
+    return pl.BlockSpec((None, nk_alloc, None, d), lambda t, bi, s: (bi, 0, s // cfg.groups_per_kv, 0))
+
+
+def _forward(cfg: QueryConfig, q, k, v, idx, valid, gate):
+    """q [b, nq, groups, G, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate [b, nq, groups, kp]."""
+    b, nq, groups, rows, d = q.shape
+    q_spec, row_spec, sel_spec = _group_specs(cfg, d)
+    kv_spec = _kv_spec(cfg, k.shape[1], d)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(nq, b, groups),
+        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec],
+        out_specs=[q_spec, row_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, nq, groups, rows), F32)],
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_selected_fwd",
+    )(q, k, v, idx, valid, gate)
+
+
+def _inverted_index(cfg: QueryConfig, idx, valid):
+    """Per (batch, group): query ids and slots sorted by selected block, and block offsets.
+
+    idx, valid [b, nq, groups, kp] -> (order [b, groups, nq * kp] entry ids sorted by block,
+    offsets [b, groups, nb + 1]); entries that are not attended sort last (key nb).
+    """
+    b, nq, groups, kp = idx.shape
+    used = valid > 0
+    if cfg.zero_rows_possible:
+        used = used | ~jnp.any(used, axis=-1, keepdims=True)
+    used = used & (jnp.arange(kp) < cfg.num_sel) & (idx >= 0) & (idx < cfg.nb)
+    key = jnp.where(used, idx, cfg.nb).transpose(0, 2, 1, 3).reshape(b * groups, nq * kp)
+    order, offsets = sort_by_block(key, cfg.nb)
+    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1)
+
+
+def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, o, lse, do):
+    b, nq, groups, rows, d = q.shape
+    kh = k.shape[2]
+    upk = cfg.groups_per_kv
+    params = compiler_params(cfg.num_warps, cfg.num_stages)
+    delta = softmax_delta(o, do)  # [b, nq, groups, G]
+
+    q_spec, row_spec, sel_spec = _group_specs(cfg, d)
+    kv_spec = _kv_spec(cfg, k.shape[1], d)
+    dq, dgate = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(nq, b, groups),
+        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec],
+        out_specs=[q_spec, sel_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_selected_dq",
+    )(q, k, v, idx, valid, gate, do, lse, delta)
+
+    order, offsets = _inverted_index(cfg, idx, valid)
+    gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
+    sorted_gate = jnp.take_along_axis(gate_flat, order, axis=-1)
+    qid = (order // cfg.kp).astype(jnp.int32)
+    e = nq * cfg.kp
+    gr = upk * rows  # query rows per kv head
+    q_full = pl.BlockSpec((None, nq, None, gr, d), lambda j, sp, bi, h: (bi, 0, h, 0, 0))
+    row_full = pl.BlockSpec((None, nq, None, gr), lambda j, sp, bi, h: (bi, 0, h, 0))
+    sel_full = pl.BlockSpec((None, nq, None, upk, cfg.kp), lambda j, sp, bi, h: (bi, 0, h, 0, 0))
+    ent_spec = pl.BlockSpec((None, None, upk, e), lambda j, sp, bi, h: (bi, h, 0, 0))
+    off_spec = pl.BlockSpec((None, None, upk, cfg.nb + 1), lambda j, sp, bi, h: (bi, h, 0, 0))
+    kv_full = pl.BlockSpec((None, k.shape[1], None, d), lambda j, sp, bi, h: (bi, 0, h, 0))
+    out_spec = pl.BlockSpec((None, None, None, cfg.sbp, None, d), lambda j, sp, bi, h: (sp, bi, j, 0, h, 0))
+    out_dtype = F32 if cfg.dkv_splits > 1 else k.dtype  # partial sums stay in f32
+    as_kv = lambda x: x.reshape(b, nq, kh, gr, *x.shape[4:])  # [b, nq, groups, G, ..] -> per kv head
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg),
+        grid=(cfg.nb, cfg.dkv_splits, b, kh),
+        in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
+                  off_spec],
+        out_specs=[out_spec, out_spec],
+        out_shape=[jax.ShapeDtypeStruct((cfg.dkv_splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_selected_dkdv",
+    )(as_kv(q), k, v, as_kv(do), as_kv(lse), as_kv(delta),
+      idx.reshape(b, nq, kh, upk, cfg.kp), valid.reshape(b, nq, kh, upk, cfg.kp),
+      qid.reshape(b, kh, upk, e), sorted_gate.reshape(b, kh, upk, e), offsets.reshape(b, kh, upk, cfg.nb + 1))
+
+    def to_keys(x):  # [splits, b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
+        x = x.sum(axis=0).astype(k.dtype) if cfg.dkv_splits > 1 else x[0]
+        x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)
+        return pad_axis(x, 1, k.shape[1])
+
+    return dq, to_keys(dk), to_keys(dv), dgate
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def query_selected(cfg: QueryConfig, q, k, v, idx, valid, gate):
+    """q [b, nq, groups, G, d]; k, v [b, nk_alloc, kh, d] (every [blk * sb, + sbp) load in
+    bounds); idx / valid / gate [b, nq, groups, kp] -> o like q."""
+    return _forward(cfg, q, k, v, idx, valid, gate)[0]
+
+
+def _query_fwd(cfg: QueryConfig, q, k, v, idx, valid, gate):
+    o, lse = _forward(cfg, q, k, v, idx, valid, gate)
+    return o, (q, k, v, idx, valid, gate, o, lse)
+
+
+def _query_bwd(cfg: QueryConfig, res, do):
+    q, k, v, idx, valid, gate, o, lse = res
+    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, o, lse, do)
+    return dq, dk, dv, None, None, dgate
+
+
+query_selected.defvjp(_query_fwd, _query_bwd)

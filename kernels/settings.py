@@ -1,0 +1,107 @@
+"""Kernel settings: frozen, hashable, passed statically (as JAX's `BlockSizes` for `mha`).
+
+Every choice here changes speed only, never the result beyond float rounding. The defaults
+are what measured fastest on an H100 (BENCHMARKS.md, "Kernel settings"); `KernelSettings`
+bundles them for `kernels.get_backend`, `SparseAttention(kernel_settings=...)` and the
+bench scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Programs per SM that keep an H100 (132 SMs) busy enough in the flash dk/dv kernels.
+H100_SMS = 132
+PROGRAMS_PER_SM = 4
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Flash kernels (compressed branch, sliding window): tile sizes and launch parameters.
+
+    Rows are query tokens x the g query heads of a kv head.
+    """
+
+    rows_fwd: int = 128
+    block_k_fwd: int = 64
+    rows_dq: int = 64
+    block_k_dq: int = 64
+    rows_dkv: int = 64
+    block_k_dkv: int = 64
+    num_warps: int | None = None  # None: 4 for d <= 64, else 8
+    num_stages: int = 2
+    # dk/dv: a key tile's query range is split over up to this many programs (partial sums
+    # added in XLA) so that the few compressed key tiles still fill the GPU ...
+    max_dkv_splits: int = 64
+    dkv_tiles_per_program: int = 256
+    # ... and split further, down to min_dkv_tiles_per_program query tiles per program, until
+    # about this many programs run: with few key tiles (the seed's 257 compressed keys at
+    # T = 4096 make 5) the unsplit grid left most SMs idle.
+    dkv_target_programs: int = PROGRAMS_PER_SM * H100_SMS
+    min_dkv_tiles_per_program: int = 8
+
+
+SELECTED_IMPLS = ("auto", "query", "tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedSettings:
+    """Selected (fine) attention: which kernel family, and how its dk/dv work is split.
+
+    impl: "query" (`kernels.selected_query`: one program per query and selection group; dk/dv
+    by a kernel over the inverted index), "tiled" (`kernels.selected_tiled`: one program per
+    tile of `tile_rows` rows walking the union of the blocks its queries selected), or "auto":
+    tiled when a selection group has fewer rows than the matrix unit's 16 (the seed model's
+    2 heads per kv head), per-query otherwise (the paper's 16). Measured on an H100 in
+    BENCHMARKS.md, "Kernel settings".
+    """
+
+    impl: str = "auto"
+    tile_rows: int = 64  # tiled: rows per tile (queries per tile = tile_rows // group rows)
+    tiles_per_dkv_split: int = 16  # tiled dk/dv: one more program per block per this many tiles
+    dkv_entries_per_program: int = 256  # per-query dk/dv: one more program per block per this many entries
+    max_dkv_splits: int = 8  # either dk/dv kernel: programs sharing one key block at most
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        _check(self.impl in SELECTED_IMPLS, f"impl must be one of {', '.join(SELECTED_IMPLS)}, got {self.impl!r}")
+        for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "max_dkv_splits",
+                     "num_warps", "num_stages"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+TOPK_IMPLS = ("passes", "lax")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSettings:
+    """Block selection: topk "passes" (k reduction passes over the block logits) or "lax"
+    (`lax.top_k`); both pick the same blocks. "passes" measured faster on an H100."""
+
+    topk: str = "passes"
+
+    def __post_init__(self):
+        _check(self.topk in TOPK_IMPLS, f"topk must be one of {', '.join(TOPK_IMPLS)}, got {self.topk!r}")
+
+
+SLIDING_IMPLS = ("auto", "pallas", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
+    """All kernel settings of the Pallas backend."""
+
+    selected: SelectedSettings = SelectedSettings()
+    selection: SelectionSettings = SelectionSettings()
+    flash: Tiles = Tiles()  # compressed attention and the Pallas sliding window
+    sliding_impl: str = "auto"  # see kernels.sliding_window
+
+    def __post_init__(self):
+        _check(self.sliding_impl in SLIDING_IMPLS,
+               f"sliding_impl must be one of {', '.join(SLIDING_IMPLS)}, got {self.sliding_impl!r}")
