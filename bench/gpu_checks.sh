@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# On a GPU machine: the kernel tests in float32 and bfloat16 (sharded over $SHARDS processes:
-# Triton compilation is CPU-bound), their largest errors per kernel and dtype, then
-# bench/kernels.py.
-#   bash bench/gpu_checks.sh [bench/kernels.py arguments...]
-# Logs and JSON go to $OUT (default /tmp/nsa_gpu). Set SKIP_TESTS=1 or SKIP_BENCH=1 to skip a part.
+# On a GPU machine: the kernel tests in float32 and bfloat16, both tiers (sharded over $SHARDS
+# processes: Triton compilation is CPU-bound), their largest errors per kernel and dtype, then
+# bench.core.
+#   bash bench/gpu_checks.sh [bench.core arguments...]
+# Logs and JSON go to $OUT (default /tmp/nsa_gpu). Set SKIP_TESTS=1 or SKIP_BENCH=1 to skip a part,
+# TEST_FILES to choose test files, MARK to choose the tier (default both: "slow or not slow").
 set -u
 OUT=${OUT:-/tmp/nsa_gpu}
+MARK=${MARK:-slow or not slow}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 if ! python3 -c "import pytest" 2>/dev/null; then  # the GPU image may lack pytest: carried wheels
@@ -19,7 +21,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # Shard the tests over processes: Triton and XLA compilation are CPU-bound, the GPU work small.
   # XLA autotuning only changes speed, not results: off for the tests (much faster compiles).
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  python3 -m pytest --collect-only -q -p no:cacheprovider ${TEST_FILES:-tests/test_kernels_*.py} 2>/dev/null \
+  python3 -m pytest --collect-only -q -p no:cacheprovider -m "$MARK" ${TEST_FILES:-tests/test_kernels_*.py} 2>/dev/null \
     | grep "::" > "$OUT/ids.txt"
   shards=${SHARDS:-6}
   pids=()
@@ -29,7 +31,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     [ "${#ids[@]}" -gt 0 ] || continue
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" NSA_KERNEL_ERRLOG="$OUT/err_$i.jsonl" \
       timeout "${TEST_TIMEOUT:-300}" \
-      python3 -m pytest -v -p no:cacheprovider "${ids[@]}" > "$OUT/test_$i.log" 2>&1 &
+      python3 -m pytest -v -p no:cacheprovider -m "$MARK" "${ids[@]}" > "$OUT/test_$i.log" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
@@ -54,6 +56,6 @@ PY
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels.py --out "$OUT/kernels.json" "$@" 2> "$OUT/bench.err"
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m bench.core --out "$OUT/kernels.json" "$@" 2> "$OUT/bench.err"
   echo "bench exit $?"; grep -E "Error|error" "$OUT/bench.err" | sort | uniq -c | head -n 10
 fi

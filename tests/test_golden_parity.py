@@ -2,7 +2,8 @@
 
 The fixtures hold the package's weights (perturbed away from init), inputs, outputs and
 gradients; `tests/golden/make_golden.py` writes them where torch is installed. Here the weights
-go through `nsa_jax.convert` and our outputs and gradients must match in float32.
+go through `nsa_jax.convert` and our outputs and gradients must match in float32, on the
+reference backend and (slow tier; interpret mode on the CPU) on the Pallas kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from flax import nnx
 from nsa_jax import convert
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("*.npz"))
+# What make_golden.py writes: 30 pairwise-covering option-grid cases, each compress network alone
+# and inside SparseAttention, and a sparse and a dense Transformer.
+COMPRESS = ("attention_pool", "conv_linear", "grouped_mlp", "single_projection", "single_projection_grouped")
+EXPECTED = ({f"sparse_attention_{i:02d}" for i in range(30)} | {f"compress_{c}" for c in COMPRESS}
+            | {f"sparse_attention_with_{c}" for c in COMPRESS} | {"transformer_sparse", "transformer_dense"})
+# The quick tier: every compress network, both Transformers and the first grid cases.
+QUICK = ({f"compress_{c}" for c in COMPRESS} | {f"sparse_attention_with_{c}" for c in COMPRESS}
+         | {"transformer_sparse", "transformer_dense"} | {f"sparse_attention_{i:02d}" for i in range(6)})
 OUT_TOL = 1e-5  # max abs diff of outputs (the issue's bar)
 GRAD_TOL = 1e-5  # relative to the largest gradient entry (at least 1)
 
@@ -39,11 +48,11 @@ def assert_close(ours, theirs, tol, what):
     return err
 
 
-def build(meta, sd):
+def build(meta, sd, use_pallas_nsa: bool = False):
     if meta["kind"] == "sparse_attention":
-        return convert.sparse_attention_from_torch(sd, **meta["kwargs"])
+        return convert.sparse_attention_from_torch(sd, use_pallas_nsa=use_pallas_nsa, **meta["kwargs"])
     if meta["kind"] == "transformer":
-        return convert.transformer_from_torch(sd, **meta["kwargs"])
+        return convert.transformer_from_torch(sd, use_pallas_nsa=use_pallas_nsa, **meta["kwargs"])
     net = convert.compress_network_from_state_dict(
         sd, "", dim_head=meta.get("dim_head", 8),
         compress_block_size=meta["compress_block_size"], rngs=nnx.Rngs(0))
@@ -51,15 +60,30 @@ def build(meta, sd):
 
 
 def test_fixtures_exist():
+    assert {p.stem for p in GOLDEN} == EXPECTED
     kinds = {json.loads(str(np.load(p)["meta"]))["kind"] for p in GOLDEN}
     assert kinds == {"sparse_attention", "compress_network", "transformer"}, kinds
-    assert len(GOLDEN) >= 30
 
 
-@pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
-def test_golden_parity(path):
+def golden_params() -> list:
+    """(fixture, backend): every fixture on the reference; those with sparse attention also on
+    the Pallas kernels (slow tier)."""
+    params = []
+    for path in GOLDEN:
+        params.append(pytest.param(path, "reference", id=f"{path.stem}-reference",
+                                   marks=() if path.stem in QUICK else pytest.mark.slow))
+        if path.stem.startswith("sparse_attention") or path.stem == "transformer_sparse":
+            params.append(pytest.param(path, "pallas", id=f"{path.stem}-pallas", marks=pytest.mark.slow))
+    return params
+
+
+@pytest.mark.parametrize("path,backend", golden_params())
+def test_golden_parity(path, backend):
     meta, data, sd, torch_grads = load(path)
-    module = build(meta, sd)
+    module = build(meta, sd, use_pallas_nsa=backend == "pallas")
+    if backend == "pallas":  # the module really runs the kernels
+        attentions = [module] if meta["kind"] == "sparse_attention" else [b.attn for b in module.layers]
+        assert all(a.backend.name == "pallas" for a in attentions)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     if meta["kind"] == "transformer":

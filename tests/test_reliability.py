@@ -1,4 +1,7 @@
-"""Reliability: one-line user errors, kill -9 and corrupted checkpoints, non-finite steps, determinism."""
+"""Reliability: one-line user errors, kill -9 and corrupted checkpoints, non-finite steps, determinism.
+
+The end-to-end runs (kill -9, damaged checkpoints, non-finite runs, same-seed runs) are in the slow tier.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ def test_data_shorter_than_a_crop(tmp_path):
                       "seq_len")
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume(tmp_path, corpus):
     """SIGKILL mid-run (checkpoints are written every step, so kills land in writes too); the rerun
     resumes from the newest complete checkpoint and ends exactly where an uninterrupted run does."""
@@ -76,10 +80,12 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, corpus):
                 break
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.6))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        assert proc.poll() is None, "the run ended before the kill: nothing was tested"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
         proc.stdout.close()
+        saved = [int(p.name) for p in killed_dir.iterdir() if p.name.isdigit()]
+        assert saved and max(saved) < 40, f"the kill landed mid-training: newest checkpoint {max(saved)} of 40"
     final = train(*common, f"--checkpoint_dir={killed_dir}", cwd=tmp_path)
     assert final.returncode == 0, final.stdout[-1500:] + final.stderr[-1500:]
     assert "resuming from step" in final.stdout
@@ -98,6 +104,7 @@ def _truncate_arrays(step_dir: Path) -> None:
             handle.truncate(8)
 
 
+@pytest.mark.slow
 def test_corrupted_newest_checkpoint_falls_back(tmp_path, corpus):
     common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}", f"--checkpoint_dir={tmp_path / 'c'}",
               "--checkpoint_every=2"]
@@ -110,6 +117,7 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, corpus):
     assert (tmp_path / "c" / "corrupt-4").is_dir() and (tmp_path / "c" / "6").is_dir()
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path, corpus):
     common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}", f"--checkpoint_dir={tmp_path / 'c'}",
               "--checkpoint_every=0"]
@@ -120,6 +128,7 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, corpus):
     assert (tmp_path / "c" / "2").is_dir()  # nothing moved or deleted
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_stop_the_run_without_saving(tmp_path, corpus):
     ckpt = tmp_path / "c"
     run = train(*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}", f"--checkpoint_dir={ckpt}",
@@ -155,6 +164,7 @@ def test_nonfinite_step_skips_the_update():
         np.testing.assert_array_equal(x, np.asarray(y))
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(tmp_path, corpus):
     common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}", "--num_batches=12", "--validate_every=4"]
     runs = [train(*common, f"--checkpoint_dir={tmp_path / name}", *extra, cwd=tmp_path)

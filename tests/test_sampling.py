@@ -59,7 +59,10 @@ GRID = [
     (dict(kv_heads=2, compress_block_size=4, compress_block_sliding_stride=4, selection_block_size=4,
           num_selected_blocks=5, sliding_window_size=3), 30, (2,)),
 ]
-CASES = [(i, p) for i, (_, _, prompts) in enumerate(GRID) for p in prompts]
+# The quick tier: overlapping compression with GQA, per-head selection, no selected block, the seed's shape.
+QUICK_CASES = {(0, 13), (1, 9), (2, 6), (6, 33)}
+CASES = [pytest.param(i, p, id=f"{i}-{p}", marks=() if (i, p) in QUICK_CASES else pytest.mark.slow)
+         for i, (_, _, prompts) in enumerate(GRID) for p in prompts]
 
 
 def perturb(module: nnx.Module, seed: int, scale: float = 0.5) -> None:
@@ -130,7 +133,7 @@ def test_sparse_decode_matches_parallel_forward(case, prompt_len):
     assert max_diff(cache.tail_k[:, max(cb - n, 0):], k[:, max(n - cb, 0):]) <= TOL
 
 
-@pytest.mark.parametrize("kv_heads,prompt_len", [(2, 1), (4, 7)])
+@pytest.mark.parametrize("kv_heads,prompt_len", [(2, 1), pytest.param(4, 7, marks=pytest.mark.slow)])
 def test_dense_decode_matches_parallel_forward(kv_heads, prompt_len):
     attn = Attention(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, kv_heads=kv_heads, rngs=nnx.Rngs(kv_heads))
     perturb(attn, kv_heads)
@@ -185,7 +188,7 @@ def test_transformer_decode_logits_match_parallel_forward(sparse):
     assert err <= TOL, f"max abs diff {err:.3g}"
 
 
-@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("sparse", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_greedy_generation_with_and_without_cache_is_identical(sparse):
     model = make_model(sparse, seed=1)
     prompt = jax.random.randint(jax.random.key(4), (2, 7), 0, VOCAB)
@@ -198,6 +201,7 @@ def test_greedy_generation_with_and_without_cache_is_identical(sparse):
     np.testing.assert_array_equal(np.asarray(jnp.argmax(model(ids)[:, 6:-1], -1)), np.asarray(cached))
 
 
+@pytest.mark.slow
 def test_sampling_with_and_without_cache_is_identical_and_within_top_k():
     model = make_model(True, seed=2)
     prompt = jax.random.randint(jax.random.key(5), (3, 5), 0, VOCAB)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent('''
@@ -74,6 +76,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_and_checkpoints_cross_device_counts(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], cwd=ROOT, env=env,
@@ -81,6 +84,7 @@ def test_four_devices_equal_one_and_checkpoints_cross_device_counts(tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_train_py_resumes_across_device_counts(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import TINY
