@@ -14,6 +14,8 @@ from pathlib import Path
 
 from absl import flags
 
+from nsa_jax.cli import fail, parse_flags
+
 flags.DEFINE_string("checkpoint_dir", None, "a train.py checkpoint directory")
 flags.DEFINE_string("prime", "\n", "text the sample continues")
 flags.DEFINE_integer("length", 512, "bytes to generate")
@@ -24,16 +26,8 @@ flags.DEFINE_boolean("use_cache_kv", True, "decode with the KV cache (false: rer
 FLAGS = flags.FLAGS
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        fail(f"{e} (see python sample.py --helpfull)")
+    parse_flags(argv, sys.modules[__name__])
     if not FLAGS.checkpoint_dir:
         fail("--checkpoint_dir is required (a directory train.py wrote)")
     directory = Path(FLAGS.checkpoint_dir).expanduser()

@@ -4,20 +4,39 @@
     python train.py --flagfile=configs/enwik8.flags          # the seed's run (enwik8, GPU)
     tensorboard --logdir runs
 
-Every constant of the seed's train.py is a flag of the same name in lower case. The loop
-reads top to bottom: configuration, data, model, checkpoint (resume), then steps with
-periodic validation, generation and checkpoints.
+Every constant of the seed's train.py is a flag of the same name in lower case. A run reads top
+to bottom: configuration (flags), setup (devices, data, model, resuming from the newest
+checkpoint), then the steps with periodic validation, generation and checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
+import signal
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
+import absl.logging  # noqa: F401  (defines --log_dir, which this program re-purposes)
 from absl import flags
 
-from nsa_jax.config import ModelConfig, TrainConfig
+from nsa_jax.cli import fail, parse_flags
+
+# jax, flax and the rest are imported by the functions that use them, once the flags are parsed,
+# so that --help and flag errors answer at once (0.1 s, not 1 s).
+if TYPE_CHECKING:
+    import jax
+    import numpy as np
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    from nsa_jax.checkpoint import Checkpointer
+    from nsa_jax.config import ModelConfig, TrainConfig
+    from nsa_jax.data import CropSampler
+    from nsa_jax.training import Trainer, TrainState
 
 # -- flags: the seed's constants (same defaults) ------------------------------------------
 flags.DEFINE_integer("num_batches", int(1e5), "training steps")
@@ -59,9 +78,11 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype
 flags.DEFINE_string("data_path", "data/enwik8.gz",
                     "enwik8(.gz|.zip), any byte file, or 'stdlib' (this Python's standard library sources)")
 flags.DEFINE_float("valid_fraction", 0.05, "validation share of a non-enwik8 corpus")
-# absl.logging (imported with flax) already defines --log_dir; give it our meaning and default.
+# absl.logging already defines --log_dir; give it our meaning and default.
 flags.FLAGS.set_default("log_dir", "runs")
 flags.FLAGS["log_dir"].help = "TensorBoard events go to <log_dir>/<run_name>"
+flags.declare_key_flag("log_dir")  # listed by --help with this program's own flags, as is --flagfile
+flags.declare_key_flag("flagfile")
 flags.DEFINE_string("checkpoint_dir", None, "checkpoint directory (default: checkpoints/<run_name>)")
 flags.DEFINE_integer("checkpoint_every", 1000, "save every N steps (0: only at the end)")
 flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
@@ -83,27 +104,33 @@ FLAG_NAMES = {  # ModelConfig field -> flag, for error messages
 }
 
 
-def fail(message: str) -> None:
-    """A user error: one line, no traceback, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def main(argv: list[str]) -> None:
+    """Configuration, setup, the loop. Exit status: 2 a user error, 3 non-finite training, 130 Ctrl-C."""
+    model_config, cfg, run_name = configs_from_argv(argv)
+    run = setup(model_config, cfg, run_name)
+    train_loop(run)
 
 
-def check_writable(directory: str, flag: str) -> None:
-    """Create `directory` and write a probe file in it, or fail naming the flag."""
-    from pathlib import Path
+# -- configuration ------------------------------------------------------------------------------
 
-    path = Path(directory).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        fail(f"cannot write to {flag} {directory}: {e.strerror or e}")
+def configs_from_argv(argv: list[str]) -> tuple[ModelConfig, TrainConfig, str]:
+    """Parse and check the flags: --help and every flag or configuration error end here, before
+    any device work."""
+    parse_flags(argv, sys.modules[__name__])
+    model_config, cfg, run_name = configs_from_flags()
+    problem = cfg.validate() or model_config.validate() or (
+        FLAGS.max_nonfinite_steps < 1 and f"--max_nonfinite_steps must be >= 1, got {FLAGS.max_nonfinite_steps}")
+    if problem:
+        for field, flag in FLAG_NAMES.items():
+            problem = problem.replace(field, flag)
+        fail(problem)
+    return model_config, cfg, run_name
 
 
 def configs_from_flags() -> tuple[ModelConfig, TrainConfig, str]:
+    """The model and run configurations the parsed flags describe, and the run's name."""
+    from nsa_jax.config import ModelConfig, TrainConfig
+
     model = ModelConfig(
         dim=FLAGS.dim, depth=FLAGS.depth, heads=FLAGS.heads, kv_heads=FLAGS.kv_heads, dim_head=FLAGS.dim_head,
         ff_expansion_factor=FLAGS.ff_expansion_factor, use_sparse_attn=FLAGS.use_sparse_attn,
@@ -135,6 +162,20 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
+def check_writable(directory: str, flag: str) -> None:
+    """Create `directory` and write a probe file in it, or fail naming the flag."""
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write to {flag} {directory}: {e.strerror or e}")
+
+
+# -- setup --------------------------------------------------------------------------------------
+
 class NullWriter:
     """What processes other than 0 log to."""
 
@@ -143,38 +184,41 @@ class NullWriter:
     def close(self) -> None: ...
 
 
-class NonFiniteTraining(Exception):
-    def __init__(self, step: int):
-        self.step = step
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds and the loop works on; `state` is replaced by every step."""
+
+    model_config: ModelConfig
+    cfg: TrainConfig
+    run_name: str
+    checkpoint_dir: str
+    log_dir: str
+    is_main: bool  # process 0, the one that logs
+    valid_bytes: np.ndarray  # generation primes come from it
+    train_data: CropSampler
+    valid_data: CropSampler
+    trainer: Trainer
+    state: TrainState
+    checkpointer: Checkpointer
+    start_step: int  # 0, or the step resumed from
+    writer: SummaryWriter | NullWriter
 
 
-def main(argv: list[str]) -> None:
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        fail(f"{e} (see python train.py --helpfull)")
-    model_config, cfg, run_name = configs_from_flags()
-    problem = cfg.validate() or model_config.validate() or (
-        FLAGS.max_nonfinite_steps < 1 and f"--max_nonfinite_steps must be >= 1, got {FLAGS.max_nonfinite_steps}")
-    if problem:
-        for field, flag in FLAG_NAMES.items():
-            problem = problem.replace(field, flag)
-        fail(problem)
+def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
+    """Directories, devices, data, model and compiled steps; then resume from the newest checkpoint."""
+    import jax
+    from flax import nnx
+    from tensorboardX import SummaryWriter
+
+    import kernels
+    from nsa_jax import data, sharding
+    from nsa_jax.checkpoint import CheckpointError, Checkpointer
+    from nsa_jax.training import Trainer, make_optimizer, tree_size
+
     checkpoint_dir = FLAGS.checkpoint_dir or f"checkpoints/{slug(run_name)}"
     log_dir = f"{FLAGS.log_dir}/{slug(run_name)}"
     check_writable(log_dir, "--log_dir")
     check_writable(checkpoint_dir, "--checkpoint_dir")
-
-    # Heavy imports after the flags, so that `--help` and flag errors answer at once.
-    import jax
-    import numpy as np
-    from flax import nnx
-    from tensorboardX import SummaryWriter
-    from tqdm import tqdm
-
-    from nsa_jax import data, sharding
-    from nsa_jax.checkpoint import CheckpointError, Checkpointer, all_finite
-    from nsa_jax.training import Trainer, make_optimizer, tree_size
 
     # -- devices: one mesh over all of them (all hosts, when multi-host) ---------------------
     sharding.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -192,8 +236,8 @@ def main(argv: list[str]) -> None:
         fail(str(e))
 
     # -- model and compiled steps -----------------------------------------------------------
-    model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=None if FLAGS.use_pallas_nsa else False,
-                               dtype=cfg.dtype)
+    use_pallas_nsa = None if FLAGS.use_pallas_nsa else False  # None: kernels where they run natively
+    model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=use_pallas_nsa, dtype=cfg.dtype)
     trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp)
     state = trainer.init_state()
 
@@ -210,110 +254,198 @@ def main(argv: list[str]) -> None:
         valid_data.set_state(meta["valid_rng"])
         print(f"resuming from step {start_step} ({checkpoint_dir})")
 
-    def save(step: int, train_rng=None, valid_rng=None) -> None:
-        if not all_finite(state.params):  # never replace a good checkpoint with a broken state
-            print(f"warning: not saving step {step}: the parameters hold non-finite values")
-            return
-        meta = dict(model_config=model_config.to_dict(), train_config=cfg.to_dict(), run_name=run_name,
-                    data_path=FLAGS.data_path, train_rng=train_rng or train_data.state(),
-                    valid_rng=valid_rng or valid_data.state())
-        checkpointer.save(step, state, meta)
-
     writer = SummaryWriter(log_dir) if is_main else NullWriter()  # one process logs
-    backend = "dense" if not model_config.use_sparse_attn else (
-        "pallas" if FLAGS.use_pallas_nsa and jax.default_backend() == "gpu" else "reference")
+    backend = kernels.backend_name(use_pallas_nsa) if model_config.use_sparse_attn else "dense"
     print(f"{run_name}: {tree_size(state.params) / 1e6:.2f}M parameters, attention {backend}, "
           f"device {jax.devices()[0].platform}, {len(train_bytes) / 1e6:.1f} MB train / "
           f"{len(valid_bytes) / 1e6:.1f} MB valid, {cfg.tokens_per_step} tokens per step; "
           f"{sharding.describe(mesh)}{', fsdp' if FLAGS.fsdp else ''}")
+    return Run(model_config, cfg, run_name, checkpoint_dir, log_dir, is_main, valid_bytes, train_data, valid_data,
+               trainer, state, checkpointer, start_step, writer)
 
-    def every(n: int, step: int) -> bool:
-        return n > 0 and step % n == 0
 
-    # -- the loop -----------------------------------------------------------------------------
-    pending = []  # (step, metrics on device): fetched every log_every steps, no sync per step
-    nonfinite_run = 0  # consecutive skipped steps
-    last_log_time, last_log_step = None, start_step
-    completed = (start_step, train_data.state(), valid_data.state())  # what an interrupt can save
-    progress = tqdm(range(start_step, cfg.num_batches), initial=start_step, total=cfg.num_batches,
-                    desc="training", mininterval=1.0, dynamic_ncols=True, disable=not is_main)
+# -- the loop -----------------------------------------------------------------------------------
+
+def train_loop(run: Run) -> None:
+    """Steps from `run.start_step` to num_batches, each followed by the periodic work that is due,
+    then the final checkpoint. Ctrl-C saves the last completed step (exit 130); a run of
+    non-finite steps stops without saving (exit 3)."""
+    from tqdm import tqdm
+
+    cfg, trainer = run.cfg, run.trainer
+    progress = tqdm(range(run.start_step, cfg.num_batches), initial=run.start_step, total=cfg.num_batches,
+                    desc="training", mininterval=1.0, dynamic_ncols=True, disable=not run.is_main)
+    metrics_log = MetricsLog(run.writer, progress, cfg, run.start_step)
+    completed = (run.start_step, run.train_data.state(), run.valid_data.state())  # what an interrupt can save
     try:
         for step in progress:
-            batches = trainer.train_batches(train_data.sample(cfg.grad_accum_every, cfg.batch_size))
-            state, metrics = trainer.train_step(state, batches)
-            completed = (step + 1, train_data.state(), valid_data.state())
-            pending.append((step, metrics))
-
-            if last_log_time is None:  # the first step includes compilation: start the clock after it
-                jax.block_until_ready(metrics)
-                last_log_time, last_log_step = time.perf_counter(), step + 1
-            elif every(cfg.log_every, step + 1) or step + 1 == cfg.num_batches:
-                fetched = jax.device_get(pending)
-                now = time.perf_counter()
-                step_time = (now - last_log_time) / max(1, step + 1 - last_log_step)
-                tokens_per_sec = cfg.tokens_per_step / step_time
-                for s, m in fetched:
-                    nonfinite_run = nonfinite_run + 1 if m["skipped"] else 0
-                    if m["skipped"]:
-                        writer.add_scalar("train/skipped_steps", 1, s)
-                        progress.write(f"step {s}: non-finite loss or gradient; update skipped")
-                    else:
-                        writer.add_scalar("train/loss", m["loss"], s)
-                        writer.add_scalar("train/bits_per_byte", m["bits_per_byte"], s)
-                        writer.add_scalar("train/grad_norm", m["grad_norm"], s)
-                    if nonfinite_run >= FLAGS.max_nonfinite_steps:
-                        raise NonFiniteTraining(s)
-                writer.add_scalar("train/learning_rate", cfg.learning_rate, step)
-                writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
-                writer.add_scalar("train/step_time_ms", 1e3 * step_time, step)
-                progress.set_postfix(loss=f"{fetched[-1][1]['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
-                pending, last_log_time, last_log_step = [], now, step + 1
+            batches = trainer.train_batches(run.train_data.sample(cfg.grad_accum_every, cfg.batch_size))
+            with ctrl_c_deferred():  # the step donates the old state: keep a state to save on Ctrl-C
+                run.state, metrics = trainer.train_step(run.state, batches)
+                completed = (step + 1, run.train_data.state(), run.valid_data.state())
+            metrics_log.record(step, metrics)
 
             if every(cfg.validate_every, step):
-                loss = float(trainer.eval_step(state.params, trainer.eval_batch(valid_data.sample(cfg.batch_size))))
-                writer.add_scalar("valid/loss", loss, step)
-                writer.add_scalar("valid/bits_per_byte", loss / np.log(2), step)
-                progress.write(f"step {step}: validation loss {loss:.3f} ({loss / np.log(2):.3f} bits per byte)")
-
+                validate(run, step, progress)
             if every(cfg.generate_every, step):
-                prime_rng = np.random.default_rng([cfg.seed, step])  # stateless: resume-safe
-                start = prime_rng.integers(0, len(valid_bytes) - cfg.prime_length)
-                prime = valid_bytes[start: start + cfg.prime_length].astype(np.int32)
-                sampled = trainer.model(state.params).sample(
-                    prime[None], cfg.prime_length + cfg.generate_length,
-                    use_cache_kv=cfg.use_efficient_inference,
-                    rng=jax.random.fold_in(jax.random.key(cfg.seed), step))
-                text = data.decode_tokens(np.asarray(sampled[0]))
-                progress.write(f"\n{data.decode_tokens(prime)}\n{'-' * 40}\n{text}\n")
-                writer.add_text("samples", f"{data.decode_tokens(prime)} ▌ {text}", step)
-
+                generate(run, step, progress)
             if every(cfg.checkpoint_every, step + 1) and step + 1 < cfg.num_batches:
-                save(step + 1)
+                save(run, step + 1)
     except NonFiniteTraining as e:
         progress.close()
-        print(f"error: {FLAGS.max_nonfinite_steps} consecutive steps (up to step {e.step}) had a non-finite loss "
-              "or gradient and were skipped; stopping without saving. Lower --learning_rate or check the data; "
-              "rerunning resumes from the last checkpoint.", file=sys.stderr)
-        sys.exit(3)
+        fail(f"{FLAGS.max_nonfinite_steps} consecutive steps (up to step {e.step}) had a non-finite loss "
+             "or gradient and were skipped; stopping without saving. Lower --learning_rate or check the data; "
+             "rerunning resumes from the last checkpoint.", status=3)
     except KeyboardInterrupt:
         progress.close()
-        done, train_rng, valid_rng = completed
-        if done > start_step:
-            save(done, train_rng, valid_rng)
-            checkpointer.wait()
-            print(f"\ninterrupted: saved step {done} to {checkpoint_dir}; run the same command to resume")
-        else:
-            print("\ninterrupted before the first step finished; nothing saved")
+        save_on_interrupt(run, *completed)
         sys.exit(130)
     finally:
-        writer.close()
+        run.writer.close()
 
     progress.close()
-    if cfg.num_batches > start_step:
-        save(cfg.num_batches)
-    checkpointer.wait()
-    print(f"done: {cfg.num_batches} steps; checkpoints in {checkpointer.directory}, "
-          f"TensorBoard events in {log_dir}")
+    if cfg.num_batches > run.start_step:
+        save(run, cfg.num_batches)
+    run.checkpointer.wait()
+    print(f"done: {cfg.num_batches} steps; checkpoints in {run.checkpointer.directory}, "
+          f"TensorBoard events in {run.log_dir}")
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends (a second Ctrl-C does not wait). A train step deletes the
+    state it is given (buffer donation): an interrupt between its call and the assignment of the
+    new state would leave no state to save."""
+    received = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+class NonFiniteTraining(Exception):
+    """--max_nonfinite_steps steps in a row had a non-finite loss or gradient (`step` the last)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+
+class MetricsLog:
+    """Training metrics to TensorBoard and the progress bar. They are fetched from the device every
+    log_every steps, not per step (a fetch waits for the step); consecutive non-finite (skipped)
+    steps are counted as they are fetched."""
+
+    def __init__(self, writer: SummaryWriter | NullWriter, progress: tqdm, cfg: TrainConfig, start_step: int):
+        self.writer, self.progress, self.cfg = writer, progress, cfg
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, metrics still on the device)
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.last_log_time: float | None = None
+        self.last_log_step = start_step
+
+    def record(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Queue a step's metrics; on a logging step, fetch and write the queue. Raises
+        NonFiniteTraining after --max_nonfinite_steps skipped steps in a row."""
+        import jax
+
+        cfg, writer = self.cfg, self.writer
+        self.pending.append((step, metrics))
+        if self.last_log_time is None:  # the first step includes compilation: start the clock after it
+            jax.block_until_ready(metrics)
+            self.last_log_time, self.last_log_step = time.perf_counter(), step + 1
+            return
+        if not (every(cfg.log_every, step + 1) or step + 1 == cfg.num_batches):
+            return
+        fetched = jax.device_get(self.pending)
+        now = time.perf_counter()
+        step_time = (now - self.last_log_time) / max(1, step + 1 - self.last_log_step)
+        tokens_per_sec = cfg.tokens_per_step / step_time
+        for s, m in fetched:
+            self.nonfinite_run = self.nonfinite_run + 1 if m["skipped"] else 0
+            if m["skipped"]:
+                writer.add_scalar("train/skipped_steps", 1, s)
+                self.progress.write(f"step {s}: non-finite loss or gradient; update skipped")
+            else:
+                writer.add_scalar("train/loss", m["loss"], s)
+                writer.add_scalar("train/bits_per_byte", m["bits_per_byte"], s)
+                writer.add_scalar("train/grad_norm", m["grad_norm"], s)
+            if self.nonfinite_run >= FLAGS.max_nonfinite_steps:
+                raise NonFiniteTraining(s)
+        writer.add_scalar("train/learning_rate", cfg.learning_rate, step)
+        writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
+        writer.add_scalar("train/step_time_ms", 1e3 * step_time, step)
+        self.progress.set_postfix(loss=f"{fetched[-1][1]['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        self.pending, self.last_log_time, self.last_log_step = [], now, step + 1
+
+
+# -- periodic work: validate, generate, save ----------------------------------------------------
+
+def validate(run: Run, step: int, progress: tqdm) -> None:
+    """The loss on one validation batch (batch_size crops, as the seed's)."""
+    import numpy as np
+
+    batch = run.trainer.eval_batch(run.valid_data.sample(run.cfg.batch_size))
+    loss = float(run.trainer.eval_step(run.state.params, batch))
+    run.writer.add_scalar("valid/loss", loss, step)
+    run.writer.add_scalar("valid/bits_per_byte", loss / np.log(2), step)
+    progress.write(f"step {step}: validation loss {loss:.3f} ({loss / np.log(2):.3f} bits per byte)")
+
+
+def generate(run: Run, step: int, progress: tqdm) -> None:
+    """Continue prime_length bytes of validation text. The prime and the sampling key depend on
+    (seed, step) only, so a resumed run generates what the uninterrupted one does."""
+    import jax
+    import numpy as np
+
+    from nsa_jax import data
+
+    cfg = run.cfg
+    prime_rng = np.random.default_rng([cfg.seed, step])
+    start = prime_rng.integers(0, len(run.valid_bytes) - cfg.prime_length)
+    prime = run.valid_bytes[start: start + cfg.prime_length].astype(np.int32)
+    sampled = run.trainer.model(run.state.params).sample(
+        prime[None], cfg.prime_length + cfg.generate_length, use_cache_kv=cfg.use_efficient_inference,
+        rng=jax.random.fold_in(jax.random.key(cfg.seed), step))
+    text = data.decode_tokens(np.asarray(sampled[0]))
+    progress.write(f"\n{data.decode_tokens(prime)}\n{'-' * 40}\n{text}\n")
+    run.writer.add_text("samples", f"{data.decode_tokens(prime)} ▌ {text}", step)
+
+
+def save(run: Run, step: int, train_rng: dict[str, Any] | None = None,
+         valid_rng: dict[str, Any] | None = None) -> None:
+    """Checkpoint `run.state` as `step`, with what resuming and sample.py need: both configurations
+    and the samplers' RNG states (their current ones unless given)."""
+    from nsa_jax.checkpoint import all_finite
+
+    if not all_finite(run.state.params):  # never replace a good checkpoint with a broken state
+        print(f"warning: not saving step {step}: the parameters hold non-finite values")
+        return
+    meta = dict(model_config=run.model_config.to_dict(), train_config=run.cfg.to_dict(), run_name=run.run_name,
+                data_path=FLAGS.data_path, train_rng=train_rng or run.train_data.state(),
+                valid_rng=valid_rng or run.valid_data.state())
+    run.checkpointer.save(step, run.state, meta)
+
+
+def save_on_interrupt(run: Run, done: int, train_rng: dict[str, Any], valid_rng: dict[str, Any]) -> None:
+    """Ctrl-C: save the last completed step, with the RNG states from right after it."""
+    if done > run.start_step:
+        save(run, done, train_rng, valid_rng)
+        run.checkpointer.wait()
+        print(f"\ninterrupted: saved step {done} to {run.checkpoint_dir}; run the same command to resume")
+    else:
+        print("\ninterrupted before the first step finished; nothing saved")
 
 
 if __name__ == "__main__":

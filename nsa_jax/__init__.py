@@ -24,7 +24,9 @@ _EXPORTS = {
     "Transformer": "nsa_jax.transformer",
 }
 _SUBMODULES = {"convert", "reference"}
-__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+__all__ = ["Attention", "AttentionPool", "CompressMLP", "ConvLinearCompress", "GroupedMLP", "SingleProjection",
+           "SparseAttention", "Transformer", "convert", "reference"]
+assert set(__all__) == set(_EXPORTS) | _SUBMODULES
 
 if TYPE_CHECKING:
     from nsa_jax import convert, reference

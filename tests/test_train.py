@@ -1,9 +1,17 @@
-"""train.py end to end (subprocesses, as users run it) and its data pipeline."""
+"""train.py end to end (subprocesses, as users run it) and its data pipeline.
+
+The quick tier trains once (the `trained` fixture) and checks that run, sample.py on its checkpoint
+and a resume with another model; the slow tier (`pytest -m slow`) runs the longer ones: exact
+resumption, after a stop and after Ctrl-C, and periodic generation with sample.py's options.
+"""
 
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -50,10 +58,19 @@ def final_params(checkpoint_dir: Path):
     return step, state
 
 
-def test_training_lowers_the_validation_loss(tmp_path, corpus):
-    run = train(*TINY, f"--data_path={corpus}", "--num_batches=60", "--validate_every=20",
-                f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'runs'}", "--run_name=t",
-                cwd=tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> tuple[subprocess.CompletedProcess, Path]:
+    """One short training run that the quick end-to-end tests share: validation at steps 0, 20, 40,
+    generation at 0 and 30, a checkpoint at 60. (The run's output, its directory.)"""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    run = train(*TINY, f"--data_path={corpus}", "--num_batches=60", "--validate_every=20", "--generate_every=30",
+                "--prime_length=8", "--generate_length=16", f"--checkpoint_dir={tmp_path / 'ckpt'}",
+                f"--log_dir={tmp_path / 'runs'}", "--run_name=t", cwd=tmp_path)
+    return run, tmp_path
+
+
+def test_training_lowers_the_validation_loss(trained):
+    run, tmp_path = trained
     assert run.returncode == 0, run.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+)", run.stdout + run.stderr)]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses
@@ -61,6 +78,19 @@ def test_training_lowers_the_validation_loss(tmp_path, corpus):
     assert (tmp_path / "ckpt" / "60").is_dir()
 
 
+def test_sample_py_continues_a_trained_checkpoint(trained):
+    run, tmp_path = trained
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (run.stdout + run.stderr).count("-" * 40) == 2  # generated at steps 0 and 30
+    sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint_dir={tmp_path / 'ckpt'}",
+                             "--prime=def f(", "--length=24"], capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    text = sample.stdout.rstrip("\n")
+    assert text.startswith("def f(") and len(text) == len("def f(") + 24, repr(text)
+    assert f"# step 60 of {tmp_path / 'ckpt'}" in sample.stderr
+
+
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, corpus):
     common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=0"]
     straight = train(*common, "--num_batches=16", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
@@ -77,10 +107,38 @@ def test_resume_is_exact(tmp_path, corpus):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resume_with_another_model_is_refused(tmp_path, corpus):
-    common = [*TINY, f"--data_path={corpus}", f"--checkpoint_dir={tmp_path / 'c'}", f"--log_dir={tmp_path}"]
-    assert train(*common, "--num_batches=2", cwd=tmp_path).returncode == 0
-    run = train(*common, "--num_batches=4", "--dim=48", cwd=tmp_path)
+@pytest.mark.slow
+def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
+    """SIGINT right after a validation, so mostly inside the next step (whose call deletes the state
+    it is given): exit 130 with the last completed step saved; the same command resumes from it and
+    ends where an uninterrupted run does."""
+    common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=0",
+              "--validate_every=5"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--num_batches=100000",
+                             f"--checkpoint_dir={tmp_path / 'b'}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step 10: validation loss" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    done = int(re.search(r"interrupted: saved step (\d+) to ", out).group(1))
+    assert done > 10 and (tmp_path / "b" / str(done)).is_dir()
+    resumed = train(*common, f"--num_batches={done + 2}", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resuming from step {done}" in resumed.stdout, resumed.stderr[-2000:]
+    straight = train(*common, f"--num_batches={done + 2}", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    (step_a, state_a), (step_b, state_b) = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    assert step_a == step_b == done + 2
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_with_another_model_is_refused(tmp_path, corpus, trained):
+    shutil.copytree(trained[1] / "ckpt", tmp_path / "c")  # refusing moves nothing, but the copy is the test's own
+    run = train(*TINY, f"--data_path={corpus}", f"--checkpoint_dir={tmp_path / 'c'}", f"--log_dir={tmp_path}",
+                "--num_batches=64", "--dim=48", cwd=tmp_path)
     assert run.returncode == 2
     assert "dim: 32 in the checkpoint, 48 now" in run.stderr and "Traceback" not in run.stderr
 
@@ -159,6 +217,7 @@ def test_corpus_shorter_than_a_crop_is_a_clear_error():
         data.CropSampler(np.zeros(10, np.uint8), seq_len=16, seed=0)
 
 
+@pytest.mark.slow
 def test_periodic_generation_then_sample_py(tmp_path, corpus):
     ckpt = tmp_path / "ckpt"
     run = train(*TINY, f"--data_path={corpus}", "--num_batches=6", "--generate_every=5", "--prime_length=8",
