@@ -315,7 +315,11 @@ def train_loop(run: Run) -> None:
 def ctrl_c_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block ends (a second Ctrl-C does not wait). A train step deletes the
     state it is given (buffer donation): an interrupt between its call and the assignment of the
-    new state would leave no state to save."""
+    new state would leave no state to save. Where SIGINT does not raise KeyboardInterrupt (ignored,
+    as in a shell's background jobs, or handled by an embedding program), it is left alone."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
     received = []
 
     def hold(signum: int, frame: Any) -> None:

@@ -236,9 +236,13 @@ def test_one_compiled_program_reused_across_prompts():
 
 
 def test_unbatched_prompt_and_bfloat16_model():
+    """A [P] prompt gives the tokens of the [1, P] prompt (same key), with bfloat16 activations too."""
     model = make_model(True, seed=4, dtype=jnp.bfloat16)
-    out = model.sample(jnp.array([1, 2, 3]), 30, temperature=1.0)
-    assert out.shape == (27,) and int(out.min()) >= 0 and int(out.max()) < VOCAB
+    out = model.sample(jnp.array([1, 2, 3]), 30, temperature=1.0, rng=5)
+    batched = model.sample(jnp.array([[1, 2, 3]]), 30, temperature=1.0, rng=5)
+    assert out.shape == (27,) and out.dtype == jnp.int32 and int(out.min()) >= 0 and int(out.max()) < VOCAB
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(batched[0]))
+    assert len(set(np.asarray(out).tolist())) > 1  # sampled, not a constant
 
 
 # --------------------------------------------------------------------------------------

@@ -116,7 +116,9 @@ def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
               "--validate_every=5"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--num_batches=100000",
                              f"--checkpoint_dir={tmp_path / 'b'}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # SIGINT as at a terminal, also when the tests run in a background job (which ignores it)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if "step 10: validation loss" in line:
             proc.send_signal(signal.SIGINT)
