@@ -114,11 +114,15 @@ def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
     ends where an uninterrupted run does."""
     common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=0",
               "--validate_every=5"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--num_batches=100000",
-                             f"--checkpoint_dir={tmp_path / 'b'}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            # SIGINT as at a terminal, also when the tests run in a background job (which ignores it)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # The child gets a terminal's SIGINT (KeyboardInterrupt) also when the tests run in a background
+    # job, which ignores SIGINT: a handled signal is reset to its default in the child, an ignored one is not.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--num_batches=100000",
+                                 f"--checkpoint_dir={tmp_path / 'b'}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for line in proc.stdout:
         if "step 10: validation loss" in line:
             proc.send_signal(signal.SIGINT)
