@@ -38,7 +38,7 @@ class Layout(NamedTuple):
     rows: int  # rows of a selection group: g heads (padded to a power of two) when shared, else 1
     groups_per_kv: int  # selection groups per kv head: 1 when shared, else g
     d_pad: int  # head dimension padded to a power of two >= MIN_DOT
-    sbp: int  # keys loaded per block
+    sbp: int  # keys loaded per block: a power of two >= the block (>= MIN_DOT on the matrix-unit paths)
     nb: int  # key blocks
     kp: int  # k' padded to a power of two
     dkv_splits: int  # per-query dk/dv: programs sharing one key block's query list
@@ -55,7 +55,7 @@ def layout(q_shape, k_shape, indices_shape, *, block_size: int, settings: Select
     upk = 1 if shared else g
     impl = settings.impl if settings.impl != "auto" else ("tiled" if rows < MIN_DOT else "query")
     sbp = next_pow2(block_size)
-    if rows >= MIN_DOT:
+    if rows >= MIN_DOT or impl == "tiled":  # matrix-unit tiles: every dimension >= MIN_DOT
         sbp = max(sbp, MIN_DOT)
     nb = cdiv(nk, block_size)
     # Split a key block's query list when blocks are selected by many queries on average
@@ -106,8 +106,9 @@ def selected_attention(
         gate = jnp.ones(indices.shape, F32) if gates is None else gates.astype(F32)
         gate = jnp.concatenate([gate, jnp.ones((b, nq, sh, lay.kp - num_sel), F32)], axis=-1)
     if lay.impl == "tiled":
-        o = tiled_selected_attention(qg, kp_, vp_, idx, val, gate, sb=block_size, nb=lay.nb, num_sel=num_sel,
-                                     kp=lay.kp, upk=lay.groups_per_kv, causal=causal, scale=scale, settings=settings)
+        o = tiled_selected_attention(qg, kp_, vp_, idx, val, gate, sb=block_size, sbp=lay.sbp, nb=lay.nb,
+                                     num_sel=num_sel, kp=lay.kp, upk=lay.groups_per_kv, causal=causal, scale=scale,
+                                     settings=settings)
     else:
         cfg = QueryConfig(sb=block_size, sbp=lay.sbp, nb=lay.nb, nq=nq, num_sel=num_sel, kp=lay.kp, rows=lay.rows,
                           groups_per_kv=lay.groups_per_kv, dkv_splits=lay.dkv_splits, causal=causal, scale=scale,

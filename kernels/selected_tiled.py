@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, MIN_DOT, compiler_params, interpret_mode, iota, mm, next_pow2, online_softmax_step,
+    F32, LOG2E, MASK_VALUE, MIN_DOT, compiler_params, interpret_mode, iota, mm, online_softmax_step,
     pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
 )
 from kernels._selected_common import SelectedConfig, sort_by_block
@@ -368,17 +368,16 @@ def tile_layout(nq: int, rows: int, settings: SelectedSettings) -> tuple[int, in
     return bq, nq_pad, dkv_splits
 
 
-def tiled_selected_attention(qg, k, v, idx, val, gate, *, sb: int, nb: int, num_sel: int, kp: int, upk: int,
-                             causal: bool, scale: float, settings: SelectedSettings) -> jax.Array:
+def tiled_selected_attention(qg, k, v, idx, val, gate, *, sb: int, sbp: int, nb: int, num_sel: int, kp: int,
+                             upk: int, causal: bool, scale: float, settings: SelectedSettings) -> jax.Array:
     """The per-query layout of `kernels.selected_attention` through the tiled kernels and back.
 
-    qg [b, nq, groups, rows, d]; k, v [b, nk_alloc, kh, d]; idx / val / gate [b, nq, groups, kp]
-    -> o like qg.
+    qg [b, nq, groups, rows, d]; k, v [b, nb * sb + sbp - sb, kh, d] (every [blk * sb, + sbp) load
+    in bounds; sbp >= MIN_DOT); idx / val / gate [b, nq, groups, kp] -> o like qg.
     """
     b, nq, groups, rows, d = qg.shape
+    assert sbp >= MIN_DOT and k.shape[1] == nb * sb + sbp - sb, (sbp, k.shape, nb, sb)
     bq, nq_pad, dkv_splits = tile_layout(nq, rows, settings)
-    sbp = max(MIN_DOT, next_pow2(sb))
-    k, v = (pad_axis(x, 1, nb * sb + sbp - sb) for x in (k, v))
     cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
                       num_stages=settings.num_stages, interpret=interpret_mode(), dkv_splits=dkv_splits)
