@@ -76,18 +76,35 @@ class SelectedSettings:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-TOPK_IMPLS = ("passes", "lax")
-
-
 @dataclasses.dataclass(frozen=True)
 class SelectionSettings:
-    """Block selection: topk "passes" (k reduction passes over the block logits) or "lax"
-    (`lax.top_k`); both pick the same blocks. "passes" measured faster on an H100."""
+    """Block selection (`kernels.selection`): tiles of the streaming top-k kernel.
 
-    topk: str = "passes"
+    Forward and dq: `rows` query rows (tokens x the kv head's selection heads) per program,
+    streaming `block_keys` block keys per step. d(block keys): `block_keys_dbk` blocks per
+    program, over query tiles of `rows_dbk` rows, the queries of a chunk split over programs
+    until about `dbk_target_programs` run (at most `max_dbk_splits`, at least
+    `min_dbk_tiles_per_split` query tiles each).
+    """
+
+    rows: int = 64
+    block_keys: int = 64
+    rows_dbk: int = 64
+    block_keys_dbk: int = 64
+    max_dbk_splits: int = 16
+    dbk_target_programs: int = PROGRAMS_PER_SM * H100_SMS
+    min_dbk_tiles_per_split: int = 8
+    num_warps: int | None = None  # None: 4 for d <= 64, else 8
+    num_stages: int = 2
 
     def __post_init__(self):
-        _check(self.topk in TOPK_IMPLS, f"topk must be one of {', '.join(TOPK_IMPLS)}, got {self.topk!r}")
+        for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk", "max_dbk_splits", "dbk_target_programs",
+                     "min_dbk_tiles_per_split", "num_stages"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk"):
+            value = getattr(self, name)
+            _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")
+        _check(self.num_warps is None or self.num_warps >= 1, f"num_warps must be >= 1, got {self.num_warps}")
 
 
 SLIDING_IMPLS = ("auto", "pallas", "cudnn")

@@ -205,7 +205,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
 @pytest.mark.parametrize("make,message", [
     (lambda: SelectedSettings(impl="fast"), "impl must be one of auto, query, tiled"),
     (lambda: SelectedSettings(tile_rows=0), "tile_rows must be >= 1"),
-    (lambda: SelectionSettings(topk="sort"), "topk must be one of passes, lax"),
+    (lambda: SelectionSettings(rows=48), "rows must be a power of two"),
     (lambda: KernelSettings(sliding_impl="flash"), "sliding_impl must be one of auto, pallas, cudnn"),
 ])
 def test_kernel_settings_reject_unknown_values(make, message):
