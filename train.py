@@ -75,6 +75,9 @@ flags.DEFINE_float("ff_expansion_factor", 4.0, "feedforward width / model width"
 flags.DEFINE_enum("compress_mlp", "grouped_mlp",
                   ["mlp", "grouped_mlp", "conv_linear", "attention_pool", "single_projection"], "compress network")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (parameters stay float32)")
+flags.DEFINE_enum("remat", "none", ["none", "block"],
+                  "rematerialisation: none, or block (keep each layer's input only, recompute the layer in the "
+                  "backward pass: for long sequences; README, 'Long context')")
 flags.DEFINE_string("data_path", "data/enwik8.gz",
                     "enwik8(.gz|.zip), any byte file, or 'stdlib' (this Python's standard library sources)")
 flags.DEFINE_float("valid_fraction", 0.05, "validation share of a non-enwik8 corpus")
@@ -147,7 +150,7 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, str]:
         generate_every=FLAGS.generate_every, prime_length=FLAGS.prime_length,
         generate_length=FLAGS.generate_length, use_efficient_inference=FLAGS.use_efficient_inference,
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        log_every=FLAGS.log_every, seed=FLAGS.seed, dtype=FLAGS.dtype,
+        log_every=FLAGS.log_every, seed=FLAGS.seed, dtype=FLAGS.dtype, remat=FLAGS.remat,
     )
     run_name = FLAGS.run_name
     if run_name is None:  # the seed's experiment name
@@ -237,7 +240,7 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
 
     # -- model and compiled steps -----------------------------------------------------------
     use_pallas_nsa = None if FLAGS.use_pallas_nsa else False  # None: kernels where they run natively
-    model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=use_pallas_nsa, dtype=cfg.dtype)
+    model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=use_pallas_nsa, dtype=cfg.dtype, remat=cfg.remat)
     trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp)
     state = trainer.init_state()
 
@@ -307,8 +310,9 @@ def train_loop(run: Run) -> None:
     if cfg.num_batches > run.start_step:
         save(run, cfg.num_batches)
     run.checkpointer.wait()
+    peak = peak_memory_gib()
     print(f"done: {cfg.num_batches} steps; checkpoints in {run.checkpointer.directory}, "
-          f"TensorBoard events in {run.log_dir}")
+          f"TensorBoard events in {run.log_dir}" + ("" if peak is None else f"; peak device memory {peak:.2f} GiB"))
 
 
 @contextlib.contextmanager
@@ -390,8 +394,22 @@ class MetricsLog:
         writer.add_scalar("train/learning_rate", cfg.learning_rate, step)
         writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
         writer.add_scalar("train/step_time_ms", 1e3 * step_time, step)
-        self.progress.set_postfix(loss=f"{fetched[-1][1]['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        postfix = dict(loss=f"{fetched[-1][1]['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        peak = peak_memory_gib()
+        if peak is not None:
+            writer.add_scalar("train/peak_memory_gib", peak, step)
+            postfix["mem"] = f"{peak:.1f}GiB"
+        self.progress.set_postfix(**postfix)
         self.pending, self.last_log_time, self.last_log_step = [], now, step + 1
+
+
+def peak_memory_gib() -> float | None:
+    """Peak memory in use on this process's first device so far (GiB), where the platform reports it."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
 
 
 # -- periodic work: validate, generate, save ----------------------------------------------------

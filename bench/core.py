@@ -111,11 +111,6 @@ def branch_fns(cfg: dict, settings: kernels.KernelSettings = kernels.KernelSetti
                 selected_tiled=selected_tiled)
 
 
-def with_topk(topk: str | None) -> kernels.KernelSettings:
-    """The default settings, with selection top-k `topk` (None: the default)."""
-    return kernels.KernelSettings(selection=kernels.SelectionSettings(topk or kernels.SelectionSettings().topk))
-
-
 def dense(q, k, v, ck, cv):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
@@ -158,8 +153,6 @@ def main() -> None:
                              "'selected tiled', 'sliding pallas', 'sliding cudnn'")
     parser.add_argument("--branch_configs", nargs="*", default=list(CONFIGS),
                         help="configurations whose branches are timed alone")
-    parser.add_argument("--topk", default=None, choices=["lax", "passes", "pick"],
-                        help="selection top-k; 'pick': time both at the longest length, use the faster")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels_<date>.json)")
     args = parser.parse_args()
 
@@ -194,30 +187,16 @@ def main() -> None:
               flush=True)
         return row
 
-    topk = args.topk
-    if topk == "pick":  # selection alone, both top-k implementations, at the longest length
-        total = {"lax": 0.0, "passes": 0.0}
-        for name in args.configs:
-            n = max(args.lengths)
-            inputs = make_inputs(CONFIGS[name], n)
-            for impl in total:
-                row = measure(name, n, f"selection {impl}", branch_fns(CONFIGS[name], with_topk(impl))["selection"],
-                              inputs)
-                total[impl] += row["fwd_bwd_ms"] if row["fwd_bwd_ms"] is not None else float("inf")
-        topk = min(total, key=total.get)
-        print(f"top-k: {topk} (fwd+bwd {total})", flush=True)
-    meta["topk_impl"] = topk or "default"
-
     for n in args.lengths:  # the table first, then the branches
         for name in args.configs:
-            fns = branch_fns(CONFIGS[name], with_topk(topk))
+            fns = branch_fns(CONFIGS[name], kernels.KernelSettings())
             inputs = make_inputs(CONFIGS[name], n)
             measure(name, n, "nsa core", fns["core"], inputs)
             measure(name, n, "dense cudnn", dense, inputs)
     for n in args.branch_lengths:
         for name in args.branch_configs:
             cfg = CONFIGS[name]
-            fns = branch_fns(cfg, with_topk(topk))
+            fns = branch_fns(cfg, kernels.KernelSettings())
             inputs = make_inputs(cfg, n)
             cases = {"compressed": fns["compressed"], "selection": fns["selection"], "selected": fns["selected"],
                      "selected tiled": fns["selected_tiled"],
@@ -225,15 +204,12 @@ def main() -> None:
                      "sliding cudnn": branch_fns(cfg, kernels.KernelSettings(sliding_impl="cudnn"))["sliding"]}
             if cfg["window"] == 0:
                 cases = {k: v for k, v in cases.items() if not k.startswith("sliding")}
-            if args.topk == "pick" and n == max(args.lengths):
-                del cases["selection"]  # timed above
             for label, fn in cases.items():
                 if args.branches and label not in args.branches:
                     continue
                 measure(name, n, label, fn, inputs)
 
-    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}, batch 1, bf16, causal (ms, median), "
-          f"top-k {meta['topk_impl']}")
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}, batch 1, bf16, causal (ms, median)")
     print("| config | T | NSA fwd | NSA fwd+bwd | dense fwd | dense fwd+bwd | speed-up fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
     by = {(r["config"], r["T"], r["what"]): r for r in rows}

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from kernels.settings import SELECTED_IMPLS, SLIDING_IMPLS, TOPK_IMPLS, KernelSettings, SelectedSettings, \
+from kernels.settings import SELECTED_IMPLS, SELECTION_BACKWARDS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
     SelectionSettings
 
 
 def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
-    """--selected_impl, --tile_rows, --topk, --sliding_impl (default: the library's)."""
+    """--selected_impl, --tile_rows, --selection_rows, --selection_block_keys, --selection_backward,
+    --sliding_impl (default: the library's)."""
     group = parser.add_argument_group("kernel settings (default: the library's measured choices)")
     group.add_argument("--selected_impl", default=None, choices=SELECTED_IMPLS, help="selected-attention kernels")
     group.add_argument("--tile_rows", type=int, default=None, help="rows per tile of the tiled selected kernels")
-    group.add_argument("--topk", default=None, choices=TOPK_IMPLS, help="selection top-k")
+    group.add_argument("--selection_rows", type=int, default=None, help="query rows per selection kernel tile")
+    group.add_argument("--selection_block_keys", type=int, default=None, help="block keys per selection step")
+    group.add_argument("--selection_backward", default=None, choices=SELECTION_BACKWARDS, help="selection backward")
     group.add_argument("--sliding_impl", default=None, choices=SLIDING_IMPLS, help="sliding-window kernel")
 
 
@@ -22,5 +25,8 @@ def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
     selected = SelectedSettings(
         impl=args.selected_impl or default.selected.impl,
         tile_rows=args.tile_rows or default.selected.tile_rows)
-    return KernelSettings(selected=selected, selection=SelectionSettings(args.topk or default.selection.topk),
+    return KernelSettings(selected=selected, selection=SelectionSettings(
+                              rows=args.selection_rows or default.selection.rows,
+                              block_keys=args.selection_block_keys or default.selection.block_keys,
+                              backward=args.selection_backward or default.selection.backward),
                           sliding_impl=args.sliding_impl or default.sliding_impl)

@@ -76,7 +76,7 @@ def get_backend(name: str | None = None, settings: KernelSettings = KernelSettin
         return AttentionBackend(
             "pallas",
             kernel(batch_parallel(compressed_attention), reference.compressed_attention, tiles=settings.flash),
-            kernel(select_blocks, reference.select_blocks, settings=settings.selection),
+            kernel(batch_parallel(select_blocks), reference.select_blocks, settings=settings.selection),
             kernel(batch_parallel(selected_attention), reference.selected_attention, settings=settings.selected),
             kernel(batch_parallel(sliding_window_attention), reference.sliding_window_attention,
                    impl=settings.sliding_impl, tiles=settings.flash))

@@ -55,9 +55,9 @@ class ModelConfig:
         )
 
     def build(self, rngs: nnx.Rngs, *, use_pallas_nsa: bool | None = None, dtype: str = "float32",
-              kernel_settings=None) -> Transformer:
-        """The Transformer. Backend, kernel settings and activation dtype are run-time choices,
-        not part of the model."""
+              kernel_settings=None, remat: str = "none") -> Transformer:
+        """The Transformer. Backend, kernel settings, activation dtype and rematerialisation are
+        run-time choices, not part of the model."""
         return Transformer(
             num_tokens=self.num_tokens,
             dim=self.dim,
@@ -71,6 +71,7 @@ class ModelConfig:
             sparse_attn_kwargs=self.sparse_attn_kwargs(),
             use_pallas_nsa=use_pallas_nsa,
             kernel_settings=kernel_settings,
+            remat=remat,
             dtype=None if dtype == "float32" else jnp.dtype(dtype),
             rngs=rngs,
         )
@@ -124,6 +125,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     dtype: str = "float32"
+    remat: str = "none"
 
     def validate(self) -> str | None:
         """The first problem with these settings, as one line naming the setting, or None."""

@@ -95,4 +95,12 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
         h = self.proj_in(self.norm(x))
-        return self.proj_out(jax.nn.gelu(h, approximate=False))
+        return self.proj_out(gelu(h))
+
+
+@jax.checkpoint
+def gelu(h: jax.Array) -> jax.Array:
+    """Exact GELU whose backward recomputes it from h: without the checkpoint, autodiff keeps
+    four [b, n, dim * 4] intermediates of erf per layer, the largest activation memory of
+    the model at long context."""
+    return jax.nn.gelu(h, approximate=False)

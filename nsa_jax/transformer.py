@@ -21,6 +21,15 @@ DEFAULT_SPARSE_ATTN_KWARGS = dict(
 )
 
 
+REMAT_MODES = ("none", "block")
+
+
+@nnx.remat
+def _call_block(block: "Block", x: jax.Array) -> jax.Array:
+    """A block whose activations are recomputed in the backward pass (only x is kept)."""
+    return block(x)
+
+
 class Block(nnx.Module):
     """attention + residual, then feedforward + residual (both pre-norm).
 
@@ -57,6 +66,10 @@ class Transformer(nnx.Module):
     math. `use_triton_fine_selection=True` selects the Pallas kernels, as `use_pallas_nsa=True`.
     `dtype` is the activation dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
     `kernel_settings` (a `kernels.KernelSettings`) goes to every SparseAttention.
+    `remat`: "none" keeps every layer's activations for the backward pass; "block" keeps only
+    each block's input and recomputes the block in the backward (`nnx.remat`): memory per layer
+    falls to one [b, n, dim] array, for about one more forward pass of compute (README, "Long
+    context"). Neither changes the result.
     """
 
     def __init__(
@@ -77,6 +90,7 @@ class Transformer(nnx.Module):
         *,
         use_pallas_nsa: bool | None = None,
         kernel_settings=None,
+        remat: str = "none",
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -87,6 +101,9 @@ class Transformer(nnx.Module):
         sparse_attn_kwargs.setdefault("use_pallas_nsa", use_pallas_nsa)
         sparse_attn_kwargs.setdefault("kernel_settings", kernel_settings)
 
+        if remat not in REMAT_MODES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_MODES)}, got {remat!r}")
+        self.remat = remat
         self.num_tokens = num_tokens
         self.causal = causal
         self.use_sparse_attn = use_sparse_attn
@@ -110,7 +127,7 @@ class Transformer(nnx.Module):
     def hidden(self, ids: jax.Array) -> jax.Array:  # [b, n] -> [b, n, dim], before the final norm
         x = self.token_emb(ids, dtype=self.dtype)
         for layer in self.layers:
-            x = layer(x)
+            x = _call_block(layer, x) if self.remat == "block" else layer(x)
         return x
 
     def __call__(self, ids: jax.Array, return_loss: bool = False) -> jax.Array:

@@ -175,3 +175,31 @@ def test_compare_peers_merges_runs_of_row_groups(tmp_path):
     assert "| 1.526 | 1.534 |" in run.stdout
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert merged["peers"]["train"][0]["median_ms"] == 80.0 and merged["peers"]["fla"][0]["seq_len"] == 65536
+
+
+@pytest.mark.slow
+def test_memory_bench_runs_each_point_in_its_own_process(tmp_path):
+    """bench.memory: one child per (length, remat) point, JSON, table and plot (CPU: no peak figure)."""
+    out = tmp_path / "memory.json"
+    run = subprocess.run([sys.executable, "-m", "bench.memory", "--lengths", "32,64", "--remat", "none,block",
+                          "--repeats", "2", f"--out={out}", f"--plot={tmp_path / 'memory.png'}"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["remat"], r["seq_len"]) for r in rows) == [("block", 32), ("block", 64), ("none", 32), ("none", 64)]
+    assert all(r["ms_per_step"] > 0 and r["timed_steps"] >= 2 for r in rows), rows
+    loss = {(r["remat"], r["seq_len"]): r["loss"] for r in rows}
+    assert abs(loss["none", 64] - loss["block", 64]) < 1e-3  # remat changes memory, not the step
+    assert "| 64 | block |" in run.stdout
+
+
+def test_memory_bench_table_and_plot_from_rows(tmp_path):
+    from bench.memory import plot, table
+
+    meta = dict(device="H200", jax="0.11.2", date="2026-11-28", dtype="bfloat16")
+    rows = [dict(seq_len=8192, remat="none", peak_gib=2.27, ms_per_step=24.5, tokens_per_s=334210.0),
+            dict(seq_len=16384, remat="none", peak_gib=3.59, ms_per_step=30.3, tokens_per_s=540396.0),
+            dict(seq_len=524288, remat="none", error="JaxRuntimeError: RESOURCE_EXHAUSTED", out_of_memory=True)]
+    text = table(rows, meta)
+    assert "| 8,192 | none | 2.27 | 24 | 334,210 |" in text and "| 524,288 | none | out of memory |" in text
+    assert plot(rows, meta, str(tmp_path / "m.png")) and (tmp_path / "m.png").stat().st_size > 5_000

@@ -67,15 +67,25 @@ def rows_without_valid_pick(values, indices) -> dict[int, list[int]]:
             if not np.any(flat_v[r] > reference.SELECTION_THRESHOLD)}
 
 
-SETTINGS = {  # the default tiles, and small ones: many chunks and query tiles, dbk splits
+SETTINGS = {  # the defaults; small tiles (many chunks and query tiles, dbk splits); the other backward
     "default": SelectionSettings(),
     "small_tiles": SelectionSettings(rows=16, block_keys=16, rows_dbk=16, block_keys_dbk=16, dbk_target_programs=64,
                                      min_dbk_tiles_per_split=1),
+    "passes": SelectionSettings(backward="passes"),
 }
 
 
-@pytest.mark.parametrize("tiles", list(SETTINGS))
-@pytest.mark.parametrize("case,dtype", grid(CASES, QUICK))
+def settings_grid() -> list:
+    """Every case with the default settings (quick pairs as QUICK says); the other settings on every
+    case in the slow tier, on the seed-like float32 case in the quick one."""
+    params = []
+    for tiles in SETTINGS:
+        quick = QUICK if tiles == "default" else {"seed_like": F32_ONLY}
+        params += [pytest.param(*p.values, tiles, id=f"{p.id}-{tiles}", marks=p.marks) for p in grid(CASES, quick)]
+    return params
+
+
+@pytest.mark.parametrize("case,dtype,tiles", settings_grid())
 def test_select_blocks_kernel_matches_reference(case, dtype, tiles):
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 3)
     q = randn(keys[0], (2, case.n, case.heads, case.dim_head), dtype)
