@@ -233,8 +233,9 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     # -- data -------------------------------------------------------------------------------
     try:
         train_bytes, valid_bytes = data.load_corpus(FLAGS.data_path, FLAGS.valid_fraction)
-        train_data = data.CropSampler(train_bytes, cfg.seq_len, seed=cfg.seed)
-        valid_data = data.CropSampler(valid_bytes, cfg.seq_len, seed=cfg.seed + 1)
+        train_data = data.CropSampler(train_bytes, cfg.seq_len, seed=cfg.seed, name="the training split")
+        valid_data = data.CropSampler(valid_bytes, cfg.seq_len, seed=cfg.seed + 1, name="the validation split",
+                                      fixes="raise --valid_fraction, use a larger file or a smaller --seq_len")
     except data.DataError as e:
         fail(str(e))
 

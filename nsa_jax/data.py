@@ -97,10 +97,10 @@ def decode_tokens(tokens) -> str:
 class CropSampler:
     """Random crops of `seq_len + 1` bytes, drawn by a seeded numpy RNG whose state is checkpointable."""
 
-    def __init__(self, data: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, data: np.ndarray, seq_len: int, seed: int, *, name: str = "the corpus split",
+                 fixes: str = "use a larger file or a smaller --seq_len"):
         if len(data) < seq_len + 1:
-            raise DataError(f"corpus split has {len(data)} bytes, fewer than seq_len + 1 = {seq_len + 1}; "
-                            "use a larger file or a smaller --seq_len")
+            raise DataError(f"{name} has {len(data):,} bytes, fewer than seq_len + 1 = {seq_len + 1:,}; {fixes}")
         self.data = data
         self.seq_len = seq_len
         self.rng = np.random.Generator(np.random.PCG64(seed))

@@ -56,7 +56,14 @@ def test_data_shorter_than_a_crop(tmp_path):
     small = tmp_path / "small.txt"
     small.write_bytes(b"x" * 300)
     assert_user_error(train(f"--data_path={small}", "--seq_len=512", f"--log_dir={tmp_path}", cwd=tmp_path),
-                      "seq_len")
+                      "the training split has 285 bytes", "seq_len")
+
+
+def test_validation_split_shorter_than_a_crop_names_valid_fraction(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"x" * 2000)  # 5%: 100 validation bytes
+    assert_user_error(train(f"--data_path={corpus}", "--seq_len=512", f"--log_dir={tmp_path}", cwd=tmp_path),
+                      "the validation split has 100 bytes", "--valid_fraction")
 
 
 @pytest.mark.slow
