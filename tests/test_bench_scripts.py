@@ -203,3 +203,16 @@ def test_memory_bench_table_and_plot_from_rows(tmp_path):
     text = table(rows, meta)
     assert "| 8,192 | none | 2.27 | 24 | 334,210 |" in text and "| 524,288 | none | out of memory |" in text
     assert plot(rows, meta, str(tmp_path / "m.png")) and (tmp_path / "m.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_selection_variants_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "sv.json"
+    run = subprocess.run([sys.executable, "-m", "bench.selection_variants", "--configs", "seed", "--lengths", "256",
+                          "--variants", "default;backward=passes,rows=32", "--reps", "3", "--budget_s", "0.5",
+                          f"--out={out}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["default", "backward=passes,rows=32"]
+    assert rows[1]["settings"]["backward"] == "passes" and rows[1]["settings"]["rows"] == 32
+    assert all(r[key] > 0 for r in rows for key in ("kernel_fwd_ms", "kernel_bwd_ms", "fwd_ms", "fwd_bwd_ms"))
