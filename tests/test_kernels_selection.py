@@ -47,6 +47,7 @@ CASES = {
     # selected (invalid) blocks non-causal fine attention attends uniformly
     "own_block_only_noncausal": Case(8, 4, 2, 32, 2, 8, 2, False, True, False),
     "own_block_interpolated_noncausal": Case(10, 4, 2, 32, 4, 6, 2, False, False, True),
+    "k32": Case(640, 4, 2, 32, 4, 4, 32, True, True, False),  # the most picks the issue asks for
 }
 QUICK = {"seed_like": BOTH, "interpolated_block6": F32_ONLY, "own_block_only_noncausal": F32_ONLY}
 
