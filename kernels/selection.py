@@ -164,7 +164,7 @@ def _chunks_per_tile(cfg: _Config, fv: np.ndarray) -> np.ndarray:
     its last token; at least the first, so that every pick slot gets a real block)."""
     last = np.minimum(np.arange(1, cfg.n_pad // cfg.block_q + 1) * cfg.block_q, cfg.n) - 1
     visible = np.searchsorted(fv[: cfg.nb], last, side="right")  # fv is non-decreasing
-    return np.maximum(1, cdiv_np(visible, cfg.block_k)).astype(np.int32)
+    return np.maximum(1, -(-visible // cfg.block_k)).astype(np.int32)
 
 
 def _first_tile_per_chunk(cfg: _Config, fv: np.ndarray) -> np.ndarray:
@@ -172,10 +172,6 @@ def _first_tile_per_chunk(cfg: _Config, fv: np.ndarray) -> np.ndarray:
     block of the chunk."""
     starts = np.minimum(fv[:: cfg.block_k_dbk].astype(np.int64), cfg.n_pad)  # fv non-decreasing
     return (starts // cfg.block_q_dbk).astype(np.int32)
-
-
-def cdiv_np(x: np.ndarray, m: int) -> np.ndarray:
-    return -(-x // m)
 
 
 def _logits(cfg: _Config, q, bk, fv, t, j, *, transposed: bool = False):
@@ -275,11 +271,6 @@ def _dlogits(s, j, lse, delta, picks):
     return p * (dp - delta)
 
 
-def _pick_rows(idx_ref, dval_ref, k: int, rows: int, *, as_row: bool):
-    shape = (1, rows) if as_row else (rows, 1)
-    return [(idx_ref[:, :, p].reshape(shape), dval_ref[:, :, p].reshape(shape)) for p in range(k)]
-
-
 def _dq_kernel(chunks_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, dval_ref, dq_ref, *, cfg: _Config):
     bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k
     rows, d = bq * gs, q_ref.shape[-1]
@@ -287,7 +278,7 @@ def _dq_kernel(chunks_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, d
     t = (pl.program_id(0) * bq + lax.div(iota(rows), gs))[:, None]
     lse = lse_ref[...].reshape(rows, 1)
     delta = delta_ref[...].reshape(rows, 1)
-    picks = _pick_rows(idx_ref, dval_ref, cfg.k, rows, as_row=False)
+    picks = [(idx_ref[:, :, p].reshape(rows, 1), dval_ref[:, :, p].reshape(rows, 1)) for p in range(cfg.k)]
 
     def chunk(c, dq):
         start = c * bkc
