@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from kernels.settings import SELECTED_IMPLS, SELECTION_BACKWARDS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
+from kernels.settings import SELECTED_IMPLS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
     SelectionSettings
 
 
 def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
-    """--selected_impl, --tile_rows, --selection_rows, --selection_block_keys, --selection_backward,
-    --sliding_impl (default: the library's)."""
+    """--selected_impl, --tile_rows, --selection_rows, --selection_block_keys,
+    --selection_warps_dbk, --sliding_impl (default: the library's)."""
     group = parser.add_argument_group("kernel settings (default: the library's measured choices)")
     group.add_argument("--selected_impl", default=None, choices=SELECTED_IMPLS, help="selected-attention kernels")
     group.add_argument("--tile_rows", type=int, default=None, help="rows per tile of the tiled selected kernels")
     group.add_argument("--selection_rows", type=int, default=None, help="query rows per selection kernel tile")
     group.add_argument("--selection_block_keys", type=int, default=None, help="block keys per selection step")
-    group.add_argument("--selection_backward", default=None, choices=SELECTION_BACKWARDS, help="selection backward")
+    group.add_argument("--selection_warps_dbk", type=int, default=None,
+                       help="warps of the selection's d(block keys) kernel (default: by head dim)")
     group.add_argument("--sliding_impl", default=None, choices=SLIDING_IMPLS, help="sliding-window kernel")
 
 
@@ -28,5 +29,5 @@ def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
     return KernelSettings(selected=selected, selection=SelectionSettings(
                               rows=args.selection_rows or default.selection.rows,
                               block_keys=args.selection_block_keys or default.selection.block_keys,
-                              backward=args.selection_backward or default.selection.backward),
+                              num_warps_dbk=args.selection_warps_dbk or default.selection.num_warps_dbk),
                           sliding_impl=args.sliding_impl or default.sliding_impl)

@@ -2,11 +2,10 @@
 
     python -m bench.selection_variants                                   # fla and seed, T = 65536
     python -m bench.selection_variants --configs fla --lengths 16384,65536 \\
-        --variants "backward=passes;backward=picks,num_warps=8;rows=128"
+        --variants "default;num_warps_dbk=4;rows=128,num_warps=8"
 
 Per variant and configuration (`bench.core.CONFIGS`, batch 1, bf16 inputs, causal): the forward
-kernel alone (with O = sum_j P_j bk_j when the backward is "picks", as training runs it), the
-backward kernels alone, and the whole selection branch (its XLA glue included: the mean over a
+kernel alone, the backward kernels alone (bf16 operands, as training runs them), and the whole selection branch (its XLA glue included: the mean over a
 group's heads, the block keys) forward and forward+backward. Each is the median of --reps calls
 after a warm-up (compilation excluded), ended by block_until_ready. Prints a table and writes
 bench/results/selection_variants-<date>.json. A variant is a comma list of SelectionSettings
@@ -31,7 +30,7 @@ from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, timed
 from kernels import selection
 from kernels.settings import SelectionSettings
 
-DEFAULT_VARIANTS = "default;backward=passes;num_warps=8;block_keys=128;rows_dbk=32"
+DEFAULT_VARIANTS = "default;num_warps_dbk=4;num_warps_dbk=8;block_keys=128;rows_dbk=32"
 
 
 def parse_variant(text: str) -> SelectionSettings:
@@ -60,7 +59,8 @@ def kernel_inputs(cfg: dict, n: int, settings: SelectionSettings):
     sb, stride = cfg["selection_block"], cfg["stride"]
     nb = selection.num_blocks(nc, stride, sb, False)
     c = selection._config(n, nc, nb, 1, min(cfg["num_selected"], nc, nb), max(16, d), kh, b, stride=stride, sb=sb,
-                          causal=True, interpolated=False, scale=d**-0.5, settings=settings)
+                          causal=True, interpolated=False, scale=d**-0.5, settings=settings,
+                          backward_dtype=q.dtype.name)
     qs = selection.pad_axis(q.astype(jnp.float32).reshape(b, n, kh, h // kh, d).mean(axis=3, keepdims=True),
                             1, c.n_pad)
     bk = selection.pad_axis(selection._block_keys(ck[:, 1:], nc, stride, sb, False), 1, c.nb_pad)
@@ -70,11 +70,11 @@ def kernel_inputs(cfg: dict, n: int, settings: SelectionSettings):
 def measure(name: str, n: int, label: str, settings: SelectionSettings, reps: int, budget_s: float) -> dict:
     cfg = CONFIGS[name]
     c, qs, bk = kernel_inputs(cfg, n, settings)
-    forward = jax.jit(functools.partial(selection._forward, c, with_obk=c.backward == "picks"))
-    values, indices, lse, *obk = forward(qs, bk)
+    forward = jax.jit(functools.partial(selection._forward, c))
+    values, indices, lse = forward(qs, bk)
     dvalues = jax.random.normal(jax.random.key(2), values.shape, jnp.float32)
     backward = jax.jit(functools.partial(selection._backward, c))
-    residuals = (qs, bk, values, indices, lse, obk[0] if obk else None, dvalues)
+    residuals = (qs.astype(c.backward_dtype), bk.astype(c.backward_dtype), values, indices, lse, dvalues)
     branch = branch_fns(cfg, kernels.KernelSettings(selection=settings))["selection"]
     inputs = make_inputs(cfg, n)
     fwd, grad, ct = fwd_and_bwd(branch, inputs)

@@ -1,8 +1,7 @@
 """What both selected-attention kernel families share: the static layout and the block sort.
 
 `kernels.selected_query` (one program per query) and `kernels.selected_tiled` (one program
-per tile of queries) import this module; neither imports the other. `kernels.selection`'s
-backward uses `sort_by_block` too (the picks' share of d(block keys)).
+per tile of queries) import this module; neither imports the other.
 """
 
 from __future__ import annotations

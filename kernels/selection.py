@@ -14,7 +14,7 @@ head (rows: BQ tokens x the kv head's selection heads) streams over chunks of bl
 keeping a running max / sum for the softmax normaliser and a running top-k sorted in
 registers (k vectors of [R], the k-th best being the admission threshold; a chunk's entries
 above it are inserted one per row and round, so a chunk that brings no better block costs
-one comparison and two row reductions). Only the probabilities and indices of the picks
+two row reductions). Only the probabilities and indices of the picks
 [b, n, sh, k] and the log-sum-exp [b, n, sh] reach HBM.
 
 Masking follows the reference: a block is invisible iff (causal) any compressed column with a
@@ -29,14 +29,14 @@ either way); the tests compare the valid picks as sets, and exact ties in order
 (tests/test_kernels_selection.py).
 
 Backward (diff top-k): with P the block probabilities and dP the picks' cotangents,
-dlogit = P * (dP - D), D = sum over the picks of P dP. `SelectionSettings.backward` chooses
-how. "picks": the training forward also keeps O = sum_j P_j bk_j (a flash-attention output
-over the block keys), so dq = scale * (sum over picks of P dP bk[pick] - D O) is a gather of
-k block keys per row; d(block keys) is -sum_t P_tj D_t q_t (one program per chunk of blocks,
-kv head and split of the queries that see them, recomputing the logits tile by tile) plus
-the picks' P dP q_t summed per block after sorting the picks by block. "passes": dq and
-d(block keys) both recompute the logits tile by tile and find the picks among a tile's
-blocks by k compare passes.
+dlogit = P * (dP - D), D = sum over the picks of P dP. dq = scale * (sum over the picks of
+P dP bk[pick] - D O) with O = sum_j P_j bk_j: one pass over the blocks for O (P recomputed from
+the forward's log-sum-exp), then a gather of the k picked block keys. d(block keys): one
+program per chunk of blocks, kv head and split of the queries that see them, recomputing the
+logits tile by tile and finding the picks among the chunk's blocks by one compare pass per
+pick. The backward recomputes its logits from operands in the inputs' dtype (bf16 for a bf16
+model, float32 accumulation), as flash attention's backward does; the forward's logits, which
+decide the picks, are float32 whatever the inputs.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from jax.experimental import pallas as pl
 
 from kernels._common import F32, MIN_DOT, cdiv, compiler_params, interpret_mode, iota, mm, next_pow2, pad_axis, \
     round_up
-from kernels._selected_common import sort_by_block
 from kernels.settings import SelectionSettings
 from nsa_jax import reference
 
@@ -142,8 +141,9 @@ class _Config:
     n_pad: int
     nb_pad: int
     dbk_splits: int
-    backward: str  # "picks" or "passes"
+    backward_dtype: str  # operands of the backward's recomputed logits (the inputs' dtype)
     num_warps: int
+    num_warps_dbk: int
     num_stages: int
     interpret: bool
 
@@ -188,25 +188,31 @@ def _logits(cfg: _Config, q, bk, fv, t, j, *, transposed: bool = False):
 def _merge_top_k(s, start, top_v, top_i):
     """Insert a chunk's logits s [R, C] (blocks start .. start + C - 1) into the rows' top-k:
     tuples of k vectors [R], best first. Each round inserts every row's best remaining entry
-    above its k-th best; rounds repeat while some row has one.
+    that beats its k-th best; rounds repeat while some row has one (the k-th best only rises,
+    so a row whose best remaining entry does not beat it is done for this chunk).
 
     Blocks arrive in index order, so comparing values alone reproduces lax.top_k's order: an
     entry goes below the equal values already kept (lower indices), enters only if strictly
-    above the k-th best, and argmax takes a chunk's lowest index among equal values. Masked
-    blocks (MASKED, finite) rank below every logit but above the empty slots (-inf)."""
+    above the k-th best, and a round takes a chunk's lowest index among equal values. Masked
+    blocks (MASKED, finite) rank below every logit but above the empty slots (-inf). A round is
+    a max and a min over the chunk (the best value, then its lowest column): cheaper than an
+    argmax's paired compares, which is what this kernel spends its time on."""
     k = len(top_v)
-    col = iota(s.shape[1])[None, :]
+    cols = s.shape[1]
+    col = iota(cols)[None, :]
 
     def best(sv):
-        return jnp.max(sv, axis=1), jnp.argmax(sv, axis=1).astype(jnp.int32)
+        best_v = jnp.max(sv, axis=1)
+        return best_v, jnp.min(jnp.where(sv == best_v[:, None], col, cols), axis=1)
 
     def more(state):
-        return jnp.max(state[3]) > -jnp.inf
+        top_v, _, _, best_v, _ = state
+        return jnp.max((best_v > top_v[-1]).astype(jnp.int32)) > 0
 
     def insert(state):
         top_v, top_i, sv, best_v, best_c = state
         best_i = start + best_c
-        above = [(best_v > v) for v in top_v]  # false for rows without a candidate (best_v = -inf)
+        above = [(best_v > v) for v in top_v]  # false for rows without a candidate
         new_v, new_i = [], []
         for p in range(k):  # sorted insertion: slots below the new entry shift down by one
             v = jnp.where(above[p], best_v, top_v[p])
@@ -216,45 +222,36 @@ def _merge_top_k(s, start, top_v, top_i):
                 i = jnp.where(above[p - 1], top_i[p - 1], i)
             new_v.append(v)
             new_i.append(i)
-        sv = jnp.where((col == best_c[:, None]) | (sv <= new_v[-1][:, None]), -jnp.inf, sv)
+        sv = jnp.where(col == best_c[:, None], -jnp.inf, sv)
         return (tuple(new_v), tuple(new_i), sv, *best(sv))
 
-    sv = jnp.where(s > top_v[-1][:, None], s, -jnp.inf)  # candidates: above the k-th best
-    top_v, top_i, *_ = lax.while_loop(more, insert, (top_v, top_i, sv, *best(sv)))
+    top_v, top_i, *_ = lax.while_loop(more, insert, (top_v, top_i, s, *best(s)))
     return top_v, top_i
 
 
-def _fwd_kernel(chunks_ref, fv_ref, q_ref, bk_ref, val_ref, idx_ref, lse_ref, *obk_ref, cfg: _Config):
-    """Picks and log-sum-exp; with `obk_ref` (for the backward) also O = sum_j P_j bk_j, the
-    block keys' softmax average, as a flash forward computes its output."""
+def _fwd_kernel(chunks_ref, fv_ref, q_ref, bk_ref, val_ref, idx_ref, lse_ref, *, cfg: _Config):
+    """The picks (probabilities, indices) and the log-sum-exp of one tile of query rows."""
     bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k
     rows, d = bq * gs, q_ref.shape[-1]
-    q = q_ref[...].reshape(rows, d)  # [R, d] float32
     t = (pl.program_id(0) * bq + lax.div(iota(rows), gs))[:, None]  # [R, 1]
     pad = reference.IMPORTANCE_PAD_LOGIT  # the normaliser starts with the pad column: m = pad, l = 1
 
     def chunk(c, carry):
-        m, l, acc, top_v, top_i = carry
+        m, l, top_v, top_i = carry
         start = c * bkc
         j = (start + iota(bkc))[None, :]  # [1, C]
+        q = q_ref[...].reshape(rows, d)  # [R, d] float32, loaded per chunk (from cache): fewer registers held
         bk = bk_ref[pl.ds(start, bkc), :]
         s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])  # MASKED gives 0
-        l = l * corr + jnp.sum(p, axis=1)
-        if obk_ref:
-            acc = acc * corr[:, None] + mm(p, bk)
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)  # MASKED gives 0
         top_v, top_i = _merge_top_k(s, start, top_v, top_i)
-        return m_new, l, acc, top_v, top_i
+        return m_new, l, top_v, top_i
 
-    acc = jnp.zeros((rows, d) if obk_ref else (1,), F32)
-    init = (jnp.full((rows,), pad, F32), jnp.ones((rows,), F32), acc,
+    init = (jnp.full((rows,), pad, F32), jnp.ones((rows,), F32),
             (jnp.full((rows,), -jnp.inf, F32),) * cfg.k, (jnp.full((rows,), NO_BLOCK, jnp.int32),) * cfg.k)
-    m, l, acc, top_v, top_i = lax.fori_loop(0, chunks_ref[0], chunk, init)
+    m, l, top_v, top_i = lax.fori_loop(0, chunks_ref[0], chunk, init)
     lse = m + jnp.log(l)
-    if obk_ref:
-        obk_ref[0][...] = (acc / l[:, None]).reshape(bq, gs, d)
     for p in range(cfg.k):
         val_ref[:, :, p] = jnp.exp(top_v[p] - lse).reshape(bq, gs)
         idx_ref[:, :, p] = top_i[p].reshape(bq, gs)
@@ -271,70 +268,34 @@ def _dlogits(s, j, lse, delta, picks):
     return p * (dp - delta)
 
 
-def _dq_kernel(chunks_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, dval_ref, dq_ref, *, cfg: _Config):
+def _dq_kernel(chunks_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, w_ref, dq_ref, *, cfg: _Config):
+    """dq = scale * (sum over the picks of P dP bk[pick] - D O), O = sum_j P_j bk_j: one pass
+    over the blocks for O (P from the forward's log-sum-exp, as flash attention's backward
+    recomputes it), then a gather of the k picked block keys. No compare passes."""
     bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k
     rows, d = bq * gs, q_ref.shape[-1]
     q = q_ref[...].reshape(rows, d)
     t = (pl.program_id(0) * bq + lax.div(iota(rows), gs))[:, None]
     lse = lse_ref[...].reshape(rows, 1)
-    delta = delta_ref[...].reshape(rows, 1)
-    picks = [(idx_ref[:, :, p].reshape(rows, 1), dval_ref[:, :, p].reshape(rows, 1)) for p in range(cfg.k)]
 
-    def chunk(c, dq):
+    def chunk(c, o):
         start = c * bkc
         j = (start + iota(bkc))[None, :]
         bk = bk_ref[pl.ds(start, bkc), :]
         s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j)
-        return dq + mm(_dlogits(s, j, lse, delta, picks), bk)
+        return o + mm(jnp.exp(s - lse).astype(bk.dtype), bk)  # masked logits give 0
 
-    dq = lax.fori_loop(0, chunks_ref[0], chunk, jnp.zeros((rows, d), F32))
-    dq_ref[...] = (dq * cfg.scale).reshape(bq, gs, d)
-
-
-def _dq_picks_kernel(obk_ref, bk_ref, delta_ref, idx_ref, w_ref, dq_ref, *, cfg: _Config):
-    """dq = scale * (sum over picks of P dP bk[pick] - D O): the forward's O = sum_j P_j bk_j
-    and a gather of the k picked block keys; no pass over the blocks."""
-    bq, gs = cfg.block_q, cfg.gs
-    rows, d = bq * gs, obk_ref.shape[-1]
-    dq = -delta_ref[...].reshape(rows, 1) * obk_ref[...].reshape(rows, d)
+    o = lax.fori_loop(0, chunks_ref[0], chunk, jnp.zeros((rows, d), F32))
+    dq = -delta_ref[...].reshape(rows, 1) * o
     for p in range(cfg.k):
-        dq = dq + w_ref[:, :, p].reshape(rows, 1) * bk_ref[idx_ref[:, :, p].reshape(rows), :]
+        dq = dq + w_ref[:, :, p].reshape(rows, 1) * bk_ref[idx_ref[:, :, p].reshape(rows), :].astype(F32)
     dq_ref[...] = (dq * cfg.scale).reshape(bq, gs, d)
 
 
-SPARSE_ENTRIES = 64  # picks gathered per step of the d(block keys) pick kernel
-SPARSE_SPLITS = 4  # programs per block (a block picked by most queries, e.g. the first, is split)
-
-
-def _dbk_picks_kernel(off_ref, row_ref, w_ref, q_ref, dbk_ref, *, cfg: _Config):
-    """Block j's sum over the picks of it (this split's share) of P dP q_row: the picks sorted
-    by block (`sort_by_block`), so block j's are one contiguous run, gathered 64 at a time."""
-    e, gs = SPARSE_ENTRIES, cfg.gs
-    j = pl.program_id(0)
-    start, end = off_ref[j], off_ref[j + 1]
-    per_split = lax.div(end - start + SPARSE_SPLITS - 1, SPARSE_SPLITS)
-    lo = start + pl.program_id(1) * per_split
-    hi = jnp.minimum(end, lo + per_split)
-
-    def step(i, acc):
-        at = lo + i * e
-        valid = at + iota(e) < hi
-        row = jnp.where(valid, row_ref[pl.ds(at, e)], 0)  # [E] row = token * gs + head
-        w = jnp.where(valid, w_ref[pl.ds(at, e)], 0.0)
-        q = q_ref[lax.div(row, gs), lax.rem(row, gs), :]  # [E, d]
-        return acc + jnp.sum(w[:, None] * q, axis=0)
-
-    acc = lax.fori_loop(0, lax.div(jnp.maximum(hi - lo, 0) + e - 1, e), step, jnp.zeros((q_ref.shape[-1],), F32))
-    dbk_ref[...] = acc * cfg.scale
-
-
-def _dbk_kernel(first_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+def _dbk_kernel(first_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, dval_ref, dbk_ref, *, cfg: _Config):
     """One chunk of block keys: sum over the query tiles that see it (this split's share) of
-    dlogit^T q, on transposed logits [C, R] so no tile is transposed in registers. With the
-    picks' refs (backward "passes"), dlogit = P (dP - D); without (backward "picks"), only the
-    part every visible block gets, -P D (as flash attention's dV), the picks' part coming from
-    `_dbk_picks_kernel`."""
-    *pick_refs, dbk_ref = refs
+    dlogit^T q, dlogit = P (dP - D) on transposed logits [C, R] (no tile is transposed in
+    registers), dP found among the chunk's blocks by one compare pass per pick."""
     bq, gs, bkc = cfg.block_q_dbk, cfg.gs, cfg.block_k_dbk
     rows, d = bq * gs, q_ref.shape[-1]
     start = pl.program_id(0) * bkc
@@ -351,12 +312,9 @@ def _dbk_kernel(first_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, *refs, cfg
         t = (qt * bq + lax.div(iota(rows), gs))[None, :]  # [1, R]
         s_t = _logits(cfg, q, bk, fv, t, j, transposed=True)  # [C, R]
         lse, delta = lse_ref[tokens, :].reshape(1, rows), delta_ref[tokens, :].reshape(1, rows)
-        if not pick_refs:
-            return dbk - mm(jnp.exp(s_t - lse) * delta, q)
-        idx_ref, dval_ref = pick_refs
         picks = [(idx_ref[tokens, :, p].reshape(1, rows), dval_ref[tokens, :, p].reshape(1, rows))
                  for p in range(cfg.k)]
-        return dbk + mm(_dlogits(s_t, j, lse, delta, picks), q)
+        return dbk + mm(_dlogits(s_t, j, lse, delta, picks).astype(q.dtype), q)
 
     dbk = lax.fori_loop(lo, hi, tile, jnp.zeros((bkc, d), F32))
     dbk_ref[...] = dbk * cfg.scale
@@ -388,10 +346,9 @@ def _specs(cfg: _Config, d: int, *, dbk: bool = False):
     )
 
 
-def _forward(cfg: _Config, qs, bk, *, with_obk: bool = False):
+def _forward(cfg: _Config, qs, bk):
     """qs [b, n_pad, kh, gs, d], bk [b, nb_pad, kh, d] (float32) -> (probabilities, indices)
-    [b, n_pad, kh, gs, kp], the natural log-sum-exp [b, n_pad, kh, gs] and, with_obk,
-    O = sum_j P_j bk_j [b, n_pad, kh, gs, d]."""
+    [b, n_pad, kh, gs, kp] and the natural log-sum-exp [b, n_pad, kh, gs]."""
     b, n_pad, kh, gs, d = qs.shape
     fv = _first_visible(cfg)
     sp = _specs(cfg, d)
@@ -399,19 +356,18 @@ def _forward(cfg: _Config, qs, bk, *, with_obk: bool = False):
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(n_pad // cfg.block_q, b, kh),
         in_specs=[sp["sched"], sp["fv"], sp["q"], sp["bk"]],
-        out_specs=[sp["picks"], sp["picks"], sp["row"]] + [sp["q"]] * with_obk,
+        out_specs=[sp["picks"], sp["picks"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct((b, n_pad, kh, gs, cfg.kp), F32),
                    jax.ShapeDtypeStruct((b, n_pad, kh, gs, cfg.kp), jnp.int32),
-                   jax.ShapeDtypeStruct((b, n_pad, kh, gs), F32)]
-                  + [jax.ShapeDtypeStruct(qs.shape, F32)] * with_obk,
+                   jax.ShapeDtypeStruct((b, n_pad, kh, gs), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selection_fwd",
     )(jnp.asarray(_chunks_per_tile(cfg, fv)), jnp.asarray(fv), qs, bk)
 
 
-def _dq(cfg: _Config, qs, bk, lse, delta, indices, dvalues):
-    """d qs [b, n_pad, kh, gs, d] (float32)."""
+def _dq(cfg: _Config, qs, bk, lse, delta, indices, w):
+    """d qs [b, n_pad, kh, gs, d] (float32); qs and bk in the backward's operand dtype."""
     b, n_pad, kh, gs, d = qs.shape
     fv = _first_visible(cfg)
     sp = _specs(cfg, d)
@@ -424,78 +380,32 @@ def _dq(cfg: _Config, qs, bk, lse, delta, indices, dvalues):
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selection_dq",
-    )(jnp.asarray(_chunks_per_tile(cfg, fv)), jnp.asarray(fv), qs, bk, lse, delta, indices, dvalues)
+    )(jnp.asarray(_chunks_per_tile(cfg, fv)), jnp.asarray(fv), qs, bk, lse, delta, indices, w)
 
 
-def _dbk(cfg: _Config, qs, bk, lse, delta, *picks):
-    """d bk [b, nb_pad, kh, d] (float32): with picks (indices, dvalues) the whole of it, without
-    only -sum_t P_tj D_t q_t (see `_dbk_kernel`); the splits' partial sums added in XLA."""
+def _dbk(cfg: _Config, qs, bk, lse, delta, indices, dvalues):
+    """d bk [b, nb_pad, kh, d] (float32); the splits' partial sums added in XLA."""
     b, n_pad, kh, gs, d = qs.shape
     fv = _first_visible(cfg)
     sp = _specs(cfg, d, dbk=True)
     dbk = pl.pallas_call(
         functools.partial(_dbk_kernel, cfg=cfg),
         grid=(cfg.nb_pad // cfg.block_k_dbk, cfg.dbk_splits, b, kh),
-        in_specs=[sp["sched"], sp["fv"], sp["q"], sp["bk"], sp["row"], sp["row"]] + [sp["picks"]] * len(picks),
+        in_specs=[sp["sched"], sp["fv"], sp["q"], sp["bk"], sp["row"], sp["row"], sp["picks"], sp["picks"]],
         out_specs=sp["out"],
         out_shape=jax.ShapeDtypeStruct((cfg.dbk_splits, *bk.shape), F32),
-        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        compiler_params=compiler_params(cfg.num_warps_dbk, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selection_dbk",
-    )(jnp.asarray(_first_tile_per_chunk(cfg, fv)), jnp.asarray(fv), qs, bk, lse, delta, *picks)
+    )(jnp.asarray(_first_tile_per_chunk(cfg, fv)), jnp.asarray(fv), qs, bk, lse, delta, indices, dvalues)
     return dbk.sum(axis=0)
 
 
-def _dq_picks(cfg: _Config, obk, bk, delta, indices, w):
-    b, n_pad, kh, gs, d = obk.shape
-    sp = _specs(cfg, d)
-    return pl.pallas_call(
-        functools.partial(_dq_picks_kernel, cfg=cfg),
-        grid=(n_pad // cfg.block_q, b, kh),
-        in_specs=[sp["q"], sp["bk"], sp["row"], sp["picks"], sp["picks"]],
-        out_specs=sp["q"],
-        out_shape=jax.ShapeDtypeStruct(obk.shape, F32),
-        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
-        interpret=cfg.interpret,
-        name="nsa_selection_dq",
-    )(obk, bk, delta, indices, w)
-
-
-def _dbk_picks(cfg: _Config, qs, indices, w):
-    """The picks' part of d(block keys) [b, nb_pad, kh, d]: picks sorted by block, then one
-    program per block (and split) sums its picks' weighted query rows."""
-    b, n_pad, kh, gs, d = qs.shape
-    entries = n_pad * gs * cfg.k
-    flat = lambda x: x[..., : cfg.k].transpose(0, 2, 1, 3, 4).reshape(b * kh, entries)  # noqa: E731
-    order, offsets = sort_by_block(flat(indices), cfg.nb)  # [b kh, E], [b kh, nb + 1]
-    rows = pad_axis(lax.div(order, jnp.int32(cfg.k)), 1, entries + SPARSE_ENTRIES)  # row = token * gs + head
-    w = pad_axis(jnp.take_along_axis(flat(w), order, axis=1), 1, entries + SPARSE_ENTRIES)
-    offsets = jnp.concatenate([offsets, jnp.broadcast_to(offsets[:, -1:], (b * kh, cfg.nb_pad - cfg.nb))], axis=1)
-    bkh = lambda j, sp, i: (i, 0)  # noqa: E731
-    dbk = pl.pallas_call(
-        functools.partial(_dbk_picks_kernel, cfg=cfg),
-        grid=(cfg.nb_pad, SPARSE_SPLITS, b * kh),
-        in_specs=[pl.BlockSpec((None, cfg.nb_pad + 1), bkh),
-                  pl.BlockSpec((None, entries + SPARSE_ENTRIES), bkh),
-                  pl.BlockSpec((None, entries + SPARSE_ENTRIES), bkh),
-                  pl.BlockSpec((None, n_pad, None, gs, d), lambda j, sp, i: (i // kh, 0, i % kh, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, None, d), lambda j, sp, i: (sp, i, j, 0)),
-        out_shape=jax.ShapeDtypeStruct((SPARSE_SPLITS, b * kh, cfg.nb_pad, d), F32),
-        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
-        interpret=cfg.interpret,
-        name="nsa_selection_dbk_picks",
-    )(offsets, rows, w, qs)
-    return dbk.sum(axis=0).reshape(b, kh, cfg.nb_pad, d).transpose(0, 2, 1, 3)
-
-
-def _backward(cfg: _Config, qs, bk, values, indices, lse, obk, dvalues):
+def _backward(cfg: _Config, qs, bk, values, indices, lse, dvalues):
     # D = sum over the picks of P dP; slots beyond k are never written (and never read).
     delta = jnp.sum(values[..., : cfg.k] * dvalues[..., : cfg.k], axis=-1)  # [b, n_pad, kh, gs]
-    if cfg.backward == "picks":
-        w = values * dvalues  # P dP of each pick
-        return (_dq_picks(cfg, obk, bk, delta, indices, w),
-                _dbk(cfg, qs, bk, lse, delta) + _dbk_picks(cfg, qs, indices, w))
-    return _dq(cfg, qs, bk, lse, delta, indices, dvalues), _dbk(cfg, qs, bk, lse, delta, indices, dvalues)
+    w = values * dvalues  # P dP of each pick
+    return _dq(cfg, qs, bk, lse, delta, indices, w), _dbk(cfg, qs, bk, lse, delta, indices, dvalues)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -505,19 +415,25 @@ def _select(cfg: _Config, qs, bk):
 
 
 def _select_fwd(cfg: _Config, qs, bk):
-    values, indices, lse, *obk = _forward(cfg, qs, bk, with_obk=cfg.backward == "picks")
-    return (values, indices), (qs, bk, values, indices, lse, obk[0] if obk else None)
+    values, indices, lse = _forward(cfg, qs, bk)
+    # The backward recomputes logits for gradients only: in the inputs' dtype (bf16 operands
+    # with f32 accumulation, as flash attention's backward), while the picks above came from
+    # float32 logits, as the reference's.
+    dtype = jnp.dtype(cfg.backward_dtype)
+    return (values, indices), (qs.astype(dtype), bk.astype(dtype), values, indices, lse)
 
 
 def _select_bwd(cfg: _Config, res, cotangents):
-    return _backward(cfg, *res, cotangents[0])
+    dqs, dbk = _backward(cfg, *res, cotangents[0])
+    return dqs, dbk
 
 
 _select.defvjp(_select_fwd, _select_bwd)
 
 
 def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: int, *, stride: int, sb: int,
-            causal: bool, interpolated: bool, scale: float, settings: SelectionSettings) -> _Config:
+            causal: bool, interpolated: bool, scale: float, settings: SelectionSettings,
+            backward_dtype: str = "float32") -> _Config:
     kp = next_pow2(k)
     block_q = max(1, settings.rows // gs, cdiv(MIN_DOT, gs))
     block_q_dbk = max(1, settings.rows_dbk // gs, cdiv(MIN_DOT, gs))
@@ -536,8 +452,8 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
     return _Config(scale=float(scale), causal=causal, own_block=sb != stride, sb=sb, stride=stride, nc=nc, nb=nb,
                    interpolated=interpolated, n=n, gs=gs, k=k, kp=kp, block_q=block_q, block_k=block_k,
                    block_q_dbk=block_q_dbk, block_k_dbk=block_k_dbk, n_pad=n_pad, nb_pad=nb_pad,
-                   dbk_splits=max(1, splits), backward=settings.backward,
-                   num_warps=settings.num_warps,
+                   dbk_splits=max(1, splits), backward_dtype=backward_dtype, num_warps=settings.num_warps,
+                   num_warps_dbk=settings.num_warps_dbk or (8 if d_pad >= 128 else 4),
                    num_stages=settings.num_stages, interpret=interpret_mode())
 
 
@@ -574,7 +490,7 @@ def select_blocks(
     gs = 1 if share_heads else g
     d_pad = max(MIN_DOT, next_pow2(d))
     cfg = _config(n, nc, nb, gs, k, d_pad, kh, b, stride=stride, sb=sb, causal=causal, interpolated=interpolated,
-                  scale=scale, settings=settings)
+                  scale=scale, settings=settings, backward_dtype=jnp.promote_types(q.dtype, ck.dtype).name)
     qs = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
         qs = qs.mean(axis=3, keepdims=True)  # [b, n, kh, 1, d]

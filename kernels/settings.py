@@ -76,25 +76,16 @@ class SelectedSettings:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-SELECTION_BACKWARDS = ("picks", "passes")
-
-
 @dataclasses.dataclass(frozen=True)
 class SelectionSettings:
     """Block selection (`kernels.selection`): tiles of the streaming top-k kernels.
 
-    Forward: `rows` query rows (tokens x the kv head's selection heads) per program, streaming
-    `block_keys` block keys per step. d(block keys): `block_keys_dbk` blocks per program, over
-    query tiles of `rows_dbk` rows, the queries of a chunk split over programs until about
-    `dbk_target_programs` run (at most `max_dbk_splits`, at least `min_dbk_tiles_per_split`
-    query tiles each).
-
-    backward: "picks" (the forward also keeps O = sum_j P_j bk_j, so dq is a gather of the k
-    picked block keys, and the picks' share of d(block keys) is summed per block after a sort)
-    or "passes" (dq and d(block keys) both stream over the blocks again, finding the picks
-    among them by k compare passes per tile). Measured on an H200 (BENCHMARKS.md, "Selection
-    kernel"): picks is faster for the seed model (k = 4, 16-token blocks), passes for fla's
-    configuration (k = 16, d = 128).
+    Forward and dq: `rows` query rows (tokens x the kv head's selection heads) per program,
+    streaming `block_keys` block keys per step. d(block keys): `block_keys_dbk` blocks per
+    program, over query tiles of `rows_dbk` rows, the queries of a chunk split over programs
+    until about `dbk_target_programs` run (at most `max_dbk_splits`, at least
+    `min_dbk_tiles_per_split` query tiles each), with `num_warps_dbk` warps (None: 8 for head
+    dims >= 128, else 4; measured on an H200, BENCHMARKS.md "Selection kernel").
     """
 
     rows: int = 64
@@ -104,16 +95,16 @@ class SelectionSettings:
     max_dbk_splits: int = 16
     dbk_target_programs: int = PROGRAMS_PER_SM * H100_SMS
     min_dbk_tiles_per_split: int = 8
-    backward: str = "picks"
     num_warps: int = 4
+    num_warps_dbk: int | None = None
     num_stages: int = 2
 
     def __post_init__(self):
-        _check(self.backward in SELECTION_BACKWARDS,
-               f"backward must be one of {', '.join(SELECTION_BACKWARDS)}, got {self.backward!r}")
         for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk", "max_dbk_splits", "dbk_target_programs",
                      "min_dbk_tiles_per_split", "num_warps", "num_stages"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.num_warps_dbk is None or self.num_warps_dbk >= 1,
+               f"num_warps_dbk must be None or >= 1, got {self.num_warps_dbk}")
         for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk"):
             value = getattr(self, name)
             _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")

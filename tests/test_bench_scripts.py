@@ -209,10 +209,10 @@ def test_memory_bench_table_and_plot_from_rows(tmp_path):
 def test_selection_variants_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "sv.json"
     run = subprocess.run([sys.executable, "-m", "bench.selection_variants", "--configs", "seed", "--lengths", "256",
-                          "--variants", "default;backward=passes,rows=32", "--reps", "3", "--budget_s", "0.5",
+                          "--variants", "default;num_warps_dbk=8,rows=32", "--reps", "3", "--budget_s", "0.5",
                           f"--out={out}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["default", "backward=passes,rows=32"]
-    assert rows[1]["settings"]["backward"] == "passes" and rows[1]["settings"]["rows"] == 32
+    assert [r["variant"] for r in rows] == ["default", "num_warps_dbk=8,rows=32"]
+    assert rows[1]["settings"]["num_warps_dbk"] == 8 and rows[1]["settings"]["rows"] == 32
     assert all(r[key] > 0 for r in rows for key in ("kernel_fwd_ms", "kernel_bwd_ms", "fwd_ms", "fwd_bwd_ms"))
