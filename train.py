@@ -81,6 +81,12 @@ flags.DEFINE_enum("remat", "none", ["none", "block"],
 flags.DEFINE_string("data_path", "data/enwik8.gz",
                     "enwik8(.gz|.zip), any byte file, or 'stdlib' (this Python's standard library sources)")
 flags.DEFINE_float("valid_fraction", 0.05, "validation share of a non-enwik8 corpus")
+flags.DEFINE_boolean("pack_documents", False,
+                     "split the corpus into documents and train with segment ids: attention stays within a "
+                     "document, positions restart at each, and a target in the next document does not count")
+flags.DEFINE_string("document_separator", None,
+                    "bytes that begin a document, Python escapes allowed (default: '<page>' for enwik8, "
+                    "a blank line '\\n\\n' otherwise)")
 # absl.logging already defines --log_dir; give it our meaning and default.
 flags.FLAGS.set_default("log_dir", "runs")
 flags.FLAGS["log_dir"].help = "TensorBoard events go to <log_dir>/<run_name>"
@@ -233,11 +239,22 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     # -- data -------------------------------------------------------------------------------
     try:
         train_bytes, valid_bytes = data.load_corpus(FLAGS.data_path, FLAGS.valid_fraction)
-        train_data = data.CropSampler(train_bytes, cfg.seq_len, seed=cfg.seed, name="the training split")
-        valid_data = data.CropSampler(valid_bytes, cfg.seq_len, seed=cfg.seed + 1, name="the validation split",
-                                      fixes="raise --valid_fraction, use a larger file or a smaller --seq_len")
+        sampler, packing = data.CropSampler, {}
+        if FLAGS.pack_documents:
+            separator = data.parse_separator(FLAGS.document_separator, FLAGS.data_path)
+            sampler = data.PackedCropSampler
+            packing = lambda split: dict(starts=data.document_starts(split, separator))  # noqa: E731
+        train_data = sampler(train_bytes, cfg.seq_len, seed=cfg.seed, name="the training split",
+                             **(packing(train_bytes) if packing else {}))
+        valid_data = sampler(valid_bytes, cfg.seq_len, seed=cfg.seed + 1, name="the validation split",
+                             fixes="raise --valid_fraction, use a larger file or a smaller --seq_len",
+                             **(packing(valid_bytes) if packing else {}))
     except data.DataError as e:
         fail(str(e))
+    if FLAGS.pack_documents and model_config.use_sparse_attn and FLAGS.use_pallas_nsa \
+            and kernels.backend_name(None) == "pallas":
+        fail("--pack_documents runs on the reference attention for now (the Pallas kernels do not take segment ids "
+             "yet): add --nouse_pallas_nsa")
 
     # -- model and compiled steps -----------------------------------------------------------
     use_pallas_nsa = None if FLAGS.use_pallas_nsa else False  # None: kernels where they run natively

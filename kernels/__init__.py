@@ -87,7 +87,10 @@ def _decode_with(reference_fn: Callable, kernel_fn: Callable) -> Callable:
     """kernel_fn for the parallel forward; reference_fn for calls with `q_positions` (decoding)."""
 
     @functools.wraps(reference_fn)
-    def call(*args, q_positions=None, **kwargs):
+    def call(*args, q_positions=None, segments=None, **kwargs):
+        if segments is not None:
+            raise NotImplementedError("packed documents (segment_ids) run on the reference path for now: "
+                                      "use use_pallas_nsa=False (the kernels' support is issue 18's next step)")
         if q_positions is not None:
             return reference_fn(*args, q_positions=q_positions, **kwargs)
         return kernel_fn(*args, **kwargs)

@@ -27,12 +27,28 @@ from nsa_jax.cache import (
 from nsa_jax.compress_networks import CompressMLP, build_compress_network
 from nsa_jax.layers import Linear, RMSNorm
 from nsa_jax.rotary import apply_rotary
+from nsa_jax.segments import Segments
+from nsa_jax.segments import from_ids as segments_from_ids
 
 
 # Initial bias of the branch gates, per head: sigmoid(-2) = 0.12 for the compressed and fine
 # branches, sigmoid(2) = 0.88 for the sliding window (the PyTorch package's init: training
 # starts close to local attention and learns to open the sparse branches).
 STRATEGY_GATE_BIAS = (-2.0, -2.0, 2.0)  # compressed, fine, sliding
+
+
+def _segments(segment_ids: jax.Array, shape: tuple[int, int]) -> Segments:
+    """segment_ids [b, n] -> Segments, after checking the shape and dtype (one-line errors)."""
+    ids = jnp.asarray(segment_ids)
+    _check(ids.shape == tuple(shape), f"segment_ids must have shape [batch, seq_len] = {list(shape)}, got {list(ids.shape)}")
+    _check(jnp.issubdtype(ids.dtype, jnp.integer), f"segment_ids must be integers, got {ids.dtype}")
+    return segments_from_ids(ids)
+
+
+def _packed(segments: Segments | None) -> dict:
+    """Keyword arguments of a backend call: segments only when given (kernels without them stay
+    called as before)."""
+    return {} if segments is None else {"segments": segments}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -161,14 +177,16 @@ class SparseAttention(nnx.Module):
         q, k, v = jnp.split(self.to_qkv(x), [h * d, (h + kh) * d], axis=-1)
         return x, q.reshape(b, n, h, d), k.reshape(b, n, kh, d), v.reshape(b, n, kh, d)
 
-    def compress(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Un-rotated k, v [b, n, kh, d] -> compressed ck, cv [b, n // stride, kh, d] (no memory)."""
+    def compress(self, k: jax.Array, v: jax.Array, segments: Segments | None = None) -> tuple[jax.Array, jax.Array]:
+        """Un-rotated k, v [b, n, kh, d] -> compressed ck, cv [b, n // stride, kh, d] (no memory);
+        with segments, each document's entries in its own slots (`nsa_jax.segments`)."""
         cb, cs = self.compress_block_size, self.compress_block_sliding_stride
         b, n, kh, d = k.shape
         if n // cs == 0:
             empty = jnp.zeros((b, 0, kh, d), k.dtype)
             return empty, empty
-        return self.compress_windows(reference.compression_windows(k, cb, cs), reference.compression_windows(v, cb, cs))
+        return self.compress_windows(reference.compression_windows(k, cb, cs, segments),
+                                     reference.compression_windows(v, cb, cs, segments))
 
     def compress_windows(self, kw: jax.Array, vw: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Windows [b, kh, w, cb, d] (+ intra-block positions) -> ck, cv [b, w, kh, d] (no memory)."""
@@ -192,39 +210,45 @@ class SparseAttention(nnx.Module):
         out = gates[..., 0, :] * compressed + gates[..., 1, :] * fine + gates[..., 2, :] * sliding
         return self.combine_heads(out.reshape(b, n, self.heads * self.dim_head))
 
-    def select(self, q: jax.Array, ck: jax.Array, q_positions=None) -> tuple[jax.Array, jax.Array]:
+    def select(self, q: jax.Array, ck: jax.Array, q_positions=None, segments=None) -> tuple[jax.Array, jax.Array]:
         """Top-k selection blocks from the compressed keys (with memory): (probabilities, indices)."""
         return self.backend.select_blocks(
             q, ck, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
             causal=self.causal, share_heads=self.query_heads_share_selected_kv,
             num_selected=self.num_selected_blocks, selection_block_size=self.selection_block_size,
-            interpolated=self.interpolated_importance_score, scale=self.scale, q_positions=q_positions)
+            interpolated=self.interpolated_importance_score, scale=self.scale, q_positions=q_positions,
+            **_packed(segments))
 
-    def fine(self, q_rot, k_rot, v, values, indices, q_positions=None) -> jax.Array:
+    def fine(self, q_rot, k_rot, v, values, indices, q_positions=None, segments=None) -> jax.Array:
         """Selected-block attention (rotated q, k) with validity mask and diff-top-k gates."""
         gates = reference.straight_through_gates(values) if self.use_diff_topk else None
         return self.backend.selected_attention(
             q_rot, k_rot, v, indices, reference.valid_selection(values), gates,
-            block_size=self.selection_block_size, causal=self.causal, scale=self.scale, q_positions=q_positions)
+            block_size=self.selection_block_size, causal=self.causal, scale=self.scale, q_positions=q_positions,
+            **_packed(segments))
 
-    def sliding(self, q_rot, k_rot, v, q_positions=None) -> jax.Array:
+    def sliding(self, q_rot, k_rot, v, q_positions=None, segments=None) -> jax.Array:
         return self.backend.sliding_window_attention(
             q_rot, k_rot, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
-            q_positions=q_positions, mask_padding=self.mask_sliding_window_padding)
+            q_positions=q_positions, mask_padding=self.mask_sliding_window_padding, **_packed(segments))
 
     # -- parallel forward ------------------------------------------------------------------
 
-    def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
+    def __call__(self, inp: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """inp [b, n, dim] -> [b, n, dim]. segment_ids [b, n] (int): packed documents, runs of
+        equal ids; every token then gets what its document alone would give it (positions
+        restarting at 0, `nsa_jax.segments`)."""
+        segments = None if segment_ids is None else _segments(segment_ids, inp.shape[:2])
         x, q, k, v = self.project(inp)
-        ck, cv = self.with_memory(*self.compress(k, v))
+        ck, cv = self.with_memory(*self.compress(k, v, segments))
         compressed = self.backend.compressed_attention(
             q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-            causal=self.causal, scale=self.scale)
-        values, indices = self.select(q, ck)
-        positions = jnp.arange(inp.shape[1])
+            causal=self.causal, scale=self.scale, **_packed(segments))
+        values, indices = self.select(q, ck, segments=segments)
+        positions = jnp.arange(inp.shape[1]) if segments is None else segments.positions
         q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
-        fine = self.fine(q_rot, k_rot, v, values, indices)
-        sliding = self.sliding(q_rot, k_rot, v)
+        fine = self.fine(q_rot, k_rot, v, values, indices, segments=segments)
+        sliding = self.sliding(q_rot, k_rot, v, segments=segments)
         return self.combine(x, compressed, fine, sliding)
 
     # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
@@ -329,16 +353,22 @@ class Attention(nnx.Module):
         v = self.to_v(x).reshape(b, n, kh, d)
         return q, k, v
 
-    def __call__(self, inp: jax.Array) -> jax.Array:  # [b, n, dim] -> [b, n, dim]
-        return self._attend(*self.project(inp, jnp.arange(inp.shape[1])))
+    def __call__(self, inp: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """inp [b, n, dim] -> [b, n, dim]; segment_ids [b, n]: packed documents (runs of equal
+        ids), each attending only within itself, positions restarting at 0."""
+        if segment_ids is None:
+            return self._attend(*self.project(inp, jnp.arange(inp.shape[1])))
+        segments = _segments(segment_ids, inp.shape[:2])
+        same = segments.start[:, :, None] == segments.start[:, None, :]  # [b, n, n]
+        return self._attend(*self.project(inp, segments.positions), mask=same[:, None])
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # -> [b, n, dim]
-        b, n, h, d = q.shape
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        b, n, h, d = q.shape  # -> [b, n, dim]
         kh = self.kv_heads
         g = h // kh
         # head i = j * kh + c reads kv head c; JAX groups query heads as c * g + j.
         q = q.reshape(b, n, g, kh, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h, d)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
         out = out.reshape(b, n, kh, g, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h * d)
         return self.to_out(out)
 

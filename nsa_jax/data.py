@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
+import re
 import sysconfig
 import zipfile
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 
 ENWIK8_TOTAL, ENWIK8_TRAIN = int(95e6), int(90e6)
+ENWIK8_SEPARATOR = b"<page>"  # a Wikipedia article starts at each <page> element
+TEXT_SEPARATOR = b"\n\n"  # elsewhere: a blank line
 BUILTIN_STDLIB = "stdlib"
 STDLIB_MAX_BYTES = 16 * 2**20
 
@@ -116,3 +120,41 @@ class CropSampler:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state
+
+
+def parse_separator(text: str | None, data_path: str) -> bytes:
+    """--document_separator -> bytes. Python escapes are understood ("\\n\\n" is a blank line);
+    None gives the corpus's default: `<page>` for enwik8, a blank line otherwise."""
+    if text is None:
+        return ENWIK8_SEPARATOR if is_enwik8(data_path) else TEXT_SEPARATOR
+    try:
+        separator = codecs.decode(text, "unicode_escape").encode("latin-1")
+    except (UnicodeDecodeError, UnicodeEncodeError) as e:
+        raise DataError(f"--document_separator {text!r} is not a byte string: {e}") from None
+    if not separator:
+        raise DataError("--document_separator is empty; give the bytes that start a document (e.g. '<page>' or '\\n\\n')")
+    return separator
+
+
+def document_starts(data: np.ndarray, separator: bytes) -> np.ndarray:
+    """int64 [documents]: where each document begins: at 0 and at every occurrence of the
+    separator (which begins the next document: an enwik8 article starts with its <page>)."""
+    found = [m.start() for m in re.finditer(re.escape(separator), data.tobytes())]
+    return np.unique(np.asarray([0] + found, np.int64))
+
+
+class PackedCropSampler(CropSampler):
+    """`CropSampler` over documents: each crop also gets segment ids, the index of the document
+    each byte belongs to (documents begin at `starts`), so that a model trained on it
+    attends within documents and skips the targets that cross into the next one."""
+
+    def __init__(self, data: np.ndarray, seq_len: int, seed: int, starts: np.ndarray, **kwargs):
+        super().__init__(data, seq_len, seed, **kwargs)
+        self.starts = starts
+
+    def sample(self, *shape: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, segment ids), both int32 [*shape, seq_len + 1]."""
+        starts = self.rng.integers(0, len(self.data) - self.seq_len, size=shape)
+        offsets = starts[..., None] + np.arange(self.seq_len + 1)
+        documents = np.searchsorted(self.starts, offsets, side="right")
+        return self.data[offsets].astype(np.int32), documents.astype(np.int32)

@@ -29,6 +29,9 @@ LN2 = math.log(2.0)
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
+Batch = jax.Array | tuple[jax.Array, jax.Array]  # tokens [.., n + 1], or tokens and their segment ids
+
+
 class TrainState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
@@ -66,35 +69,41 @@ class Trainer:
 
     # The steps trace inside the mesh context, so the Pallas kernels run per batch shard
     # (`kernels.batch_parallel`) instead of being gathered onto every device.
-    def train_step(self, state: TrainState, batches: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.set_mesh(self.mesh):
             return self._jit_train_step(state, batches)
 
-    def eval_step(self, params: nnx.State, batch: jax.Array) -> jax.Array:
+    def eval_step(self, params: nnx.State, batch: Batch) -> jax.Array:
         with jax.set_mesh(self.mesh):
             return self._jit_eval_step(params, batch)
 
     def init_state(self) -> TrainState:
         return self._init_state
 
-    def train_batches(self, batches: np.ndarray) -> jax.Array:
-        """Host batches [accum, b, n + 1] -> a device array split over the batch axis."""
-        return sharding.global_batch(batches, sharding.batch_sharding(self.mesh, 1))
+    def train_batches(self, batches: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Batch:
+        """Host batches [accum, b, n + 1] (or a pair: tokens and segment ids, packed documents)
+        -> device arrays split over the batch axis."""
+        return jax.tree.map(lambda x: sharding.global_batch(x, sharding.batch_sharding(self.mesh, 1)), batches)
 
-    def eval_batch(self, batch: np.ndarray) -> jax.Array:
-        """Host batch [b, n + 1] -> a device array split over the batch axis."""
-        return sharding.global_batch(batch, sharding.batch_sharding(self.mesh, 0))
+    def eval_batch(self, batch: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Batch:
+        """Host batch [b, n + 1] (or tokens and segment ids) -> device arrays split over the batch axis."""
+        return jax.tree.map(lambda x: sharding.global_batch(x, sharding.batch_sharding(self.mesh, 0)), batch)
 
     def model(self, params: nnx.State) -> nnx.Module:
         """A module view of `params` (for sampling and inspection)."""
         return nnx.merge(self.graphdef, params, self.rest)
 
-    def _loss(self, params: nnx.State, batch: jax.Array) -> jax.Array:  # batch [b, n + 1]
-        return nnx.merge(self.graphdef, params, self.rest)(batch, return_loss=True)
+    def _loss(self, params: nnx.State, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
+        model = nnx.merge(self.graphdef, params, self.rest)
+        if isinstance(batch, tuple):
+            tokens, segment_ids = batch
+            return model(tokens, return_loss=True, segment_ids=segment_ids)
+        return model(batch, return_loss=True)
 
-    def _train_step(self, state: TrainState, batches: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        """batches [accum, b, n + 1]: the gradient is the mean over the micro-batches."""
-        accum = batches.shape[0]
+    def _train_step(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """batches [accum, b, n + 1] (or tokens and segment ids): the gradient is the mean over
+        the micro-batches."""
+        accum = jax.tree.leaves(batches)[0].shape[0]
         grad_fn = jax.value_and_grad(self._loss)
 
         def micro_step(grad_sum, batch):
@@ -114,7 +123,7 @@ class Trainer:
         metrics = dict(loss=loss, bits_per_byte=bits_per_byte(loss), grad_norm=grad_norm, skipped=~finite)
         return new_state, metrics
 
-    def _eval_step(self, params: nnx.State, batch: jax.Array) -> jax.Array:
+    def _eval_step(self, params: nnx.State, batch: Batch) -> jax.Array:
         return self._loss(params, batch)
 
 

@@ -25,9 +25,9 @@ REMAT_MODES = ("none", "block")
 
 
 @nnx.remat
-def _call_block(block: "Block", x: jax.Array) -> jax.Array:
+def _call_block(block: "Block", x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """A block whose activations are recomputed in the backward pass (only x is kept)."""
-    return block(x)
+    return block(x, segment_ids=segment_ids)
 
 
 class Block(nnx.Module):
@@ -40,8 +40,9 @@ class Block(nnx.Module):
         self.attn = attn
         self.ff = ff
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
-        return self._feedforward(self.attn(x) + x)
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:  # [b, n, dim]
+        attn = self.attn(x) if segment_ids is None else self.attn(x, segment_ids=segment_ids)
+        return self._feedforward(attn + x)
 
     def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, Any]:
         """x [b, P, dim] -> (out [b, P, dim], the attention's cache of length max_len)."""
@@ -124,21 +125,36 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(dim, param_dtype=param_dtype)
         self.to_logits = Linear(dim, num_tokens, use_bias=False, param_dtype=param_dtype, rngs=rngs)
 
-    def hidden(self, ids: jax.Array) -> jax.Array:  # [b, n] -> [b, n, dim], before the final norm
+    def hidden(self, ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """ids [b, n] -> [b, n, dim], before the final norm."""
         x = self.token_emb(ids, dtype=self.dtype)
         for layer in self.layers:
-            x = _call_block(layer, x) if self.remat == "block" else layer(x)
+            x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
 
-    def __call__(self, ids: jax.Array, return_loss: bool = False) -> jax.Array:
+    def __call__(self, ids: jax.Array, return_loss: bool = False, *, segment_ids: jax.Array | None = None) -> jax.Array:
         """ids [b, n] -> logits [b, n, num_tokens]; or, with return_loss, the mean next-token
-        cross entropy of ids[:, :-1] predicting ids[:, 1:] (a float32 scalar)."""
+        cross entropy of ids[:, :-1] predicting ids[:, 1:] (a float32 scalar).
+
+        segment_ids (int, the shape of ids): packed documents, runs of equal ids; each token's
+        logits are those of its document alone (positions restart at 0 per document). With
+        return_loss, a target whose segment id differs from its input's (the first token of
+        the next document) does not count; the loss is the mean over the targets that do."""
+        if segment_ids is not None and jnp.shape(segment_ids) != ids.shape:
+            raise ValueError(f"segment_ids must have the shape of ids {list(ids.shape)}, got {list(jnp.shape(segment_ids))}")
+        counted = None
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
-        logits = self.to_logits(self.norm(self.hidden(ids)))
+            if segment_ids is not None:
+                counted = segment_ids[:, 1:] == segment_ids[:, :-1]
+                segment_ids = segment_ids[:, :-1]
+        logits = self.to_logits(self.norm(self.hidden(ids, segment_ids)))
         if not return_loss:
             return logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        if counted is None:
+            return losses.mean()
+        return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
     def sample(
         self,

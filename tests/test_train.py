@@ -251,3 +251,43 @@ def test_sample_py_errors_are_one_line(tmp_path, setup, needle):
     run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint_dir={directory}"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and needle in run.stderr and run.stderr.strip().count("\n") == 0, run.stderr
+
+
+def test_document_separators_and_packed_crops():
+    assert data.parse_separator(None, "data/enwik8.gz") == b"<page>"
+    assert data.parse_separator(None, "notes.txt") == b"\n\n"
+    assert data.parse_separator(r"\n---\n", "notes.txt") == b"\n---\n"
+    with pytest.raises(data.DataError, match="--document_separator is empty"):
+        data.parse_separator("", "notes.txt")
+    corpus = np.frombuffer(b"intro<page>one<page>two two<page>3", np.uint8)
+    starts = data.document_starts(corpus, b"<page>")
+    np.testing.assert_array_equal(starts, [0, 5, 14, 27])
+    sampler = data.PackedCropSampler(corpus, 9, seed=0, starts=starts)
+    plain = data.CropSampler(corpus, 9, seed=0)
+    tokens, segment_ids = sampler.sample(3, 2)
+    np.testing.assert_array_equal(tokens, plain.sample(3, 2))  # the same crops as without packing
+    assert tokens.shape == segment_ids.shape == (3, 2, 10) and segment_ids.dtype == np.int32
+    text = corpus.tobytes()
+    for crop, ids in zip(tokens.reshape(-1, 10), segment_ids.reshape(-1, 10)):
+        start = text.find(bytes(crop.astype(np.uint8)))
+        want = np.searchsorted(starts, np.arange(start, start + 10), side="right")
+        np.testing.assert_array_equal(ids, want)  # the document each byte belongs to
+        assert all((ids[i] != ids[i + 1]) == (start + i + 1 in starts) for i in range(9))
+
+
+@pytest.mark.slow
+def test_pack_documents_trains_and_resumes_exactly(tmp_path, corpus):
+    """train.py --pack_documents (blank-line documents) lowers the loss and resumes bit for bit."""
+    common = [*TINY, f"--data_path={corpus}", "--pack_documents", "--validate_every=20", "--nouse_pallas_nsa",
+              f"--log_dir={tmp_path / 'runs'}"]
+    full = train(*common, "--num_batches=40", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"validation loss ([0-9.]+)", full.stdout + full.stderr)]
+    assert len(losses) == 2 and losses[-1] < losses[0] - 0.5, losses
+    first = train(*common, "--num_batches=20", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    again = train(*common, "--num_batches=40", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
+    _, want = final_params(tmp_path / "a")
+    _, got = final_params(tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
