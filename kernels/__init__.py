@@ -72,27 +72,33 @@ def get_backend(name: str | None = None, settings: KernelSettings = KernelSettin
         from kernels.selection import select_blocks
         from kernels.sliding_window import sliding_window_attention
 
-        kernel = lambda fn, ref, **bound: _decode_with(ref, functools.partial(fn, **bound))  # noqa: E731
+        def kernel(fn, ref, packed=True, **bound):
+            return _decode_with(ref, functools.partial(batch_parallel(fn), **bound), packed)
+
         return AttentionBackend(
             "pallas",
-            kernel(batch_parallel(compressed_attention), reference.compressed_attention, tiles=settings.flash),
-            kernel(batch_parallel(select_blocks), reference.select_blocks, settings=settings.selection),
-            kernel(batch_parallel(selected_attention), reference.selected_attention, settings=settings.selected),
-            kernel(batch_parallel(sliding_window_attention), reference.sliding_window_attention,
+            kernel(compressed_attention, reference.compressed_attention, tiles=settings.flash),
+            kernel(select_blocks, reference.select_blocks, packed=False, settings=settings.selection),
+            kernel(selected_attention, reference.selected_attention, packed=False, settings=settings.selected),
+            kernel(sliding_window_attention, reference.sliding_window_attention,
                    impl=settings.sliding_impl, tiles=settings.flash))
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _decode_with(reference_fn: Callable, kernel_fn: Callable) -> Callable:
-    """kernel_fn for the parallel forward; reference_fn for calls with `q_positions` (decoding)."""
+def _decode_with(reference_fn: Callable, kernel_fn: Callable, packed: bool = True) -> Callable:
+    """kernel_fn for the parallel forward; reference_fn for calls with `q_positions` (decoding).
+    `segments` (packed documents) go to kernel_fn as its last positional argument, where it
+    takes them (`packed`)."""
 
     @functools.wraps(reference_fn)
     def call(*args, q_positions=None, segments=None, **kwargs):
-        if segments is not None:
-            raise NotImplementedError("packed documents (segment_ids) run on the reference path for now: "
-                                      "use use_pallas_nsa=False (the kernels' support is issue 18's next step)")
         if q_positions is not None:
-            return reference_fn(*args, q_positions=q_positions, **kwargs)
+            return reference_fn(*args, q_positions=q_positions, segments=segments, **kwargs)
+        if segments is not None:
+            if not packed:
+                raise NotImplementedError("packed documents (segment_ids) run on the reference path for now: use "
+                                          "use_pallas_nsa=False (the selection kernels do not take them yet)")
+            return kernel_fn(*args, segments, **kwargs)
         return kernel_fn(*args, **kwargs)
 
     return call
@@ -105,15 +111,15 @@ def batch_parallel(fn: Callable, axis: str = "data") -> Callable:
     whole batch onto every device and repeat the work there. Inside `jax.set_mesh(mesh)` with
     a `data` axis of size > 1 (the Trainer traces its steps so), the call goes through
     `jax.shard_map` instead, each device running the kernel on its own slice of the batch.
-    Positional arguments are the batch-leading arrays (or None); keyword arguments are
-    static settings. A batch the axis does not divide runs unchanged.
+    Positional arguments are the batch-leading arrays, or pytrees of them (or None); keyword
+    arguments are static settings. A batch the axis does not divide runs unchanged.
     """
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         mesh = jax.sharding.get_abstract_mesh()
         shards = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1) if not mesh.empty else 1
-        if shards == 1 or any(a is not None and a.shape[0] % shards for a in args):
+        if shards == 1 or any(a.shape[0] % shards for a in jax.tree.leaves(args)):
             return fn(*args, **kwargs)
         return jax.shard_map(functools.partial(fn, **kwargs), in_specs=P(axis), out_specs=P(axis),
                              check_vma=False)(*args)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,12 @@ class Visibility:
     kind "window": key j is visible to query t iff t - window <= j <= t (causal) or
         |t - j| <= window.
     Keys at index >= num_keys are padding and never visible.
+    packed: packed documents; each query also has key bounds [lo, hi) (an input of the
+        kernels): for "compressed" its document's visible entries (memory stays visible, the
+        causal rule above is replaced by the bounds), for "window" its document's tokens.
+    phantom: each query also counts some zero keys (logit 0, value 0; an input of the
+        kernels): the zero padding its document alone would have (the package's non-causal
+        sliding-window quirk).
     """
 
     kind: str
@@ -53,12 +60,18 @@ class Visibility:
     num_mem: int = 0
     stride: int = 1
     window: int = 0
+    packed: bool = False
+    phantom: bool = False
 
-    def mask(self, t: jax.Array, j: jax.Array) -> jax.Array:
-        """t [R, 1] query positions, j [1, K] key indices -> bool [R, K]."""
+    def mask(self, t: jax.Array, j: jax.Array, bounds=None) -> jax.Array:
+        """t [R, 1] query positions, j [1, K] key indices (or transposed: [1, R], [K, 1]);
+        bounds (packed): the rows' (lo, hi), shaped as t -> bool [R, K] (or [K, R])."""
         visible = j < self.num_keys
         if self.kind == "compressed":
-            if self.causal:
+            if self.packed:
+                lo, hi = bounds
+                visible = visible & ((j < self.num_mem) | ((j >= lo) & (j < hi)))
+            elif self.causal:
                 visible = visible & ((j < self.num_mem) | ((j - self.num_mem + 1) * self.stride <= t))
         else:
             dist = t - j
@@ -66,7 +79,20 @@ class Visibility:
                 visible = visible & (dist >= 0) & (dist <= self.window)
             else:
                 visible = visible & (dist <= self.window) & (dist >= -self.window)
+            if self.packed:
+                lo, hi = bounds
+                visible = visible & (j >= lo) & (j < hi)
         return visible
+
+    def key_tiles(self, t0, t1, block_k: int, bounds=None) -> list:
+        """Key tile ranges [(first, end)] that queries t0..t1 visit; packed "compressed": the
+        memory's tiles, then those of the rows' bounds (bounds: the tile's rows' (lo, hi) [R])."""
+        if self.kind == "compressed" and self.packed:
+            lo, hi = bounds
+            mem_end = cdiv(self.num_mem, block_k)
+            return [(0, mem_end), (jnp.maximum(mem_end, lax.div(jnp.min(lo), block_k)), div_up(jnp.max(hi), block_k))]
+        lo, hi = self.key_range(t0, t1)
+        return [(lax.div(lo, block_k), div_up(hi, block_k))]
 
     def key_range(self, t0, t1):
         """Keys [lo, hi) that queries t0..t1 may see (scalars, possibly traced)."""
@@ -114,29 +140,61 @@ class _Config:
     interpret: bool
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+class _Extras(NamedTuple):
+    """The per-query inputs of packed documents (None when absent): key bounds lo, hi [b, n_pad]
+    int32; phantom zero-key counts [b, n_pad] float32; per dk/dv key tile the queries that may
+    see it, q_lo, q_hi [b, key tiles] int32 (packed "compressed" only)."""
+
+    lo: jax.Array | None = None
+    hi: jax.Array | None = None
+    phantom: jax.Array | None = None
+    q_lo: jax.Array | None = None
+    q_hi: jax.Array | None = None
+
+
+def _to_rows(x: jax.Array, g: int) -> jax.Array:
+    """Per-token values [BQ] -> per-row [BQ * g] (row r is token r // g)."""
+    return jnp.broadcast_to(x[:, None], (x.shape[0], g)).reshape(x.shape[0] * g)
+
+
+def _add_phantom(carry, count: jax.Array):
+    """Fold `count` [R] zero keys (logit 0, value 0) into the online softmax's carry."""
+    acc, m_i, l_i = carry
+    m_new = jnp.maximum(m_i, jnp.where(count > 0, 0.0, -jnp.inf))
+    corr = jnp.exp2(m_i - m_new)
+    return acc * corr[:, None], m_new, l_i * corr + count * jnp.exp2(-m_new)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
+    *extra, o_ref, lse_ref = refs
     block_q, block_k, g = cfg.block_q_fwd, cfg.block_k_fwd, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     t0 = pl.program_id(0) * block_q
     q = q_ref[...].reshape(rows, d)  # [R, d]
     t = t0 + lax.div(iota(rows), g)  # [R] token of each row
-    lo, hi = cfg.vis.key_range(t0, t0 + block_q - 1)
+    bounds = (_to_rows(extra[0][...], g), _to_rows(extra[1][...], g)) if cfg.vis.packed else None
+    row_bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
 
     def body(kt, carry):
         start = kt * block_k
         k = k_ref[pl.ds(start, block_k), :]  # [BK, d]
         v = v_ref[pl.ds(start, block_k), :]
         s = mm(q, k, trans_b=True) * (cfg.scale * LOG2E)  # [R, BK]
-        s = jnp.where(cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :]), s, MASK_VALUE)
+        s = jnp.where(cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :], row_bounds), s, MASK_VALUE)
         return online_softmax_step(carry, s, v)
 
-    carry = lax.fori_loop(lax.div(lo, block_k), div_up(hi, block_k), body, softmax_init(rows, d))
+    carry = softmax_init(rows, d)
+    for first, end in cfg.vis.key_tiles(t0, t0 + block_q - 1, block_k, bounds):
+        carry = lax.fori_loop(first, end, body, carry)
+    if cfg.vis.phantom:
+        carry = _add_phantom(carry, _to_rows(extra[-1][...], g))
     o, lse = softmax_finish(carry)  # only padding rows see no key
     o_ref[...] = o.reshape(block_q, g, d).astype(o_ref.dtype)
     lse_ref[...] = lse.reshape(block_q, g)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+    *extra, dq_ref = refs
     block_q, block_k, g = cfg.block_q_dq, cfg.block_k_dq, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     t0 = pl.program_id(0) * block_q
@@ -145,27 +203,31 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
     lse = lse_ref[...].reshape(rows)
     delta = delta_ref[...].reshape(rows)
     t = t0 + lax.div(iota(rows), g)
-    lo, hi = cfg.vis.key_range(t0, t0 + block_q - 1)
+    bounds = (_to_rows(extra[0][...], g), _to_rows(extra[1][...], g)) if cfg.vis.packed else None
+    row_bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
 
     def body(kt, dq):
         start = kt * block_k
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         s = mm(q, k, trans_b=True) * (cfg.scale * LOG2E)
-        visible = cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :])
+        visible = cfg.vis.mask(t[:, None], (start + iota(block_k))[None, :], row_bounds)
         p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)  # [R, BK]
         dp = mm(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         return dq + mm(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(lax.div(lo, block_k), div_up(hi, block_k), body, jnp.zeros((rows, d), F32))
+    dq = jnp.zeros((rows, d), F32)
+    for first, end in cfg.vis.key_tiles(t0, t0 + block_q - 1, block_k, bounds):
+        dq = lax.fori_loop(first, end, body, dq)
     dq_ref[...] = (dq * cfg.scale).reshape(block_q, g, d).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
     """One key tile's dk, dv. Works on transposed scores [BK, R] (keys in the matmul M
     dimension, as the Triton tutorial does) so no tile is transposed in registers; q, do
     come as 2-D row arrays [n_pad * g, d] so each loaded tile needs no reshape."""
+    *extra, dk_ref, dv_ref = refs
     block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     j0 = pl.program_id(0) * block_k
@@ -173,7 +235,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     k = k_ref[...]  # [BK, d]
     v = v_ref[...]
     j = j0 + iota(block_k)
-    lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
+    if cfg.vis.packed and cfg.vis.kind == "compressed":
+        lo, hi = extra[2][0], extra[3][0]  # the queries that may see this key tile
+    else:
+        lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
     lo, hi = lax.div(lo, block_q), div_up(hi, block_q)  # query tiles
     per_split = div_up(jnp.maximum(hi - lo, 0), cfg.dkv_splits)
     lo, hi = lo + split * per_split, jnp.minimum(hi, lo + (split + 1) * per_split)
@@ -186,8 +251,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
         lse = lse_ref[rows_slice]  # [R]
         delta = delta_ref[rows_slice]
         t = qt * block_q + lax.div(iota(rows), g)
+        bounds = None
+        if cfg.vis.packed:
+            tokens = pl.ds(qt * block_q, block_q)
+            bounds = (_to_rows(extra[0][tokens], g)[None, :], _to_rows(extra[1][tokens], g)[None, :])
         s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
-        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None]), jnp.exp2(s_t - lse[None, :]), 0.0)
+        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
         dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]
         dp_t = mm(v, do, trans_b=True)  # [BK, R]
         ds_t = p_t * (dp_t - delta[None, :])
@@ -200,45 +269,49 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _forward(cfg: _Config, q, k, v):
+def _forward(cfg: _Config, q, k, v, extras: _Extras):
     """q [b, n_pad, kh, g, d], k/v [b, nk_pad, kh, d] -> o like q, lse [b, n_pad, kh, g] (base 2)."""
     b, n_pad, kh, g, d = q.shape
     nk_pad = k.shape[1]
     bq = cfg.block_q_fwd
     q_spec = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
     kv_spec = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    token_spec = pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i))
+    rows = [x for x in (extras.lo, extras.hi, extras.phantom) if x is not None]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
-        in_specs=[q_spec, kv_spec, kv_spec],
+        in_specs=[q_spec, kv_spec, kv_spec] + [token_spec] * len(rows),
         out_specs=[q_spec, pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n_pad, kh, g), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_fwd",
-    )(q, k, v)
+    )(q, k, v, *rows)
 
 
-def _backward(cfg: _Config, q, k, v, o, lse, do):
+def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
     b, n_pad, kh, g, d = q.shape
     nk_pad = k.shape[1]
     delta = softmax_delta(o, do)  # [b, n_pad, kh, g]
     params = compiler_params(cfg.num_warps, cfg.num_stages)
+    bounds = [x for x in (extras.lo, extras.hi) if x is not None]
 
     bq = cfg.block_q_dq
     q_tile = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
     row_tile = pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))
     kv_full = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    token_tile = pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
-        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile],
+        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile] + [token_tile] * len(bounds),
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dq",
-    )(q, k, v, do, lse, delta)
+    )(q, k, v, do, lse, delta, *bounds)
 
     bk, splits = cfg.block_k_dkv, cfg.dkv_splits
     # Rows (token, head) of one kv head contiguous: [b, kh, n_pad * g, (d)].
@@ -247,33 +320,38 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
     row_full = pl.BlockSpec((None, None, n_pad * g), lambda j, sp, bi, hi: (bi, hi, 0))
     kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, sp, bi, hi: (bi, j, hi, 0))
     out_tile = pl.BlockSpec((None, None, bk, None, d), lambda j, sp, bi, hi: (sp, bi, j, hi, 0))
+    tokens_full = pl.BlockSpec((None, n_pad), lambda j, sp, bi, hi: (bi, 0))
+    key_tile = pl.BlockSpec((None, 1), lambda j, sp, bi, hi: (bi, j))
+    tile_ranges = [x for x in (extras.q_lo, extras.q_hi) if x is not None]
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(nk_pad // bk, splits, b, kh),
-        in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full],
+        in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full]
+                 + [tokens_full] * len(bounds) + [key_tile] * len(tile_ranges),
         out_specs=[out_tile, out_tile],
         out_shape=[jax.ShapeDtypeStruct((splits, *k.shape), out_dtype)] * 2,
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dkdv",
-    )(as_rows(q), k, v, as_rows(do), as_rows(lse), as_rows(delta))
+    )(as_rows(q), k, v, as_rows(do), as_rows(lse), as_rows(delta), *bounds, *tile_ranges)
     return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v):
-    return _forward(cfg, q, k, v)[0]
+def _flash(cfg: _Config, q, k, v, extras: _Extras):
+    return _forward(cfg, q, k, v, extras)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v):
-    o, lse = _forward(cfg, q, k, v)
-    return o, (q, k, v, o, lse)
+def _flash_fwd(cfg: _Config, q, k, v, extras: _Extras):
+    o, lse = _forward(cfg, q, k, v, extras)
+    return o, (q, k, v, o, lse, extras)
 
 
 def _flash_bwd(cfg: _Config, res, do):
-    q, k, v, o, lse = res
-    return _backward(cfg, q, k, v, o, lse, do)
+    q, k, v, o, lse, extras = res
+    dq, dk, dv = _backward(cfg, q, k, v, o, lse, do, extras)
+    return dq, dk, dv, jax.tree.map(lambda _: None, extras)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -294,6 +372,9 @@ def banded_attention(
     scale: float,
     tiles: Tiles = Tiles(),
     interpret: bool = False,
+    bounds: tuple[jax.Array, jax.Array] | None = None,  # vis.packed: each query's keys [lo, hi), [b, n] each
+    phantom: jax.Array | None = None,  # vis.phantom: each query's zero keys, [b, n]
+    key_queries: tuple[jax.Array, jax.Array] | None = None,  # packed compressed: the queries [lo, hi) of each key, [b, nk]
 ) -> jax.Array:  # [b, n, h, d]
     """Softmax attention of each query over the keys `vis` lets it see (GQA, any n, d).
 
@@ -325,5 +406,18 @@ def banded_attention(
     qp = pad_axis(pad_axis(q.astype(dtype), 3, d_pad), 1, n_pad).reshape(b, n_pad, kh, g, d_pad)
     kp = pad_axis(pad_axis(k.astype(dtype), 3, d_pad), 1, nk_pad)
     vp = pad_axis(pad_axis(v.astype(dtype), 3, d_pad), 1, nk_pad)
-    o = _flash(cfg, qp, kp, vp)  # [b, n_pad, kh, g, d_pad]
+    extras = _Extras()
+    if vis.packed:  # padding queries see no key beyond the memory
+        pad_to = lambda x, value: jnp.pad(x.astype(jnp.int32), ((0, 0), (0, n_pad - n)), constant_values=value)  # noqa: E731
+        extras = extras._replace(lo=pad_to(bounds[0], nk_pad), hi=pad_to(bounds[1], 0))
+        if vis.kind == "compressed":
+            bk_dkv = cfg.block_k_dkv
+            q_lo = jnp.pad(key_queries[0].astype(jnp.int32), ((0, 0), (0, nk_pad - key_queries[0].shape[1])),
+                           constant_values=n_pad)
+            q_hi = jnp.pad(key_queries[1].astype(jnp.int32), ((0, 0), (0, nk_pad - key_queries[1].shape[1])))
+            extras = extras._replace(q_lo=q_lo.reshape(b, -1, bk_dkv).min(axis=2),
+                                     q_hi=q_hi.reshape(b, -1, bk_dkv).max(axis=2))
+    if vis.phantom:
+        extras = extras._replace(phantom=jnp.pad(phantom.astype(F32), ((0, 0), (0, n_pad - n))))
+    o = _flash(cfg, qp, kp, vp, extras)  # [b, n_pad, kh, g, d_pad]
     return o.reshape(b, n_pad, h, d_pad)[:, :n, :, :d].astype(q.dtype)

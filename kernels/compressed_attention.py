@@ -16,17 +16,20 @@ no key and the reference's softmax is uniform over all masked entries.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from kernels._common import interpret_mode
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import Tiles
 from nsa_jax import reference
+from nsa_jax import segments as seg
 
 
 def compressed_attention(
     q: jax.Array,  # [b, n, h, d], not rotated
     ck: jax.Array,  # [b, m + nc, kh, d]: m memory entries, then nc compressed blocks
     cv: jax.Array,  # [b, m + nc, kh, d]
+    segments: seg.Segments | None = None,  # packed documents
     *,
     num_mem: int,
     stride: int,
@@ -34,10 +37,27 @@ def compressed_attention(
     scale: float | None = None,
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, n, h, d]
-    """`nsa_jax.reference.compressed_attention` for the parallel forward (no `q_positions`)."""
-    if causal and num_mem == 0:
-        return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale)
+    """`nsa_jax.reference.compressed_attention` for the parallel forward (no `q_positions`).
+
+    With segments each query sees the memory and its document's visible entries (slots
+    first .. first + count - 1 of `nsa_jax.segments`' grid), as bounds per query."""
+    if (causal or segments is not None) and num_mem == 0:
+        return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
+                                              segments=segments)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    vis = Visibility("compressed", causal=causal, num_keys=ck.shape[1], num_mem=num_mem, stride=stride)
-    return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode())
+    vis = Visibility("compressed", causal=causal, num_keys=ck.shape[1], num_mem=num_mem, stride=stride,
+                     packed=segments is not None)
+    if segments is None:
+        return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode())
+    nc = ck.shape[1] - num_mem
+    first = num_mem + segments.start // stride  # [b, n]
+    count = segments.positions // stride if causal else segments.lengths // stride
+    slots = seg.entry_slots(segments, stride, nc)  # which queries see each entry
+    see_from = slots.doc_start + ((slots.local + 1) * stride if causal else 0)
+    mem = lambda x, value: jnp.concatenate(  # noqa: E731  the memory entries: every query
+        [jnp.full((x.shape[0], num_mem), value, jnp.int32), x.astype(jnp.int32)], axis=1)
+    key_queries = (mem(jnp.where(slots.valid, see_from, q.shape[1]), 0), mem(jnp.where(slots.valid, slots.doc_end, 0),
+                                                                             q.shape[1]))
+    return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
+                            bounds=(first, first + count), key_queries=key_queries)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from kernels._common import interpret_mode, pad_axis, round_up
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import Tiles
+from nsa_jax import segments as seg
 
 
 CUDNN_MIN_WINDOW = 256
@@ -50,6 +51,7 @@ def sliding_window_attention(
     q: jax.Array,  # [b, nq, h, d], rotated
     k: jax.Array,  # [b, nk, kh, d], rotated
     v: jax.Array,  # [b, nk, kh, d]
+    segments: seg.Segments | None = None,  # packed documents
     *,
     window: int,
     causal: bool,
@@ -58,9 +60,22 @@ def sliding_window_attention(
     impl: str = "auto",  # "auto" | "pallas" | "cudnn"
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, nq, h, d]
-    """`nsa_jax.reference.sliding_window_attention` for the parallel forward (no `q_positions`)."""
+    """`nsa_jax.reference.sliding_window_attention` for the parallel forward (no `q_positions`).
+
+    With segments (the Pallas kernel) each query sees its document's tokens only, as bounds
+    per query, and the zero padding of the non-causal quirk is counted per document."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
+    if segments is not None:
+        phantom = None
+        if not causal and not mask_padding and window > 0:
+            pos, length = segments.positions, segments.lengths
+            padded = (length + window - 1) // window * window
+            phantom = jnp.maximum(jnp.minimum(padded - 1, pos + window) - jnp.maximum(length, pos - window) + 1, 0)
+        vis = Visibility("window", causal=causal, num_keys=k.shape[1], window=window, packed=True,
+                         phantom=phantom is not None)
+        return banded_attention(q, k, v, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
+                                bounds=(segments.start, segments.end), phantom=phantom)
     if impl == "cudnn" or (impl == "auto" and window >= CUDNN_MIN_WINDOW and _cudnn_usable(q, k, causal)):
         if not causal:
             raise ValueError("the cuDNN sliding window serves causal attention only")
