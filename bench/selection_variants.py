@@ -64,16 +64,16 @@ def kernel_inputs(cfg: dict, n: int, settings: SelectionSettings):
     qs = selection.pad_axis(q.astype(jnp.float32).reshape(b, n, kh, h // kh, d).mean(axis=3, keepdims=True),
                             1, c.n_pad)
     bk = selection.pad_axis(selection._block_keys(ck[:, 1:], nc, stride, sb, False), 1, c.nb_pad)
-    return c, qs, bk
+    return c, selection._static_layout(c, b), qs, bk
 
 
 def measure(name: str, n: int, label: str, settings: SelectionSettings, reps: int, budget_s: float) -> dict:
     cfg = CONFIGS[name]
-    c, qs, bk = kernel_inputs(cfg, n, settings)
-    forward = jax.jit(functools.partial(selection._forward, c))
+    c, layout, qs, bk = kernel_inputs(cfg, n, settings)
+    forward = jax.jit(functools.partial(selection._forward, c, layout))
     values, indices, lse = forward(qs, bk)
     dvalues = jax.random.normal(jax.random.key(2), values.shape, jnp.float32)
-    backward = jax.jit(functools.partial(selection._backward, c))
+    backward = jax.jit(functools.partial(selection._backward, c, layout))
     residuals = (qs.astype(c.backward_dtype), bk.astype(c.backward_dtype), values, indices, lse, dvalues)
     branch = branch_fns(cfg, kernels.KernelSettings(selection=settings))["selection"]
     inputs = make_inputs(cfg, n)

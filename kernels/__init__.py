@@ -78,7 +78,7 @@ def get_backend(name: str | None = None, settings: KernelSettings = KernelSettin
         return AttentionBackend(
             "pallas",
             kernel(compressed_attention, reference.compressed_attention, tiles=settings.flash),
-            kernel(select_blocks, reference.select_blocks, packed=False, settings=settings.selection),
+            kernel(select_blocks, reference.select_blocks, settings=settings.selection),
             kernel(selected_attention, reference.selected_attention, packed=False, settings=settings.selected),
             kernel(sliding_window_attention, reference.sliding_window_attention,
                    impl=settings.sliding_impl, tiles=settings.flash))
@@ -97,7 +97,7 @@ def _decode_with(reference_fn: Callable, kernel_fn: Callable, packed: bool = Tru
         if segments is not None:
             if not packed:
                 raise NotImplementedError("packed documents (segment_ids) run on the reference path for now: use "
-                                          "use_pallas_nsa=False (the selection kernels do not take them yet)")
+                                          "use_pallas_nsa=False (the selected-attention kernels do not take them yet)")
             return kernel_fn(*args, segments, **kwargs)
         return kernel_fn(*args, **kwargs)
 

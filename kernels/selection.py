@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,7 @@ from kernels._common import F32, MIN_DOT, cdiv, compiler_params, interpret_mode,
     round_up
 from kernels.settings import SelectionSettings
 from nsa_jax import reference
+from nsa_jax import segments as seg
 
 NO_BLOCK = 1 << 30  # index of an empty top-k slot (value -inf)
 MASKED = -3.0e38  # logit of an invisible block: below every logit, above an empty slot; exp() gives 0
@@ -142,6 +144,7 @@ class _Config:
     nb_pad: int
     dbk_splits: int
     backward_dtype: str  # operands of the backward's recomputed logits (the inputs' dtype)
+    packed: bool  # packed documents: per-row block bounds (`_Layout`)
     num_warps: int
     num_warps_dbk: int
     num_stages: int
@@ -174,11 +177,100 @@ def _first_tile_per_chunk(cfg: _Config, fv: np.ndarray) -> np.ndarray:
     return (starts // cfg.block_q_dbk).astype(np.int32)
 
 
-def _logits(cfg: _Config, q, bk, fv, t, j, *, transposed: bool = False):
+class _Layout(NamedTuple):
+    """Where each program works and what each row sees (int32, batch-leading; an input of the
+    kernels). fv [b, nb_pad]: the first query position that sees each block (never: int32
+    max). chunk_lo, chunk_hi [b, n_pad / block_q]: the block chunks a forward / dq query tile
+    visits. tile_lo, tile_hi [b, nb_pad / block_k_dbk]: the query tiles (of block_q_dbk
+    tokens) a d(block keys) chunk visits. Packed documents also give each query its
+    document's block slots [blo, bhi) and its own block's slot `own` ([b, n_pad] each;
+    -1: none): blocks outside the bounds do not exist for it (-inf, never picked)."""
+
+    fv: jax.Array
+    chunk_lo: jax.Array
+    chunk_hi: jax.Array
+    tile_lo: jax.Array
+    tile_hi: jax.Array
+    blo: jax.Array | None = None
+    bhi: jax.Array | None = None
+    own: jax.Array | None = None
+
+
+def _static_layout(cfg: _Config, b: int) -> _Layout:
+    """One sequence: the schedule depends on the shapes only."""
+    fv = _first_visible(cfg)
+    chunk_hi = _chunks_per_tile(cfg, fv)
+    tile_lo = _first_tile_per_chunk(cfg, fv)
+    per_batch = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, len(x)))  # noqa: E731
+    return _Layout(per_batch(fv), per_batch(np.zeros_like(chunk_hi)), per_batch(chunk_hi), per_batch(tile_lo),
+                   per_batch(np.full_like(tile_lo, cfg.n_pad // cfg.block_q_dbk)))
+
+
+def _packed_layout(cfg: _Config, segments: seg.Segments) -> tuple[_Layout, jax.Array]:
+    """Packed documents (`nsa_jax.segments`' block grid): the layout, and each query's number
+    of picks [b, n] (its document alone's k')."""
+    b = segments.start.shape[0]
+    st, sb, big = cfg.stride, cfg.sb, np.iinfo(np.int32).max
+    blocks = seg.block_slots(segments, st, sb, cfg.interpolated, cfg.nb)  # [b, nb]
+    doc_entries = (blocks.doc_end - blocks.doc_start) // st
+    if sb == st:
+        last = blocks.local
+    elif not cfg.interpolated:
+        last = blocks.local * (sb // st) + sb // st - 1
+    else:  # the last column with a nonzero interpolation weight (reference._interpolate_to_tokens)
+        j = (blocks.local[:, :, None] * sb + jnp.arange(sb)[None, None, :]).astype(F32)
+        src = jnp.maximum((j + 0.5) / st - 0.5, 0.0)
+        lo = jnp.floor(src).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, doc_entries[:, :, None] - 1)
+        last = jnp.max(jnp.where(src - lo > 0, jnp.maximum(lo, hi), lo), axis=-1)
+    sees_from = blocks.doc_start + ((last + 1) * st if cfg.causal else 0)  # [b, nb]
+    fv = jnp.where(blocks.valid, sees_from, big)
+    fv = jnp.pad(fv, ((0, 0), (0, cfg.nb_pad - cfg.nb)), constant_values=big).astype(jnp.int32)
+
+    pad_rows = lambda x, value: jnp.pad(x, ((0, 0), (0, cfg.n_pad - cfg.n)), constant_values=value)  # noqa: E731
+    pos, length = segments.positions, segments.lengths
+    num_blocks = seg.block_counts(length // st, st, sb, cfg.interpolated)  # [b, n]
+    picks = jnp.minimum(jnp.minimum(cfg.k, length // st), num_blocks)
+    blo = segments.start // sb
+    own = blo + pos // sb if cfg.own_block else jnp.full_like(blo, -1)
+    # Blocks a query visits: its document's first blocks, enough to see every visible one
+    # (a block is visible only after its last token: at most pos // sb + 1) and to fill its picks.
+    visits = num_blocks if not cfg.causal else jnp.minimum(num_blocks, jnp.maximum(pos // sb + 1, picks))
+    first = pad_rows(blo, cfg.nb_pad).reshape(b, -1, cfg.block_q).min(axis=2)
+    end = pad_rows(blo + visits, 0).reshape(b, -1, cfg.block_q).max(axis=2)
+    chunk_lo = first // cfg.block_k
+    chunk_hi = jnp.maximum(chunk_lo, -(-end // cfg.block_k))
+    # Queries that see a block: from fv to its document's end.
+    q_from = jnp.pad(jnp.where(blocks.valid, sees_from, cfg.n_pad), ((0, 0), (0, cfg.nb_pad - cfg.nb)),
+                     constant_values=cfg.n_pad)
+    q_to = jnp.pad(jnp.where(blocks.valid, blocks.doc_end, 0), ((0, 0), (0, cfg.nb_pad - cfg.nb)))
+    tile_lo = q_from.reshape(b, -1, cfg.block_k_dbk).min(axis=2) // cfg.block_q_dbk
+    tile_hi = -(-q_to.reshape(b, -1, cfg.block_k_dbk).max(axis=2) // cfg.block_q_dbk)
+    i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
+    layout = _Layout(fv, i32(chunk_lo), i32(chunk_hi), i32(tile_lo), i32(tile_hi),
+                     i32(pad_rows(blo, 0)), i32(pad_rows(blo + num_blocks, 0)), i32(pad_rows(own, -1)))
+    return layout, picks
+
+
+def _row_bounds(refs, gs: int, column: bool):
+    """The packed rows' (blo, bhi, own) from token refs [BQ] (or tokens sliced by the caller),
+    per row (token r // gs), shaped [R, 1] (column) or [1, R]."""
+    def rows(x):
+        x = jnp.broadcast_to(x[:, None], (x.shape[0], gs)).reshape(x.shape[0] * gs)
+        return x[:, None] if column else x[None, :]
+    return tuple(rows(x) for x in refs)
+
+
+def _logits(cfg: _Config, q, bk, fv, t, j, bounds=None, *, transposed: bool = False):
     """Masked block logits: q [R, d] x bk [C, d] -> [R, C] (transposed: [C, R]); t the rows'
     token positions, j the blocks' indices and fv their first visible positions, shaped to
-    broadcast against the result. Invisible blocks hold MASKED."""
+    broadcast against the result. Invisible blocks hold MASKED; with packed documents'
+    `bounds` (blo, bhi, own per row), blocks outside a row's document hold -inf."""
     s = (mm(bk, q, trans_b=True) if transposed else mm(q, bk, trans_b=True)) * cfg.scale
+    if bounds is not None:
+        blo, bhi, own = bounds
+        exists = (j >= blo) & (j < bhi)
+        return jnp.where(exists & (fv <= t) & (j != own), s, jnp.where(exists, MASKED, -jnp.inf))
     visible = (j < cfg.nb) & (fv <= t)
     if cfg.own_block:
         visible = visible & (lax.div(t, cfg.sb) != j)
@@ -229,11 +321,13 @@ def _merge_top_k(s, start, top_v, top_i):
     return top_v, top_i
 
 
-def _fwd_kernel(chunks_ref, fv_ref, q_ref, bk_ref, val_ref, idx_ref, lse_ref, *, cfg: _Config):
+def _fwd_kernel(c_lo_ref, c_hi_ref, fv_ref, q_ref, bk_ref, *refs, cfg: _Config):
     """The picks (probabilities, indices) and the log-sum-exp of one tile of query rows."""
+    *bound_refs, val_ref, idx_ref, lse_ref = refs
     bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k
     rows, d = bq * gs, q_ref.shape[-1]
     t = (pl.program_id(0) * bq + lax.div(iota(rows), gs))[:, None]  # [R, 1]
+    bounds = _row_bounds([r[...] for r in bound_refs], gs, column=True) if cfg.packed else None
     pad = reference.IMPORTANCE_PAD_LOGIT  # the normaliser starts with the pad column: m = pad, l = 1
 
     def chunk(c, carry):
@@ -242,7 +336,7 @@ def _fwd_kernel(chunks_ref, fv_ref, q_ref, bk_ref, val_ref, idx_ref, lse_ref, *,
         j = (start + iota(bkc))[None, :]  # [1, C]
         q = q_ref[...].reshape(rows, d)  # [R, d] float32, loaded per chunk (from cache): fewer registers held
         bk = bk_ref[pl.ds(start, bkc), :]
-        s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j)
+        s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j, bounds)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)  # MASKED gives 0
         top_v, top_i = _merge_top_k(s, start, top_v, top_i)
@@ -250,11 +344,14 @@ def _fwd_kernel(chunks_ref, fv_ref, q_ref, bk_ref, val_ref, idx_ref, lse_ref, *,
 
     init = (jnp.full((rows,), pad, F32), jnp.ones((rows,), F32),
             (jnp.full((rows,), -jnp.inf, F32),) * cfg.k, (jnp.full((rows,), NO_BLOCK, jnp.int32),) * cfg.k)
-    m, l, top_v, top_i = lax.fori_loop(0, chunks_ref[0], chunk, init)
+    m, l, top_v, top_i = lax.fori_loop(c_lo_ref[0], c_hi_ref[0], chunk, init)
     lse = m + jnp.log(l)
     for p in range(cfg.k):
         val_ref[:, :, p] = jnp.exp(top_v[p] - lse).reshape(bq, gs)
-        idx_ref[:, :, p] = top_i[p].reshape(bq, gs)
+        # Packed: slots past a short document's blocks stay empty (probability 0, never kept);
+        # they point at block 0 so that the backward's gathers stay in bounds.
+        idx = jnp.where(top_i[p] == NO_BLOCK, 0, top_i[p]) if cfg.packed else top_i[p]
+        idx_ref[:, :, p] = idx.reshape(bq, gs)
     lse_ref[...] = lse.reshape(bq, gs)
 
 
@@ -268,41 +365,45 @@ def _dlogits(s, j, lse, delta, picks):
     return p * (dp - delta)
 
 
-def _dq_kernel(chunks_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, w_ref, dq_ref, *, cfg: _Config):
+def _dq_kernel(c_lo_ref, c_hi_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, w_ref, *refs, cfg: _Config):
     """dq = scale * (sum over the picks of P dP bk[pick] - D O), O = sum_j P_j bk_j: one pass
     over the blocks for O (P from the forward's log-sum-exp, as flash attention's backward
     recomputes it), then a gather of the k picked block keys. No compare passes."""
+    *bound_refs, dq_ref = refs
     bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k
     rows, d = bq * gs, q_ref.shape[-1]
     q = q_ref[...].reshape(rows, d)
     t = (pl.program_id(0) * bq + lax.div(iota(rows), gs))[:, None]
     lse = lse_ref[...].reshape(rows, 1)
+    bounds = _row_bounds([r[...] for r in bound_refs], gs, column=True) if cfg.packed else None
 
     def chunk(c, o):
         start = c * bkc
         j = (start + iota(bkc))[None, :]
         bk = bk_ref[pl.ds(start, bkc), :]
-        s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j)
+        s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j, bounds)
         return o + mm(jnp.exp(s - lse).astype(bk.dtype), bk)  # masked logits give 0
 
-    o = lax.fori_loop(0, chunks_ref[0], chunk, jnp.zeros((rows, d), F32))
+    o = lax.fori_loop(c_lo_ref[0], c_hi_ref[0], chunk, jnp.zeros((rows, d), F32))
     dq = -delta_ref[...].reshape(rows, 1) * o
     for p in range(cfg.k):
         dq = dq + w_ref[:, :, p].reshape(rows, 1) * bk_ref[idx_ref[:, :, p].reshape(rows), :].astype(F32)
     dq_ref[...] = (dq * cfg.scale).reshape(bq, gs, d)
 
 
-def _dbk_kernel(first_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, dval_ref, dbk_ref, *, cfg: _Config):
+def _dbk_kernel(t_lo_ref, t_hi_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, dval_ref, *refs,
+                cfg: _Config):
     """One chunk of block keys: sum over the query tiles that see it (this split's share) of
     dlogit^T q, dlogit = P (dP - D) on transposed logits [C, R] (no tile is transposed in
     registers), dP found among the chunk's blocks by one compare pass per pick."""
+    *bound_refs, dbk_ref = refs
     bq, gs, bkc = cfg.block_q_dbk, cfg.gs, cfg.block_k_dbk
     rows, d = bq * gs, q_ref.shape[-1]
     start = pl.program_id(0) * bkc
     j = (start + iota(bkc))[:, None]  # [C, 1]
     fv = fv_ref[...][:, None]
     bk = bk_ref[...]  # [C, d]
-    lo, hi = first_ref[0], cfg.n_pad // bq
+    lo, hi = t_lo_ref[0], t_hi_ref[0]
     per_split = lax.div(jnp.maximum(hi - lo, 0) + cfg.dbk_splits - 1, cfg.dbk_splits)
     lo, hi = lo + pl.program_id(1) * per_split, jnp.minimum(hi, lo + (pl.program_id(1) + 1) * per_split)
 
@@ -310,7 +411,8 @@ def _dbk_kernel(first_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, d
         tokens = pl.ds(qt * bq, bq)
         q = q_ref[tokens, :, :].reshape(rows, d)
         t = (qt * bq + lax.div(iota(rows), gs))[None, :]  # [1, R]
-        s_t = _logits(cfg, q, bk, fv, t, j, transposed=True)  # [C, R]
+        bounds = _row_bounds([r[tokens] for r in bound_refs], gs, column=False) if cfg.packed else None
+        s_t = _logits(cfg, q, bk, fv, t, j, bounds, transposed=True)  # [C, R]
         lse, delta = lse_ref[tokens, :].reshape(1, rows), delta_ref[tokens, :].reshape(1, rows)
         picks = [(idx_ref[tokens, :, p].reshape(1, rows), dval_ref[tokens, :, p].reshape(1, rows))
                  for p in range(cfg.k)]
@@ -323,12 +425,13 @@ def _dbk_kernel(first_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, idx_ref, d
 def _specs(cfg: _Config, d: int, *, dbk: bool = False):
     """BlockSpecs over grid (query tiles, b, kh) (forward, dq) or (block chunks, splits, b, kh)
     (dbk). Layouts: q [b, n_pad, kh, gs, d]; bk [b, nb_pad, kh, d]; per-row arrays
-    [b, n_pad, kh, gs]; picks [b, n_pad, kh, gs, kp]."""
+    [b, n_pad, kh, gs]; picks [b, n_pad, kh, gs, kp]; the `_Layout` arrays."""
     if not dbk:
         bq = cfg.block_q
         return dict(
-            sched=pl.BlockSpec((1,), lambda i, bi, hi: (i,)),
-            fv=pl.BlockSpec((cfg.nb_pad,), lambda i, bi, hi: (0,)),
+            sched=pl.BlockSpec((None, 1), lambda i, bi, hi: (bi, i)),
+            fv=pl.BlockSpec((None, cfg.nb_pad), lambda i, bi, hi: (bi, 0)),
+            tokens=pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
             q=pl.BlockSpec((None, bq, None, cfg.gs, d), lambda i, bi, hi: (bi, i, hi, 0, 0)),
             bk=pl.BlockSpec((None, cfg.nb_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0)),
             row=pl.BlockSpec((None, bq, None, cfg.gs), lambda i, bi, hi: (bi, i, hi, 0)),
@@ -336,8 +439,9 @@ def _specs(cfg: _Config, d: int, *, dbk: bool = False):
         )
     bkc = cfg.block_k_dbk
     return dict(
-        sched=pl.BlockSpec((1,), lambda c, sp, bi, hi: (c,)),
-        fv=pl.BlockSpec((bkc,), lambda c, sp, bi, hi: (c,)),
+        sched=pl.BlockSpec((None, 1), lambda c, sp, bi, hi: (bi, c)),
+        fv=pl.BlockSpec((None, bkc), lambda c, sp, bi, hi: (bi, c)),
+        tokens=pl.BlockSpec((None, cfg.n_pad), lambda c, sp, bi, hi: (bi, 0)),
         q=pl.BlockSpec((None, cfg.n_pad, None, cfg.gs, d), lambda c, sp, bi, hi: (bi, 0, hi, 0, 0)),
         bk=pl.BlockSpec((None, bkc, None, d), lambda c, sp, bi, hi: (bi, c, hi, 0)),
         row=pl.BlockSpec((None, cfg.n_pad, None, cfg.gs), lambda c, sp, bi, hi: (bi, 0, hi, 0)),
@@ -346,16 +450,20 @@ def _specs(cfg: _Config, d: int, *, dbk: bool = False):
     )
 
 
-def _forward(cfg: _Config, qs, bk):
+def _bounds(layout: _Layout) -> list:
+    return [x for x in (layout.blo, layout.bhi, layout.own) if x is not None]
+
+
+def _forward(cfg: _Config, layout: _Layout, qs, bk):
     """qs [b, n_pad, kh, gs, d], bk [b, nb_pad, kh, d] (float32) -> (probabilities, indices)
     [b, n_pad, kh, gs, kp] and the natural log-sum-exp [b, n_pad, kh, gs]."""
     b, n_pad, kh, gs, d = qs.shape
-    fv = _first_visible(cfg)
     sp = _specs(cfg, d)
+    bounds = _bounds(layout)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(n_pad // cfg.block_q, b, kh),
-        in_specs=[sp["sched"], sp["fv"], sp["q"], sp["bk"]],
+        in_specs=[sp["sched"], sp["sched"], sp["fv"], sp["q"], sp["bk"]] + [sp["tokens"]] * len(bounds),
         out_specs=[sp["picks"], sp["picks"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct((b, n_pad, kh, gs, cfg.kp), F32),
                    jax.ShapeDtypeStruct((b, n_pad, kh, gs, cfg.kp), jnp.int32),
@@ -363,69 +471,73 @@ def _forward(cfg: _Config, qs, bk):
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selection_fwd",
-    )(jnp.asarray(_chunks_per_tile(cfg, fv)), jnp.asarray(fv), qs, bk)
+    )(layout.chunk_lo, layout.chunk_hi, layout.fv, qs, bk, *bounds)
 
 
-def _dq(cfg: _Config, qs, bk, lse, delta, indices, w):
+def _dq(cfg: _Config, layout: _Layout, qs, bk, lse, delta, indices, w):
     """d qs [b, n_pad, kh, gs, d] (float32); qs and bk in the backward's operand dtype."""
     b, n_pad, kh, gs, d = qs.shape
-    fv = _first_visible(cfg)
     sp = _specs(cfg, d)
+    bounds = _bounds(layout)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(n_pad // cfg.block_q, b, kh),
-        in_specs=[sp["sched"], sp["fv"], sp["q"], sp["bk"], sp["row"], sp["row"], sp["picks"], sp["picks"]],
+        in_specs=[sp["sched"], sp["sched"], sp["fv"], sp["q"], sp["bk"], sp["row"], sp["row"], sp["picks"],
+                  sp["picks"]] + [sp["tokens"]] * len(bounds),
         out_specs=sp["q"],
         out_shape=jax.ShapeDtypeStruct(qs.shape, F32),
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selection_dq",
-    )(jnp.asarray(_chunks_per_tile(cfg, fv)), jnp.asarray(fv), qs, bk, lse, delta, indices, w)
+    )(layout.chunk_lo, layout.chunk_hi, layout.fv, qs, bk, lse, delta, indices, w, *bounds)
 
 
-def _dbk(cfg: _Config, qs, bk, lse, delta, indices, dvalues):
+def _dbk(cfg: _Config, layout: _Layout, qs, bk, lse, delta, indices, dvalues):
     """d bk [b, nb_pad, kh, d] (float32); the splits' partial sums added in XLA."""
     b, n_pad, kh, gs, d = qs.shape
-    fv = _first_visible(cfg)
     sp = _specs(cfg, d, dbk=True)
+    bounds = _bounds(layout)
     dbk = pl.pallas_call(
         functools.partial(_dbk_kernel, cfg=cfg),
         grid=(cfg.nb_pad // cfg.block_k_dbk, cfg.dbk_splits, b, kh),
-        in_specs=[sp["sched"], sp["fv"], sp["q"], sp["bk"], sp["row"], sp["row"], sp["picks"], sp["picks"]],
+        in_specs=[sp["sched"], sp["sched"], sp["fv"], sp["q"], sp["bk"], sp["row"], sp["row"], sp["picks"],
+                  sp["picks"]] + [sp["tokens"]] * len(bounds),
         out_specs=sp["out"],
         out_shape=jax.ShapeDtypeStruct((cfg.dbk_splits, *bk.shape), F32),
         compiler_params=compiler_params(cfg.num_warps_dbk, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selection_dbk",
-    )(jnp.asarray(_first_tile_per_chunk(cfg, fv)), jnp.asarray(fv), qs, bk, lse, delta, indices, dvalues)
+    )(layout.tile_lo, layout.tile_hi, layout.fv, qs, bk, lse, delta, indices, dvalues, *bounds)
     return dbk.sum(axis=0)
 
 
-def _backward(cfg: _Config, qs, bk, values, indices, lse, dvalues):
+def _backward(cfg: _Config, layout: _Layout, qs, bk, values, indices, lse, dvalues):
     # D = sum over the picks of P dP; slots beyond k are never written (and never read).
     delta = jnp.sum(values[..., : cfg.k] * dvalues[..., : cfg.k], axis=-1)  # [b, n_pad, kh, gs]
     w = values * dvalues  # P dP of each pick
-    return _dq(cfg, qs, bk, lse, delta, indices, w), _dbk(cfg, qs, bk, lse, delta, indices, dvalues)
+    return (_dq(cfg, layout, qs, bk, lse, delta, indices, w),
+            _dbk(cfg, layout, qs, bk, lse, delta, indices, dvalues))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _select(cfg: _Config, qs, bk):
-    values, indices, _ = _forward(cfg, qs, bk)
+def _select(cfg: _Config, layout: _Layout, qs, bk):
+    values, indices, _ = _forward(cfg, layout, qs, bk)
     return values, indices
 
 
-def _select_fwd(cfg: _Config, qs, bk):
-    values, indices, lse = _forward(cfg, qs, bk)
+def _select_fwd(cfg: _Config, layout: _Layout, qs, bk):
+    values, indices, lse = _forward(cfg, layout, qs, bk)
     # The backward recomputes logits for gradients only: in the inputs' dtype (bf16 operands
     # with f32 accumulation, as flash attention's backward), while the picks above came from
     # float32 logits, as the reference's.
     dtype = jnp.dtype(cfg.backward_dtype)
-    return (values, indices), (qs.astype(dtype), bk.astype(dtype), values, indices, lse)
+    return (values, indices), (layout, qs.astype(dtype), bk.astype(dtype), values, indices, lse)
 
 
 def _select_bwd(cfg: _Config, res, cotangents):
-    dqs, dbk = _backward(cfg, *res, cotangents[0])
-    return dqs, dbk
+    layout, *res = res
+    dqs, dbk = _backward(cfg, layout, *res, cotangents[0])
+    return jax.tree.map(lambda _: None, layout), dqs, dbk
 
 
 _select.defvjp(_select_fwd, _select_bwd)
@@ -433,7 +545,7 @@ _select.defvjp(_select_fwd, _select_bwd)
 
 def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: int, *, stride: int, sb: int,
             causal: bool, interpolated: bool, scale: float, settings: SelectionSettings,
-            backward_dtype: str = "float32") -> _Config:
+            backward_dtype: str = "float32", packed: bool = False) -> _Config:
     kp = next_pow2(k)
     block_q = max(1, settings.rows // gs, cdiv(MIN_DOT, gs))
     block_q_dbk = max(1, settings.rows_dbk // gs, cdiv(MIN_DOT, gs))
@@ -452,14 +564,43 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
     return _Config(scale=float(scale), causal=causal, own_block=sb != stride, sb=sb, stride=stride, nc=nc, nb=nb,
                    interpolated=interpolated, n=n, gs=gs, k=k, kp=kp, block_q=block_q, block_k=block_k,
                    block_q_dbk=block_q_dbk, block_k_dbk=block_k_dbk, n_pad=n_pad, nb_pad=nb_pad,
-                   dbk_splits=max(1, splits), backward_dtype=backward_dtype, num_warps=settings.num_warps,
+                   dbk_splits=max(1, splits), backward_dtype=backward_dtype, packed=packed,
+                   num_warps=settings.num_warps,
                    num_warps_dbk=settings.num_warps_dbk or (8 if d_pad >= 128 else 4),
                    num_stages=settings.num_stages, interpret=interpret_mode())
+
+
+def _block_keys_packed(ck: jax.Array, segments: seg.Segments, nb: int, stride: int, sb: int,
+                       interpolated: bool) -> jax.Array:
+    """ck [b, nc, kh, d] on the entry grid -> block keys [b, nb, kh, d] (float32) on the block
+    grid of `nsa_jax.segments`, each from its own document's entries (as `_block_keys` for that
+    document alone); slots no document owns are 0."""
+    ck = ck.astype(F32)
+    b, nc, kh, d = ck.shape
+    if sb == stride:
+        return ck[:, :nb]
+    blocks = seg.block_slots(segments, stride, sb, interpolated, nb)
+    base = (blocks.doc_start // stride)[:, :, None]  # [b, nb, 1]: the document's first entry slot
+    take = lambda idx: jnp.take_along_axis(  # noqa: E731  entry slots [b, nb, r] -> [b, nb, r, kh, d]
+        ck, jnp.clip(idx, 0, nc - 1).reshape(b, -1, 1, 1), axis=1).reshape(b, nb, idx.shape[-1], kh, d)
+    if not interpolated:
+        r = sb // stride
+        keys = take(base + blocks.local[:, :, None] * r + jnp.arange(r)[None, None, :]).mean(axis=2)
+    else:
+        doc_entries = ((blocks.doc_end - blocks.doc_start) // stride)[:, :, None]
+        j = (blocks.local[:, :, None] * sb + jnp.arange(sb)[None, None, :]).astype(F32)
+        src = jnp.maximum((j + 0.5) / stride - 0.5, 0.0)
+        lo = jnp.floor(src).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, doc_entries - 1)
+        w = (src - lo)[..., None, None]
+        keys = (take(base + lo) * (1.0 - w) + take(base + hi) * w).mean(axis=2)
+    return jnp.where(blocks.valid[:, :, None, None], keys, 0.0)
 
 
 def select_blocks(
     q: jax.Array,  # [b, n, h, d], not rotated
     ck: jax.Array,  # [b, m + nc, kh, d]
+    segments: seg.Segments | None = None,  # packed documents
     *,
     num_mem: int,
     stride: int,
@@ -473,7 +614,8 @@ def select_blocks(
 ) -> tuple[jax.Array, jax.Array]:
     """`nsa_jax.reference.select_blocks` for the parallel forward (no `q_positions`):
     (probabilities, indices), each [b, n, sh, k'] (float32, int32); linear memory in n.
-    Differentiable in q and ck through the probabilities (diff top-k)."""
+    Differentiable in q and ck through the probabilities (diff top-k). With segments, as the
+    reference: indices within the query's document, NO_PICK past its own k'."""
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh
@@ -481,7 +623,8 @@ def select_blocks(
     nc = ck.shape[1] - num_mem
     sb = selection_block_size
     scale = d**-0.5 if scale is None else scale
-    nb = num_blocks(nc, stride, sb, interpolated)
+    nb = num_blocks(nc, stride, sb, interpolated) if segments is None else \
+        reference.num_block_slots(n, nc, stride, sb, interpolated)
     k = min(num_selected, nc, nb)
     if k == 0 or n == 0:
         empty = jnp.zeros((b, n, sh, k))
@@ -490,14 +633,24 @@ def select_blocks(
     gs = 1 if share_heads else g
     d_pad = max(MIN_DOT, next_pow2(d))
     cfg = _config(n, nc, nb, gs, k, d_pad, kh, b, stride=stride, sb=sb, causal=causal, interpolated=interpolated,
-                  scale=scale, settings=settings, backward_dtype=jnp.promote_types(q.dtype, ck.dtype).name)
+                  scale=scale, settings=settings, backward_dtype=jnp.promote_types(q.dtype, ck.dtype).name,
+                  packed=segments is not None)
     qs = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
         qs = qs.mean(axis=3, keepdims=True)  # [b, n, kh, 1, d]
     qs = pad_axis(pad_axis(qs, 4, d_pad), 1, cfg.n_pad)
-    bk = _block_keys(ck[:, num_mem:], nc, stride, sb, interpolated)  # [b, nb, kh, d]
+    if segments is None:
+        layout = _static_layout(cfg, b)
+        bk = _block_keys(ck[:, num_mem:], nc, stride, sb, interpolated)  # [b, nb, kh, d]
+    else:
+        layout, picks = _packed_layout(cfg, segments)
+        bk = _block_keys_packed(ck[:, num_mem:], segments, nb, stride, sb, interpolated)
     bk = pad_axis(pad_axis(bk, 3, d_pad), 1, cfg.nb_pad)
-    values, indices = _select(cfg, qs, bk)  # [b, n_pad, kh, gs, kp]
+    values, indices = _select(cfg, layout, qs, bk)  # [b, n_pad, kh, gs, kp]
     values = values[:, :n, :, :, :k].reshape(b, n, sh, k)
     indices = indices[:, :n, :, :, :k].reshape(b, n, sh, k)
-    return values, indices
+    if segments is None:
+        return values, indices
+    kept = jnp.arange(k)[None, None, None, :] < picks[:, :, None, None]  # the document alone's k'
+    local = indices - (segments.start // sb)[:, :, None, None]
+    return jnp.where(kept, values, 0.0), jnp.where(kept, local, reference.NO_PICK).astype(jnp.int32)

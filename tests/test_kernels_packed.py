@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernel_testing import BOTH, F32_ONLY, assert_close, check_vjp, grid, randn
 from kernels.compressed_attention import compressed_attention
 from kernels.sliding_window import sliding_window_attention
 from nsa_jax import reference
@@ -79,3 +79,92 @@ def test_sliding_window_packed_matches_reference(case, dtype):
     check_vjp("sliding_packed", lambda q, k, v: sliding_window_attention(q, k, v, segments, impl="pallas", **kw),
               lambda q, k, v: reference.sliding_window_attention(q, k, v, segments=segments, **kw),
               (q, k, v), ("q", "k", "v"), dtype, keys[3], case=str(case))
+
+
+class SelectionCase(NamedTuple):
+    lengths: str
+    heads: int
+    kv_heads: int
+    dim_head: int
+    stride: int
+    block: int
+    num_selected: int
+    causal: bool
+    shared: bool
+    interpolated: bool = False
+
+
+SELECTION = {
+    "seed_like_many": SelectionCase("many", 8, 4, 64, 4, 4, 3, True, True),
+    "block8_per_head_short": SelectionCase("short", 4, 2, 32, 4, 8, 2, True, False),
+    "noncausal_block8_many": SelectionCase("many", 4, 2, 32, 4, 8, 2, False, True),
+    "interpolated6_one_block": SelectionCase("one_block", 4, 2, 32, 4, 6, 2, True, True, True),
+    "interpolated2_noncausal_per_head_many": SelectionCase("many", 4, 2, 32, 4, 2, 3, False, False, True),
+}
+
+
+def reference_block_probabilities(q, ck, segments, kw) -> np.ndarray:
+    """The reference's probability of every block slot, [b * n * sh, block slots] (float64)."""
+    import jax.numpy as jnp
+
+    with jax.default_matmul_precision("highest"):
+        scores = reference.importance_scores(q.astype(np.float32), ck.astype(np.float32), num_mem=kw["num_mem"],
+                                             stride=kw["stride"], causal=kw["causal"],
+                                             share_heads=kw["share_heads"], segments=segments)
+        blocks = reference.block_importance(scores, selection_block_size=kw["selection_block_size"],
+                                            stride=kw["stride"], interpolated=kw["interpolated"], segments=segments)
+        padded = jnp.concatenate([jnp.full((*blocks.shape[:-1], 1), reference.IMPORTANCE_PAD_LOGIT), blocks], -1)
+        probs = jax.nn.softmax(padded, axis=-1)[..., 1:]
+    return np.asarray(probs, np.float64).reshape(-1, probs.shape[-1])
+
+
+@pytest.mark.parametrize("case,dtype", grid(SELECTION, {"seed_like_many": BOTH, "noncausal_block8_many": F32_ONLY}))
+def test_select_blocks_packed_matches_reference(case, dtype):
+    from test_kernels_selection import rows_without_valid_pick, valid_picks
+
+    from kernels.selection import select_blocks
+
+    lengths = LENGTHS[case.lengths]
+    segments = packed(Case(case.lengths, 1, 1, 1, True))
+    b, n = segments.start.shape
+    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 3)
+    q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
+    ck = randn(keys[1], (b, 1 + n // case.stride, case.kv_heads, case.dim_head), dtype)
+    kw = dict(num_mem=1, stride=case.stride, causal=case.causal, share_heads=case.shared,
+              num_selected=case.num_selected, selection_block_size=case.block, interpolated=case.interpolated)
+    values, indices = jax.jit(lambda q, ck: select_blocks(q, ck, segments, **kw))(q, ck)
+    with jax.default_matmul_precision("highest"):
+        ref = lambda q, ck: reference.select_blocks(q, ck, segments=segments, **kw)  # noqa: E731
+        ref_values, ref_indices = jax.jit(ref)(q.astype(np.float32), ck.astype(np.float32))
+    assert values.shape == ref_values.shape
+    np.testing.assert_array_equal(indices == reference.NO_PICK, ref_indices == reference.NO_PICK)
+    got, want = valid_picks(values, indices), valid_picks(ref_values, ref_indices)
+    differ = [r for r, (a, w) in enumerate(zip(got, want)) if sorted(a) != sorted(w)]
+    if differ:  # allowed only between blocks whose logits tie to float rounding (`kernels.selection`)
+        probs = reference_block_probabilities(q, ck, segments, kw)  # [rows, block slots]
+        first = np.repeat(np.asarray(segments.start // case.block).reshape(-1), values.shape[2])
+        for r in differ:
+            mine = sorted(probs[r, [i + first[r] for i in got[r]]])
+            theirs = sorted(probs[r, [i + first[r] for i in want[r]]])
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, err_msg=f"different valid blocks ({lengths}), row {r}")
+    assert len(differ) <= max(1, len(got) // 100), f"{len(differ)} rows pick other blocks ({lengths})"
+    got = [p for r, p in enumerate(got) if r not in differ]  # the rest pick the same blocks
+    want = [p for r, p in enumerate(want) if r not in differ]
+    if not case.causal:
+        assert rows_without_valid_pick(values, indices) == rows_without_valid_pick(ref_values, ref_indices)
+    if not any(want):  # documents too short for a block: every slot is NO_PICK (checked above)
+        assert np.all(np.asarray(ref_indices) == reference.NO_PICK)
+        return
+    gp = np.array([p[i] for p in got for i in sorted(p)])
+    wp = np.array([p[i] for p in want for i in sorted(p)])
+    assert_close("selection_packed", "probabilities", gp, wp, np.float32, case=str(case))
+    weights = randn(keys[2], values.shape) * reference.valid_selection(ref_values)
+    loss = lambda fn, q, ck: (fn(q, ck)[0] * weights).sum()  # noqa: E731
+    grads = jax.jit(jax.grad(lambda q, ck: loss(lambda a, c: select_blocks(a, c, segments, **kw), q, ck),
+                             argnums=(0, 1)))(q, ck)
+    with jax.default_matmul_precision("highest"):
+        ref_grads = jax.jit(jax.grad(lambda q, ck: loss(ref, q, ck), argnums=(0, 1)))(
+            q.astype(np.float32), ck.astype(np.float32))
+    for name, g, r in zip(("q", "ck"), grads, ref_grads):
+        assert_close("selection_packed", f"d{name}", g, r, np.float32 if dtype == np.float32 else dtype,
+                     case=str(case))
