@@ -19,6 +19,11 @@ two row reductions). Only the probabilities and indices of the picks
 
 Masking follows the reference: a block is invisible iff (causal) any compressed column with a
 nonzero weight ends at or after the query, or (sb != stride) it is the query's own block.
+Packed documents (segments) put each document's blocks on its own slots (`nsa_jax.segments`):
+the block keys average that document's entries, each row sees only its document's slots (the
+others are -inf, never picked), and the picks come out as the reference gives them (local
+indices, NO_PICK past the document's own k'). Where a program works comes from a `_Layout`,
+built from the shapes for one sequence and from the segments for packed documents.
 Probabilities are exp(logit - lse) with lse over [-1000, visible block logits], as the
 reference's softmax over the padded blocks gives them. Picks are ordered as `lax.top_k`
 orders the logits (value descending, lower index first among equal values; masked blocks
