@@ -29,6 +29,7 @@ import kernels
 from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, timed
 from kernels import selection
 from kernels.settings import SelectionSettings
+from nsa_jax import segments as seg
 
 DEFAULT_VARIANTS = "default;num_warps_dbk=4;num_warps_dbk=8;block_keys=128;rows_dbk=32"
 
@@ -57,7 +58,7 @@ def kernel_inputs(cfg: dict, n: int, settings: SelectionSettings):
         ck = jnp.concatenate([ck[:, :1], k.reshape(b, n // cfg["stride"], cfg["stride"], kh, d).mean(axis=2)], axis=1)
     nc = ck.shape[1] - 1
     sb, stride = cfg["selection_block"], cfg["stride"]
-    nb = selection.num_blocks(nc, stride, sb, False)
+    nb = seg.block_counts(nc, stride, sb, False)
     c = selection._config(n, nc, nb, 1, min(cfg["num_selected"], nc, nb), max(16, d), kh, b, stride=stride, sb=sb,
                           causal=True, interpolated=False, scale=d**-0.5, settings=settings,
                           backward_dtype=q.dtype.name)

@@ -86,6 +86,11 @@ def softmax_finish(carry) -> tuple[jax.Array, jax.Array]:
     return acc / l_safe[:, None], jnp.where(seen, m_i + jnp.log2(l_safe), jnp.inf)
 
 
+def tokens_to_rows(x: jax.Array, g: int) -> jax.Array:
+    """Per-token values [BQ] -> per-row [BQ * g] for tiles whose row r is token r // g."""
+    return jnp.broadcast_to(x[:, None], (x.shape[0], g)).reshape(x.shape[0] * g)
+
+
 def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
     """The backward's row term delta = sum(o * do) over the head dimension, in float32."""
     return jnp.sum(o.astype(F32) * do.astype(F32), axis=-1)

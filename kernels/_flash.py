@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from kernels._common import (
     F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, div_up, iota, mm, next_pow2, online_softmax_step,
-    pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
+    pad_axis, round_up, softmax_delta, softmax_finish, softmax_init, tokens_to_rows,
 )
 from kernels.settings import Tiles
 
@@ -152,11 +152,6 @@ class _Extras(NamedTuple):
     q_hi: jax.Array | None = None
 
 
-def _to_rows(x: jax.Array, g: int) -> jax.Array:
-    """Per-token values [BQ] -> per-row [BQ * g] (row r is token r // g)."""
-    return jnp.broadcast_to(x[:, None], (x.shape[0], g)).reshape(x.shape[0] * g)
-
-
 def _add_phantom(carry, count: jax.Array):
     """Fold `count` [R] zero keys (logit 0, value 0) into the online softmax's carry."""
     acc, m_i, l_i = carry
@@ -172,7 +167,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     t0 = pl.program_id(0) * block_q
     q = q_ref[...].reshape(rows, d)  # [R, d]
     t = t0 + lax.div(iota(rows), g)  # [R] token of each row
-    bounds = (_to_rows(extra[0][...], g), _to_rows(extra[1][...], g)) if cfg.vis.packed else None
+    bounds = (tokens_to_rows(extra[0][...], g), tokens_to_rows(extra[1][...], g)) if cfg.vis.packed else None
     row_bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
 
     def body(kt, carry):
@@ -187,7 +182,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     for first, end in cfg.vis.key_tiles(t0, t0 + block_q - 1, block_k, bounds):
         carry = lax.fori_loop(first, end, body, carry)
     if cfg.vis.phantom:
-        carry = _add_phantom(carry, _to_rows(extra[-1][...], g))
+        carry = _add_phantom(carry, tokens_to_rows(extra[-1][...], g))
     o, lse = softmax_finish(carry)  # only padding rows see no key
     o_ref[...] = o.reshape(block_q, g, d).astype(o_ref.dtype)
     lse_ref[...] = lse.reshape(block_q, g)
@@ -203,7 +198,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
     lse = lse_ref[...].reshape(rows)
     delta = delta_ref[...].reshape(rows)
     t = t0 + lax.div(iota(rows), g)
-    bounds = (_to_rows(extra[0][...], g), _to_rows(extra[1][...], g)) if cfg.vis.packed else None
+    bounds = (tokens_to_rows(extra[0][...], g), tokens_to_rows(extra[1][...], g)) if cfg.vis.packed else None
     row_bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
 
     def body(kt, dq):
@@ -254,7 +249,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
         bounds = None
         if cfg.vis.packed:
             tokens = pl.ds(qt * block_q, block_q)
-            bounds = (_to_rows(extra[0][tokens], g)[None, :], _to_rows(extra[1][tokens], g)[None, :])
+            bounds = (tokens_to_rows(extra[0][tokens], g)[None, :], tokens_to_rows(extra[1][tokens], g)[None, :])
         s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
         p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
         dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]

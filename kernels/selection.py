@@ -58,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import F32, MIN_DOT, cdiv, compiler_params, interpret_mode, iota, mm, next_pow2, pad_axis, \
-    round_up
+    round_up, tokens_to_rows
 from kernels.settings import SelectionSettings
 from nsa_jax import reference
 from nsa_jax import segments as seg
@@ -91,13 +91,6 @@ def block_weights(nc: int, stride: int, sb: int, interpolated: bool) -> np.ndarr
     for blk in range(nb):
         weights[blk, blk * r: (blk + 1) * r] = 1.0 / r
     return weights
-
-
-def num_blocks(nc: int, stride: int, sb: int, interpolated: bool) -> int:
-    """Selection blocks of nc compressed columns (a trailing partial block is dropped)."""
-    if sb == stride:
-        return nc
-    return (nc * stride) // sb if interpolated else nc // (sb // stride)
 
 
 def _block_keys(ck: jax.Array, nc: int, stride: int, sb: int, interpolated: bool) -> jax.Array:
@@ -211,23 +204,17 @@ def _static_layout(cfg: _Config, b: int) -> _Layout:
                    per_batch(np.full_like(tile_lo, cfg.n_pad // cfg.block_q_dbk)))
 
 
-def _packed_layout(cfg: _Config, segments: seg.Segments) -> tuple[_Layout, jax.Array]:
-    """Packed documents (`nsa_jax.segments`' block grid): the layout, and each query's number
-    of picks [b, n] (its document alone's k')."""
+def _packed_layout(cfg: _Config, segments: seg.Segments, blocks: seg.Slots) -> _Layout:
+    """Packed documents, on `nsa_jax.segments`' block grid (`blocks`: its slots)."""
     b = segments.start.shape[0]
     st, sb, big = cfg.stride, cfg.sb, np.iinfo(np.int32).max
-    blocks = seg.block_slots(segments, st, sb, cfg.interpolated, cfg.nb)  # [b, nb]
-    doc_entries = (blocks.doc_end - blocks.doc_start) // st
     if sb == st:
         last = blocks.local
     elif not cfg.interpolated:
         last = blocks.local * (sb // st) + sb // st - 1
-    else:  # the last column with a nonzero interpolation weight (reference._interpolate_to_tokens)
-        j = (blocks.local[:, :, None] * sb + jnp.arange(sb)[None, None, :]).astype(F32)
-        src = jnp.maximum((j + 0.5) / st - 0.5, 0.0)
-        lo = jnp.floor(src).astype(jnp.int32)
-        hi = jnp.minimum(lo + 1, doc_entries[:, :, None] - 1)
-        last = jnp.max(jnp.where(src - lo > 0, jnp.maximum(lo, hi), lo), axis=-1)
+    else:  # the last entry with a nonzero interpolation weight
+        lo, hi, w = seg.block_interpolation(blocks, st, sb)
+        last = jnp.max(jnp.where(w > 0, jnp.maximum(lo, hi), lo), axis=-1)
     sees_from = blocks.doc_start + ((last + 1) * st if cfg.causal else 0)  # [b, nb]
     fv = jnp.where(blocks.valid, sees_from, big)
     fv = jnp.pad(fv, ((0, 0), (0, cfg.nb_pad - cfg.nb)), constant_values=big).astype(jnp.int32)
@@ -235,7 +222,7 @@ def _packed_layout(cfg: _Config, segments: seg.Segments) -> tuple[_Layout, jax.A
     pad_rows = lambda x, value: jnp.pad(x, ((0, 0), (0, cfg.n_pad - cfg.n)), constant_values=value)  # noqa: E731
     pos, length = segments.positions, segments.lengths
     num_blocks = seg.block_counts(length // st, st, sb, cfg.interpolated)  # [b, n]
-    picks = jnp.minimum(jnp.minimum(cfg.k, length // st), num_blocks)
+    picks = seg.picks_per_query(segments, cfg.k, st, sb, cfg.interpolated)
     blo = segments.start // sb
     own = blo + pos // sb if cfg.own_block else jnp.full_like(blo, -1)
     # Blocks a query visits: its document's first blocks, enough to see every visible one
@@ -252,18 +239,15 @@ def _packed_layout(cfg: _Config, segments: seg.Segments) -> tuple[_Layout, jax.A
     tile_lo = q_from.reshape(b, -1, cfg.block_k_dbk).min(axis=2) // cfg.block_q_dbk
     tile_hi = -(-q_to.reshape(b, -1, cfg.block_k_dbk).max(axis=2) // cfg.block_q_dbk)
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
-    layout = _Layout(fv, i32(chunk_lo), i32(chunk_hi), i32(tile_lo), i32(tile_hi),
-                     i32(pad_rows(blo, 0)), i32(pad_rows(blo + num_blocks, 0)), i32(pad_rows(own, -1)))
-    return layout, picks
+    return _Layout(fv, i32(chunk_lo), i32(chunk_hi), i32(tile_lo), i32(tile_hi),
+                   i32(pad_rows(blo, 0)), i32(pad_rows(blo + num_blocks, 0)), i32(pad_rows(own, -1)))
 
 
-def _row_bounds(refs, gs: int, column: bool):
-    """The packed rows' (blo, bhi, own) from token refs [BQ] (or tokens sliced by the caller),
-    per row (token r // gs), shaped [R, 1] (column) or [1, R]."""
-    def rows(x):
-        x = jnp.broadcast_to(x[:, None], (x.shape[0], gs)).reshape(x.shape[0] * gs)
-        return x[:, None] if column else x[None, :]
-    return tuple(rows(x) for x in refs)
+def _row_bounds(tokens, gs: int, column: bool):
+    """The packed rows' (blo, bhi, own) from their tokens' values [BQ], shaped [R, 1] (column)
+    or [1, R]."""
+    rows = [tokens_to_rows(x, gs) for x in tokens]
+    return tuple(x[:, None] if column else x[None, :] for x in rows)
 
 
 def _logits(cfg: _Config, q, bk, fv, t, j, bounds=None, *, transposed: bool = False):
@@ -575,16 +559,15 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
                    num_stages=settings.num_stages, interpret=interpret_mode())
 
 
-def _block_keys_packed(ck: jax.Array, segments: seg.Segments, nb: int, stride: int, sb: int,
-                       interpolated: bool) -> jax.Array:
+def _block_keys_packed(ck: jax.Array, blocks: seg.Slots, stride: int, sb: int, interpolated: bool) -> jax.Array:
     """ck [b, nc, kh, d] on the entry grid -> block keys [b, nb, kh, d] (float32) on the block
-    grid of `nsa_jax.segments`, each from its own document's entries (as `_block_keys` for that
-    document alone); slots no document owns are 0."""
+    grid of `nsa_jax.segments` (`blocks`: its slots), each from its own document's entries (as
+    `_block_keys` for that document alone); slots no document owns are 0."""
     ck = ck.astype(F32)
     b, nc, kh, d = ck.shape
+    nb = blocks.local.shape[1]
     if sb == stride:
         return ck[:, :nb]
-    blocks = seg.block_slots(segments, stride, sb, interpolated, nb)
     base = (blocks.doc_start // stride)[:, :, None]  # [b, nb, 1]: the document's first entry slot
     take = lambda idx: jnp.take_along_axis(  # noqa: E731  entry slots [b, nb, r] -> [b, nb, r, kh, d]
         ck, jnp.clip(idx, 0, nc - 1).reshape(b, -1, 1, 1), axis=1).reshape(b, nb, idx.shape[-1], kh, d)
@@ -592,12 +575,8 @@ def _block_keys_packed(ck: jax.Array, segments: seg.Segments, nb: int, stride: i
         r = sb // stride
         keys = take(base + blocks.local[:, :, None] * r + jnp.arange(r)[None, None, :]).mean(axis=2)
     else:
-        doc_entries = ((blocks.doc_end - blocks.doc_start) // stride)[:, :, None]
-        j = (blocks.local[:, :, None] * sb + jnp.arange(sb)[None, None, :]).astype(F32)
-        src = jnp.maximum((j + 0.5) / stride - 0.5, 0.0)
-        lo = jnp.floor(src).astype(jnp.int32)
-        hi = jnp.minimum(lo + 1, doc_entries - 1)
-        w = (src - lo)[..., None, None]
+        lo, hi, w = seg.block_interpolation(blocks, stride, sb)  # [b, nb, sb]
+        w = w[..., None, None]
         keys = (take(base + lo) * (1.0 - w) + take(base + hi) * w).mean(axis=2)
     return jnp.where(blocks.valid[:, :, None, None], keys, 0.0)
 
@@ -628,8 +607,7 @@ def select_blocks(
     nc = ck.shape[1] - num_mem
     sb = selection_block_size
     scale = d**-0.5 if scale is None else scale
-    nb = num_blocks(nc, stride, sb, interpolated) if segments is None else \
-        reference.num_block_slots(n, nc, stride, sb, interpolated)
+    nb = seg.block_counts(nc, stride, sb, interpolated)
     k = min(num_selected, nc, nb)
     if k == 0 or n == 0:
         empty = jnp.zeros((b, n, sh, k))
@@ -648,14 +626,16 @@ def select_blocks(
         layout = _static_layout(cfg, b)
         bk = _block_keys(ck[:, num_mem:], nc, stride, sb, interpolated)  # [b, nb, kh, d]
     else:
-        layout, picks = _packed_layout(cfg, segments)
-        bk = _block_keys_packed(ck[:, num_mem:], segments, nb, stride, sb, interpolated)
+        blocks = seg.block_slots(segments, stride, sb, interpolated, nb)
+        layout = _packed_layout(cfg, segments, blocks)
+        bk = _block_keys_packed(ck[:, num_mem:], blocks, stride, sb, interpolated)
     bk = pad_axis(pad_axis(bk, 3, d_pad), 1, cfg.nb_pad)
     values, indices = _select(cfg, layout, qs, bk)  # [b, n_pad, kh, gs, kp]
     values = values[:, :n, :, :, :k].reshape(b, n, sh, k)
     indices = indices[:, :n, :, :, :k].reshape(b, n, sh, k)
     if segments is None:
         return values, indices
-    kept = jnp.arange(k)[None, None, None, :] < picks[:, :, None, None]  # the document alone's k'
+    picks = seg.picks_per_query(segments, k, stride, sb, interpolated)  # the document alone's k'
+    kept = jnp.arange(k)[None, None, None, :] < picks[:, :, None, None]
     local = indices - (segments.start // sb)[:, :, None, None]
     return jnp.where(kept, values, 0.0), jnp.where(kept, local, reference.NO_PICK).astype(jnp.int32)

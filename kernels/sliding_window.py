@@ -67,11 +67,7 @@ def sliding_window_attention(
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     if segments is not None:
-        phantom = None
-        if not causal and not mask_padding and window > 0:
-            pos, length = segments.positions, segments.lengths
-            padded = (length + window - 1) // window * window
-            phantom = jnp.maximum(jnp.minimum(padded - 1, pos + window) - jnp.maximum(length, pos - window) + 1, 0)
+        phantom = seg.window_padding(segments, window) if not causal and not mask_padding and window > 0 else None
         vis = Visibility("window", causal=causal, num_keys=k.shape[1], window=window, packed=True,
                          phantom=phantom is not None)
         return banded_attention(q, k, v, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),

@@ -27,7 +27,7 @@ from nsa_jax.cache import (
 from nsa_jax.compress_networks import CompressMLP, build_compress_network
 from nsa_jax.layers import Linear, RMSNorm
 from nsa_jax.rotary import apply_rotary
-from nsa_jax.segments import Segments
+from nsa_jax.segments import Segments, same_document
 from nsa_jax.segments import from_ids as segments_from_ids
 
 
@@ -359,8 +359,7 @@ class Attention(nnx.Module):
         if segment_ids is None:
             return self._attend(*self.project(inp, jnp.arange(inp.shape[1])))
         segments = _segments(segment_ids, inp.shape[:2])
-        same = segments.start[:, :, None] == segments.start[:, None, :]  # [b, n, n]
-        return self._attend(*self.project(inp, segments.positions), mask=same[:, None])
+        return self._attend(*self.project(inp, segments.positions), mask=same_document(segments)[:, None])
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         b, n, h, d = q.shape  # -> [b, n, dim]

@@ -235,18 +235,11 @@ def block_importance(
     return jnp.where(own[None, :, None, :], _neg_max(blocks.dtype), blocks)
 
 
-def num_block_slots(n: int, nc: int, stride: int, sb: int, interpolated: bool) -> int:
-    """Selection blocks (or, with segments, block slots) of n tokens with nc compressed entries."""
-    if sb == stride:
-        return nc
-    return (nc * stride) // sb if interpolated else nc // (sb // stride)
-
-
 def _block_importance_packed(scores, sb: int, stride: int, interpolated: bool, segments: seg.Segments):
     """`block_importance` per document: slot B's logit from its document's entries, each
     document's blocks computed as for that document alone (same ops, same order)."""
     b, n, sh, nc = scores.shape
-    nb = num_block_slots(n, nc, stride, sb, interpolated)
+    nb = seg.block_counts(nc, stride, sb, interpolated)
     if nb == 0:
         return scores[..., :0]
     blocks = seg.block_slots(segments, stride, sb, interpolated, nb)
@@ -256,12 +249,8 @@ def _block_importance_packed(scores, sb: int, stride: int, interpolated: bool, s
     if sb == stride:
         logits = scores
     elif interpolated:
-        doc_entries = (blocks.doc_end - blocks.doc_start) // stride  # [b, nb]
-        j = (blocks.local[:, :, None] * sb + jnp.arange(sb)[None, None, :]).astype(F32)  # local tokens [b, nb, sb]
-        src = jnp.maximum((j + 0.5) / stride - 0.5, 0.0)
-        lo = jnp.floor(src).astype(jnp.int32)
-        hi = jnp.minimum(lo + 1, doc_entries[:, :, None] - 1)
-        w = (src - lo)[:, None, None]
+        lo, hi, w = seg.block_interpolation(blocks, stride, sb)  # [b, nb, sb]
+        w = w[:, None, None]
         tokens = take(entry0[:, :, None] + lo) * (1.0 - w) + take(entry0[:, :, None] + hi) * w
         logits = tokens.mean(-1)
     else:
@@ -319,8 +308,7 @@ def select_blocks_from_scores(
     # Blocks that do not exist for the query (-inf) rank after every block of its document.
     _, indices = jax.lax.top_k(jnp.where(blocks > -jnp.inf, probs, -1.0), k)
     values = jnp.take_along_axis(probs, indices, axis=-1)
-    doc_blocks = seg.block_counts(segments.lengths // stride, stride, selection_block_size, interpolated)
-    picks = jnp.minimum(jnp.minimum(num_selected, segments.lengths // stride), doc_blocks)  # [b, n]: its own k'
+    picks = seg.picks_per_query(segments, num_selected, stride, selection_block_size, interpolated)  # its own k'
     kept = jnp.arange(k)[None, None, None, :] < picks[:, :, None, None]
     local = indices - (segments.start // selection_block_size)[:, :, None, None]
     return jnp.where(kept, values, 0.0), jnp.where(kept, local, NO_PICK).astype(jnp.int32)
@@ -446,7 +434,7 @@ def _selected_packed(q, k, v, indices, valid, gates, sb: int, causal: bool, scal
     query's document; the zero padding its document alone would have is counted (phantom keys)."""
     nk = k.shape[1]
     key_block = (jnp.arange(nk)[None] - segments.start) // sb  # [b, nk]: the key's block in its document
-    same = segments.start[:, :, None] == segments.start[:, None, :]  # [b, nq, nk]
+    same = seg.same_document(segments)  # [b, nq, nk]
     hits = (indices[..., None] == key_block[:, None, None, None, :]) & same[:, :, None, None, :]  # [b, nq, sh, k', nk]
     chosen = jnp.any(hits & valid[..., None], axis=-2)  # [b, nq, sh, nk]
     no_picks = jnp.all(indices == NO_PICK, axis=-1)  # [b, nq, sh]: the document alone has k' = 0
@@ -527,11 +515,8 @@ def _sliding_packed(q, k, v, window: int, causal: bool, scale: float, mask_paddi
     t = jnp.arange(n)
     dist = t[:, None] - t[None, :]
     within = (dist >= 0) & (dist <= window) if causal else jnp.abs(dist) <= window
-    mask = within[None] & (segments.start[:, :, None] == segments.start[:, None, :])  # [b, nq, nk]
+    mask = within[None] & seg.same_document(segments)  # [b, nq, nk]
     sim = jnp.where(mask[:, None, None], _grouped_logits(q, k, scale), _neg_max(F32))
     if not causal and not mask_padding and window > 0:
-        pos, length = segments.positions, segments.lengths
-        padded = (length + window - 1) // window * window  # [b, nq]
-        count = jnp.maximum(jnp.minimum(padded - 1, pos + window) - jnp.maximum(length, pos - window) + 1, 0)
-        sim, v = _with_phantom_keys(sim, v, count[:, None, None, :])
+        sim, v = _with_phantom_keys(sim, v, seg.window_padding(segments, window)[:, None, None, :])
     return _softmax_attend(sim, v, q.dtype)

@@ -77,8 +77,10 @@ def slots(segments: Segments, unit: int, count: int, per_document=None) -> Slots
     return Slots(s, e, local, local < owned)
 
 
-def same_document(segments: Segments, doc_start: jax.Array) -> jax.Array:
-    """[b, n, slots]: the slot's document (by its first token) is the query's."""
+def same_document(segments: Segments, doc_start: jax.Array | None = None) -> jax.Array:
+    """[b, n, slots]: the slot's document (by its first token) is the query's; without
+    doc_start, [b, n, n] for the tokens themselves."""
+    doc_start = segments.start if doc_start is None else doc_start
     return segments.start[:, :, None] == doc_start[:, None, :]
 
 
@@ -87,9 +89,10 @@ def entry_slots(segments: Segments, stride: int, count: int) -> Slots:
     return slots(segments, stride, count)
 
 
-def block_counts(num_entries: jax.Array, stride: int, sb: int, interpolated: bool) -> jax.Array:
-    """Selection blocks of a document with `num_entries` compressed entries (as
-    `reference.block_importance` forms them for one sequence)."""
+def block_counts(num_entries, stride: int, sb: int, interpolated: bool):
+    """Selection blocks of a sequence or document with `num_entries` compressed entries (an
+    int or an array), as `reference.block_importance` forms them (a trailing partial block
+    is dropped)."""
     if sb == stride:
         return num_entries
     if interpolated:
@@ -100,3 +103,28 @@ def block_counts(num_entries: jax.Array, stride: int, sb: int, interpolated: boo
 def block_slots(segments: Segments, stride: int, sb: int, interpolated: bool, count: int) -> Slots:
     """The selection blocks' grid (`count` = n // sb block slots)."""
     return slots(segments, sb, count, lambda length: block_counts(length // stride, stride, sb, interpolated))
+
+
+def picks_per_query(segments: Segments, num_selected: int, stride: int, sb: int, interpolated: bool) -> jax.Array:
+    """[b, n]: the picks each query's document alone makes, k' = min(k, entries, blocks)."""
+    entries = segments.lengths // stride
+    return jnp.minimum(jnp.minimum(num_selected, entries), block_counts(entries, stride, sb, interpolated))
+
+
+def block_interpolation(blocks: Slots, stride: int, sb: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Interpolated importance on the block grid: for each block slot's sb tokens [b, nb, sb],
+    the two entries (lo, hi: indices within its document) that token interpolates and the
+    weight w of hi, as `reference._interpolate_to_tokens` for the document alone."""
+    entries = ((blocks.doc_end - blocks.doc_start) // stride)[:, :, None]
+    j = (blocks.local[:, :, None] * sb + jnp.arange(sb)[None, None, :]).astype(jnp.float32)
+    src = jnp.maximum((j + 0.5) / stride - 0.5, 0.0)
+    lo = jnp.floor(src).astype(jnp.int32)
+    return lo, jnp.minimum(lo + 1, entries - 1), src - lo
+
+
+def window_padding(segments: Segments, window: int) -> jax.Array:
+    """[b, n]: the zero keys within `window` of each query that its document alone gets from
+    the package's non-causal sliding window (keys zero-padded to a multiple of the window)."""
+    pos, length = segments.positions, segments.lengths
+    padded = (length + window - 1) // window * window
+    return jnp.maximum(jnp.minimum(padded - 1, pos + window) - jnp.maximum(length, pos - window) + 1, 0)
