@@ -251,10 +251,6 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
                              **(packing(valid_bytes) if packing else {}))
     except data.DataError as e:
         fail(str(e))
-    if FLAGS.pack_documents and model_config.use_sparse_attn and FLAGS.use_pallas_nsa \
-            and kernels.backend_name(None) == "pallas":
-        fail("--pack_documents runs on the reference attention for now (the selected-attention kernels do not take "
-             "segment ids yet): add --nouse_pallas_nsa")
 
     # -- model and compiled steps -----------------------------------------------------------
     use_pallas_nsa = None if FLAGS.use_pallas_nsa else False  # None: kernels where they run natively

@@ -20,6 +20,8 @@ Measurements (each row has its own try/except: a failure, e.g. out of memory, re
           mean-pooling blocks of 64 (what parallel_nsa does for its compressed branch), random sigmoid
           gates g_cmp and g_slc, no sliding window (fla's needs flash-attn); forward and forward+backward
           (gradients of (out * do).sum() w.r.t. q, k, v, g_cmp, g_slc) per --fla_lengths entry
+  fla_packed  the same parallel_nsa on --fla_packed_length tokens packed from --fla_documents equal
+          documents (`cu_seqlens`, batch 1): forward and forward+backward
   dense   torch SDPA, causal, same heads/dims/dtype as fla (GQA via enable_gqa, else repeat_interleave),
           forward and forward+backward per --fla_lengths entry
 
@@ -60,7 +62,7 @@ try:
 except ImportError:
     torch = None
 
-SECTIONS = ("train", "memory", "decode", "fla", "dense")
+SECTIONS = ("train", "memory", "decode", "fla", "fla_packed", "dense")
 SKIP_LINE = "peers skipped: torch is not installed"
 
 SEED_MODEL = dict(num_tokens=256, dim=512, depth=6, heads=8, dim_head=64, kv_heads=4, use_sparse_attn=True)
@@ -316,7 +318,8 @@ def fwd_and_bwd(forward: Callable[[dict], torch.Tensor], seq_len: int, device: t
     return row
 
 
-def fla_forward() -> Callable[[dict], torch.Tensor]:
+def fla_forward(cu_seqlens: torch.Tensor | None = None) -> Callable[[dict], torch.Tensor]:
+    """parallel_nsa in fla's benchmark config; with cu_seqlens [N + 1], N packed documents."""
     from fla.ops.nsa import parallel_nsa
 
     c = FLA_CONFIG
@@ -324,7 +327,7 @@ def fla_forward() -> Callable[[dict], torch.Tensor]:
     def forward(x: dict) -> torch.Tensor:
         return parallel_nsa(x["q"], x["k"], x["v"], g_cmp=x["g_cmp"], g_slc=x["g_slc"], g_swa=None,
                             block_counts=c["block_counts"], block_size=c["block_size"],
-                            window_size=c["window_size"])
+                            window_size=c["window_size"], cu_seqlens=cu_seqlens)
 
     return forward
 
@@ -400,7 +403,7 @@ def print_table(record: dict) -> None:
     if "skipped" not in decode:
         value = f"error: {decode['error']}" if "error" in decode else f"{decode['ms_per_token']:.3f} ms/token"
         print(f"seed decode (prime {decode.get('prime')}, {decode.get('generated')} generated, cached): {value}")
-    for name in ("fla", "dense"):
+    for name in ("fla", "fla_packed", "dense"):
         if not isinstance(record[name], list):
             continue
         print(f"{name + ' (ms)':<18}{'T':>7}{'fwd':>11}{'fwd+bwd':>11}")
@@ -417,6 +420,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train_shapes", default="4x512,1x4096,1x16384", help="BxT list")
     parser.add_argument("--memory_shape", default="4x512", help="BxT of the peak-memory step")
     parser.add_argument("--fla_lengths", default="4096,8192,16384,32768,65536", help="fla and dense lengths")
+    parser.add_argument("--fla_packed_length", type=int, default=65536, help="fla_packed: tokens in all")
+    parser.add_argument("--fla_documents", type=int, default=16, help="fla_packed: equal documents packed")
     parser.add_argument("--decode_prime", type=int, default=64)
     parser.add_argument("--decode_tokens", type=int, default=512, help="tokens generated per generation")
     parser.add_argument("--decode_repeats", type=int, default=3, help="timed generations (after one warm-up)")
@@ -437,6 +442,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.device = args.device or "cpu"
         args.train_shapes, args.memory_shape, args.fla_lengths = "1x64", "1x64", "128,256"
+        args.fla_packed_length, args.fla_documents = 256, 2
         args.decode_prime, args.decode_tokens, args.decode_repeats = 32, 16, 1
         args.repeats, args.warmup = 1, 1
     args.device = args.device or "cuda"
@@ -515,6 +521,18 @@ def main() -> int:
             record["fla"].append(guarded("fla", lambda: fwd_and_bwd(fla_forward(), seq_len, device, timing, True),
                                          device, seq_len=seq_len))
             write(path, record)
+    if "fla_packed" in args.what:
+        n, docs = args.fla_packed_length, args.fla_documents
+        record["settings"]["fla_packed"] = dict(seq_len=n, documents=docs,
+                                                call="parallel_nsa(..., cu_seqlens=arange(0, T + 1, T // documents))")
+        if fla_missing:
+            record["fla_packed"] = {"skipped": fla_missing}
+        else:
+            cu_seqlens = torch.arange(0, n + 1, n // docs, device=device, dtype=torch.long)
+            record["fla_packed"] = [guarded("fla_packed", lambda: fwd_and_bwd(fla_forward(cu_seqlens), n, device,
+                                                                              timing, True),
+                                            device, seq_len=n, documents=docs)]
+        write(path, record)
     if "dense" in args.what:
         try:
             forward, gqa = dense_forward(device)

@@ -72,32 +72,28 @@ def get_backend(name: str | None = None, settings: KernelSettings = KernelSettin
         from kernels.selection import select_blocks
         from kernels.sliding_window import sliding_window_attention
 
-        def kernel(fn, ref, packed=True, **bound):
-            return _decode_with(ref, functools.partial(batch_parallel(fn), **bound), packed)
+        def kernel(fn, ref, **bound):
+            return _decode_with(ref, functools.partial(batch_parallel(fn), **bound))
 
         return AttentionBackend(
             "pallas",
             kernel(compressed_attention, reference.compressed_attention, tiles=settings.flash),
             kernel(select_blocks, reference.select_blocks, settings=settings.selection),
-            kernel(selected_attention, reference.selected_attention, packed=False, settings=settings.selected),
+            kernel(selected_attention, reference.selected_attention, settings=settings.selected),
             kernel(sliding_window_attention, reference.sliding_window_attention,
                    impl=settings.sliding_impl, tiles=settings.flash))
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _decode_with(reference_fn: Callable, kernel_fn: Callable, packed: bool = True) -> Callable:
+def _decode_with(reference_fn: Callable, kernel_fn: Callable) -> Callable:
     """kernel_fn for the parallel forward; reference_fn for calls with `q_positions` (decoding).
-    `segments` (packed documents) go to kernel_fn as its last positional argument, where it
-    takes them (`packed`)."""
+    `segments` (packed documents) go to kernel_fn as its last positional argument."""
 
     @functools.wraps(reference_fn)
     def call(*args, q_positions=None, segments=None, **kwargs):
         if q_positions is not None:
             return reference_fn(*args, q_positions=q_positions, segments=segments, **kwargs)
         if segments is not None:
-            if not packed:
-                raise NotImplementedError("packed documents (segment_ids) run on the reference path for now: use "
-                                          "use_pallas_nsa=False (the selected-attention kernels do not take them yet)")
             return kernel_fn(*args, segments, **kwargs)
         return kernel_fn(*args, **kwargs)
 

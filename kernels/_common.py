@@ -108,6 +108,15 @@ def online_softmax_step(carry, s, v):
     return acc, m_new, l_new
 
 
+def add_phantom_keys(carry, count: jax.Array):
+    """Fold `count` [R] zero keys (logit 0, value 0) into the online softmax's carry: the zero
+    padding a packed document alone would have past its end."""
+    acc, m_i, l_i = carry
+    m_new = jnp.maximum(m_i, jnp.where(count > 0, 0.0, -jnp.inf))
+    corr = jnp.exp2(m_i - m_new)
+    return acc * corr[:, None], m_new, l_i * corr + count * jnp.exp2(-m_new)
+
+
 def compiler_params(num_warps: int, num_stages: int = 2) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 

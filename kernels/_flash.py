@@ -30,8 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, MIN_DOT, cdiv, compiler_params, div_up, iota, mm, next_pow2, online_softmax_step,
-    pad_axis, round_up, softmax_delta, softmax_finish, softmax_init, tokens_to_rows,
+    F32, LOG2E, MASK_VALUE, MIN_DOT, add_phantom_keys, cdiv, compiler_params, div_up, iota, mm, next_pow2,
+    online_softmax_step, pad_axis, round_up, softmax_delta, softmax_finish, softmax_init, tokens_to_rows,
 )
 from kernels.settings import Tiles
 
@@ -152,14 +152,6 @@ class _Extras(NamedTuple):
     q_hi: jax.Array | None = None
 
 
-def _add_phantom(carry, count: jax.Array):
-    """Fold `count` [R] zero keys (logit 0, value 0) into the online softmax's carry."""
-    acc, m_i, l_i = carry
-    m_new = jnp.maximum(m_i, jnp.where(count > 0, 0.0, -jnp.inf))
-    corr = jnp.exp2(m_i - m_new)
-    return acc * corr[:, None], m_new, l_i * corr + count * jnp.exp2(-m_new)
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     *extra, o_ref, lse_ref = refs
     block_q, block_k, g = cfg.block_q_fwd, cfg.block_k_fwd, cfg.g
@@ -182,7 +174,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     for first, end in cfg.vis.key_tiles(t0, t0 + block_q - 1, block_k, bounds):
         carry = lax.fori_loop(first, end, body, carry)
     if cfg.vis.phantom:
-        carry = _add_phantom(carry, tokens_to_rows(extra[-1][...], g))
+        carry = add_phantom_keys(carry, tokens_to_rows(extra[-1][...], g))
     o, lse = softmax_finish(carry)  # only padding rows see no key
     o_ref[...] = o.reshape(block_q, g, d).astype(o_ref.dtype)
     lse_ref[...] = lse.reshape(block_q, g)

@@ -1,15 +1,30 @@
-"""What both selected-attention kernel families share: the static layout and the block sort.
+"""What both selected-attention kernel families share: the static layout, the block sort and
+packed documents.
 
 `kernels.selected_query` (one program per query) and `kernels.selected_tiled` (one program
 per tile of queries) import this module; neither imports the other.
+
+Packed documents (`nsa_jax.segments`): the selection picks blocks of the query's own document
+(local indices). The kernels take them as block *slots* (`nsa_jax.segments.slots`: slot
+s // sb + local for a document starting at token s), which documents never share, with a table
+of each slot's first token; a slot is one of a document's full blocks, so its keys need no
+mask. The own block (a document's last one may be partial) starts at s + (p // sb) * sb for
+a query at position p, is cut at the document's end, and non-causal queries whose document
+picks nothing also count the zero keys their document alone is padded with there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from kernels._common import iota, pad_axis
+from nsa_jax import segments as seg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +44,7 @@ class SelectedConfig:
     num_warps: int
     num_stages: int
     interpret: bool
+    packed: bool  # documents packed: indices are block slots, queries carry their document's bounds
 
     @property
     def zero_rows_possible(self) -> bool:
@@ -37,8 +53,91 @@ class SelectedConfig:
 
     @property
     def own_block(self) -> bool:
-        """The own block is attended (causal, or nothing can be selected)."""
-        return self.causal or self.num_sel == 0
+        """The own block can be attended (causal, nothing can be selected, or packed: a document
+        may pick nothing)."""
+        return self.causal or self.num_sel == 0 or self.packed
+
+    @property
+    def phantom_keys(self) -> bool:
+        """Non-causal packed: a query whose document picks nothing counts its own block's padding."""
+        return self.packed and not self.causal
+
+
+class Packed(NamedTuple):
+    """The packed-document inputs of the kernels, all int32."""
+
+    start: jax.Array  # [b, nq] first token of each query's document
+    end: jax.Array  # [b, nq] one past its last
+    slot_start: jax.Array  # [b, nb] first token of each block slot (0 where no document has that block)
+    key_source: jax.Array  # [b, nk_alloc] each key's row in the per-slot tiles [nb * sbp], or -1
+
+
+def packed_inputs(segments: seg.Segments, *, sb: int, sbp: int, nb: int, nk_alloc: int) -> Packed:
+    """Slot table and per-key slot rows of these documents (every full block is a slot)."""
+    n = segments.start.shape[1]
+    slots = seg.slots(segments, sb, n // sb)
+    slot_start = pad_axis(jnp.where(slots.valid, slots.doc_start + slots.local * sb, 0), 1, nb)
+    s = segments.start
+    local = (jnp.arange(n, dtype=jnp.int32)[None] - s) // sb  # [b, n] the key's block in its document
+    row = (s // sb + local) * sbp + (jnp.arange(n)[None] - s) % sb
+    source = jnp.where(local < segments.lengths // sb, row, -1)
+    source = jnp.pad(source, ((0, 0), (0, nk_alloc - n)), constant_values=-1)
+    return Packed(s, segments.end, slot_start.astype(jnp.int32), source.astype(jnp.int32))
+
+
+def slot_indices(indices: jax.Array, segments: seg.Segments, sb: int) -> jax.Array:
+    """Local block indices [b, nq, sh, k'] (NO_PICK = -1 past a document's k') -> block slots (-1 kept)."""
+    first = (segments.start // sb)[:, :, None, None]
+    return jnp.where(indices >= 0, indices + first, -1).astype(jnp.int32)
+
+
+def slot_tiles_to_keys(x: jax.Array, source: jax.Array) -> jax.Array:
+    """x [b, nb, sbp, ...] per-slot key tiles -> [b, nk_alloc, ...] per key (zero where no slot)."""
+    b, nb, sbp = x.shape[:3]
+    flat = x.reshape(b, nb * sbp, *x.shape[3:])
+    idx = jnp.maximum(source, 0).reshape(b, -1, *([1] * (x.ndim - 3)))
+    got = jnp.take_along_axis(flat, idx, axis=1)
+    return jnp.where((source >= 0).reshape(idx.shape), got, 0)
+
+
+def no_pick(cfg: SelectedConfig, idx: jax.Array) -> jax.Array:
+    """idx [.., kp] -> [.., 1]: the row's document picks no block (packed; all slots -1)."""
+    if cfg.num_sel == 0:
+        return jnp.full(idx.shape[:-1] + (1,), True)
+    picked = (idx >= 0) & (iota(cfg.kp) < cfg.num_sel)
+    return jnp.max(jnp.where(picked, 1, 0), axis=-1, keepdims=True) == 0
+
+
+def own_keys(cfg: SelectedConfig, t, keys, bounds, idx, valid):
+    """Which `keys` (token ids) query t attends as its own block: (the block's first token, mask,
+    phantom zero keys or None).
+
+    Per query t a scalar (keys [K], idx / valid [kp]) or per row [R, 1] (keys [1, K], idx /
+    valid [R, kp]); bounds = (document start, end) shaped like t, or None unpacked. A validly
+    selected own block is attended in full (with its gate) among the selected ones instead.
+    """
+    if cfg.packed:
+        start, end = bounds
+        local = lax.div(t - start, cfg.sb)
+        lo = start + local * cfg.sb
+        hi = jnp.minimum(lo + cfg.sb, end)
+        slot = lax.div(start, cfg.sb) + local
+    else:  # past the sequence end: the zero keys the package pads with (non-causal, k' = 0)
+        slot = lax.div(t, cfg.sb)
+        lo = slot * cfg.sb
+        hi = lo + cfg.sb
+    mask = (keys >= lo) & (keys < hi)
+    if cfg.causal:
+        mask = mask & (keys <= t)
+    attend = None
+    if cfg.num_sel > 0:
+        attend = jnp.max(jnp.where((idx == slot) & valid, 1, 0), axis=-1, keepdims=True) == 0
+    if cfg.phantom_keys:
+        attend = no_pick(cfg, idx) if attend is None else attend & no_pick(cfg, idx)
+    if attend is not None:
+        mask = mask & attend
+    phantom = jnp.where(attend, jnp.maximum(lo + cfg.sb - bounds[1], 0), 0) if cfg.phantom_keys else None
+    return lo, mask, phantom
 
 
 def sort_by_block(key: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:

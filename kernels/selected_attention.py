@@ -16,6 +16,9 @@ Both compute dk/dv without atomics, deterministically.
 
 Reference quirk reproduced: non-causal, k' > 0, a query group with no valid block attends
 uniformly to the tokens of all its selected blocks.
+
+Packed documents (`segments`): both families take the picks as block slots with a table of
+their first tokens, and the documents' bounds for the own block (`kernels._selected_common`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from kernels._common import F32, MIN_DOT, cdiv, interpret_mode, next_pow2, pad_axis
+from kernels._selected_common import packed_inputs, slot_indices
 from kernels.selected_query import QueryConfig, query_selected
 from kernels.selected_tiled import tiled_selected_attention
 from kernels.settings import SelectedSettings
+from nsa_jax import segments as seg
 
 
 class Layout(NamedTuple):
@@ -73,6 +78,7 @@ def selected_attention(
     indices: jax.Array,  # [b, nq, sh, k'] selected block indices (sh = kh or h)
     valid: jax.Array,  # [b, nq, sh, k'] bool
     gates: jax.Array | None,  # [b, nq, sh, k'] multiplies the selected keys, or None
+    segments: seg.Segments | None = None,  # packed documents (indices local to each document)
     *,
     block_size: int,
     causal: bool,
@@ -82,6 +88,8 @@ def selected_attention(
     """`nsa_jax.reference.selected_attention` for the parallel forward (no `q_positions`).
 
     The tiled family needs the valid indices of a query to be distinct, as top-k gives them.
+    With `segments`, indices are blocks of the query's document (NO_PICK = -1 past its k'), as
+    `select_blocks` gives them with segments.
     """
     b, nq, h, d = q.shape
     kh = k.shape[2]
@@ -95,6 +103,11 @@ def selected_attention(
     qg = q.astype(dtype).reshape(b, nq, kh, g, d)
     qg = pad_axis(pad_axis(qg, 4, lay.d_pad), 3, lay.rows * lay.groups_per_kv).reshape(b, nq, sh, lay.rows, lay.d_pad)
     nk_alloc = lay.nb * block_size + (lay.sbp - block_size)  # every [blk * sb, + sbp) load in bounds
+    packed = None
+    if segments is not None:  # blocks start anywhere: every [token, + sbp) load in bounds
+        nk_alloc = lay.nb * block_size + lay.sbp
+        packed = packed_inputs(segments, sb=block_size, sbp=lay.sbp, nb=lay.nb, nk_alloc=nk_alloc)
+        indices = slot_indices(indices, segments, block_size)
     kp_, vp_ = (pad_axis(pad_axis(x.astype(dtype), 3, lay.d_pad), 1, nk_alloc) for x in (k, v))
     if num_sel == 0:
         idx = jnp.zeros((b, nq, sh, lay.kp), jnp.int32)
@@ -106,13 +119,14 @@ def selected_attention(
         gate = jnp.ones(indices.shape, F32) if gates is None else gates.astype(F32)
         gate = jnp.concatenate([gate, jnp.ones((b, nq, sh, lay.kp - num_sel), F32)], axis=-1)
     if lay.impl == "tiled":
-        o = tiled_selected_attention(qg, kp_, vp_, idx, val, gate, sb=block_size, sbp=lay.sbp, nb=lay.nb,
+        o = tiled_selected_attention(qg, kp_, vp_, idx, val, gate, packed, sb=block_size, sbp=lay.sbp, nb=lay.nb,
                                      num_sel=num_sel, kp=lay.kp, upk=lay.groups_per_kv, causal=causal, scale=scale,
                                      settings=settings)
     else:
         cfg = QueryConfig(sb=block_size, sbp=lay.sbp, nb=lay.nb, nq=nq, num_sel=num_sel, kp=lay.kp, rows=lay.rows,
                           groups_per_kv=lay.groups_per_kv, dkv_splits=lay.dkv_splits, causal=causal, scale=scale,
-                          num_warps=settings.num_warps, num_stages=settings.num_stages, interpret=interpret_mode())
-        o = query_selected(cfg, qg, kp_, vp_, idx, val, gate)  # [b, nq, sh, rows, d_pad]
+                          num_warps=settings.num_warps, num_stages=settings.num_stages, interpret=interpret_mode(),
+                          packed=packed is not None)
+        o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]
     o = o.reshape(b, nq, kh, lay.groups_per_kv * lay.rows, lay.d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)

@@ -33,10 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, compiler_params, iota, mm, online_softmax_step, pad_axis, softmax_delta,
-    softmax_finish, softmax_init,
+    F32, LOG2E, MASK_VALUE, add_phantom_keys, compiler_params, iota, mm, online_softmax_step, pad_axis,
+    softmax_delta, softmax_finish, softmax_init,
 )
-from kernels._selected_common import SelectedConfig, sort_by_block
+from kernels._selected_common import Packed, SelectedConfig, own_keys, slot_tiles_to_keys, sort_by_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,20 +49,23 @@ def _usable(cfg: QueryConfig, blk, ok, zero_row):
     return use & (blk >= 0) & (blk < cfg.nb)
 
 
-def _own_mask(cfg: QueryConfig, t, idx_vec, valid_vec):
-    """[sbp] keys of the own block that query t attends as its own block."""
-    own = lax.div(t, cfg.sb)
-    cols = iota(cfg.sbp)
-    mask = cols < cfg.sb
-    if cfg.causal:
-        mask = mask & (own * cfg.sb + cols <= t)
-    if cfg.num_sel > 0:  # a validly selected own block is already attended in full (with its gate)
-        own_selected = jnp.max(jnp.where((idx_vec == own) & valid_vec, 1, 0)) > 0
-        mask = mask & jnp.logical_not(own_selected)
-    return own, mask
+def _block_start(cfg: QueryConfig, blk, slot_ref):
+    """First key token of selected block (slot) blk."""
+    blk = jnp.clip(blk, 0, cfg.nb - 1)
+    return slot_ref[blk] if cfg.packed else blk * cfg.sb
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_ref, *, cfg: QueryConfig):
+def _own(cfg: QueryConfig, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref):
+    """Query t's own block: its keys and values [sbp, d] and (mask [sbp], phantom keys or None)."""
+    bounds = (bounds_ref[0], bounds_ref[1]) if cfg.packed else None
+    lo = own_keys(cfg, t, t, bounds, idx_vec, valid_vec)[0]
+    _, mask, phantom = own_keys(cfg, t, lo + iota(cfg.sbp), bounds, idx_vec, valid_vec)
+    return k_ref[pl.ds(lo, cfg.sbp), :], v_ref[pl.ds(lo, cfg.sbp), :], mask, phantom
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, *refs, cfg: QueryConfig):
+    *packed, o_ref, lse_ref = refs  # packed: document bounds [2] and the slot table [nb]
+    bounds_ref, slot_ref = packed if cfg.packed else (None, None)
     t = pl.program_id(0)
     q = q_ref[...]  # [G, d]
     c = cfg.scale * LOG2E
@@ -74,7 +77,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
     def body(i, carry):
         blk = idx_ref[i]
         use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
-        start = jnp.clip(blk, 0, cfg.nb - 1) * cfg.sb
+        start = _block_start(cfg, blk, slot_ref)
         kb = k_ref[pl.ds(start, cfg.sbp), :]  # [sbp, d]
         vb = v_ref[pl.ds(start, cfg.sbp), :]
         s = mm(q, kb, trans_b=True) * (gate_ref[i] * c)  # [G, sbp]
@@ -85,19 +88,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, o_ref, lse_re
 
     carry = lax.fori_loop(0, cfg.num_sel, body, softmax_init(*q.shape))
     if cfg.own_block:
-        own, mask = _own_mask(cfg, t, idx_vec, valid_vec)
-        kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
-        vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
+        kb, vb, mask, phantom = _own(cfg, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref)
         s = mm(q, kb, trans_b=True) * c
         carry = online_softmax_step(carry, jnp.where(mask[None, :], s, MASK_VALUE), vb)
+        if phantom is not None:
+            carry = add_phantom_keys(carry, jnp.broadcast_to(phantom, (q.shape[0],)).astype(F32))
     o, lse = softmax_finish(carry)
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, dq_ref, dgate_ref,
-               *, cfg: QueryConfig):
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, *refs,
+               cfg: QueryConfig):
     """dq and the dgates of one query group."""
+    *packed, dq_ref, dgate_ref = refs
+    bounds_ref, slot_ref = packed if cfg.packed else (None, None)
     t = pl.program_id(0)
     q = q_ref[...]  # [G, d]
     do = do_ref[...]
@@ -120,7 +125,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         blk = idx_ref[i]
         gate = gate_ref[i]
         use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
-        start = jnp.clip(blk, 0, cfg.nb - 1) * cfg.sb
+        start = _block_start(cfg, blk, slot_ref)
         kb = k_ref[pl.ds(start, cfg.sbp), :]
         vb = v_ref[pl.ds(start, cfg.sbp), :]
         qk = mm(q, kb, trans_b=True) * c  # [G, sbp], without the gate
@@ -137,9 +142,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     rows, d = q.shape
     dq, dgate = lax.fori_loop(0, cfg.num_sel, body, (jnp.zeros((rows, d), F32), jnp.zeros((cfg.kp,), F32)))
     if cfg.own_block:
-        own, mask = _own_mask(cfg, t, idx_vec, valid_vec)
-        kb = k_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
-        vb = v_ref[pl.ds(own * cfg.sb, cfg.sbp), :]
+        kb, vb, mask, _ = _own(cfg, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref)
         s = mm(q, kb, trans_b=True) * c
         dq = dq + mm(dlogits(vb, s, mask[None, :]).astype(kb.dtype), kb)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -147,13 +150,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
-                 dk_ref, dv_ref, *, cfg: QueryConfig):
+                 *refs, cfg: QueryConfig, part: str):
+    """dk, dv of key block j. part "all": its selections and its own queries; packed, two calls:
+    "selected" (block slot j, from the slot table) and "own" (the aligned tokens j * sb + ...)."""
+    *packed, dk_ref, dv_ref = refs  # packed: document bounds [nq, 2] and the slot table [nb]
+    bounds_ref, slot_ref = packed if cfg.packed else (None, None)
     j = pl.program_id(0)
     split = pl.program_id(1)
     rows = cfg.rows
     d = q_ref.shape[-1]
-    kb = k_ref[pl.ds(j * cfg.sb, cfg.sbp), :]  # [sbp, d]
-    vb = v_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
+    first_key = slot_ref[j] if part == "selected" else j * cfg.sb
+    kb = k_ref[pl.ds(first_key, cfg.sbp), :]  # [sbp, d]
+    vb = v_ref[pl.ds(first_key, cfg.sbp), :]
     c = cfg.scale * LOG2E
     in_block = (iota(cfg.sbp) < cfg.sb)[:, None]  # [sbp, 1]
 
@@ -184,17 +192,23 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0)) > 0)
             return accumulate(carry, t, u, sgate_ref[u, e], in_block, zero_row)
 
-        start, end = off_ref[u, j], off_ref[u, j + 1]
-        per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
-        first = start + split * per_split
-        carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
-        if cfg.own_block:  # the block's own queries, in the first split
+        if part != "own":
+            start, end = off_ref[u, j], off_ref[u, j + 1]
+            per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
+            first = start + split * per_split
+            carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
+        if cfg.own_block and part != "selected":  # the queries with keys of this block in their own block
+            keys = j * cfg.sb + iota(cfg.sbp)
+
             def own(t, carry):
-                _, mask = _own_mask(cfg, t, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
+                bounds = (bounds_ref[t, 0], bounds_ref[t, 1]) if cfg.packed else None
+                _, mask, _ = own_keys(cfg, t, keys, bounds, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
                 return accumulate(carry, t, u, 1.0, mask[:, None], None)
 
-            own_end = jnp.where(split == 0, jnp.minimum(j * cfg.sb + cfg.sb, cfg.nq), 0)
-            carry = lax.fori_loop(j * cfg.sb, own_end, own, carry)
+            # Unpacked: the block's own tokens; packed, own blocks start anywhere: within sb - 1 of a key.
+            lo = j * cfg.sb if cfg.causal or not cfg.packed else jnp.maximum(j * cfg.sb - cfg.sb + 1, 0)
+            hi = j * cfg.sb + (2 * cfg.sb - 1 if cfg.packed else cfg.sb)
+            carry = lax.fori_loop(lo, jnp.where(split == 0, jnp.minimum(hi, cfg.nq), lo), own, carry)
         return carry
 
     zeros = jnp.zeros((cfg.sbp, d), F32)
@@ -216,7 +230,21 @@ def _kv_spec(cfg: QueryConfig, nk_alloc: int, d: int):
     return pl.BlockSpec((None, nk_alloc, None, d), lambda t, bi, s: (bi, 0, s // cfg.groups_per_kv, 0))
 
 
-def _forward(cfg: QueryConfig, q, k, v, idx, valid, gate):
+def _packed_specs(cfg: QueryConfig, full: bool):
+    """BlockSpecs of the packed inputs (document bounds [b, nq, 2], slot table [b, nb]): per query, or
+    every query (`full`, the dk/dv kernel's grid (nb, splits, b, kh))."""
+    if full:
+        return [pl.BlockSpec((None, cfg.nq, 2), lambda j, sp, bi, h: (bi, 0, 0)),
+                pl.BlockSpec((None, cfg.nb), lambda j, sp, bi, h: (bi, 0))]
+    return [pl.BlockSpec((None, None, 2), lambda t, bi, s: (bi, t, 0)),
+            pl.BlockSpec((None, cfg.nb), lambda t, bi, s: (bi, 0))]
+
+
+def _packed_args(packed: Packed | None) -> list:
+    return [] if packed is None else [jnp.stack([packed.start, packed.end], axis=-1), packed.slot_start]
+
+
+def _forward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None):
     """q [b, nq, groups, G, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate [b, nq, groups, kp]."""
     b, nq, groups, rows, d = q.shape
     q_spec, row_spec, sel_spec = _group_specs(cfg, d)
@@ -224,13 +252,13 @@ def _forward(cfg: QueryConfig, q, k, v, idx, valid, gate):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(nq, b, groups),
-        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec] + _packed_specs(cfg, False)[:2 * cfg.packed],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, nq, groups, rows), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_fwd",
-    )(q, k, v, idx, valid, gate)
+    )(q, k, v, idx, valid, gate, *_packed_args(packed))
 
 
 def _inverted_index(cfg: QueryConfig, idx, valid):
@@ -249,7 +277,7 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
     return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1)
 
 
-def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, o, lse, do):
+def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, o, lse, do):
     b, nq, groups, rows, d = q.shape
     kh = k.shape[2]
     upk = cfg.groups_per_kv
@@ -261,13 +289,14 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, o, lse, do):
     dq, dgate = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nq, b, groups),
-        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec]
+        + _packed_specs(cfg, False)[:2 * cfg.packed],
         out_specs=[q_spec, sel_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_dq",
-    )(q, k, v, idx, valid, gate, do, lse, delta)
+    )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed))
 
     order, offsets = _inverted_index(cfg, idx, valid)
     gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
@@ -282,46 +311,58 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, o, lse, do):
     off_spec = pl.BlockSpec((None, None, upk, cfg.nb + 1), lambda j, sp, bi, h: (bi, h, 0, 0))
     kv_full = pl.BlockSpec((None, k.shape[1], None, d), lambda j, sp, bi, h: (bi, 0, h, 0))
     out_spec = pl.BlockSpec((None, None, None, cfg.sbp, None, d), lambda j, sp, bi, h: (sp, bi, j, 0, h, 0))
-    out_dtype = F32 if cfg.dkv_splits > 1 else k.dtype  # partial sums stay in f32
     as_kv = lambda x: x.reshape(b, nq, kh, gr, *x.shape[4:])  # [b, nq, groups, G, ..] -> per kv head
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg),
-        grid=(cfg.nb, cfg.dkv_splits, b, kh),
-        in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
-                  off_spec],
-        out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((cfg.dkv_splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
-        compiler_params=params,
-        interpret=cfg.interpret,
-        name="nsa_selected_dkdv",
-    )(as_kv(q), k, v, as_kv(do), as_kv(lse), as_kv(delta),
-      idx.reshape(b, nq, kh, upk, cfg.kp), valid.reshape(b, nq, kh, upk, cfg.kp),
-      qid.reshape(b, kh, upk, e), sorted_gate.reshape(b, kh, upk, e), offsets.reshape(b, kh, upk, cfg.nb + 1))
+    inputs = (as_kv(q), k, v, as_kv(do), as_kv(lse), as_kv(delta),
+              idx.reshape(b, nq, kh, upk, cfg.kp), valid.reshape(b, nq, kh, upk, cfg.kp),
+              qid.reshape(b, kh, upk, e), sorted_gate.reshape(b, kh, upk, e), offsets.reshape(b, kh, upk, cfg.nb + 1),
+              *_packed_args(packed))
 
-    def to_keys(x):  # [splits, b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
-        x = x.sum(axis=0).astype(k.dtype) if cfg.dkv_splits > 1 else x[0]
+    def dkdv(part: str, splits: int):  # -> dk, dv [splits, b, nb, sbp, kh, d]
+        out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
+        return pl.pallas_call(
+            functools.partial(_dkdv_kernel, cfg=cfg, part=part),
+            grid=(cfg.nb, splits, b, kh),
+            in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
+                      off_spec] + _packed_specs(cfg, True)[:2 * cfg.packed],
+            out_specs=[out_spec, out_spec],
+            out_shape=[jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
+            compiler_params=params,
+            interpret=cfg.interpret,
+            name=f"nsa_selected_dkdv_{part}",
+        )(*inputs)
+
+    def blocks_to_keys(x):  # [splits, b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
+        x = x.sum(axis=0).astype(k.dtype) if x.shape[0] > 1 else x[0]
         x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)
         return pad_axis(x, 1, k.shape[1])
 
-    return dq, to_keys(dk), to_keys(dv), dgate
+    if packed is None:
+        dk, dv = (blocks_to_keys(x) for x in dkdv("all", cfg.dkv_splits))
+    else:  # selected blocks are document slots (gathered back to their keys); own blocks aligned
+        sel = [x.sum(axis=0) if x.shape[0] > 1 else x[0].astype(F32) for x in dkdv("selected", cfg.dkv_splits)]
+        own = dkdv("own", 1)
+        dk, dv = ((slot_tiles_to_keys(s_, packed.key_source) + blocks_to_keys(o_).astype(F32)).astype(k.dtype)
+                  for s_, o_ in zip(sel, own))
+    return dq, dk, dv, dgate
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def query_selected(cfg: QueryConfig, q, k, v, idx, valid, gate):
+def query_selected(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None = None):
     """q [b, nq, groups, G, d]; k, v [b, nk_alloc, kh, d] (every [blk * sb, + sbp) load in
-    bounds); idx / valid / gate [b, nq, groups, kp] -> o like q."""
-    return _forward(cfg, q, k, v, idx, valid, gate)[0]
+    bounds; packed: every [token, + sbp)); idx / valid / gate [b, nq, groups, kp] (packed: block
+    slots) -> o like q."""
+    return _forward(cfg, q, k, v, idx, valid, gate, packed)[0]
 
 
-def _query_fwd(cfg: QueryConfig, q, k, v, idx, valid, gate):
-    o, lse = _forward(cfg, q, k, v, idx, valid, gate)
-    return o, (q, k, v, idx, valid, gate, o, lse)
+def _query_fwd(cfg: QueryConfig, q, k, v, idx, valid, gate, packed=None):
+    o, lse = _forward(cfg, q, k, v, idx, valid, gate, packed)
+    return o, (q, k, v, idx, valid, gate, packed, o, lse)
 
 
 def _query_bwd(cfg: QueryConfig, res, do):
-    q, k, v, idx, valid, gate, o, lse = res
-    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, o, lse, do)
-    return dq, dk, dv, None, None, dgate
+    q, k, v, idx, valid, gate, packed, o, lse = res
+    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, packed, o, lse, do)
+    return dq, dk, dv, None, None, dgate, None
 
 
 query_selected.defvjp(_query_fwd, _query_bwd)

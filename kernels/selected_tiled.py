@@ -27,10 +27,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, MIN_DOT, compiler_params, interpret_mode, iota, mm, online_softmax_step,
-    pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
+    F32, LOG2E, MASK_VALUE, MIN_DOT, add_phantom_keys, compiler_params, interpret_mode, iota, mm,
+    online_softmax_step, pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
 )
-from kernels._selected_common import SelectedConfig, sort_by_block
+from kernels._selected_common import Packed, SelectedConfig, own_keys, slot_tiles_to_keys, sort_by_block
 from kernels.settings import SelectedSettings
 
 
@@ -71,38 +71,60 @@ def _member(cfg: TiledConfig, blk, t, idx, valid, zero_row, gate):
     return member, row_gate, chosen
 
 
-def _own_mask(cfg: TiledConfig, o, t, idx, valid):
-    """[R, sbp] keys of own block o that each row attends as its own block."""
-    cols = iota(cfg.sbp)[None, :]
-    mask = (lax.div(t, cfg.sb) == o)[:, None] & (cols < cfg.sb) & (t < cfg.nq)[:, None]
-    if cfg.causal:
-        mask = mask & (o * cfg.sb + cols <= t[:, None])
-    if cfg.num_sel > 0:  # a validly selected own block is attended in full (with its gate)
-        selected = jnp.max(jnp.where((idx == o) & valid, 1, 0), axis=1) > 0
-        mask = mask & jnp.logical_not(selected)[:, None]
-    return mask
+def _own_rows(cfg: TiledConfig, t, idx, valid, bounds):
+    """The per-row arguments of `own_keys` ([R, 1]) and the rows that are real queries [R, 1]."""
+    bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
+    return t[:, None], bounds, (t < cfg.nq)[:, None]
+
+
+def _own_mask(cfg: TiledConfig, o, t, idx, valid, bounds):
+    """[R, sbp] keys of the aligned key block o (tokens o * sb + ...) that each row attends as its own."""
+    tr, br, real = _own_rows(cfg, t, idx, valid, bounds)
+    _, mask, _ = own_keys(cfg, tr, o * cfg.sb + iota(cfg.sbp)[None, :], br, idx, valid)
+    return mask & real & (iota(cfg.sbp) < cfg.sb)[None, :]
 
 
 def _own_range(cfg: TiledConfig, tile):
-    """First and last own block of the queries of `tile` (a program id, or an array of them)."""
-    first = lax.div(tile * cfg.bq, cfg.sb)
-    last = jnp.minimum(lax.div(jnp.minimum(tile * cfg.bq + cfg.bq, cfg.nq) - 1, cfg.sb), cfg.nb - 1)
-    return first, last
+    """First and last aligned key block holding own-block keys of the queries of `tile` (a
+    program id, or an array of them). Packed, an own block starts anywhere in its document."""
+    t_first = tile * cfg.bq
+    t_last = jnp.minimum(tile * cfg.bq + cfg.bq, cfg.nq) - 1
+    if cfg.packed:
+        t_first = jnp.maximum(t_first - cfg.sb + 1, 0)
+        if not cfg.causal:
+            t_last = t_last + cfg.sb - 1
+    return lax.div(t_first, cfg.sb), jnp.minimum(lax.div(t_last, cfg.sb), cfg.nb - 1)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, o_ref, lse_ref,
-                *, cfg: TiledConfig):
+def _block_start(cfg: TiledConfig, blk, slot_ref):
+    """First key token of selected block (slot) blk."""
+    return slot_ref[blk] if cfg.packed else blk * cfg.sb
+
+
+def _split_refs(cfg: TiledConfig, refs, outputs: int):
+    """(packed bounds (start, end) refs or None, slot table ref or None, output refs)."""
+    *packed, = refs[:len(refs) - outputs]
+    out = refs[len(refs) - outputs:]
+    if not cfg.packed:
+        return None, None, out
+    return (packed[0], packed[1]), packed[2], out
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, *refs, cfg: TiledConfig):
+    bounds_refs, slot_ref, (o_ref, lse_ref) = _split_refs(cfg, refs, 2)
     q = q_ref[...]  # [R, d]
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
+    bounds = None if bounds_refs is None else (bounds_refs[0][...], bounds_refs[1][...])
     gate = gate_ref[...]
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def body(i, carry):
         blk = cand_ref[i]
         member, row_gate, _ = _member(cfg, blk, t, idx, valid, zero_row, gate)
-        kb = k_ref[pl.ds(blk * cfg.sb, cfg.sbp), :]
-        vb = v_ref[pl.ds(blk * cfg.sb, cfg.sbp), :]
+        start = _block_start(cfg, blk, slot_ref)
+        kb = k_ref[pl.ds(start, cfg.sbp), :]
+        vb = v_ref[pl.ds(start, cfg.sbp), :]
         s = mm(q, kb, trans_b=True) * (row_gate * c)[:, None]  # [R, sbp]
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row[:, None], 0.0, s)
@@ -116,23 +138,29 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
             kb = k_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             vb = v_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             s = mm(q, kb, trans_b=True) * c
-            return online_softmax_step(carry, jnp.where(_own_mask(cfg, o, t, idx, valid), s, MASK_VALUE), vb)
+            return online_softmax_step(carry, jnp.where(_own_mask(cfg, o, t, idx, valid, bounds), s, MASK_VALUE), vb)
 
         carry = lax.fori_loop(first, last + 1, own, carry)
+        if cfg.phantom_keys:
+            tr, br, real = _own_rows(cfg, t, idx, valid, bounds)
+            _, _, phantom = own_keys(cfg, tr, tr, br, idx, valid)
+            carry = add_phantom_keys(carry, jnp.where(real, phantom, 0)[:, 0].astype(F32))
     o, lse = softmax_finish(carry)
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, dgate_ref, *, cfg: TiledConfig):
+               *refs, cfg: TiledConfig):
     """dq and per-row dgates [R, kp]."""
+    bounds_refs, slot_ref, (dq_ref, dgate_ref) = _split_refs(cfg, refs, 2)
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...][:, None]
     delta = delta_ref[...][:, None]
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
+    bounds = None if bounds_refs is None else (bounds_refs[0][...], bounds_refs[1][...])
     gate = gate_ref[...]
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
@@ -144,8 +172,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
         dq, dgate = carry
         blk = cand_ref[i]
         member, row_gate, chosen = _member(cfg, blk, t, idx, valid, zero_row, gate)
-        kb = k_ref[pl.ds(blk * cfg.sb, cfg.sbp), :]
-        vb = v_ref[pl.ds(blk * cfg.sb, cfg.sbp), :]
+        start = _block_start(cfg, blk, slot_ref)
+        kb = k_ref[pl.ds(start, cfg.sbp), :]
+        vb = v_ref[pl.ds(start, cfg.sbp), :]
         qk = mm(q, kb, trans_b=True) * c  # [R, sbp], without the gate
         s = qk * row_gate[:, None]
         if cfg.zero_rows_possible:
@@ -166,7 +195,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
             kb = k_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             vb = v_ref[pl.ds(o * cfg.sb, cfg.sbp), :]
             s = mm(q, kb, trans_b=True) * c
-            return dq + mm(dlogits(vb, s, _own_mask(cfg, o, t, idx, valid)).astype(kb.dtype), kb)
+            return dq + mm(dlogits(vb, s, _own_mask(cfg, o, t, idx, valid, bounds)).astype(kb.dtype), kb)
 
         dq = lax.fori_loop(first, last + 1, own, dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -174,15 +203,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, tile_ref, off_ref,
-                dk_ref, dv_ref, *, cfg: TiledConfig):
+                *refs, cfg: TiledConfig, part: str):
     """dk, dv [sbp, d] of key block j for one selection group: the tiles that walked j (from the
     inverted index; split `split` of cfg.dkv_splits parts of that list), then (split 0) the tiles
-    whose queries have j as their own block. No atomics."""
+    whose queries have keys of j in their own block. No atomics. part "all": both; packed, two
+    calls: "selected" (block slot j, from the slot table) and "own" (aligned tokens j * sb + ...)."""
+    bounds_refs, slot_ref, (dk_ref, dv_ref) = _split_refs(cfg, refs, 2)
     j, split = pl.program_id(0), pl.program_id(1)
     c = cfg.scale * LOG2E
     r = cfg.tile_rows
-    kb = k_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
-    vb = v_ref[pl.ds(j * cfg.sb, cfg.sbp), :]
+    first_key = slot_ref[j] if part == "selected" else j * cfg.sb
+    kb = k_ref[pl.ds(first_key, cfg.sbp), :]
+    vb = v_ref[pl.ds(first_key, cfg.sbp), :]
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def tile_terms(tile):
@@ -211,21 +243,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
 
     d = q_ref.shape[-1]
     carry = (jnp.zeros((cfg.sbp, d), F32), jnp.zeros((cfg.sbp, d), F32))
-    start, stop = off_ref[j], off_ref[j + 1]
-    if cfg.dkv_splits > 1:  # heavily selected blocks (early ones, under causal selection) get split
-        chunk = lax.div(stop - start + cfg.dkv_splits - 1, cfg.dkv_splits)
-        start, stop = start + split * chunk, jnp.minimum(start + split * chunk + chunk, stop)
-    carry = lax.fori_loop(start, stop, walked, carry)
-    if cfg.own_block:  # tiles holding queries of block j
+    if part != "own":
+        start, stop = off_ref[j], off_ref[j + 1]
+        if cfg.dkv_splits > 1:  # heavily selected blocks (early ones, under causal selection) get split
+            chunk = lax.div(stop - start + cfg.dkv_splits - 1, cfg.dkv_splits)
+            start, stop = start + split * chunk, jnp.minimum(start + split * chunk + chunk, stop)
+        carry = lax.fori_loop(start, stop, walked, carry)
+    if cfg.own_block and part != "selected":  # tiles holding queries with keys of block j in their own block
         tiles = q_ref.shape[0] // r
 
         def own(tile, carry):
             q, do, lse, _, (t, idx, valid, _), qk, dp = tile_terms(tile)
-            p = jnp.where(_own_mask(cfg, j, t, idx, valid), jnp.exp2(qk - lse), 0.0)
+            rows = pl.ds(tile * r, r)
+            bounds = None if bounds_refs is None else (bounds_refs[0][rows], bounds_refs[1][rows])
+            p = jnp.where(_own_mask(cfg, j, t, idx, valid, bounds), jnp.exp2(qk - lse), 0.0)
             return accumulate(carry, q, do, p, p * dp)
 
-        first = lax.div(j * cfg.sb, cfg.bq)
-        last = jnp.minimum(lax.div(j * cfg.sb + cfg.sb - 1, cfg.bq), tiles - 1)
+        t_first, t_last = j * cfg.sb, j * cfg.sb + cfg.sb - 1  # queries that can own keys of block j
+        if cfg.packed:
+            t_last = t_last + cfg.sb - 1
+            if not cfg.causal:
+                t_first = jnp.maximum(t_first - cfg.sb + 1, 0)
+        first = lax.div(t_first, cfg.bq)
+        last = jnp.minimum(lax.div(t_last, cfg.bq), tiles - 1)
         carry = lax.fori_loop(first, jnp.where(split == 0, last + 1, first), own, carry)
     dk, dv = carry
     dk_ref[...] = dk * cfg.scale
@@ -279,82 +319,97 @@ def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
     )
 
 
-def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta):
-    """q [b, groups, nq_pad * rows, d]; idx/valid/gate per row [b, groups, nq_pad * rows, kp]."""
+def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple):
+    """q [b, groups, nq_pad * rows, d]; idx/valid/gate per row [b, groups, nq_pad * rows, kp];
+    packed: () or (row document starts, ends [b, groups, nq_pad * rows], slot table [b, nb])."""
     b, groups, nr, d = q.shape
     sp = _specs(cfg, d, k.shape[1])
+    packed_specs = [sp["row"], sp["row"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
-        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"]],
+        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"]]
+        + packed_specs,
         out_specs=[sp["row_d"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, groups, nr), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_tiled_fwd",
-    )(q, k, v, idx, valid, gate, cand, meta)
+    )(q, k, v, idx, valid, gate, cand, meta, *packed)
 
 
-def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, o, lse, do):
+def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, key_source, o, lse, do):
     b, groups, nr, d = q.shape
     nk_alloc, kh = k.shape[1], k.shape[2]
     sp = _specs(cfg, d, nk_alloc)
     params = compiler_params(cfg.num_warps, cfg.num_stages)
     delta = softmax_delta(o, do)
+    packed_specs = [sp["row"], sp["row"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
     dq, dgate = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
         in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
-                  sp["row_d"], sp["row"], sp["row"]],
+                  sp["row_d"], sp["row"], sp["row"]] + packed_specs,
         out_specs=[sp["row_d"], sp["row_kp"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_tiled_dq",
-    )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta)
+    )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta, *packed)
 
     tile_ids, offsets = inverted_tiles(cfg, cand, meta)
     full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
     upk = cfg.groups_per_kv
     kv = pl.BlockSpec((None, nk_alloc, None, d), lambda j, p, bi, s: (bi, 0, s // upk, 0))
     per_group = lambda n: pl.BlockSpec((None, None, n), lambda j, p, bi, s: (bi, s, 0))  # noqa: E731
-    out = pl.BlockSpec((None, None, None, None, cfg.sbp, d), lambda j, p, bi, s: (p, bi, s, j, 0, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg),
-        grid=(cfg.nb, cfg.dkv_splits, b, groups),
-        in_specs=[full(d), kv, kv, full(cfg.kp), full(cfg.kp), full(cfg.kp), full(d), full(), full(),
-                  per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)],
-        out_specs=[out, out],
-        out_shape=[jax.ShapeDtypeStruct((cfg.dkv_splits, b, groups, cfg.nb, cfg.sbp, d), F32)] * 2,
-        compiler_params=params,
-        interpret=cfg.interpret,
-        name="nsa_selected_tiled_dkdv",
-    )(q, k, v, idx, valid, gate, do, lse, delta, tile_ids, offsets)
+    packed_full = [full(), full(), pl.BlockSpec((None, cfg.nb), lambda j, p, bi, s: (bi, 0))] if packed else []
 
-    def to_keys(x):  # [splits, b, groups, nb, sbp, d] -> [b, nk_alloc, kh, d]: splits, groups of a kv head summed
-        x = x[..., : cfg.sb, :].sum(axis=0).reshape(b, kh, upk, cfg.nb * cfg.sb, d).sum(axis=2)
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, nk_alloc - cfg.nb * cfg.sb), (0, 0)))
-        return x.transpose(0, 2, 1, 3).astype(k.dtype)
+    def dkv(part: str, splits: int):  # -> dk, dv [splits, b, groups, nb, sbp, d] float32
+        out = pl.BlockSpec((None, None, None, None, cfg.sbp, d), lambda j, p, bi, s: (p, bi, s, j, 0, 0))
+        return pl.pallas_call(
+            functools.partial(_dkv_kernel, cfg=cfg, part=part),
+            grid=(cfg.nb, splits, b, groups),
+            in_specs=[full(d), kv, kv, full(cfg.kp), full(cfg.kp), full(cfg.kp), full(d), full(), full(),
+                      per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)] + packed_full,
+            out_specs=[out, out],
+            out_shape=[jax.ShapeDtypeStruct((splits, b, groups, cfg.nb, cfg.sbp, d), F32)] * 2,
+            compiler_params=params,
+            interpret=cfg.interpret,
+            name=f"nsa_selected_tiled_dkdv_{part}",
+        )(q, k, v, idx, valid, gate, do, lse, delta, tile_ids, offsets, *packed)
 
-    return dq, to_keys(dk), to_keys(dv), dgate
+    def per_kv_head(x):  # [splits, b, groups, nb, sbp, d] -> [b, nb, sbp, kh, d]: splits, groups of a kv head summed
+        return x.sum(axis=0).reshape(b, kh, upk, cfg.nb, cfg.sbp, d).sum(axis=2).transpose(0, 2, 3, 1, 4)
+
+    def blocks_to_keys(x):  # [b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
+        x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)
+        return pad_axis(x, 1, nk_alloc)
+
+    if not packed:
+        dk, dv = (blocks_to_keys(per_kv_head(x)).astype(k.dtype) for x in dkv("all", cfg.dkv_splits))
+    else:  # selected blocks are document slots (gathered back to their keys); own blocks aligned
+        dk, dv = ((slot_tiles_to_keys(per_kv_head(s_), key_source) + blocks_to_keys(per_kv_head(o_))).astype(k.dtype)
+                  for s_, o_ in zip(dkv("selected", cfg.dkv_splits), dkv("own", 1)))
+    return dq, dk, dv, dgate
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta):
+def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, key_source):
     """q [b, groups, nq_pad * rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate per row
-    [b, groups, nq_pad * rows, kp]; cand, meta from `candidates` -> o like q."""
-    return _forward(cfg, q, k, v, idx, valid, gate, cand, meta)[0]
+    [b, groups, nq_pad * rows, kp]; cand, meta from `candidates`; packed () or (row document
+    starts, ends, slot table) with key_source (`Packed`; else None) -> o like q."""
+    return _forward(cfg, q, k, v, idx, valid, gate, cand, meta, packed)[0]
 
 
-def _tiled_fwd(cfg, q, k, v, idx, valid, gate, cand, meta):
-    o, lse = _forward(cfg, q, k, v, idx, valid, gate, cand, meta)
-    return o, (q, k, v, idx, valid, gate, cand, meta, o, lse)
+def _tiled_fwd(cfg, q, k, v, idx, valid, gate, cand, meta, packed, key_source):
+    o, lse = _forward(cfg, q, k, v, idx, valid, gate, cand, meta, packed)
+    return o, (q, k, v, idx, valid, gate, cand, meta, packed, key_source, o, lse)
 
 
 def _tiled_bwd(cfg, res, do):
-    q, k, v, idx, valid, gate, cand, meta, o, lse = res
-    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, cand, meta, o, lse, do)
-    return dq, dk, dv, None, None, dgate, None, None
+    q, k, v, idx, valid, gate, cand, meta, packed, key_source, o, lse = res
+    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, cand, meta, packed, key_source, o, lse, do)
+    return dq, dk, dv, None, None, dgate, None, None, None, None
 
 
 tiled_selected.defvjp(_tiled_fwd, _tiled_bwd)
@@ -368,23 +423,31 @@ def tile_layout(nq: int, rows: int, settings: SelectedSettings) -> tuple[int, in
     return bq, nq_pad, dkv_splits
 
 
-def tiled_selected_attention(qg, k, v, idx, val, gate, *, sb: int, sbp: int, nb: int, num_sel: int, kp: int,
-                             upk: int, causal: bool, scale: float, settings: SelectedSettings) -> jax.Array:
+def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = None, *, sb: int, sbp: int, nb: int,
+                             num_sel: int, kp: int, upk: int, causal: bool, scale: float,
+                             settings: SelectedSettings) -> jax.Array:
     """The per-query layout of `kernels.selected_attention` through the tiled kernels and back.
 
-    qg [b, nq, groups, rows, d]; k, v [b, nb * sb + sbp - sb, kh, d] (every [blk * sb, + sbp) load
-    in bounds; sbp >= MIN_DOT); idx / val / gate [b, nq, groups, kp] -> o like qg.
+    qg [b, nq, groups, rows, d]; k, v [b, nk_alloc, kh, d] (every [blk * sb, + sbp) load in
+    bounds, packed: every [token, + sbp); sbp >= MIN_DOT); idx / val / gate [b, nq, groups, kp]
+    (packed: block slots) -> o like qg.
     """
     b, nq, groups, rows, d = qg.shape
-    assert sbp >= MIN_DOT and k.shape[1] == nb * sb + sbp - sb, (sbp, k.shape, nb, sb)
+    assert sbp >= MIN_DOT and k.shape[1] >= nb * sb + sbp - sb, (sbp, k.shape, nb, sb)
     bq, nq_pad, dkv_splits = tile_layout(nq, rows, settings)
     cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
-                      num_stages=settings.num_stages, interpret=interpret_mode(), dkv_splits=dkv_splits)
+                      num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,
+                      dkv_splits=dkv_splits)
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]
     per_row = lambda x: jnp.repeat(per_query(x), rows, axis=2)  # noqa: E731  [b, groups, nq_pad * rows, kp]
     cand, meta = candidates(cfg, per_query(idx), per_query(val))
-    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, meta)
+    extra, key_source = (), None
+    if packed is not None:  # per-row document bounds [b, groups, nq_pad * rows] and the slot table
+        bounds = (jnp.broadcast_to(jnp.repeat(pad_axis(x, 1, nq_pad), rows, axis=1)[:, None], (b, groups, nq_pad * rows))
+                  for x in (packed.start, packed.end))
+        extra, key_source = (*bounds, packed.slot_start), packed.key_source
+    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, meta, extra, key_source)
     return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)

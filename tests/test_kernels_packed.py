@@ -168,3 +168,76 @@ def test_select_blocks_packed_matches_reference(case, dtype):
     for name, g, r in zip(("q", "ck"), grads, ref_grads):
         assert_close("selection_packed", f"d{name}", g, r, np.float32 if dtype == np.float32 else dtype,
                      case=str(case))
+
+
+class SelectedCase(NamedTuple):
+    lengths: str
+    heads: int
+    kv_heads: int
+    dim_head: int
+    block: int
+    num_selected: int
+    causal: bool
+    shared: bool = True
+
+    @property
+    def group_rows(self) -> int:
+        return self.heads // self.kv_heads if self.shared else 1
+
+
+SELECTED = {  # block 8: "short" documents have no full block (every pick NO_PICK), "one_block" two
+    "g2_causal_many": SelectedCase("many", 4, 2, 32, 8, 2, True),
+    "g2_noncausal_short": SelectedCase("short", 4, 2, 32, 8, 2, False),
+    "g2_noncausal_many": SelectedCase("many", 4, 2, 32, 8, 2, False),
+    "per_head_block4_causal_one_block": SelectedCase("one_block", 4, 2, 32, 4, 3, True, shared=False),
+    "per_head_block4_noncausal_many": SelectedCase("many", 4, 2, 32, 4, 3, False, shared=False),
+    "g16_causal_many_d64": SelectedCase("many", 16, 1, 64, 16, 2, True),
+    "g16_noncausal_one_block": SelectedCase("one_block", 16, 1, 64, 16, 1, False),
+}
+SELECTED_QUICK = {"tiled": {"g2_causal_many": F32_ONLY, "g2_noncausal_short": F32_ONLY},
+                  "query": {"g16_causal_many_d64": F32_ONLY}}
+
+
+def packed_selection(key, segments: seg.Segments, case: SelectedCase, p_valid: float):
+    """Distinct random blocks of each query's own document (local indices), NO_PICK past the
+    document's full blocks, random validity (some rows with none valid) and gates around 1."""
+    import jax.numpy as jnp
+
+    b, n = segments.start.shape
+    sh = case.kv_heads if case.shared else case.heads
+    most = max(n // case.block, case.num_selected)
+    k_order, k_valid, k_gate = jax.random.split(key, 3)
+    blocks = (segments.lengths // case.block)[:, :, None, None]  # [b, n, 1, 1] full blocks of the document
+    r = jnp.where(jnp.arange(most) < blocks, jax.random.uniform(k_order, (b, n, sh, most)), 2.0)
+    kept = jnp.arange(case.num_selected) < blocks
+    indices = jnp.where(kept, jnp.argsort(r, axis=-1)[..., : case.num_selected], reference.NO_PICK)
+    valid = (jax.random.uniform(k_valid, indices.shape) < p_valid) & kept
+    gates = jnp.where(kept, 1.0 + 0.5 * jax.random.normal(k_gate, indices.shape), 0.0)
+    return indices.astype(jnp.int32), valid, gates
+
+
+def selected_grid() -> list:
+    return [pytest.param(*p.values, impl, id=f"{impl}-{p.id}", marks=p.marks)
+            for impl in ("query", "tiled") for p in grid(SELECTED, SELECTED_QUICK[impl])]
+
+
+@pytest.mark.parametrize("case,dtype,impl", selected_grid())
+def test_selected_attention_packed_matches_reference(case, dtype, impl):
+    from kernels.selected_attention import layout, selected_attention
+    from kernels.settings import SelectedSettings
+
+    segments = packed(Case(case.lengths, 1, 1, 1, True))
+    b, n = segments.start.shape
+    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
+    q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
+    k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    indices, valid, gates = packed_selection(keys[3], segments, case, 0.8 if case.causal else 0.6)
+    # Split dk/dv query lists too (the paper's heavily selected early blocks).
+    settings = SelectedSettings(impl=impl, dkv_entries_per_program=1, tiles_per_dkv_split=1)
+    lay = layout(q.shape, k.shape, indices.shape, block_size=case.block, settings=settings)
+    assert lay.impl == impl and (impl == "tiled" or lay.dkv_splits > 1), lay
+    kw = dict(block_size=case.block, causal=case.causal)
+    check_vjp(f"selected_packed_{impl}",
+              lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, segments, settings=settings, **kw),
+              lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, segments=segments, **kw),
+              (q, k, v, gates), ("q", "k", "v", "gates"), dtype, keys[4], case=str(case))

@@ -156,9 +156,30 @@ def test_segment_ids_of_the_wrong_shape_is_a_one_line_error():
         module(jnp.ones((1, 12, DIM)), segment_ids=jnp.zeros((1, 12)))
 
 
-def test_pallas_backend_names_the_reference_path_for_segment_ids():
-    module = SparseAttention(dim=DIM, dim_head=16, heads=4, kv_heads=2, sliding_window_size=5, compress_block_size=4,
-                             selection_block_size=4, num_selected_blocks=2, causal=True, use_pallas_nsa=True,
-                             rngs=nnx.Rngs(0))
-    with pytest.raises(NotImplementedError, match="use_pallas_nsa=False"):
-        module(jnp.ones((1, 12, DIM)), segment_ids=jnp.zeros((1, 12), jnp.int32))
+def test_pallas_backend_packed_matches_reference_backend():
+    """SparseAttention with segment ids through every Pallas kernel (interpreted on CPU) against
+    the same module on the reference attention: outputs and all gradients."""
+    module = sparse_attention("causal_shared")
+    pallas = nnx.merge(*nnx.split(module))
+    pallas.use_pallas_nsa = True
+    ids = packed_ids(LENGTHS["many_blocks"])
+    x = jax.random.normal(jax.random.key(1), (*ids.shape, DIM))
+    ct = jax.random.normal(jax.random.key(2), (*ids.shape, DIM))
+
+    def run(m):
+        graph, params = nnx.split(m)
+
+        def loss(p, x):  # <out, ct> and out
+            out = nnx.merge(graph, p)(x, segment_ids=ids)
+            return jnp.sum(out * ct), out
+
+        with jax.default_matmul_precision("highest"):
+            (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+        return out, grads
+
+    assert pallas.backend.name == "pallas" and module.backend.name == "reference"
+    (got, (dp, dx)), (want, (wdp, wdx)) = run(pallas), run(module)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(dx, wdx, atol=2e-6, rtol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(dp), jax.tree.leaves(wdp)):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4, err_msg=f"d {jax.tree_util.keystr(path)}")
