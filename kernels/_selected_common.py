@@ -70,19 +70,30 @@ class Packed(NamedTuple):
     end: jax.Array  # [b, nq] one past its last
     slot_start: jax.Array  # [b, nb] first token of each block slot (0 where no document has that block)
     key_source: jax.Array  # [b, nk_alloc] each key's row in the per-slot tiles [nb * sbp], or -1
+    own_queries: jax.Array  # [b, nb, 2] the queries [first, end) with keys of aligned block j in their own block
 
 
-def packed_inputs(segments: seg.Segments, *, sb: int, sbp: int, nb: int, nk_alloc: int) -> Packed:
-    """Slot table and per-key slot rows of these documents (every full block is a slot)."""
+def packed_inputs(segments: seg.Segments, *, sb: int, sbp: int, nb: int, nk_alloc: int, causal: bool) -> Packed:
+    """Slot table, per-key slot rows and own-block query ranges of these documents (every full
+    block is a slot)."""
     n = segments.start.shape[1]
     slots = seg.slots(segments, sb, n // sb)
     slot_start = pad_axis(jnp.where(slots.valid, slots.doc_start + slots.local * sb, 0), 1, nb)
     s = segments.start
-    local = (jnp.arange(n, dtype=jnp.int32)[None] - s) // sb  # [b, n] the key's block in its document
-    row = (s // sb + local) * sbp + (jnp.arange(n)[None] - s) % sb
+    u = jnp.arange(n, dtype=jnp.int32)[None]
+    local = (u - s) // sb  # [b, n] the key's block in its document
+    row = (s // sb + local) * sbp + (u - s) % sb
     source = jnp.where(local < segments.lengths // sb, row, -1)
     source = jnp.pad(source, ((0, 0), (0, nk_alloc - n)), constant_values=-1)
-    return Packed(s, segments.end, slot_start.astype(jnp.int32), source.astype(jnp.int32))
+    # Key u is in the own block of the queries [u (causal) or its block's first token, block end).
+    own_lo = s + local * sb
+    first = jnp.broadcast_to(u, s.shape) if causal else own_lo
+    end = jnp.minimum(own_lo + sb, segments.end)
+    per_block = lambda x, fill, op: op(  # noqa: E731  [b, n] -> [b, nb]
+        jnp.pad(x, ((0, 0), (0, nb * sb - n)), constant_values=fill).reshape(-1, nb, sb), axis=2)
+    own_queries = jnp.stack([per_block(first, n, jnp.min), per_block(end, 0, jnp.max)], axis=-1)
+    i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
+    return Packed(s, segments.end, i32(slot_start), i32(source), i32(own_queries))
 
 
 def slot_indices(indices: jax.Array, segments: seg.Segments, sb: int) -> jax.Array:

@@ -106,7 +106,7 @@ def selected_attention(
     packed = None
     if segments is not None:  # blocks start anywhere: every [token, + sbp) load in bounds
         nk_alloc = lay.nb * block_size + lay.sbp
-        packed = packed_inputs(segments, sb=block_size, sbp=lay.sbp, nb=lay.nb, nk_alloc=nk_alloc)
+        packed = packed_inputs(segments, sb=block_size, sbp=lay.sbp, nb=lay.nb, nk_alloc=nk_alloc, causal=causal)
         indices = slot_indices(indices, segments, block_size)
     kp_, vp_ = (pad_axis(pad_axis(x.astype(dtype), 3, lay.d_pad), 1, nk_alloc) for x in (k, v))
     if num_sel == 0:

@@ -151,15 +151,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
                  *refs, cfg: QueryConfig, part: str):
-    """dk, dv of key block j. part "all": its selections and its own queries; packed, two calls:
-    "selected" (block slot j, from the slot table) and "own" (the aligned tokens j * sb + ...)."""
-    *packed, dk_ref, dv_ref = refs  # packed: document bounds [nq, 2] and the slot table [nb]
-    bounds_ref, slot_ref = packed if cfg.packed else (None, None)
+    """dk, dv of key block j: the queries that selected it (split `split` of cfg.dkv_splits parts of
+    that list), then the queries with keys of it in their own block (split 0). Packed ("packed"),
+    a selected block is block slot j (from the slot table) and one more program per j
+    (split = cfg.dkv_splits) takes the own blocks' keys j * sb + ..., into their own tile."""
+    *packed, dk_ref, dv_ref = refs  # packed: document bounds [nq, 2], slot table [nb], own queries [nb, 2]
+    bounds_ref, slot_ref, own_ref = packed if cfg.packed else (None, None, None)
     j = pl.program_id(0)
     split = pl.program_id(1)
     rows = cfg.rows
     d = q_ref.shape[-1]
-    first_key = slot_ref[j] if part == "selected" else j * cfg.sb
+    if part == "packed":
+        own_program = split == cfg.dkv_splits
+        first_key = jnp.where(own_program, j * cfg.sb, slot_ref[j])
+    else:
+        own_program, first_key = split == 0, j * cfg.sb
     kb = k_ref[pl.ds(first_key, cfg.sbp), :]  # [sbp, d]
     vb = v_ref[pl.ds(first_key, cfg.sbp), :]
     c = cfg.scale * LOG2E
@@ -192,12 +198,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0)) > 0)
             return accumulate(carry, t, u, sgate_ref[u, e], in_block, zero_row)
 
-        if part != "own":
-            start, end = off_ref[u, j], off_ref[u, j + 1]
-            per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
-            first = start + split * per_split
-            carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
-        if cfg.own_block and part != "selected":  # the queries with keys of this block in their own block
+        start, end = off_ref[u, j], off_ref[u, j + 1]
+        per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
+        first = start + split * per_split  # past the end for the packed own program
+        carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
+        if cfg.own_block:  # the queries with keys of this block in their own block
             keys = j * cfg.sb + iota(cfg.sbp)
 
             def own(t, carry):
@@ -205,10 +210,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 _, mask, _ = own_keys(cfg, t, keys, bounds, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
                 return accumulate(carry, t, u, 1.0, mask[:, None], None)
 
-            # Unpacked: the block's own tokens; packed, own blocks start anywhere: within sb - 1 of a key.
-            lo = j * cfg.sb if cfg.causal or not cfg.packed else jnp.maximum(j * cfg.sb - cfg.sb + 1, 0)
-            hi = j * cfg.sb + (2 * cfg.sb - 1 if cfg.packed else cfg.sb)
-            carry = lax.fori_loop(lo, jnp.where(split == 0, jnp.minimum(hi, cfg.nq), lo), own, carry)
+            # Unpacked: the block's own tokens; packed, own blocks start anywhere (the range from XLA).
+            lo, hi = (own_ref[j, 0], own_ref[j, 1]) if cfg.packed else (j * cfg.sb, j * cfg.sb + cfg.sb)
+            carry = lax.fori_loop(lo, jnp.where(own_program, jnp.minimum(hi, cfg.nq), lo), own, carry)
         return carry
 
     zeros = jnp.zeros((cfg.sbp, d), F32)
@@ -231,17 +235,22 @@ def _kv_spec(cfg: QueryConfig, nk_alloc: int, d: int):
 
 
 def _packed_specs(cfg: QueryConfig, full: bool):
-    """BlockSpecs of the packed inputs (document bounds [b, nq, 2], slot table [b, nb]): per query, or
-    every query (`full`, the dk/dv kernel's grid (nb, splits, b, kh))."""
+    """BlockSpecs of the packed inputs (document bounds [b, nq, 2], slot table [b, nb], own queries
+    [b, nb, 2]): per query, or every query (`full`, the dk/dv kernel's grid (nb, splits, b, kh))."""
+    if not cfg.packed:
+        return []
     if full:
         return [pl.BlockSpec((None, cfg.nq, 2), lambda j, sp, bi, h: (bi, 0, 0)),
-                pl.BlockSpec((None, cfg.nb), lambda j, sp, bi, h: (bi, 0))]
+                pl.BlockSpec((None, cfg.nb), lambda j, sp, bi, h: (bi, 0)),
+                pl.BlockSpec((None, cfg.nb, 2), lambda j, sp, bi, h: (bi, 0, 0))]
     return [pl.BlockSpec((None, None, 2), lambda t, bi, s: (bi, t, 0)),
             pl.BlockSpec((None, cfg.nb), lambda t, bi, s: (bi, 0))]
 
 
-def _packed_args(packed: Packed | None) -> list:
-    return [] if packed is None else [jnp.stack([packed.start, packed.end], axis=-1), packed.slot_start]
+def _packed_args(packed: Packed | None, full: bool) -> list:
+    if packed is None:
+        return []
+    return [jnp.stack([packed.start, packed.end], axis=-1), packed.slot_start] + ([packed.own_queries] if full else [])
 
 
 def _forward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None):
@@ -252,13 +261,13 @@ def _forward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(nq, b, groups),
-        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec] + _packed_specs(cfg, False)[:2 * cfg.packed],
+        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec] + _packed_specs(cfg, False),
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, nq, groups, rows), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_fwd",
-    )(q, k, v, idx, valid, gate, *_packed_args(packed))
+    )(q, k, v, idx, valid, gate, *_packed_args(packed, False))
 
 
 def _inverted_index(cfg: QueryConfig, idx, valid):
@@ -290,13 +299,13 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nq, b, groups),
         in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec]
-        + _packed_specs(cfg, False)[:2 * cfg.packed],
+        + _packed_specs(cfg, False),
         out_specs=[q_spec, sel_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_selected_dq",
-    )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed))
+    )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed, False))
 
     order, offsets = _inverted_index(cfg, idx, valid)
     gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
@@ -315,34 +324,31 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     inputs = (as_kv(q), k, v, as_kv(do), as_kv(lse), as_kv(delta),
               idx.reshape(b, nq, kh, upk, cfg.kp), valid.reshape(b, nq, kh, upk, cfg.kp),
               qid.reshape(b, kh, upk, e), sorted_gate.reshape(b, kh, upk, e), offsets.reshape(b, kh, upk, cfg.nb + 1),
-              *_packed_args(packed))
+              *_packed_args(packed, True))
 
-    def dkdv(part: str, splits: int):  # -> dk, dv [splits, b, nb, sbp, kh, d]
-        out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
-        return pl.pallas_call(
-            functools.partial(_dkdv_kernel, cfg=cfg, part=part),
-            grid=(cfg.nb, splits, b, kh),
-            in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
-                      off_spec] + _packed_specs(cfg, True)[:2 * cfg.packed],
-            out_specs=[out_spec, out_spec],
-            out_shape=[jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
-            compiler_params=params,
-            interpret=cfg.interpret,
-            name=f"nsa_selected_dkdv_{part}",
-        )(*inputs)
+    part, splits = ("all", cfg.dkv_splits) if packed is None else ("packed", cfg.dkv_splits + 1)
+    out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg, part=part),
+        grid=(cfg.nb, splits, b, kh),
+        in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
+                  off_spec] + _packed_specs(cfg, True),
+        out_specs=[out_spec, out_spec],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_selected_dkdv",
+    )(*inputs)
 
-    def blocks_to_keys(x):  # [splits, b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
-        x = x.sum(axis=0).astype(k.dtype) if x.shape[0] > 1 else x[0]
+    def blocks_to_keys(x):  # [b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
         x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)
         return pad_axis(x, 1, k.shape[1])
 
     if packed is None:
-        dk, dv = (blocks_to_keys(x) for x in dkdv("all", cfg.dkv_splits))
-    else:  # selected blocks are document slots (gathered back to their keys); own blocks aligned
-        sel = [x.sum(axis=0) if x.shape[0] > 1 else x[0].astype(F32) for x in dkdv("selected", cfg.dkv_splits)]
-        own = dkdv("own", 1)
-        dk, dv = ((slot_tiles_to_keys(s_, packed.key_source) + blocks_to_keys(o_).astype(F32)).astype(k.dtype)
-                  for s_, o_ in zip(sel, own))
+        dk, dv = (blocks_to_keys(x.sum(axis=0).astype(k.dtype) if splits > 1 else x[0]) for x in (dk, dv))
+    else:  # selected blocks are document slots (gathered back to their keys); own blocks aligned (last split)
+        dk, dv = ((slot_tiles_to_keys(x[:-1].sum(axis=0), packed.key_source) + blocks_to_keys(x[-1])).astype(k.dtype)
+                  for x in (dk, dv))
     return dq, dk, dv, dgate
 
 
