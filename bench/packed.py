@@ -11,13 +11,16 @@ backend, batch 1, bf16, causal, in three layouts of the same T tokens:
 
 The compressed keys of the `fla` configuration are mean-pooled per document (fla's compression,
 each document on its own grid). Forward and forward + backward (gradients of q, k, v, ck, cv),
-and the selection + selected-attention branch alone. Median of repeated runs after warm-up,
+and the selection + selected-attention branch alone; `--branches` also times each branch on its own
+(selection; selected attention on fixed picks, gradients of q, k, v and the gates; compressed
+attention on the given ck, cv). Median of repeated runs after warm-up,
 `block_until_ready` around each. Prints a table and writes JSON (default
 bench/results/packed-<date>.json). fla's own packed time comes from
 `bench/peers_torch.py --what fla_packed` (its own process, no JAX).
 
     python -m bench.packed                                   # fla and seed, T = 65,536, 16 documents
     python -m bench.packed --configs seed --length 4096 --documents 4 --reps 3
+    python -m bench.packed --branches                        # and a table per branch
 """
 
 from __future__ import annotations
@@ -78,6 +81,28 @@ def packed_core(cfg: dict, segments: seg.Segments | None):
     return core, selection_and_selected
 
 
+def branch_fns(cfg: dict, inputs, segments: seg.Segments | None) -> dict:
+    """Each branch alone: {name: (fn, args)}; the picks of selected attention are fixed (made once)."""
+    backend = kernels.get_backend("pallas")
+    q, k, v, ck, cv = inputs
+    d, stride, sb = cfg["dim_head"], cfg["stride"], cfg["selection_block"]
+    scale = d**-0.5
+    packed = {} if segments is None else {"segments": segments}
+    sel_kw = dict(num_mem=1, stride=stride, causal=True, share_heads=True, num_selected=cfg["num_selected"],
+                  selection_block_size=sb, scale=scale, **packed)
+    values, indices = jax.jit(lambda q, ck: backend.select_blocks(q, ck, **sel_kw))(q, ck)
+    valid, gates = reference.valid_selection(values), reference.straight_through_gates(values)
+    return {
+        "selection": (lambda q, ck: backend.select_blocks(q, ck, **sel_kw)[0], (q, ck)),
+        "selected": (lambda q, k, v, g: backend.selected_attention(q, k, v, indices, valid, g, block_size=sb,
+                                                                   causal=True, scale=scale, **packed),
+                     (q, k, v, gates)),
+        "compressed": (lambda q, ck, cv: backend.compressed_attention(q, ck, cv, num_mem=1, stride=stride,
+                                                                      causal=True, scale=scale, **packed),
+                       (q, ck, cv)),
+    }
+
+
 def layouts(n: int, documents: int) -> dict[str, seg.Segments | None]:
     ids = np.repeat(np.arange(documents), n // documents)[None]
     return {"one sequence": None, "one document": seg.from_ids(np.zeros((1, n), np.int32)),
@@ -91,6 +116,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=16, help="equal documents packed into --length")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--budget_s", type=float, default=3.0, help="stop repeating after this long (>= 3 runs)")
+    parser.add_argument("--branches", action="store_true", help="also time each branch alone")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/packed-<date>.json)")
     args = parser.parse_args()
     if args.length % args.documents:
@@ -103,7 +129,12 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"packed-{meta['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    rows = []
+    rows, branch_rows = [], []
+
+    def save():
+        with open(out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, branches=branch_rows), f, indent=1)
+
     for name in args.configs:
         inputs = make_inputs(CONFIGS[name], args.length)
         for layout, segments in layouts(args.length, args.documents).items():
@@ -114,10 +145,15 @@ def main() -> None:
                 row[f"{label}_fwd_ms"] = timed(forward, inputs, args.reps, args.budget_s)
                 row[f"{label}_fwd_bwd_ms"] = timed(backward, (inputs, ct), args.reps, args.budget_s)
             rows.append(row)
-            with open(out, "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            save()
             print(f"{name} {layout}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_ms")),
                   flush=True)
+            for branch, (fn, fn_args) in (branch_fns(CONFIGS[name], inputs, segments) if args.branches else {}).items():
+                forward, backward, ct = fwd_and_bwd(fn, fn_args)
+                branch_rows.append(dict(config=name, layout=layout, branch=branch,
+                                        fwd_ms=timed(forward, fn_args, args.reps, args.budget_s),
+                                        fwd_bwd_ms=timed(backward, (fn_args, ct), args.reps, args.budget_s)))
+                save()
 
     print(f"\nNSA core on packed documents, T={args.length}, batch 1, bf16, causal, {device.device_kind}, "
           f"{meta['date']} (ms)")
@@ -126,6 +162,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['config']} | {r['layout']} | {r['core_fwd_ms']:.2f} | {r['core_fwd_bwd_ms']:.2f} | "
               f"{r['selected_fwd_ms']:.2f} | {r['selected_fwd_bwd_ms']:.2f} |")
+    if branch_rows:
+        print("\n| config | layout | branch | fwd | fwd+bwd |")
+        print("|---|---|---|---|---|")
+        for r in branch_rows:
+            print(f"| {r['config']} | {r['layout']} | {r['branch']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
     print(f"wrote {out}")
 
 

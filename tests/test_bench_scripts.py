@@ -93,6 +93,20 @@ def test_core_bench_runs_on_cpu(tmp_path):
         assert rows[what]["fwd_ms"] > 0 and rows[what]["fwd_bwd_ms"] > 0, rows[what]
 
 
+@pytest.mark.slow
+def test_packed_bench_runs_on_cpu(tmp_path):
+    """bench.packed on a tiny length (interpreted kernels): every layout and branch timed."""
+    out = tmp_path / "packed.json"
+    run = subprocess.run([sys.executable, "-m", "bench.packed", "--configs", "seed", "--length", "128", "--documents",
+                          "2", "--branches", "--reps", "1", "--budget_s", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert [r["layout"] for r in saved["rows"]] == ["one sequence", "one document", "2 documents"]
+    assert all(r[key] > 0 for r in saved["rows"] for key in r if key.endswith("_ms"))
+    assert len(saved["branches"]) == 9 and all(r["fwd_bwd_ms"] > 0 for r in saved["branches"])
+
+
 def test_peers_torch_script(tmp_path):
     """Without torch: the skip line, exit 0, no JSON. With torch: the CPU smoke path of the decode timing."""
     import importlib.util
