@@ -51,7 +51,10 @@ def packed_core(cfg: dict, segments: seg.Segments | None):
         """fla's compression: the memory entry, then k and v averaged over each document's blocks."""
         if not cfg.get("mean_pool"):
             return ck, cv
-        pool = lambda x: reference.compression_windows(x, stride, stride, segments).mean(axis=3).transpose(0, 2, 1, 3)  # noqa: E731
+
+        def pool(x):  # [b, n, kh, d] -> [b, n // stride, kh, d]
+            return reference.compression_windows(x, stride, stride, segments).mean(axis=3).transpose(0, 2, 1, 3)
+
         return jnp.concatenate([ck[:, :1], pool(k)], axis=1), jnp.concatenate([cv[:, :1], pool(v)], axis=1)
 
     def selected(q, k, v, ck):

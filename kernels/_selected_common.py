@@ -119,24 +119,27 @@ def no_pick(cfg: SelectedConfig, idx: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(picked, 1, 0), axis=-1, keepdims=True) == 0
 
 
-def own_keys(cfg: SelectedConfig, t, keys, bounds, idx, valid):
-    """Which `keys` (token ids) query t attends as its own block: (the block's first token, mask,
-    phantom zero keys or None).
-
-    Per query t a scalar (keys [K], idx / valid [kp]) or per row [R, 1] (keys [1, K], idx /
-    valid [R, kp]); bounds = (document start, end) shaped like t, or None unpacked. A validly
-    selected own block is attended in full (with its gate) among the selected ones instead.
-    """
+def own_block_range(cfg: SelectedConfig, t, bounds):
+    """Query t's own block: (its first key token, one past its last, its block slot). t of any
+    shape; bounds = (document start, end) shaped like t, or None unpacked, where the block runs
+    past the sequence end into the zero keys the package pads with (non-causal, k' = 0)."""
     if cfg.packed:
         start, end = bounds
         local = lax.div(t - start, cfg.sb)
         lo = start + local * cfg.sb
-        hi = jnp.minimum(lo + cfg.sb, end)
-        slot = lax.div(start, cfg.sb) + local
-    else:  # past the sequence end: the zero keys the package pads with (non-causal, k' = 0)
-        slot = lax.div(t, cfg.sb)
-        lo = slot * cfg.sb
-        hi = lo + cfg.sb
+        return lo, jnp.minimum(lo + cfg.sb, end), lax.div(start, cfg.sb) + local
+    slot = lax.div(t, cfg.sb)
+    return slot * cfg.sb, slot * cfg.sb + cfg.sb, slot
+
+
+def own_keys(cfg: SelectedConfig, t, keys, bounds, idx, valid):
+    """Which `keys` (token ids) query t attends as its own block: (mask, phantom zero keys or None).
+
+    Per query t a scalar (keys [K], idx / valid [kp]) or per row [R, 1] (keys [1, K], idx /
+    valid [R, kp]); bounds as `own_block_range`. A validly selected own block is attended in full
+    (with its gate) among the selected ones instead.
+    """
+    lo, hi, slot = own_block_range(cfg, t, bounds)
     mask = (keys >= lo) & (keys < hi)
     if cfg.causal:
         mask = mask & (keys <= t)
@@ -148,7 +151,7 @@ def own_keys(cfg: SelectedConfig, t, keys, bounds, idx, valid):
     if attend is not None:
         mask = mask & attend
     phantom = jnp.where(attend, jnp.maximum(lo + cfg.sb - bounds[1], 0), 0) if cfg.phantom_keys else None
-    return lo, mask, phantom
+    return mask, phantom
 
 
 def sort_by_block(key: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:

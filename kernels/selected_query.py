@@ -36,7 +36,9 @@ from kernels._common import (
     F32, LOG2E, MASK_VALUE, add_phantom_keys, compiler_params, iota, mm, online_softmax_step, pad_axis,
     softmax_delta, softmax_finish, softmax_init,
 )
-from kernels._selected_common import Packed, SelectedConfig, own_keys, slot_tiles_to_keys, sort_by_block
+from kernels._selected_common import (
+    Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +60,8 @@ def _block_start(cfg: QueryConfig, blk, slot_ref):
 def _own(cfg: QueryConfig, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref):
     """Query t's own block: its keys and values [sbp, d] and (mask [sbp], phantom keys or None)."""
     bounds = (bounds_ref[0], bounds_ref[1]) if cfg.packed else None
-    lo = own_keys(cfg, t, t, bounds, idx_vec, valid_vec)[0]
-    _, mask, phantom = own_keys(cfg, t, lo + iota(cfg.sbp), bounds, idx_vec, valid_vec)
+    lo = own_block_range(cfg, t, bounds)[0]
+    mask, phantom = own_keys(cfg, t, lo + iota(cfg.sbp), bounds, idx_vec, valid_vec)
     return k_ref[pl.ds(lo, cfg.sbp), :], v_ref[pl.ds(lo, cfg.sbp), :], mask, phantom
 
 
@@ -207,7 +209,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
 
             def own(t, carry):
                 bounds = (bounds_ref[t, 0], bounds_ref[t, 1]) if cfg.packed else None
-                _, mask, _ = own_keys(cfg, t, keys, bounds, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
+                mask, _ = own_keys(cfg, t, keys, bounds, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
                 return accumulate(carry, t, u, 1.0, mask[:, None], None)
 
             # Unpacked: the block's own tokens; packed, own blocks start anywhere (the range from XLA).

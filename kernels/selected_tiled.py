@@ -30,7 +30,9 @@ from kernels._common import (
     F32, LOG2E, MASK_VALUE, MIN_DOT, add_phantom_keys, compiler_params, interpret_mode, iota, mm,
     online_softmax_step, pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
 )
-from kernels._selected_common import Packed, SelectedConfig, own_keys, slot_tiles_to_keys, sort_by_block
+from kernels._selected_common import (
+    Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
+)
 from kernels.settings import SelectedSettings
 
 
@@ -71,16 +73,17 @@ def _member(cfg: TiledConfig, blk, t, idx, valid, zero_row, gate):
     return member, row_gate, chosen
 
 
-def _own_rows(cfg: TiledConfig, t, idx, valid, bounds):
-    """The per-row arguments of `own_keys` ([R, 1]) and the rows that are real queries [R, 1]."""
+def _own_rows(cfg: TiledConfig, t, bounds):
+    """The rows' queries and document bounds as `own_keys` takes them ([R, 1]), and which rows
+    are real queries [R, 1]."""
     bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
     return t[:, None], bounds, (t < cfg.nq)[:, None]
 
 
 def _own_mask(cfg: TiledConfig, o, t, idx, valid, bounds):
     """[R, sbp] keys of the aligned key block o (tokens o * sb + ...) that each row attends as its own."""
-    tr, br, real = _own_rows(cfg, t, idx, valid, bounds)
-    _, mask, _ = own_keys(cfg, tr, o * cfg.sb + iota(cfg.sbp)[None, :], br, idx, valid)
+    tr, br, real = _own_rows(cfg, t, bounds)
+    mask, _ = own_keys(cfg, tr, o * cfg.sb + iota(cfg.sbp)[None, :], br, idx, valid)
     return mask & real & (iota(cfg.sbp) < cfg.sb)[None, :]
 
 
@@ -88,9 +91,7 @@ def _own_range(cfg: TiledConfig, tile, t=None, bounds=None):
     """First and last aligned key block holding own-block keys of the queries of `tile` (its
     rows' queries t and document bounds when packed: an own block starts anywhere)."""
     if cfg.packed:
-        start, end = bounds
-        lo = start + lax.div(t - start, cfg.sb) * cfg.sb  # [R] first key of each row's own block
-        hi = jnp.minimum(lo + cfg.sb, end)
+        lo, hi, _ = own_block_range(cfg, t, bounds)  # [R]
         if cfg.causal:
             hi = jnp.minimum(hi, t + 1)
         real = t < cfg.nq
@@ -148,8 +149,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
 
         carry = lax.fori_loop(first, last + 1, own, carry)
         if cfg.phantom_keys:
-            tr, br, real = _own_rows(cfg, t, idx, valid, bounds)
-            _, _, phantom = own_keys(cfg, tr, tr, br, idx, valid)
+            tr, br, real = _own_rows(cfg, t, bounds)
+            _, phantom = own_keys(cfg, tr, tr, br, idx, valid)
             carry = add_phantom_keys(carry, jnp.where(real, phantom, 0)[:, 0].astype(F32))
     o, lse = softmax_finish(carry)
     o_ref[...] = o.astype(o_ref.dtype)
@@ -454,8 +455,9 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
     cand, meta = candidates(cfg, per_query(idx), per_query(val))
     extra, key_source = (), None
     if packed is not None:  # per-row document bounds [b, groups, nq_pad * rows] and the slot table
-        bounds = (jnp.broadcast_to(jnp.repeat(pad_axis(x, 1, nq_pad), rows, axis=1)[:, None], (b, groups, nq_pad * rows))
-                  for x in (packed.start, packed.end))
+        per_row_bound = lambda x: jnp.broadcast_to(  # noqa: E731
+            jnp.repeat(pad_axis(x, 1, nq_pad), rows, axis=1)[:, None], (b, groups, nq_pad * rows))
+        bounds = (per_row_bound(packed.start), per_row_bound(packed.end))
         extra, key_source = (*bounds, packed.slot_start, packed.own_queries), packed.key_source
     o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, meta, extra, key_source)
     return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)
