@@ -4,6 +4,7 @@ gradient, causal and non-causal, in documents shorter than a block, one block an
 
 from __future__ import annotations
 
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,12 @@ class Case(NamedTuple):
     num_mem: int = 1  # compressed
     window: int = 5  # sliding
     mask_padding: bool = False  # sliding
+
+
+def seed_of(case: tuple) -> int:
+    """A seed fixed by the case's fields. (`hash` of a tuple with strings changes from process
+    to process, which made these inputs, and a bf16 error near its tolerance, differ per run.)"""
+    return zlib.crc32(repr(case).encode())
 
 
 def packed(case: Case) -> seg.Segments:
@@ -58,7 +65,7 @@ SLIDING = {
 def test_compressed_attention_packed_matches_reference(case, dtype):
     segments = packed(case)
     b, n = segments.start.shape
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 4)
+    keys = jax.random.split(jax.random.key(seed_of(case)), 4)
     nk = case.num_mem + n // case.stride
     q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
     ck, cv = (randn(key, (b, nk, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
@@ -72,7 +79,7 @@ def test_compressed_attention_packed_matches_reference(case, dtype):
 def test_sliding_window_packed_matches_reference(case, dtype):
     segments = packed(case)
     b, n = segments.start.shape
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 4)
+    keys = jax.random.split(jax.random.key(seed_of(case)), 4)
     q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
     k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
     kw = dict(window=case.window, causal=case.causal, mask_padding=case.mask_padding)
@@ -127,7 +134,7 @@ def test_select_blocks_packed_matches_reference(case, dtype):
     lengths = LENGTHS[case.lengths]
     segments = packed(Case(case.lengths, 1, 1, 1, True))
     b, n = segments.start.shape
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 3)
+    keys = jax.random.split(jax.random.key(seed_of(case)), 3)
     q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
     ck = randn(keys[1], (b, 1 + n // case.stride, case.kv_heads, case.dim_head), dtype)
     kw = dict(num_mem=1, stride=case.stride, causal=case.causal, share_heads=case.shared,
@@ -228,7 +235,7 @@ def test_selected_attention_packed_matches_reference(case, dtype, impl):
 
     segments = packed(Case(case.lengths, 1, 1, 1, True))
     b, n = segments.start.shape
-    keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
+    keys = jax.random.split(jax.random.key(seed_of(case)), 5)
     q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
     k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
     indices, valid, gates = packed_selection(keys[3], segments, case, 0.8 if case.causal else 0.6)
