@@ -61,3 +61,34 @@ def compressed_attention(
                                                                              q.shape[1]))
     return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
                             bounds=(first, first + count), key_queries=key_queries)
+
+
+def entry_attention(
+    q: jax.Array,  # [b, n, h, d]
+    ck: jax.Array,  # [b, nc, kh, d]: compressed entries, no memory
+    cv: jax.Array,  # [b, nc, kh, d]
+    segments: seg.Segments,  # the queries' documents (one per row when unpacked)
+    *,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    tiles: Tiles = Tiles(),
+) -> jax.Array:  # [b, n, h, d]
+    """`nsa_jax.fla_reference.compressed_attention` (fla's compressed branch: entry c of a
+    document visible iff (c + 1) * block_size <= t + 1, no memory, 0 where nothing is visible)
+    as the flash kernel with per-query key bounds."""
+    from nsa_jax.fla_reference import entry_bounds
+
+    n, nc = q.shape[1], ck.shape[1]
+    if nc == 0:
+        return jnp.zeros_like(q)
+    first, count = entry_bounds(segments.start, segments.positions, segments.lengths, block_size, causal)
+    slots = seg.entry_slots(segments, block_size, nc)  # the queries that see each entry
+    see_from = slots.doc_start + ((slots.local + 1) * block_size - 1 if causal else 0)
+    key_queries = (jnp.where(slots.valid, see_from, n), jnp.where(slots.valid, slots.doc_end, 0))
+    vis = Visibility("compressed", causal=causal, num_keys=nc, stride=block_size, packed=True)
+    out = banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
+                           bounds=(first, first + count), key_queries=key_queries)
+    # Rows that see no entry may share a tile with rows that do: their finite garbage is
+    # replaced by 0 (and gets no cotangent, so the backward ignores them).
+    return jnp.where((count > 0)[:, :, None, None], out, 0).astype(q.dtype)
