@@ -22,16 +22,18 @@ _EXPORTS = {
     "GroupedMLP": "nsa_jax.compress_networks",
     "SingleProjection": "nsa_jax.compress_networks",
     "Transformer": "nsa_jax.transformer",
+    "native_sparse_attention": "nsa_jax.ops",
 }
-_SUBMODULES = {"convert", "reference"}
+_SUBMODULES = {"convert", "ops", "reference"}
 __all__ = ["Attention", "AttentionPool", "CompressMLP", "ConvLinearCompress", "GroupedMLP", "SingleProjection",
-           "SparseAttention", "Transformer", "convert", "reference"]
+           "SparseAttention", "Transformer", "convert", "native_sparse_attention", "ops", "reference"]
 assert set(__all__) == set(_EXPORTS) | _SUBMODULES
 
 if TYPE_CHECKING:
-    from nsa_jax import convert, reference
+    from nsa_jax import convert, ops, reference
     from nsa_jax.attention import Attention, SparseAttention
     from nsa_jax.compress_networks import AttentionPool, CompressMLP, ConvLinearCompress, GroupedMLP, SingleProjection
+    from nsa_jax.ops import native_sparse_attention
     from nsa_jax.transformer import Transformer
 
 

@@ -135,32 +135,13 @@ def select_blocks(
     block_count: int,
     causal: bool,
     scale: float,
-    chunk: int | None = None,
 ) -> jax.Array:  # [b, n, kh, k] int32 local block indices, NONE in empty slots; k = min(block_count, nb)
     """The top `block_count` blocks per query and kv head (scores: `block_scores`), the highest
-    first, the lower index first among equal scores. Not differentiable (integer picks).
-
-    chunk: queries scored at a time (memory [b, chunk, h, nc] instead of [b, n, h, nc]);
-    None or >= n: all at once."""
+    first, the lower index first among equal scores. Not differentiable (integer picks). Writes
+    the [b, n, h, n / block_size] scores: `kernels.fla_selection` streams them instead."""
     q, ck = lax.stop_gradient(q), lax.stop_gradient(ck)
-    b, n, h, d = q.shape
-    nb = cdiv(n, block_size)
-    k = min(block_count, nb)
-
-    def pick(args):
-        q_part, start, positions, lengths = args
-        scores = block_scores(q_part, ck, start, positions, lengths, num_blocks=nb, block_size=block_size,
-                              causal=causal, scale=scale)
-        values, indices = lax.top_k(scores, k)
-        return jnp.where(values > -jnp.inf, indices, NONE).astype(jnp.int32)
-
-    frame = (q, segments.start, segments.positions, segments.lengths)
-    if chunk is None or chunk >= n:
-        return pick(frame)
-    chunks = cdiv(n, chunk)
-    pad = chunks * chunk - n  # padded queries: position 0 of a one-token document, discarded
-    frame = tuple(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=1 if i == 3 else 0)
-                  for i, x in enumerate(frame))
-    split = lambda x: x.reshape(b, chunks, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-    out = lax.map(pick, tuple(split(x) for x in frame))  # [chunks, b, chunk, kh, k]
-    return out.swapaxes(0, 1).reshape(b, n + pad, *out.shape[3:])[:, :n]
+    nb = cdiv(q.shape[1], block_size)
+    scores = block_scores(q, ck, segments.start, segments.positions, segments.lengths, num_blocks=nb,
+                          block_size=block_size, causal=causal, scale=scale)
+    values, indices = lax.top_k(scores, min(block_count, nb))
+    return jnp.where(values > -jnp.inf, indices, NONE).astype(jnp.int32)

@@ -11,6 +11,7 @@ array input. `examples/` shows it inside a Flax NNX and a Flax Linen layer.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import jax
@@ -21,13 +22,9 @@ from nsa_jax import fla_reference as fla
 from nsa_jax import reference
 from nsa_jax import segments as seg
 
-__all__ = ["SELECTION_CHUNK", "mean_pool", "native_sparse_attention"]
+__all__ = ["NSAInputError", "mean_pool", "native_sparse_attention"]
 
 mean_pool = fla.mean_pool
-
-# Queries scored at a time by the block selection (memory ~ batch x chunk x heads x n / block_size
-# float32; 1024 x 64 heads x 1024 blocks is 256 MiB at T=64k with fla's configuration).
-SELECTION_CHUNK = 1024
 
 
 class NSAInputError(ValueError):
@@ -53,9 +50,9 @@ def _check_inputs(q, k, v, gates: dict, block_size, block_count, window_size, co
         _check(gate is not None and tuple(jnp.shape(gate)) == (b, n, h),
                f"{name} must be [batch, seq_len, heads] = [{b}, {n}, {h}]; got "
                f"{None if gate is None else list(jnp.shape(gate))}")
-    _check(isinstance(block_size, int) and block_size > 0, f"block_size must be a positive int; got {block_size!r}")
-    _check(isinstance(block_count, int) and block_count > 0, f"block_count must be a positive int; got {block_count!r}")
-    _check(isinstance(window_size, int) and window_size >= 0, f"window_size must be an int >= 0; got {window_size!r}")
+    _check(block_size > 0, f"block_size must be a positive int; got {block_size!r}")
+    _check(block_count > 0, f"block_count must be a positive int; got {block_count!r}")
+    _check(window_size >= 0, f"window_size must be an int >= 0; got {window_size!r}")
     _check(compress == "mean" or callable(compress),
            f"compress must be 'mean' or a function of blocks [b, nc, block_size, kv_heads, d]; got {compress!r}")
     if segment_ids is not None:
@@ -80,6 +77,7 @@ def native_sparse_attention(
     compress: str | Callable[[jax.Array], jax.Array] = "mean",
     causal: bool = True,
     segment_ids: jax.Array | None = None,  # [b, n] int
+    block_indices: jax.Array | None = None,  # [b, n, kv_heads, s] int
     scale: float | None = None,
     backend: str | None = None,
     kernel_settings: kernels.KernelSettings | None = None,
@@ -100,7 +98,8 @@ def native_sparse_attention(
           importance (the compressed attention's probability summed over the kv group's query
           heads); the first block, the previous one and the query's own are always taken, and
           the query heads of a kv group share the blocks.
-      o_swa: attention over the last `window_size` tokens (t - window_size < s <= t); off when 0.
+      o_swa: attention over the last `window_size` tokens (t - window_size < s <= t); off when 0
+          (g_swa is then ignored).
 
     Arguments:
       compress: "mean" (mean-pooling, fla's) or a function blocks [b, nc, block_size, kv_heads, d]
@@ -112,7 +111,12 @@ def native_sparse_attention(
           non-causal mode; on the Pallas backend it needs seq_len a multiple of block_size
           and no segment_ids.
       segment_ids: packed documents as runs of equal ids (fla's cu_seqlens): each token gets
-          what its document alone would give it, positions restarting at 0.
+          what its document alone would give it, positions restarting at 0 (for your rotary
+          embedding: `nsa_jax.segments.from_ids(segment_ids).positions`).
+      block_indices: the blocks to attend instead of selecting them (fla's argument): distinct
+          block indices within each query's document, -1 for none; blocks after the query's
+          own are ignored (causal). The own block is always attended, up to the query; fla
+          attends it only when listed (its own selection always lists it).
       scale: logit scale, default head_dim ** -0.5 (fla's default).
       backend: "pallas" (kernels, Triton on GPU; interpreted on CPU, for tests), "reference"
           (pure JAX, dense masks: short sequences), None: "pallas" on GPU, else "reference".
@@ -125,8 +129,8 @@ def native_sparse_attention(
           of two >= 16; here any multiple works.
       g_cmp, g_slc: required here; fla skips the compressed branch when g_cmp is None (then
           block_indices must be given) and leaves o_slc ungated when g_slc is None.
-      g_swa: required iff window_size > 0, as in fla.
-      block_indices: not an argument; the selection always comes from the compressed keys.
+      g_swa: required when window_size > 0 and ignored otherwise, as in fla.
+      block_indices: the same, but the own block is attended even when not listed.
       block_counts -> block_count: an int here. fla rounds an int up to a power of two and
           selects that many blocks (12 selects 16); here exactly block_count (equal for powers
           of two). fla's per-query count tensor is not supported.
@@ -138,12 +142,21 @@ def native_sparse_attention(
     input dtype), so in bfloat16 a block whose importance ties another's within rounding may
     be picked by one and not the other; tests/test_ops_fla_parity.py measures how often.
     """
+    try:  # static sizes: Python or numpy integers
+        block_size, block_count, window_size = (operator.index(x) for x in (block_size, block_count, window_size))
+    except TypeError:
+        raise NSAInputError(f"block_size, block_count and window_size must be integers; got "
+                            f"{block_size!r}, {block_count!r}, {window_size!r}") from None
     gates = {"g_cmp": g_cmp, "g_slc": g_slc}
-    if window_size > 0 or g_swa is not None:
-        _check(window_size > 0, "g_swa is given but window_size is 0; pass window_size > 0 or drop g_swa")
+    if window_size > 0:
         gates["g_swa"] = g_swa
     _check_inputs(q, k, v, gates, block_size, block_count, window_size, compress, segment_ids, backend)
     b, n, h, d = q.shape
+    if block_indices is not None:
+        shape, dtype = tuple(jnp.shape(block_indices)), jnp.asarray(block_indices).dtype
+        _check(len(shape) == 4 and shape[:3] == (b, n, k.shape[2]) and jnp.issubdtype(dtype, jnp.integer),
+               f"block_indices must be integers [batch, seq_len, kv_heads, count] = [{b}, {n}, {k.shape[2]}, count]; "
+               f"got {dtype}{list(shape)}")
     scale = float(d**-0.5 if scale is None else scale)
     name = kernels.default_backend_name() if backend is None else backend
     settings = kernels.KernelSettings() if kernel_settings is None else kernel_settings
@@ -167,19 +180,26 @@ def native_sparse_attention(
     if name == "pallas":
         from kernels.compressed_attention import entry_attention
 
+        from kernels.fla_selection import select_blocks
+
         o_cmp = kernels.batch_parallel(entry_attention)(q, ck, cv, segments, block_size=block_size, causal=causal,
                                                         scale=scale, tiles=settings.flash)
-        chunk = SELECTION_CHUNK
+        select = kernels.batch_parallel(select_blocks)
     else:
         first, count = fla.entry_bounds(segments.start, segments.positions, segments.lengths, block_size, causal)
         o_cmp = fla.compressed_attention(q, ck, cv, first, count, scale=scale)
-        chunk = None
-    indices = fla.select_blocks(q, ck, segments, block_size=block_size, block_count=block_count, causal=causal,
-                                scale=scale, chunk=chunk)  # [b, n, kh, k]
-    valid = indices >= 0
-    if causal:  # the own block is the selected branch's own rule (tokens <= t)
+        select = fla.select_blocks
+    if block_indices is None:
+        indices = select(q, ck, segments, block_size=block_size, block_count=block_count, causal=causal,
+                         scale=scale)  # [b, n, kh, k]
+    else:
+        indices = jnp.asarray(block_indices).astype(jnp.int32)
+    blocks_in_doc = -(-segments.lengths // block_size)[:, :, None, None]
+    valid = (indices >= 0) & (indices < blocks_in_doc)
+    if causal:  # the own block is the selected branch's own rule (tokens <= t); later blocks are not seen
         own = (segments.positions // block_size)[:, :, None, None]
-        valid = valid & (indices != own)
+        valid = valid & (indices < own)
+    indices = jnp.where(valid, indices, reference.NO_PICK if packed or branch_segments is not None else 0)
     o_slc = core.selected_attention(q, k, v, indices, valid, None, block_size=block_size, causal=causal,
                                     scale=scale, **kw)
     out = o_cmp.astype(jnp.float32) * g_cmp[..., None] + o_slc.astype(jnp.float32) * g_slc[..., None]
