@@ -120,6 +120,8 @@ def native_sparse_attention(
       scale: logit scale, default head_dim ** -0.5 (fla's default).
       backend: "pallas" (kernels, Triton on GPU; interpreted on CPU, for tests), "reference"
           (pure JAX, dense masks: short sequences), None: "pallas" on GPU, else "reference".
+          Inside `jax.shard_map` the kernels need `check_vma=False` (JAX 0.11.2's pallas_call
+          does not type varying mesh axes); a clear error says so otherwise.
       kernel_settings: `kernels.KernelSettings` tile sizes (speed only).
 
     Differences from fla's `parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, block_indices,
@@ -159,6 +161,11 @@ def native_sparse_attention(
                f"got {dtype}{list(shape)}")
     scale = float(d**-0.5 if scale is None else scale)
     name = kernels.default_backend_name() if backend is None else backend
+    if name == "pallas":
+        varying = set().union(*(jax.typeof(x).manual_axis_type.varying for x in (q, k, v)))
+        _check(not varying, f"inside jax.shard_map (axes {sorted(varying)}) the Pallas kernels need "
+               "check_vma=False (JAX's pallas_call has no varying-axes types): pass it to jax.shard_map, "
+               "or backend='reference'")
     settings = kernels.KernelSettings() if kernel_settings is None else kernel_settings
     core = kernels.get_backend(name, settings)
 
@@ -179,7 +186,6 @@ def native_sparse_attention(
 
     if name == "pallas":
         from kernels.compressed_attention import entry_attention
-
         from kernels.fla_selection import select_blocks
 
         o_cmp = kernels.batch_parallel(entry_attention)(q, ck, cv, segments, block_size=block_size, causal=causal,
@@ -199,7 +205,7 @@ def native_sparse_attention(
     if causal:  # the own block is the selected branch's own rule (tokens <= t); later blocks are not seen
         own = (segments.positions // block_size)[:, :, None, None]
         valid = valid & (indices < own)
-    indices = jnp.where(valid, indices, reference.NO_PICK if packed or branch_segments is not None else 0)
+    indices = jnp.where(valid, indices, reference.NO_PICK if branch_segments is not None else 0)
     o_slc = core.selected_attention(q, k, v, indices, valid, None, block_size=block_size, causal=causal,
                                     scale=scale, **kw)
     out = o_cmp.astype(jnp.float32) * g_cmp[..., None] + o_slc.astype(jnp.float32) * g_slc[..., None]

@@ -170,14 +170,43 @@ def test_compress_function_is_differentiated_on_both_backends():
     assert float(jnp.abs(ref[1]).max()) > 0
 
 
-def test_jit_and_vmap():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_jit_and_vmap(backend):
     case = CASES["causal_g2"]
     args, _ = _inputs(case)
-    fn = jax.jit(lambda *a: _call(a, None, case, "reference"))
+    fn = jax.jit(lambda *a: _call(a, None, case, backend))
     stacked = [jnp.stack([a, a[::-1]]) for a in args]  # a leading axis over two batches
     got = jax.vmap(fn)(*stacked)
     for i in range(2):
         np.testing.assert_allclose(np.asarray(got[i]), np.asarray(fn(*[s[i] for s in stacked])), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_shard_map_over_the_batch():
+    """Inside a user's jax.shard_map (the batch over a 'data' axis of every device), forward and
+    gradients, as in a data-parallel train step; with check_vma=True the Pallas backend says what to do."""
+    from jax.sharding import PartitionSpec as P
+
+    case = CASES["packed_causal"]
+    args, ids = _inputs(case)
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    loss = lambda backend: lambda a, i: jnp.sum(_call(a, i, case, backend) ** 2)  # noqa: E731
+    want = jax.value_and_grad(loss("reference"))(args, ids)
+    args, ids = jax.device_put((args, ids), jax.sharding.NamedSharding(mesh, P("data")))
+    for backend in ("reference", "pallas"):
+        def per_shard(a, i, backend=backend):  # the loss is a sum: the shards' losses add up, their gradients are slices
+            value, grads = jax.value_and_grad(loss(backend))(a, i)
+            return value[None], grads
+
+        # JAX 0.11.2's pallas_call has no varying-axes types: the kernels need check_vma=False.
+        got = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                                    check_vma=backend == "reference"))(args, ids)
+        assert_close("ops", f"shard_map {backend} loss", got[0].sum(), want[0], jnp.float32)
+        for name, g_got, g_want in zip(["q", "k", "v", "g_cmp", "g_slc", "g_swa"], got[1], want[1]):
+            assert_close("ops", f"shard_map {backend} d{name}", g_got, g_want, jnp.float32)
+    with pytest.raises(NSAInputError, match="check_vma=False"):
+        jax.shard_map(lambda a, i: _call(a, i, case, "pallas"), mesh=mesh, in_specs=P("data"), out_specs=P("data"))(
+            args, ids)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,7 +1,8 @@
 """The package as a user outside this repository gets it: `python -m build` makes a wheel and an
 sdist; the wheel holds every module of nsa_jax and kernels, their py.typed markers and the
 version of `nsa_jax.__version__`, and, installed on its own (away from this checkout), imports
-and runs a SparseAttention layer."""
+and runs a SparseAttention layer and the functional op (with its gradient), and the examples
+of examples/ train against it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ attn = SparseAttention(dim=32, dim_head=8, heads=4, kv_heads=2, sliding_window_s
                        selection_block_size=4, num_selected_blocks=2, rngs=nnx.Rngs(0))
 out = attn(jnp.ones((1, 16, 32)))
 assert out.shape == (1, 16, 32) and bool(jnp.all(jnp.isfinite(out)))
+from nsa_jax.ops import native_sparse_attention
+q, kv, g = jnp.ones((1, 16, 4, 8)), jnp.ones((1, 16, 2, 8)), jnp.full((1, 16, 4), 0.5)
+grad = jax.grad(lambda q: native_sparse_attention(q, kv, kv, g_cmp=g, g_slc=g, block_size=4, block_count=2).sum())(q)
+assert grad.shape == q.shape and bool(jnp.all(jnp.isfinite(grad)))
 print(nsa_jax.__version__)
 """
 
@@ -65,3 +70,11 @@ def test_wheel_and_sdist_install_and_run_outside_the_checkout(tmp_path):
                          cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith(nsa_jax.__version__)
+    # The examples, copied out of the checkout, train against the installed wheel.
+    for name in ("nnx_attention", "linen_attention"):
+        script = tmp_path / f"{name}.py"
+        script.write_text((ROOT / "examples" / f"{name}.py").read_text())
+        run = subprocess.run([sys.executable, str(script), "--steps", "2", "--seq_len", "32"], capture_output=True,
+                             text=True, timeout=600, cwd=tmp_path, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "after 2 steps" in run.stdout, run.stdout[-2000:]
