@@ -55,7 +55,7 @@ class NSAAttention(nn.Module):
         gates = jax.nn.sigmoid(nn.Dense(3 * h, name="to_gates")(x))  # one gate per branch and head
         g_cmp, g_slc, g_swa = jnp.split(gates, 3, axis=-1)  # 3 x [b, n, h]
         o = native_sparse_attention(
-            q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa if self.window_size > 0 else None,
+            q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa,
             block_size=self.block_size, block_count=self.block_count, window_size=self.window_size,
             backend=self.backend)  # [b, n, h, d]
         return nn.Dense(self.dim, use_bias=False, name="to_out")(o.reshape(b, n, h * d))

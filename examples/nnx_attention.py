@@ -54,7 +54,7 @@ class NSAAttention(nnx.Module):
         v = self.to_v(x).reshape(b, n, self.kv_heads, self.head_dim)  # [b, n, kh, d]
         g_cmp, g_slc, g_swa = jnp.split(jax.nn.sigmoid(self.to_gates(x)), 3, axis=-1)  # 3 x [b, n, h]
         o = native_sparse_attention(
-            q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa if self.window_size > 0 else None,
+            q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=g_swa,
             block_size=self.block_size, block_count=self.block_count, window_size=self.window_size,
             backend=self.backend)  # [b, n, h, d]
         return self.to_out(o.reshape(b, n, -1))
