@@ -11,14 +11,12 @@ checkpoint), then the steps with periodic validation, generation and checkpoints
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import absl.logging  # noqa: F401  (defines --log_dir, which this program re-purposes)
 from absl import flags
@@ -94,6 +92,9 @@ flags.declare_key_flag("log_dir")  # listed by --help with this program's own fl
 flags.declare_key_flag("flagfile")
 flags.DEFINE_string("checkpoint_dir", None, "checkpoint directory (default: checkpoints/<run_name>)")
 flags.DEFINE_integer("checkpoint_every", 1000, "save every N steps (0: only at the end)")
+flags.DEFINE_float("checkpoint_every_minutes", 0.0,
+                   "also save when this many minutes have passed since the last save (0: off); whichever of "
+                   "this and --checkpoint_every comes first")
 flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
 flags.DEFINE_integer("log_every", 10, "fetch and log training metrics every N steps")
 flags.DEFINE_integer("seed", 0, "seeds parameters, data crops and sampling")
@@ -114,7 +115,8 @@ FLAG_NAMES = {  # ModelConfig field -> flag, for error messages
 
 
 def main(argv: list[str]) -> None:
-    """Configuration, setup, the loop. Exit status: 2 a user error, 3 non-finite training, 130 Ctrl-C."""
+    """Configuration, setup, the loop. Exit status: 2 a user error, 3 non-finite training, 75 stopped by
+    SIGTERM (preemption) after saving, 130 Ctrl-C after saving."""
     model_config, cfg, run_name = configs_from_argv(argv)
     run = setup(model_config, cfg, run_name)
     train_loop(run)
@@ -128,7 +130,9 @@ def configs_from_argv(argv: list[str]) -> tuple[ModelConfig, TrainConfig, str]:
     parse_flags(argv, sys.modules[__name__])
     model_config, cfg, run_name = configs_from_flags()
     problem = cfg.validate() or model_config.validate() or (
-        FLAGS.max_nonfinite_steps < 1 and f"--max_nonfinite_steps must be >= 1, got {FLAGS.max_nonfinite_steps}")
+        FLAGS.max_nonfinite_steps < 1 and f"--max_nonfinite_steps must be >= 1, got {FLAGS.max_nonfinite_steps}") or (
+        FLAGS.checkpoint_every_minutes < 0
+        and f"--checkpoint_every_minutes must be >= 0 (0: off), got {FLAGS.checkpoint_every_minutes}")
     if problem:
         for field, flag in FLAG_NAMES.items():
             problem = problem.replace(field, flag)
@@ -285,29 +289,46 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
 
 def train_loop(run: Run) -> None:
     """Steps from `run.start_step` to num_batches, each followed by the periodic work that is due,
-    then the final checkpoint. Ctrl-C saves the last completed step (exit 130); a run of
-    non-finite steps stops without saving (exit 3)."""
+    then the final checkpoint. SIGTERM and Ctrl-C finish the step, save it and exit (75 and 130;
+    `nsa_jax.preemption`); a run of non-finite steps stops without saving (exit 3)."""
+    import jax
     from tqdm import tqdm
+
+    from nsa_jax.preemption import StopSignals
 
     cfg, trainer = run.cfg, run.trainer
     progress = tqdm(range(run.start_step, cfg.num_batches), initial=run.start_step, total=cfg.num_batches,
                     desc="training", mininterval=1.0, dynamic_ncols=True, disable=not run.is_main)
     metrics_log = MetricsLog(run.writer, progress, cfg, run.start_step)
     completed = (run.start_step, run.train_data.state(), run.valid_data.state())  # what an interrupt can save
+    clock = SaveClock(FLAGS.checkpoint_every_minutes, multi_process=jax.process_count() > 1)
+    stop = StopSignals(multi_process=jax.process_count() > 1)
     try:
-        for step in progress:
-            batches = trainer.train_batches(run.train_data.sample(cfg.grad_accum_every, cfg.batch_size))
-            with ctrl_c_deferred():  # the step donates the old state: keep a state to save on Ctrl-C
-                run.state, metrics = trainer.train_step(run.state, batches)
-                completed = (step + 1, run.train_data.state(), run.valid_data.state())
-            metrics_log.record(step, metrics)
+        with stop:
+            for step in progress:
+                batches = trainer.train_batches(run.train_data.sample(cfg.grad_accum_every, cfg.batch_size))
+                with stop.critical():  # the step donates the old state: keep a state to save on a second Ctrl-C
+                    run.state, metrics = trainer.train_step(run.state, batches)
+                    completed = (step + 1, run.train_data.state(), run.valid_data.state())
+                metrics_log.record(step, metrics)
+                if stop.requested(step + 1):  # skip validation and generation: save now
+                    break
 
-            if every(cfg.validate_every, step):
-                validate(run, step, progress)
-            if every(cfg.generate_every, step):
-                generate(run, step, progress)
-            if every(cfg.checkpoint_every, step + 1) and step + 1 < cfg.num_batches:
-                save(run, step + 1)
+                if every(cfg.validate_every, step):
+                    validate(run, step, progress)
+                if every(cfg.generate_every, step):
+                    generate(run, step, progress)
+                if step + 1 < cfg.num_batches and (every(cfg.checkpoint_every, step + 1)
+                                                   or clock.due(step + 1, cfg.log_every)):
+                    save(run, step + 1)
+                    clock.saved()
+                if stop.requested(step + 1):  # a signal during the periodic work: no further step
+                    break
+            if stop.received is not None and completed[0] < cfg.num_batches:
+                progress.close()
+                with stop.final_save():
+                    save_on_stop(run, *completed, stop.name)
+                sys.exit(stop.exit_status)
     except NonFiniteTraining as e:
         progress.close()
         fail(f"{FLAGS.max_nonfinite_steps} consecutive steps (up to step {e.step}) had a non-finite loss "
@@ -315,7 +336,7 @@ def train_loop(run: Run) -> None:
              "rerunning resumes from the last checkpoint.", status=3)
     except KeyboardInterrupt:
         progress.close()
-        save_on_interrupt(run, *completed)
+        save_on_stop(run, *completed, "interrupted")
         sys.exit(130)
     finally:
         run.writer.close()
@@ -329,29 +350,30 @@ def train_loop(run: Run) -> None:
           f"TensorBoard events in {run.log_dir}" + ("" if peak is None else f"; peak device memory {peak:.2f} GiB"))
 
 
-@contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends (a second Ctrl-C does not wait). A train step deletes the
-    state it is given (buffer donation): an interrupt between its call and the assignment of the
-    new state would leave no state to save. Where SIGINT does not raise KeyboardInterrupt (ignored,
-    as in a shell's background jobs, or handled by an embedding program), it is left alone."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    received = []
+class SaveClock:
+    """--checkpoint_every_minutes: a save is due once that long has passed since the last one (or
+    the start). Processes of a multi-host run must save the same steps: they ask only at logging
+    steps, and process 0's clock decides for all."""
 
-    def hold(signum: int, frame: Any) -> None:
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
+    def __init__(self, minutes: float, multi_process: bool):
+        self.seconds, self.multi_process = 60.0 * minutes, multi_process
+        self.last = time.monotonic()
 
-    previous = signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+    def due(self, step: int, log_every: int) -> bool:
+        if self.seconds <= 0:
+            return False
+        if not self.multi_process:
+            return time.monotonic() - self.last >= self.seconds
+        if not every(log_every, step):
+            return False
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        mine = np.array(time.monotonic() - self.last >= self.seconds)
+        return bool(multihost_utils.broadcast_one_to_all(mine))
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def every(n: int, step: int) -> bool:
@@ -474,14 +496,16 @@ def save(run: Run, step: int, train_rng: dict[str, Any] | None = None,
     run.checkpointer.save(step, run.state, meta)
 
 
-def save_on_interrupt(run: Run, done: int, train_rng: dict[str, Any], valid_rng: dict[str, Any]) -> None:
-    """Ctrl-C: save the last completed step, with the RNG states from right after it."""
+def save_on_stop(run: Run, done: int, train_rng: dict[str, Any], valid_rng: dict[str, Any], why: str) -> None:
+    """A stop signal: save the last completed step (with the RNG states from right after it) unless
+    it is saved already, wait until the checkpoint is on disk, and say so in one line."""
     if done > run.start_step:
-        save(run, done, train_rng, valid_rng)
+        if run.checkpointer.latest_step() != done:
+            save(run, done, train_rng, valid_rng)
         run.checkpointer.wait()
-        print(f"\ninterrupted: saved step {done} to {run.checkpoint_dir}; run the same command to resume")
+        print(f"\n{why}: saved step {done} to {run.checkpoint_dir}; run the same command to resume", flush=True)
     else:
-        print("\ninterrupted before the first step finished; nothing saved")
+        print(f"\n{why} before the first step finished; nothing saved", flush=True)
 
 
 if __name__ == "__main__":

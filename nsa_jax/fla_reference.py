@@ -84,7 +84,7 @@ def compressed_attention(
 ) -> jax.Array:  # [b, n, h, d]
     """Softmax attention of each query over its visible entries; 0 for a query that sees none."""
     b, n, h, d = q.shape
-    nc, kh = ck.shape[1], ck.shape[2]
+    nc = ck.shape[1]
     if nc == 0:
         return jnp.zeros_like(q)
     p = _masked_softmax(_grouped_logits(q, ck, scale), _visible(first, count, nc)[:, None, None])

@@ -44,6 +44,7 @@ def assert_user_error(run: subprocess.CompletedProcess, *needles: str) -> None:
     (["--num_fine_selected=-1"], ["num_fine_selected"]),
     (["--seq_len=0"], ["--seq_len"]),
     (["--batch_size=0"], ["--batch_size"]),
+    (["--checkpoint_every_minutes=-1"], ["--checkpoint_every_minutes"]),
     (["--flagfile=/no/such.flags"], ["/no/such.flags"]),
     (["--log_dir=/etc/passwd/runs"], ["--log_dir", "/etc/passwd/runs"]),
     (["--checkpoint_dir=/etc/passwd/ckpt"], ["--checkpoint_dir", "/etc/passwd/ckpt"]),

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -139,6 +140,95 @@ def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
     assert step_a == step_b == done + 2
     for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _same_final_state(a: Path, b: Path, step: int) -> None:
+    (step_a, state_a), (step_b, state_b) = final_params(a), final_params(b)
+    assert step_a == step_b == step
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_then_resumes_exactly(tmp_path, corpus):
+    """Preemption: SIGTERM while checkpoints are being written (one per step) finishes the step, saves
+    it, waits for it and exits 75 naming the step; the previous checkpoint is still readable; the
+    same command resumes there and ends where an uninterrupted run does, bit for bit."""
+    common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=1",
+              "--keep_checkpoints=2", "--validate_every=5"]
+    proc = _start([*common, "--num_batches=100000", f"--checkpoint_dir={tmp_path / 'b'}"], tmp_path)
+    for line in proc.stdout:
+        if "step 10: validation loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75 and "Traceback" not in err, err[-2000:]
+    done = int(re.search(r"preempted \(SIGTERM\): saved step (\d+) to ", out).group(1))
+    assert done > 10
+    ckpt = Checkpointer(tmp_path / "b")
+    assert ckpt.latest_step() == done and (done - 1) in ckpt.manager.all_steps()
+    assert ckpt.restore_meta(done - 1)["step"] == done - 1  # the previous checkpoint: intact
+    ckpt.close()
+    resumed = train(*common, f"--num_batches={done + 2}", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resuming from step {done}" in resumed.stdout, resumed.stderr[-2000:]
+    straight = train(*common, f"--num_batches={done + 2}", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    _same_final_state(tmp_path / "a", tmp_path / "b", done + 2)
+
+
+@pytest.mark.slow
+def test_grace_period_ending_mid_write_keeps_a_usable_checkpoint(tmp_path, corpus):
+    """SIGTERM, then SIGKILL 50 ms later (a grace period too short), while a checkpoint is written
+    every step: the rerun resumes from the newest complete checkpoint and ends where an
+    uninterrupted run does."""
+    common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=1",
+              "--validate_every=5"]
+    proc = _start([*common, "--num_batches=100000", f"--checkpoint_dir={tmp_path / 'b'}"], tmp_path)
+    for line in proc.stdout:
+        if "step 10: validation loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            proc.kill()
+            break
+    proc.communicate(timeout=60)
+    resumed = train(*common, "--num_batches=16", f"--checkpoint_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming from step" in resumed.stdout, resumed.stderr[-2000:]
+    straight = train(*common, "--num_batches=16", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    _same_final_state(tmp_path / "a", tmp_path / "b", 16)
+
+
+def test_save_clock(monkeypatch):
+    """--checkpoint_every_minutes: due once the minutes have passed since the last save, not before."""
+    sys.path.insert(0, str(ROOT))
+    import train as train_module
+
+    now = [1000.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
+    clock = train_module.SaveClock(2.0, multi_process=False)
+    now[0] += 119.9
+    assert not clock.due(5, log_every=10)
+    now[0] += 0.1
+    assert clock.due(6, log_every=10)
+    clock.saved()
+    assert not clock.due(7, log_every=10)
+    assert not train_module.SaveClock(0.0, multi_process=False).due(8, log_every=10)  # 0: off
+
+
+@pytest.mark.slow
+def test_checkpoint_every_minutes(tmp_path, corpus):
+    """--checkpoint_every_minutes saves on the clock as well as every N steps (here a few nanoseconds:
+    every step)."""
+    run = train(*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}", f"--checkpoint_dir={tmp_path / 'c'}",
+                "--num_batches=6", "--checkpoint_every=0", "--checkpoint_every_minutes=1e-9",
+                "--keep_checkpoints=10", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(int(p.name) for p in (tmp_path / "c").iterdir() if p.name.isdigit()) == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_with_another_model_is_refused(tmp_path, corpus, trained):
