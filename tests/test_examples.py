@@ -36,7 +36,8 @@ def relative_difference(a: jax.Array, b: jax.Array) -> float:
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "nnx_attention" else pytest.mark.slow)
+                                  for name in EXAMPLES])
 def test_example_script_trains(name):
     run = subprocess.run([sys.executable, f"examples/{name}.py", "--steps", "3", "--seq_len", "64"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -115,7 +115,7 @@ def _call(args, ids, case, backend, **extra):
                                    causal=causal, segment_ids=ids, backend=backend, **extra)
 
 
-QUICK_ORACLE = {"causal_g2", "packed_causal", "noncausal"}
+QUICK_ORACLE = {"causal_g2"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in QUICK_ORACLE else pytest.mark.slow)
@@ -133,7 +133,7 @@ def test_reference_backend_matches_naive_oracle(name):
 
 CASES_PALLAS = {**CASES, "noncausal_aligned": (1, 48, 4, 2, 16, 8, 3, 3, False, False)}
 PALLAS = [  # (case, dtype, quick tier)
-    ("causal_window_g4", jnp.float32, False), ("causal_window_g4", jnp.bfloat16, True),
+    ("causal_window_g4", jnp.float32, False), ("causal_window_g4", jnp.bfloat16, False),
     ("packed_causal", jnp.float32, True), ("packed_causal", jnp.bfloat16, False),
     ("causal_g2", jnp.bfloat16, False), ("causal_many_blocks", jnp.float32, False),
     ("noncausal_aligned", jnp.float32, False),

@@ -203,6 +203,43 @@ def test_grace_period_ending_mid_write_keeps_a_usable_checkpoint(tmp_path, corpu
     _same_final_state(tmp_path / "a", tmp_path / "b", 16)
 
 
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_every_process_at_the_same_step(tmp_path, corpus):
+    """Two processes (jax.distributed on CPU, gloo collectives) train one model; SIGTERM reaches only
+    process 1. JAX's preemption sync point makes both save the same step and exit 75; the same two
+    commands resume from that step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    common = [*TINY, f"--data_path={corpus}", f"--log_dir={tmp_path / 'runs'}", "--checkpoint_every=0",
+              "--validate_every=5", f"--checkpoint_dir={tmp_path / 'c'}", f"--coordinator_address=localhost:{port}",
+              "--num_processes=2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+
+    def start(num_batches: int) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"--num_batches={num_batches}",
+                                  f"--process_id={i}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+
+    procs = start(100000)
+    for line in procs[0].stdout:
+        if "step 10: validation loss" in line:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], [err[-1500:] for _, err in outs]
+    steps = {int(re.search(r"preempted \(SIGTERM\): saved step (\d+) to ", out).group(1)) for out, _ in outs}
+    assert len(steps) == 1, steps
+    (done,) = steps
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.isdigit()) == [str(done)]
+    procs = start(done + 2)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
+    assert f"resuming from step {done}" in outs[0][0]
+
+
 def test_save_clock(monkeypatch):
     """--checkpoint_every_minutes: due once the minutes have passed since the last save, not before."""
     sys.path.insert(0, str(ROOT))
