@@ -83,8 +83,8 @@ def main() -> None:
     fla = fla_times(args.peers, args.documents)
     rows = []
     for n in args.lengths:
-        forward, backward, ct = fwd_and_bwd(op(n, args.documents), inputs(n))
         x = inputs(n)
+        forward, backward, ct = fwd_and_bwd(op(n, args.documents), x)
         row = dict(T=n, fwd_ms=timed(forward, x, args.reps, args.budget_s),
                    fwd_bwd_ms=timed(backward, (x, ct), args.reps, args.budget_s))
         row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = fla.get(n, (None, None))

@@ -23,6 +23,7 @@ from kernels._flash import Visibility, banded_attention
 from kernels.settings import Tiles
 from nsa_jax import reference
 from nsa_jax import segments as seg
+from nsa_jax.fla_reference import entry_bounds
 
 
 def compressed_attention(
@@ -77,8 +78,6 @@ def entry_attention(
     """`nsa_jax.fla_reference.compressed_attention` (fla's compressed branch: entry c of a
     document visible iff (c + 1) * block_size <= t + 1, no memory, 0 where nothing is visible)
     as the flash kernel with per-query key bounds."""
-    from nsa_jax.fla_reference import entry_bounds
-
     n, nc = q.shape[1], ck.shape[1]
     if nc == 0:
         return jnp.zeros_like(q)

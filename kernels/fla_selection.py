@@ -31,7 +31,8 @@ from kernels._common import F32, MIN_DOT, cdiv, compiler_params, interpret_mode,
     round_up
 from kernels.selection import NO_BLOCK, _merge_top_k
 from nsa_jax import segments as seg
-from nsa_jax.fla_reference import NONE, entry_bounds
+from nsa_jax.fla_reference import entry_bounds
+from nsa_jax.reference import NO_PICK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +87,9 @@ def _kernel(lo_ref, hi_ref, q_ref, ck_ref, first_ref, count_ref, cand_ref, own_r
     init = ((jnp.full((bq,), -jnp.inf, F32),) * cfg.k, (jnp.full((bq,), NO_BLOCK, jnp.int32),) * cfg.k)
     top_v, top_i = lax.fori_loop(lo, hi, pick, init)
     for p in range(cfg.k):
-        idx_ref[:, p] = jnp.where(top_v[p] > -jnp.inf, top_i[p] - first[:, 0], NONE)
+        idx_ref[:, p] = jnp.where(top_v[p] > -jnp.inf, top_i[p] - first[:, 0], NO_PICK)
     for p in range(cfg.k, cfg.kp):
-        idx_ref[:, p] = jnp.full((bq,), NONE, jnp.int32)
+        idx_ref[:, p] = jnp.full((bq,), NO_PICK, jnp.int32)
 
 
 def select_blocks(
@@ -104,7 +105,7 @@ def select_blocks(
     block_k: int = 64,
     num_warps: int | None = None,
     num_stages: int = 2,
-) -> jax.Array:  # [b, n, kh, k] int32 local block indices, NONE in empty slots
+) -> jax.Array:  # [b, n, kh, k] int32 local block indices, NO_PICK in empty slots
     """`nsa_jax.fla_reference.select_blocks` without the [n, n / block_size] scores."""
     q, ck = lax.stop_gradient(q), lax.stop_gradient(ck)
     b, n, h, d = q.shape

@@ -13,7 +13,7 @@ With block size B and a query at position t (within its document):
   attention probability of entry c; blocks 0, t // B - 1 and t // B are always taken (score
   +inf here, 1.0 per head in fla), other blocks compete if c < t // B (causal; every block of
   the document otherwise; a trailing partial block has no entry and scores 0). The top
-  `block_count` blocks are picked, -1 filling the slots of queries with fewer candidates.
+  `block_count` blocks are picked, NO_PICK (-1) filling the slots of queries with fewer candidates.
 
 Everything is per document when `segments` are given (`nsa_jax.segments`): entry and block c of
 a document are its local c-th, at slot start // B + c of the n // B grid.
@@ -27,9 +27,8 @@ from jax import lax
 
 from nsa_jax import segments as seg
 from nsa_jax.numerics import F32, cdiv
-from nsa_jax.reference import _grouped_logits, compression_windows
+from nsa_jax.reference import NO_PICK, _grouped_logits, compression_windows
 
-NONE = -1  # an empty pick slot
 
 
 def single_document(b: int, n: int) -> seg.Segments:
@@ -135,7 +134,7 @@ def select_blocks(
     block_count: int,
     causal: bool,
     scale: float,
-) -> jax.Array:  # [b, n, kh, k] int32 local block indices, NONE in empty slots; k = min(block_count, nb)
+) -> jax.Array:  # [b, n, kh, k] int32 local block indices, NO_PICK in empty slots; k = min(block_count, nb)
     """The top `block_count` blocks per query and kv head (scores: `block_scores`), the highest
     first, the lower index first among equal scores. Not differentiable (integer picks). Writes
     the [b, n, h, n / block_size] scores: `kernels.fla_selection` streams them instead."""
@@ -144,4 +143,4 @@ def select_blocks(
     scores = block_scores(q, ck, segments.start, segments.positions, segments.lengths, num_blocks=nb,
                           block_size=block_size, causal=causal, scale=scale)
     values, indices = lax.top_k(scores, min(block_count, nb))
-    return jnp.where(values > -jnp.inf, indices, NONE).astype(jnp.int32)
+    return jnp.where(values > -jnp.inf, indices, NO_PICK).astype(jnp.int32)

@@ -21,6 +21,7 @@ import kernels
 from nsa_jax import fla_reference as fla
 from nsa_jax import reference
 from nsa_jax import segments as seg
+from nsa_jax.numerics import cdiv
 
 __all__ = ["NSAInputError", "mean_pool", "native_sparse_attention"]
 
@@ -200,7 +201,7 @@ def native_sparse_attention(
                          scale=scale)  # [b, n, kh, k]
     else:
         indices = jnp.asarray(block_indices).astype(jnp.int32)
-    blocks_in_doc = -(-segments.lengths // block_size)[:, :, None, None]
+    blocks_in_doc = cdiv(segments.lengths, block_size)[:, :, None, None]
     valid = (indices >= 0) & (indices < blocks_in_doc)
     if causal:  # the own block is the selected branch's own rule (tokens <= t); later blocks are not seen
         own = (segments.positions // block_size)[:, :, None, None]

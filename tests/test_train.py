@@ -108,6 +108,18 @@ def test_resume_is_exact(tmp_path, corpus):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _same_final_state(a: Path, b: Path, step: int) -> None:
+    (step_a, state_a), (step_b, state_b) = final_params(a), final_params(b)
+    assert step_a == step_b == step
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
     """SIGINT right after a validation, so mostly inside the next step (whose call deletes the state
@@ -119,9 +131,7 @@ def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
     # job, which ignores SIGINT: a handled signal is reset to its default in the child, an ignored one is not.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--num_batches=100000",
-                                 f"--checkpoint_dir={tmp_path / 'b'}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = _start([*common, "--num_batches=100000", f"--checkpoint_dir={tmp_path / 'b'}"], tmp_path)
     finally:
         signal.signal(signal.SIGINT, previous)
     for line in proc.stdout:
@@ -136,22 +146,7 @@ def test_ctrl_c_saves_the_last_step_then_resumes_exactly(tmp_path, corpus):
     assert resumed.returncode == 0 and f"resuming from step {done}" in resumed.stdout, resumed.stderr[-2000:]
     straight = train(*common, f"--num_batches={done + 2}", f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    (step_a, state_a), (step_b, state_b) = final_params(tmp_path / "a"), final_params(tmp_path / "b")
-    assert step_a == step_b == done + 2
-    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _same_final_state(a: Path, b: Path, step: int) -> None:
-    (step_a, state_a), (step_b, state_b) = final_params(a), final_params(b)
-    assert step_a == step_b == step
-    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _same_final_state(tmp_path / "a", tmp_path / "b", done + 2)
 
 
 @pytest.mark.slow

@@ -49,11 +49,10 @@ def run(name: str, c: dict) -> None:
     x = {key: torch.from_numpy(value).to("cuda").to(dtype) for key, value in inputs(name).items()}
     q, k, v, g_cmp, g_slc = (x[key].requires_grad_() for key in ("q", "k", "v", "g_cmp", "g_slc"))
     do = x["do"]
-    dev = "cuda"
     cu = None
     if c["docs"] is not None:
         assert sum(c["docs"]) == c["t"] and c["b"] == 1
-        cu = torch.tensor(np.cumsum([0] + c["docs"]), dtype=torch.int32, device=dev)
+        cu = torch.tensor(np.cumsum([0] + c["docs"]), dtype=torch.int32, device="cuda")
     scale = c["d"] ** -0.5
 
     o = parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=c["s"], block_size=c["bs"], scale=scale,
