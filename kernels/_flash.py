@@ -135,7 +135,8 @@ class _Config:
     block_q_dkv: int
     block_k_dkv: int
     dkv_splits: int
-    num_warps: int
+    num_warps: int  # backward kernels
+    num_warps_fwd: int
     num_stages: int
     interpret: bool
 
@@ -271,7 +272,7 @@ def _forward(cfg: _Config, q, k, v, extras: _Extras):
         in_specs=[q_spec, kv_spec, kv_spec] + [token_spec] * len(rows),
         out_specs=[q_spec, pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n_pad, kh, g), F32)],
-        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        compiler_params=compiler_params(cfg.num_warps_fwd, cfg.num_stages),
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_fwd",
     )(q, k, v, *rows)
@@ -387,7 +388,7 @@ def banded_attention(
         vis=vis, scale=float(scale), g=g, n_pad=n_pad,
         block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],
         block_q_dkv=bq[2], block_k_dkv=bk[2], dkv_splits=dkv_splits,
-        num_warps=tiles.num_warps or (4 if d_pad <= 64 else 8), num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_warps_fwd=tiles.num_warps_fwd, num_stages=tiles.num_stages,
         interpret=interpret,
     )
     qp = pad_axis(pad_axis(q.astype(dtype), 3, d_pad), 1, n_pad).reshape(b, n_pad, kh, g, d_pad)

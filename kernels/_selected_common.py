@@ -111,12 +111,12 @@ def slot_tiles_to_keys(x: jax.Array, source: jax.Array) -> jax.Array:
     return jnp.where((source >= 0).reshape(idx.shape), got, 0)
 
 
-def no_pick(cfg: SelectedConfig, idx: jax.Array) -> jax.Array:
-    """idx [.., kp] -> [.., 1]: the row's document picks no block (packed; all slots -1)."""
+def no_pick(cfg: SelectedConfig, idx: jax.Array, keepdims: bool = True) -> jax.Array:
+    """idx [.., kp] -> [.., 1] (or [..]): the row's document picks no block (packed; all slots -1)."""
     if cfg.num_sel == 0:
-        return jnp.full(idx.shape[:-1] + (1,), True)
+        return jnp.full(idx.shape[:-1] + ((1,) if keepdims else ()), True)
     picked = (idx >= 0) & (iota(cfg.kp) < cfg.num_sel)
-    return jnp.max(jnp.where(picked, 1, 0), axis=-1, keepdims=True) == 0
+    return jnp.max(jnp.where(picked, 1, 0), axis=-1, keepdims=keepdims) == 0
 
 
 def own_block_range(cfg: SelectedConfig, t, bounds):
@@ -143,15 +143,25 @@ def own_keys(cfg: SelectedConfig, t, keys, bounds, idx, valid):
     mask = (keys >= lo) & (keys < hi)
     if cfg.causal:
         mask = mask & (keys <= t)
-    attend = None
-    if cfg.num_sel > 0:
-        attend = jnp.max(jnp.where((idx == slot) & valid, 1, 0), axis=-1, keepdims=True) == 0
-    if cfg.phantom_keys:
-        attend = no_pick(cfg, idx) if attend is None else attend & no_pick(cfg, idx)
+    attend = own_attended(cfg, slot, idx, valid)
     if attend is not None:
         mask = mask & attend
     phantom = jnp.where(attend, jnp.maximum(lo + cfg.sb - bounds[1], 0), 0) if cfg.phantom_keys else None
     return mask, phantom
+
+
+def own_attended(cfg: SelectedConfig, slot, idx, valid, keepdims: bool = True):
+    """Whether a query attends its own block (slot) as such: not when it validly selected it, and
+    (packed, non-causal) only when its document picks no block; None when always. idx / valid
+    [.., kp]; slot shaped like the result: [.., 1] (keepdims) or [..]."""
+    attend = None
+    if cfg.num_sel > 0:
+        hit = idx == (slot if keepdims else slot[..., None])
+        attend = jnp.max(jnp.where(hit & valid, 1, 0), axis=-1, keepdims=keepdims) == 0
+    if cfg.phantom_keys:
+        nothing = no_pick(cfg, idx, keepdims)
+        attend = nothing if attend is None else attend & nothing
+    return attend
 
 
 def sort_by_block(key: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:

@@ -11,9 +11,12 @@ dk/dv kernel: the transpose of the selection is an inverted index built in XLA (
 (query, slot) pairs of each batch and group sorted by block, offsets by binary search), so
 one program per (key block, split, batch, kv head) keeps its dk/dv tile in registers and
 visits only the queries that selected the block (plus the block's own queries for the
-own-block term). Heavily selected blocks (early blocks, under causal selection) have their
-query list split over `dkv_splits` programs whose float32 partial sums XLA adds. No
-atomics, deterministic; cost O(n * k' * sb), like the forward.
+own-block term), `dkv_chunk` of them per step: their rows of q and dO are gathered into one
+[chunk * G, d] tile, so each step is a few large matmuls instead of chunk small ones (4
+queries x 16 heads: 1.8x faster than one query per step at T = 64k, H200). Heavily selected
+blocks (early blocks, under causal selection) have their query list split over `dkv_splits`
+programs whose float32 partial sums XLA adds. No atomics, deterministic; cost
+O(n * k' * sb), like the forward.
 
 Reference quirk reproduced: non-causal, k' > 0, a query group with no valid block attends
 uniformly to the tokens of all its selected blocks (logits forced to 0, no gradient to q,
@@ -37,13 +40,16 @@ from kernels._common import (
     softmax_delta, softmax_finish, softmax_init,
 )
 from kernels._selected_common import (
-    Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
+    Packed, SelectedConfig, own_attended, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class QueryConfig(SelectedConfig):
     dkv_splits: int  # programs sharing one key block's query list in the dk/dv kernel
+    dkv_chunk: int = 1  # dk/dv: entries of a block's query list gathered per step (a power of two)
+    dkv_num_warps: int = 4  # dk/dv kernel's warps
+    dkv_num_stages: int = 2  # dk/dv kernel's pipeline stages
 
 
 def _usable(cfg: QueryConfig, blk, ok, zero_row):
@@ -115,7 +121,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     idx_vec = idx_ref[...]
     valid_vec = valid_ref[...] > 0
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
-    slots = iota(cfg.kp)
+    slots = iota(cfg.kp)[None, :]
 
     def dlogits(vb, s, mask):
         """dL/dlogits (natural) [G, sbp] for base-2 logits s."""
@@ -138,11 +144,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
         if cfg.zero_rows_possible:
             ds = jnp.where(zero_row, 0.0, ds)
         dq = dq + mm((ds * gate).astype(kb.dtype), kb)
-        dgate = jnp.where(slots == i, jnp.sum(ds * qk) * (1.0 / LOG2E), dgate)
+        # Per row here, summed over the rows once after the loop (no cross-warp sum per block).
+        dgate = jnp.where(slots == i, jnp.sum(ds * qk, axis=1)[:, None], dgate)
         return dq, dgate
 
     rows, d = q.shape
-    dq, dgate = lax.fori_loop(0, cfg.num_sel, body, (jnp.zeros((rows, d), F32), jnp.zeros((cfg.kp,), F32)))
+    dq, dgate = lax.fori_loop(0, cfg.num_sel, body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
+    dgate = jnp.sum(dgate, axis=0) * (1.0 / LOG2E)
     if cfg.own_block:
         kb, vb, mask, _ = _own(cfg, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref)
         s = mm(q, kb, trans_b=True) * c
@@ -173,15 +181,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
     c = cfg.scale * LOG2E
     in_block = (iota(cfg.sbp) < cfg.sb)[:, None]  # [sbp, 1]
 
-    def accumulate(carry, t, u, gate, mask, zero_row):
-        """Add query t's (group u) contribution to this block's dk, dv. Transposed scores
-        [sbp, G] (keys in the matmul M dimension): no tile transposes in registers."""
+    def accumulate(carry, q, do, lse, delta, gate, mask, zero_row):
+        """Add the contribution of query rows q, do [R, d] (lse, delta, gate [1, R] or scalars) to
+        this block's dk, dv. Transposed scores [sbp, R] (keys in the matmul M dimension): no tile
+        transposes in registers."""
         dk, dv = carry
-        q = q_ref[t, pl.ds(u * rows, rows), :]  # [G, d]
-        do = do_ref[t, pl.ds(u * rows, rows), :]
-        lse = lse_ref[t, pl.ds(u * rows, rows)][None, :]  # [1, G]
-        delta = delta_ref[t, pl.ds(u * rows, rows)][None, :]
-        s_t = mm(kb, q, trans_b=True) * (gate * c)  # [sbp, G]
+        s_t = mm(kb, q, trans_b=True) * (gate * c)  # [sbp, R]
         if zero_row is not None:
             s_t = jnp.where(zero_row, 0.0, s_t)
         p_t = jnp.where(mask, jnp.exp2(s_t - lse), 0.0)
@@ -192,29 +197,53 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         dk = dk + mm((ds_t * gate).astype(q.dtype), q)
         return dk, dv
 
+    chunk_rows = cfg.dkv_chunk * rows
+    r = iota(chunk_rows)
+
     def per_group(u, carry):
-        def selected(e, carry):
-            t = qid_ref[u, e]
+        def selected(i, carry, first, stop):
+            """Entries first + i * chunk ... of the block's list at once: [chunk * G] rows gathered."""
+            e = first + i * cfg.dkv_chunk + lax.div(r, rows)  # [R] the row's entry
+            ok = e < stop
+            e = jnp.minimum(e, stop - 1)
+            t = qid_ref[u, e]  # [R] the row's query
+            h = u * rows + lax.rem(r, rows)  # [R] its head among the kv head's rows
             zero_row = None
             if cfg.zero_rows_possible:
-                zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0)) > 0)
-            return accumulate(carry, t, u, sgate_ref[u, e], in_block, zero_row)
+                zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0), axis=1) > 0)[None, :]
+            return accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
+                              delta_ref[t, h][None, :], sgate_ref[u, e][None, :], in_block & ok[None, :], zero_row)
 
         start, end = off_ref[u, j], off_ref[u, j + 1]
         per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
         first = start + split * per_split  # past the end for the packed own program
-        carry = lax.fori_loop(first, jnp.minimum(end, first + per_split), selected, carry)
-        if cfg.own_block:  # the queries with keys of this block in their own block
-            keys = j * cfg.sb + iota(cfg.sbp)
+        stop = jnp.minimum(end, first + per_split)
+        chunks = lax.div(jnp.maximum(stop - first, 0) + cfg.dkv_chunk - 1, cfg.dkv_chunk)
+        carry = lax.fori_loop(0, chunks, functools.partial(selected, first=first, stop=stop), carry)
+        if cfg.own_block:  # the queries with keys of this block in their own block, a chunk at a time
+            keys = (j * cfg.sb + iota(cfg.sbp))[:, None]  # [sbp, 1]
 
-            def own(t, carry):
+            def own(i, carry, first, stop):
+                t = first + i * cfg.dkv_chunk + lax.div(r, rows)  # [R] the row's query
+                ok = t < stop
+                t = jnp.minimum(t, stop - 1)
+                h = u * rows + lax.rem(r, rows)
                 bounds = (bounds_ref[t, 0], bounds_ref[t, 1]) if cfg.packed else None
-                mask, _ = own_keys(cfg, t, keys, bounds, idx_ref[t, u, :], valid_ref[t, u, :] > 0)
-                return accumulate(carry, t, u, 1.0, mask[:, None], None)
+                lo, hi, slot = own_block_range(cfg, t, bounds)  # [R]
+                mask = (keys >= lo[None, :]) & (keys < hi[None, :]) & ok[None, :]  # [sbp, R]
+                if cfg.causal:
+                    mask = mask & (keys <= t[None, :])
+                attend = own_attended(cfg, slot, idx_ref[t, u, :], valid_ref[t, u, :] > 0, keepdims=False)
+                if attend is not None:
+                    mask = mask & attend[None, :]
+                return accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
+                                  delta_ref[t, h][None, :], 1.0, mask, None)
 
             # Unpacked: the block's own tokens; packed, own blocks start anywhere (the range from XLA).
             lo, hi = (own_ref[j, 0], own_ref[j, 1]) if cfg.packed else (j * cfg.sb, j * cfg.sb + cfg.sb)
-            carry = lax.fori_loop(lo, jnp.where(own_program, jnp.minimum(hi, cfg.nq), lo), own, carry)
+            stop = jnp.where(own_program, jnp.minimum(hi, cfg.nq), lo)
+            chunks = lax.div(jnp.maximum(stop - lo, 0) + cfg.dkv_chunk - 1, cfg.dkv_chunk)
+            carry = lax.fori_loop(0, chunks, functools.partial(own, first=lo, stop=stop), carry)
         return carry
 
     zeros = jnp.zeros((cfg.sbp, d), F32)
@@ -337,7 +366,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
                   off_spec] + _packed_specs(cfg, True),
         out_specs=[out_spec, out_spec],
         out_shape=[jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
-        compiler_params=params,
+        compiler_params=compiler_params(cfg.dkv_num_warps, cfg.dkv_num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_dkdv",
     )(*inputs)

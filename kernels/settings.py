@@ -33,7 +33,10 @@ class Tiles:
     block_k_dq: int = 64
     rows_dkv: int = 64
     block_k_dkv: int = 64
-    num_warps: int | None = None  # None: 4 for d <= 64, else 8
+    # 4 warps at every head dim: at head dim 128 (H200, T = 64k) 8 warps made the compressed
+    # branch's backward 1.7x slower and its forward no faster.
+    num_warps: int = 4  # every flash kernel but the forward
+    num_warps_fwd: int = 4  # the forward
     num_stages: int = 2
     # dk/dv: a key tile's query range is split over up to this many programs (partial sums
     # added in XLA) so that the few compressed key tiles still fill the GPU ...
@@ -58,22 +61,30 @@ class SelectedSettings:
     tile of `tile_rows` rows walking the union of the blocks its queries selected), or "auto":
     tiled when a selection group has fewer rows than the matrix unit's 16 (the seed model's
     2 heads per kv head), per-query otherwise (the paper's 16). Measured on an H100 in
-    BENCHMARKS.md, "Kernel settings".
+    BENCHMARKS.md, "Kernel settings"; the per-query kernels' warps, stages and dk/dv chunk on
+    an H200 (fla's configuration at T = 64k, BENCHMARKS.md "Selected attention per query tile").
     """
 
     impl: str = "auto"
     tile_rows: int = 64  # tiled: rows per tile (queries per tile = tile_rows // group rows)
     tiles_per_dkv_split: int = 16  # tiled dk/dv: one more program per block per this many tiles
     dkv_entries_per_program: int = 256  # per-query dk/dv: one more program per block per this many entries
+    dkv_chunk: int = 4  # per-query dk/dv: entries of a block's query list gathered into one step's tile
+    query_num_warps: int = 2  # per-query forward and dq kernels
+    query_num_stages: int = 3  # per-query forward and dq kernels
+    dkv_num_warps: int = 4  # per-query dk/dv kernel
+    dkv_num_stages: int = 2  # per-query dk/dv kernel
     max_dkv_splits: int = 8  # either dk/dv kernel: programs sharing one key block at most
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = 4  # tiled kernels
+    num_stages: int = 2  # tiled kernels
 
     def __post_init__(self):
         _check(self.impl in SELECTED_IMPLS, f"impl must be one of {', '.join(SELECTED_IMPLS)}, got {self.impl!r}")
-        for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "max_dkv_splits",
-                     "num_warps", "num_stages"):
+        for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
+                     "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dkv_num_warps",
+                     "dkv_num_stages"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
 
 
 @dataclasses.dataclass(frozen=True)

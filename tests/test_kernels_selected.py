@@ -130,6 +130,16 @@ def test_query_kernel_split_dkdv_with_16_row_groups(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query split")
 
 
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(16, marks=pytest.mark.slow)])
+def test_query_dkdv_chunk_sizes(chunk):
+    """The dk/dv kernel's gathered chunks: one query per step, chunks that end mid-list (the
+    lists and own-block ranges are not multiples of the chunk), one chunk longer than most lists."""
+    case = CASES["g16_noncausal_d128" if chunk == 2 else "g16_block64"]
+    settings = SelectedSettings(impl="query", dkv_chunk=chunk, dkv_entries_per_program=3)
+    q, k, v, indices, valid, gates, key = inputs(case, jnp.float32, 1000 + chunk, 0.7)
+    check(case, jnp.float32, q, k, v, indices, valid, gates, key, settings, f"selected query chunk {chunk}")
+
+
 TILED_CASES = {n: CASES[n] for n in ("g1_block4", "g1_block4_noncausal", "per_head_block6")}
 
 
@@ -203,6 +213,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
 @pytest.mark.parametrize("make,message", [
     (lambda: SelectedSettings(impl="fast"), "impl must be one of auto, query, tiled"),
     (lambda: SelectedSettings(tile_rows=0), "tile_rows must be >= 1"),
+    (lambda: SelectedSettings(dkv_chunk=3), "dkv_chunk must be a power of two"),
     (lambda: SelectionSettings(rows=48), "rows must be a power of two"),
     (lambda: KernelSettings(sliding_impl="flash"), "sliding_impl must be one of auto, pallas, cudnn"),
 ])
