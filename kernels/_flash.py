@@ -214,10 +214,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
     """One key tile's dk, dv. Works on transposed scores [BK, R] (keys in the matmul M
     dimension, as the Triton tutorial does) so no tile is transposed in registers; q, do
-    come as 2-D row arrays [n_pad * g, d] so each loaded tile needs no reshape."""
+    [n_pad, g, d] are read as row tiles [R, d] (row r: token r // g, head r % g) through
+    index arrays, so they need no transposed copy in XLA."""
     *extra, dk_ref, dv_ref = refs
     block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
+    head = lax.rem(iota(rows), g)  # [R]
     j0 = pl.program_id(0) * block_k
     split = pl.program_id(1)
     k = k_ref[...]  # [BK, d]
@@ -233,12 +235,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
 
     def body(qt, carry):
         dk, dv = carry
-        rows_slice = pl.ds(qt * rows, rows)
-        q = q_ref[rows_slice, :]  # [R, d]
-        do = do_ref[rows_slice, :]
-        lse = lse_ref[rows_slice]  # [R]
-        delta = delta_ref[rows_slice]
-        t = qt * block_q + lax.div(iota(rows), g)
+        t = qt * block_q + lax.div(iota(rows), g)  # [R] each row's token
+        q = q_ref[t, head, :]  # [R, d]
+        do = do_ref[t, head, :]
+        lse = lse_ref[t, head]  # [R]
+        delta = delta_ref[t, head]
         bounds = None
         if cfg.vis.packed:
             tokens = pl.ds(qt * block_q, block_q)
@@ -302,10 +303,8 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
     )(q, k, v, do, lse, delta, *bounds)
 
     bk, splits = cfg.block_k_dkv, cfg.dkv_splits
-    # Rows (token, head) of one kv head contiguous: [b, kh, n_pad * g, (d)].
-    as_rows = lambda x: jnp.swapaxes(x, 1, 2).reshape(b, kh, n_pad * g, *x.shape[4:])
-    q_full = pl.BlockSpec((None, None, n_pad * g, d), lambda j, sp, bi, hi: (bi, hi, 0, 0))
-    row_full = pl.BlockSpec((None, None, n_pad * g), lambda j, sp, bi, hi: (bi, hi, 0))
+    q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, sp, bi, hi: (bi, 0, hi, 0, 0))
+    row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, sp, bi, hi: (bi, 0, hi, 0))
     kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, sp, bi, hi: (bi, j, hi, 0))
     out_tile = pl.BlockSpec((None, None, bk, None, d), lambda j, sp, bi, hi: (sp, bi, j, hi, 0))
     tokens_full = pl.BlockSpec((None, n_pad), lambda j, sp, bi, hi: (bi, 0))
@@ -322,7 +321,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dkdv",
-    )(as_rows(q), k, v, as_rows(do), as_rows(lse), as_rows(delta), *bounds, *tile_ranges)
+    )(q, k, v, do, lse, delta, *bounds, *tile_ranges)
     return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
 
 
