@@ -50,6 +50,7 @@ class QueryConfig(SelectedConfig):
     dkv_chunk: int = 1  # dk/dv: entries of a block's query list gathered per step (a power of two)
     dkv_num_warps: int = 4  # dk/dv kernel's warps
     dkv_num_stages: int = 2  # dk/dv kernel's pipeline stages
+    stored_ds: bool = False  # dq from the dk/dv kernel's stored dlogits (unpacked only)
 
 
 def _usable(cfg: QueryConfig, blk, ok, zero_row):
@@ -159,13 +160,39 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     dgate_ref[...] = dgate
 
 
+def _dq_stored_kernel(k_ref, idx_ref, valid_ref, pos_ref, ds_ref, ds_own_ref, dq_ref, *, cfg: QueryConfig):
+    """dq of one query group from the dlogits the dk/dv kernel stored (`cfg.stored_ds`): per
+    selected block a [sbp, G] tile of ds * gate (at the entry's position `pos` in the sorted
+    lists) and the own block's tile: only K is read, one matmul per block."""
+    t = pl.program_id(0)
+    valid_vec = valid_ref[...] > 0
+    zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
+
+    def body(i, dq):
+        blk = idx_ref[i]
+        use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
+        kb = k_ref[pl.ds(_block_start(cfg, blk, None), cfg.sbp), :]
+        ds_t = jnp.where(use, ds_ref[pos_ref[i], :, :], 0.0)  # [sbp, G]; unused entries hold garbage
+        return dq + mm(ds_t.astype(kb.dtype), kb, trans_a=True)
+
+    dq = lax.fori_loop(0, cfg.num_sel, body, jnp.zeros(dq_ref.shape, F32))
+    if cfg.own_block:
+        lo = own_block_range(cfg, t, None)[0]
+        dq = dq + mm(ds_own_ref[...], k_ref[pl.ds(lo, cfg.sbp), :], trans_a=True)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
                  *refs, cfg: QueryConfig, part: str):
     """dk, dv of key block j: the queries that selected it (split `split` of cfg.dkv_splits parts of
     that list), then the queries with keys of it in their own block (split 0). Packed ("packed"),
     a selected block is block slot j (from the slot table) and one more program per j
     (split = cfg.dkv_splits) takes the own blocks' keys j * sb + ..., into their own tile."""
-    *packed, dk_ref, dv_ref = refs  # packed: document bounds [nq, 2], slot table [nb], own queries [nb, 2]
+    n_out = 5 if cfg.stored_ds else 2
+    *packed, dk_ref, dv_ref = refs[:len(refs) - n_out + 2]  # packed: bounds [nq, 2], slots [nb], own queries [nb, 2]
+    # stored_ds: ds * gate per entry [upk, e + 1, sbp, G] and per own query [nq + 1, upk, sbp, G] (the
+    # last row of each takes the chunks' padding rows), the dgate parts per entry and row [upk, e + 1, G].
+    ds_ref, ds_own_ref, dg_ref = refs[len(refs) - 3:] if cfg.stored_ds else (None, None, None)
     bounds_ref, slot_ref, own_ref = packed if cfg.packed else (None, None, None)
     j = pl.program_id(0)
     split = pl.program_id(1)
@@ -186,7 +213,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         this block's dk, dv. Transposed scores [sbp, R] (keys in the matmul M dimension): no tile
         transposes in registers."""
         dk, dv = carry
-        s_t = mm(kb, q, trans_b=True) * (gate * c)  # [sbp, R]
+        qk_t = mm(kb, q, trans_b=True) * c  # [sbp, R], without the gate
+        s_t = qk_t * gate
         if zero_row is not None:
             s_t = jnp.where(zero_row, 0.0, s_t)
         p_t = jnp.where(mask, jnp.exp2(s_t - lse), 0.0)
@@ -194,11 +222,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         ds_t = p_t * (mm(vb, do, trans_b=True) - delta)
         if zero_row is not None:
             ds_t = jnp.where(zero_row, 0.0, ds_t)
-        dk = dk + mm((ds_t * gate).astype(q.dtype), q)
-        return dk, dv
+        dsg_t = (ds_t * gate).astype(q.dtype)
+        dk = dk + mm(dsg_t, q)
+        return (dk, dv), dsg_t, jnp.sum(ds_t * qk_t, axis=0)  # and per row its dgate part [R]
 
     chunk_rows = cfg.dkv_chunk * rows
     r = iota(chunk_rows)
+    head_of_row = lax.rem(r, rows)[None, :]  # [1, R]
+    key_of_tile = iota(cfg.sbp)[:, None]  # [sbp, 1]
 
     def per_group(u, carry):
         def selected(i, carry, first, stop):
@@ -211,8 +242,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
             zero_row = None
             if cfg.zero_rows_possible:
                 zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0), axis=1) > 0)[None, :]
-            return accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
-                              delta_ref[t, h][None, :], sgate_ref[u, e][None, :], in_block & ok[None, :], zero_row)
+            carry, dsg_t, dg = accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
+                                          delta_ref[t, h][None, :], sgate_ref[u, e][None, :], in_block & ok[None, :],
+                                          zero_row)
+            if cfg.stored_ds:
+                e_row = jnp.where(ok, e, dg_ref.shape[1] - 1)[None, :]  # [1, R]; padding rows to the spare entry
+                ds_ref[u, e_row, key_of_tile, head_of_row] = dsg_t
+                dg_ref[u, e_row[0], head_of_row[0]] = dg
+            return carry
 
         start, end = off_ref[u, j], off_ref[u, j + 1]
         per_split = lax.div(end - start + cfg.dkv_splits - 1, cfg.dkv_splits)
@@ -236,8 +273,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 attend = own_attended(cfg, slot, idx_ref[t, u, :], valid_ref[t, u, :] > 0, keepdims=False)
                 if attend is not None:
                     mask = mask & attend[None, :]
-                return accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
-                                  delta_ref[t, h][None, :], 1.0, mask, None)
+                carry, dsg_t, _ = accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
+                                             delta_ref[t, h][None, :], 1.0, mask, None)
+                if cfg.stored_ds:  # unpacked: block j is the own block of each of these queries
+                    t_row = jnp.where(ok, t, ds_own_ref.shape[0] - 1)[None, :]
+                    ds_own_ref[t_row, u, key_of_tile, head_of_row] = dsg_t
+                return carry
 
             # Unpacked: the block's own tokens; packed, own blocks start anywhere (the range from XLA).
             lo, hi = (own_ref[j, 0], own_ref[j, 1]) if cfg.packed else (j * cfg.sb, j * cfg.sb + cfg.sb)
@@ -305,7 +346,8 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
     """Per (batch, group): query ids and slots sorted by selected block, and block offsets.
 
     idx, valid [b, nq, groups, kp] -> (order [b, groups, nq * kp] entry ids sorted by block,
-    offsets [b, groups, nb + 1]); entries that are not attended sort last (key nb).
+    offsets [b, groups, nb + 1], used [b, nq, groups, kp]: the entries attended); entries that
+    are not attended sort last (key nb).
     """
     b, nq, groups, kp = idx.shape
     used = valid > 0
@@ -314,31 +356,66 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
     used = used & (jnp.arange(kp) < cfg.num_sel) & (idx >= 0) & (idx < cfg.nb)
     key = jnp.where(used, idx, cfg.nb).transpose(0, 2, 1, 3).reshape(b * groups, nq * kp)
     order, offsets = sort_by_block(key, cfg.nb)
-    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1)
+    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1), used
+
+
+def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, lse, do, delta):
+    """dq and dgate by the per-query dq kernel (recomputes each block's logits from K and V)."""
+    _, _, _, _, d = q.shape
+    q_spec, row_spec, sel_spec = _group_specs(cfg, d)
+    kv_spec = _kv_spec(cfg, k.shape[1], d)
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(q.shape[1], q.shape[0], q.shape[2]),
+        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec]
+        + _packed_specs(cfg, False),
+        out_specs=[q_spec, sel_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_selected_dq",
+    )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed, False))
+
+
+def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, used, order, ds, ds_own, dg):
+    """dq and dgate from the dk/dv kernel's stored ds * gate and dgate parts (`cfg.stored_ds`).
+
+    order [b, groups, e] sorts the entries (query * kp + slot) by block; ds [b, kh, upk, e + 1,
+    sbp, G], ds_own [b, nq + 1, kh, upk, sbp, G], dg [b, kh, upk, e + 1, G] (base-2 logits).
+    """
+    b, nq, groups, rows, d = q.shape
+    upk, e = cfg.groups_per_kv, nq * cfg.kp
+    ent = jnp.arange(e, dtype=jnp.int32)
+    pos = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(ent)))(order)  # [b, groups, e]: inverse of order
+    dgate = jnp.take_along_axis(dg.sum(axis=-1).reshape(b, groups, e + 1), pos, axis=-1) * (1.0 / LOG2E)
+    dgate = jnp.where(used, dgate.reshape(b, groups, nq, cfg.kp).transpose(0, 2, 1, 3), 0.0)
+    pos = pos.reshape(b, groups, nq, cfg.kp).transpose(0, 2, 1, 3)  # [b, nq, groups, kp]
+    q_spec, _, sel_spec = _group_specs(cfg, d)
+    dq = pl.pallas_call(
+        functools.partial(_dq_stored_kernel, cfg=cfg),
+        grid=(nq, b, groups),
+        in_specs=[_kv_spec(cfg, k.shape[1], d), sel_spec, sel_spec, sel_spec,
+                  pl.BlockSpec((None, None, None, e + 1, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, 0, 0, 0)),
+                  pl.BlockSpec((None, None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, t, s // upk, s % upk, 0, 0))],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_selected_dq_stored",
+    )(k, idx, valid, pos, ds, ds_own)
+    return dq, dgate
 
 
 def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, o, lse, do):
     b, nq, groups, rows, d = q.shape
     kh = k.shape[2]
     upk = cfg.groups_per_kv
-    params = compiler_params(cfg.num_warps, cfg.num_stages)
     delta = softmax_delta(o, do)  # [b, nq, groups, G]
+    stored = cfg.stored_ds and packed is None
+    if not stored:
+        dq, dgate = _dq_recomputed(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
 
-    q_spec, row_spec, sel_spec = _group_specs(cfg, d)
-    kv_spec = _kv_spec(cfg, k.shape[1], d)
-    dq, dgate = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg),
-        grid=(nq, b, groups),
-        in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec]
-        + _packed_specs(cfg, False),
-        out_specs=[q_spec, sel_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
-        compiler_params=params,
-        interpret=cfg.interpret,
-        name="nsa_selected_dq",
-    )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed, False))
-
-    order, offsets = _inverted_index(cfg, idx, valid)
+    order, offsets, used = _inverted_index(cfg, idx, valid)
     gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
     sorted_gate = jnp.take_along_axis(gate_flat, order, axis=-1)
     qid = (order // cfg.kp).astype(jnp.int32)
@@ -359,17 +436,30 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
 
     part, splits = ("all", cfg.dkv_splits) if packed is None else ("packed", cfg.dkv_splits + 1)
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, part=part),
+    out_specs = [out_spec, out_spec]
+    out_shape = [jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2
+    if stored:  # + ds * gate per entry and per own query, dgate parts per entry and row (spare last rows)
+        out_specs += [
+            pl.BlockSpec((None, None, upk, e + 1, cfg.sbp, rows), lambda j, sp, bi, h: (bi, h, 0, 0, 0, 0)),
+            pl.BlockSpec((None, nq + 1, None, upk, cfg.sbp, rows), lambda j, sp, bi, h: (bi, 0, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, upk, e + 1, rows), lambda j, sp, bi, h: (bi, h, 0, 0, 0))]
+        out_shape += [jax.ShapeDtypeStruct((b, kh, upk, e + 1, cfg.sbp, rows), q.dtype),
+                      jax.ShapeDtypeStruct((b, nq + 1, kh, upk, cfg.sbp, rows), q.dtype),
+                      jax.ShapeDtypeStruct((b, kh, upk, e + 1, rows), F32)]
+    dk, dv, *stored_out = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=dataclasses.replace(cfg, stored_ds=stored), part=part),
         grid=(cfg.nb, splits, b, kh),
         in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
                   off_spec] + _packed_specs(cfg, True),
-        out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params(cfg.dkv_num_warps, cfg.dkv_num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_dkdv",
     )(*inputs)
+    if stored:
+        ds, ds_own, dg = stored_out
+        dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, used, order, ds, ds_own, dg)
 
     def blocks_to_keys(x):  # [b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
         x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)

@@ -130,7 +130,7 @@ def test_query_kernel_split_dkdv_with_16_row_groups(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query split")
 
 
-@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(8, marks=pytest.mark.slow)])
 def test_query_dkdv_chunk_sizes(chunk):
     """The dk/dv kernel's gathered chunks: one query per step, chunks that end mid-list (the
     lists and own-block ranges are not multiples of the chunk), one chunk longer than most lists."""
