@@ -130,6 +130,16 @@ def test_query_kernel_split_dkdv_with_16_row_groups(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query split")
 
 
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g16_block64", "g16_noncausal_d128")},
+                                             {"g16_noncausal_d128": F32_ONLY}, dtypes=F32_ONLY))
+def test_query_dq_recomputed_without_stored_dlogits(case, dtype):
+    """`store_dlogits=False`: dq recomputes each block's logits from K and V (the path packed
+    documents always take) instead of reading the dk/dv kernel's stored ds."""
+    settings = SelectedSettings(impl="query", store_dlogits=False)
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 2, 0.7)
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query recomputed dq")
+
+
 @pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(8, marks=pytest.mark.slow)])
 def test_query_dkdv_chunk_sizes(chunk):
     """The dk/dv kernel's gathered chunks: one query per step, chunks that end mid-list (the
