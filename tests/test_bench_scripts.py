@@ -230,3 +230,29 @@ def test_selection_variants_bench_runs_on_cpu(tmp_path):
     assert [r["variant"] for r in rows] == ["default", "num_warps_dbk=8,rows=32"]
     assert rows[1]["settings"]["num_warps_dbk"] == 8 and rows[1]["settings"]["rows"] == 32
     assert all(r[key] > 0 for r in rows for key in ("kernel_fwd_ms", "kernel_bwd_ms", "fwd_ms", "fwd_bwd_ms"))
+
+
+@pytest.mark.slow
+def test_kernel_variants_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "kv.json"
+    run = subprocess.run([sys.executable, "-m", "bench.kernel_variants", "--configs", "seed", "--lengths", "256",
+                          "--branch", "selected", "--variants", "default;selected.tile_rows=32,flash.num_warps=8",
+                          "--reps", "3", "--budget_s", "0.5", f"--out={out}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["default", "selected.tile_rows=32,flash.num_warps=8"]
+    assert all(r[key] > 0 for r in rows for key in ("fwd_ms", "fwd_bwd_ms")), rows
+    assert "| seed | 256 | default |" in run.stdout
+
+
+def test_kernel_variants_parse_variant():
+    from bench.kernel_variants import parse_variant
+    from kernels.settings import KernelSettings
+
+    got = parse_variant("selected.dkv_chunk=2,selected.store_dlogits=0,flash.num_warps_fwd=8,sliding_impl=pallas")
+    assert got.selected.dkv_chunk == 2 and got.selected.store_dlogits is False
+    assert got.flash.num_warps_fwd == 8 and got.sliding_impl == "pallas"
+    assert parse_variant("default") == KernelSettings()
+    with pytest.raises(SystemExit, match="unknown SelectedSettings field 'chunk'"):
+        parse_variant("selected.chunk=2")

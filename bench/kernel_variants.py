@@ -1,0 +1,144 @@
+"""Time a branch of the NSA core under several `KernelSettings`, side by side, with each kernel's GPU time.
+
+    python -m bench.kernel_variants                      # selected attention, fla config, T = 65536
+    python -m bench.kernel_variants --branch core --lengths 8192,65536 \\
+        --variants "default;selected.dkv_chunk=2;flash.num_warps=8,flash.num_warps_fwd=8"
+
+A variant is a comma list of `group.field=value` (group: selected, selection, flash; or
+sliding_impl=...), variants separated by ";", "default" the library's settings. Per variant,
+configuration (`bench.core.CONFIGS`, batch 1, bf16, causal) and length: the branch's forward
+and forward+backward (`bench.core.branch_fns`; medians of --reps calls after a warm-up,
+compilation excluded, ended by block_until_ready), then one more profiled forward+backward
+whose GPU kernels (`jax.profiler`; Pallas kernels are named nsa_*) give the per-kernel
+milliseconds (on a GPU only). Prints a table and writes
+bench/results/kernel_variants-<date>.json. This is how the per-query selected-attention
+settings were chosen (BENCHMARKS.md, "Selected attention at the paper's group size").
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+import traceback
+
+import jax
+
+from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, timed
+from bench.profile_step import device_events
+from kernels.settings import KernelSettings
+
+GROUPS = {"selected": "selected", "selection": "selection", "flash": "flash"}
+DEFAULT_VARIANTS = "default;selected.store_dlogits=0;selected.dkv_chunk=2"
+
+
+def parse_variant(text: str) -> KernelSettings:
+    """'group.field=value,...' -> KernelSettings (bools and ints where the default is one)."""
+    settings = KernelSettings()
+    if text.strip() in ("", "default"):
+        return settings
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        group, _, field = name.strip().partition(".")
+        if not field:  # a top-level field (sliding_impl)
+            if group not in {f.name for f in dataclasses.fields(KernelSettings)} or group in GROUPS:
+                raise SystemExit(f"error: unknown setting {name!r}: use group.field (groups: {', '.join(GROUPS)})")
+            settings = dataclasses.replace(settings, **{group: value.strip()})
+            continue
+        if group not in GROUPS:
+            raise SystemExit(f"error: unknown settings group {group!r} (groups: {', '.join(GROUPS)})")
+        sub = getattr(settings, group)
+        fields = {f.name for f in dataclasses.fields(sub)}
+        if field not in fields:
+            raise SystemExit(f"error: unknown {type(sub).__name__} field {field!r} (fields: {', '.join(sorted(fields))})")
+        default = getattr(sub, field)
+        if isinstance(default, bool):
+            parsed = value.strip().lower() in ("1", "true", "yes")
+        elif isinstance(default, str):
+            parsed = value.strip()
+        else:
+            parsed = int(value)
+        settings = dataclasses.replace(settings, **{group: dataclasses.replace(sub, **{field: parsed})})
+    return settings
+
+
+def kernel_ms(fn, args, steps: int = 3) -> dict[str, float]:
+    """GPU milliseconds per call of every kernel fn(*args) runs, largest first (empty without a GPU)."""
+    jax.block_until_ready(fn(*args))
+    trace_dir = tempfile.mkdtemp(prefix="kernel_variants_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            jax.block_until_ready(fn(*args))
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    for name, _, us in device_events(trace_dir):
+        per_kernel[name] += us / steps / 1e3
+    return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def measure(name: str, n: int, branch: str, label: str, settings: KernelSettings, reps: int, budget_s: float,
+            profile: bool) -> dict:
+    cfg = CONFIGS[name]
+    inputs = make_inputs(cfg, n)
+    fwd, grad, ct = fwd_and_bwd(branch_fns(cfg, settings)[branch], inputs)
+    row = dict(config=name, T=n, branch=branch, variant=label,
+               fwd_ms=timed(fwd, inputs, reps, budget_s), fwd_bwd_ms=timed(grad, (inputs, ct), reps, budget_s))
+    if profile:
+        kernels_ms = kernel_ms(grad, (inputs, ct))
+        row["gpu_ms"] = sum(kernels_ms.values())
+        row["kernels_ms"] = {k: round(v, 4) for k, v in kernels_ms.items() if v >= 0.01}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["fla"], choices=list(CONFIGS))
+    parser.add_argument("--branch", default="selected",
+                        choices=["core", "compressed", "selection", "selected", "selected_tiled", "sliding"])
+    parser.add_argument("--lengths", default="65536", help="comma list of T")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help='";"-separated, e.g. "default;flash.num_warps=8"')
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--budget_s", type=float, default=2.0, help="stop repeating after this long (>= 3 runs)")
+    parser.add_argument("--no_profile", action="store_true", help="skip the per-kernel profile")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernel_variants-<date>.json)")
+    args = parser.parse_args()
+    variants = {text.strip() or "default": parse_variant(text) for text in args.variants.split(";")}
+
+    device = jax.devices()[0]
+    profile = not args.no_profile and device.platform == "gpu"
+    meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__, batch=1,
+                dtype="bfloat16", branch=args.branch, configs={k: CONFIGS[k] for k in args.configs})
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"kernel_variants-{meta['date']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    rows = []
+    for name in args.configs:
+        for n in (int(x) for x in args.lengths.split(",")):
+            for label, settings in variants.items():
+                try:
+                    row = measure(name, n, args.branch, label, settings, args.reps, args.budget_s, profile)
+                except Exception as exc:  # e.g. a tile over the shared-memory limit: recorded, the run goes on
+                    row = dict(config=name, T=n, branch=args.branch, variant=label,
+                               error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    traceback.print_exc(limit=2)
+                rows.append(row)
+                with open(out, "w") as f:
+                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+                print(json.dumps(row), flush=True)
+
+    fmt = lambda r, key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.branch}, batch 1, bf16, causal (ms, median)")
+    print("| config | T | variant | fwd | fwd+bwd | Pallas kernels (GPU ms, fwd+bwd) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        top = ", ".join(f"{k[4:]} {v:.2f}" for k, v in r.get("kernels_ms", {}).items() if k.startswith("nsa_"))
+        print(f"| {r['config']} | {r['T']} | {r['variant']} | {fmt(r, 'fwd_ms')} | {fmt(r, 'fwd_bwd_ms')} | "
+              f"{top or r.get('error', '')} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
