@@ -234,9 +234,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         dk = dk + mm(dsg_t, q)
         return (dk, dv), dsg_t, jnp.sum(ds_t * qk_t, axis=0)  # and per row its dgate part [R]
 
-    chunk_rows = cfg.dkv_chunk * rows
-    r = iota(chunk_rows)
-    head_of_row = lax.rem(r, rows)[None, :]  # [1, R]
+    r = iota(cfg.dkv_chunk * rows)  # the rows of a chunk: entry (or query) r // G, head r % G
+    head_of_row = lax.rem(r, rows)  # [R]
     key_of_tile = iota(cfg.sbp)[:, None]  # [sbp, 1]
 
     def per_group(u, carry):
@@ -246,7 +245,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
             ok = e < stop
             e = jnp.minimum(e, stop - 1)
             t = qid_ref[u, e]  # [R] the row's query
-            h = u * rows + lax.rem(r, rows)  # [R] its head among the kv head's rows
+            h = u * rows + head_of_row  # [R] its head among the kv head's rows
             zero_row = None
             if cfg.zero_rows_possible:
                 zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0), axis=1) > 0)[None, :]
@@ -255,8 +254,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                                           zero_row)
             if cfg.stored_ds:
                 e_row = jnp.where(ok, e, dg_ref.shape[1] - 1)[None, :]  # [1, R]; padding rows to the spare entry
-                ds_ref[u, e_row, key_of_tile, head_of_row] = dsg_t
-                dg_ref[u, e_row[0], head_of_row[0]] = dg
+                ds_ref[u, e_row, key_of_tile, head_of_row[None, :]] = dsg_t
+                dg_ref[u, e_row[0], head_of_row] = dg
             return carry
 
         start, end = off_ref[u, j], off_ref[u, j + 1]
@@ -272,7 +271,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 t = first + i * cfg.dkv_chunk + lax.div(r, rows)  # [R] the row's query
                 ok = t < stop
                 t = jnp.minimum(t, stop - 1)
-                h = u * rows + lax.rem(r, rows)
+                h = u * rows + head_of_row
                 bounds = (bounds_ref[t, 0], bounds_ref[t, 1]) if cfg.packed else None
                 lo, hi, slot = own_block_range(cfg, t, bounds)  # [R]
                 mask = (keys >= lo[None, :]) & (keys < hi[None, :]) & ok[None, :]  # [sbp, R]
@@ -285,7 +284,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                                              delta_ref[t, h][None, :], 1.0, mask, None)
                 if cfg.stored_ds:  # unpacked: block j is the own block of each of these queries
                     t_row = jnp.where(ok, t, ds_own_ref.shape[0] - 1)[None, :]
-                    ds_own_ref[t_row, u, key_of_tile, head_of_row] = dsg_t
+                    ds_own_ref[t_row, u, key_of_tile, head_of_row[None, :]] = dsg_t
                 return carry
 
             # Unpacked: the block's own tokens; packed, own blocks start anywhere (the range from XLA).
@@ -369,12 +368,12 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
 
 def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, lse, do, delta):
     """dq and dgate by the per-query dq kernel (recomputes each block's logits from K and V)."""
-    _, _, _, _, d = q.shape
+    b, nq, groups, _, d = q.shape
     q_spec, row_spec, sel_spec = _group_specs(cfg, d)
     kv_spec = _kv_spec(cfg, k.shape[1], d)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(q.shape[1], q.shape[0], q.shape[2]),
+        grid=(nq, b, groups),
         in_specs=[q_spec, kv_spec, kv_spec, sel_spec, sel_spec, sel_spec, q_spec, row_spec, row_spec]
         + _packed_specs(cfg, False),
         out_specs=[q_spec, sel_spec],
