@@ -128,6 +128,27 @@ def timed(fn, args, reps: int, budget_s: float) -> float:
     return statistics.median(times)
 
 
+def measure_grid(configs, lengths, variants: dict, measure, out: str, meta: dict, **error_fields) -> list[dict]:
+    """Rows of measure(config name, T, variant label, settings) for every configuration, length and
+    variant; one that raises (e.g. a tile over the shared-memory limit) becomes an error row and the
+    run goes on. The JSON at `out` is rewritten after every row, so a killed run keeps its rows."""
+    rows = []
+    for name in configs:
+        for n in lengths:
+            for label, settings in variants.items():
+                try:
+                    row = measure(name, n, label, settings)
+                except Exception as exc:
+                    row = dict(config=name, T=n, **error_fields, variant=label,
+                               error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    traceback.print_exc(limit=2)
+                rows.append(row)
+                with open(out, "w") as f:
+                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def fwd_and_bwd(fn, inputs):
     """(jitted forward, jitted gradient of <fn(inputs), ct> in all inputs, a random ct)."""
     forward = jax.jit(fn)

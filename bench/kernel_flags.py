@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from kernels.settings import SELECTED_IMPLS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
     SelectionSettings
@@ -31,3 +32,23 @@ def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
                               block_keys=args.selection_block_keys or default.selection.block_keys,
                               num_warps_dbk=args.selection_warps_dbk or default.selection.num_warps_dbk),
                           sliding_impl=args.sliding_impl or default.sliding_impl)
+
+
+def replace_fields(settings, items: list[str]):
+    """A settings dataclass with `name=value` items applied, each value parsed by its field's
+    default (bool: 1/true/yes; str; otherwise int). Unknown names exit with a one-line error."""
+    fields = [f.name for f in dataclasses.fields(settings)]
+    changes = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in fields:
+            raise SystemExit(f"error: unknown {type(settings).__name__} field {name!r} (fields: {', '.join(fields)})")
+        default = getattr(settings, name)
+        if isinstance(default, bool):
+            changes[name] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, str):
+            changes[name] = value
+        else:
+            changes[name] = int(value)
+    return dataclasses.replace(settings, **changes)

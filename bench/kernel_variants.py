@@ -21,18 +21,17 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import json
 import os
 import tempfile
-import traceback
 
 import jax
 
-from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, timed
+from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, measure_grid, timed
+from bench.kernel_flags import replace_fields
 from bench.profile_step import device_events
 from kernels.settings import KernelSettings
 
-GROUPS = {"selected": "selected", "selection": "selection", "flash": "flash"}
+GROUPS = ("selected", "selection", "flash")
 DEFAULT_VARIANTS = "default;selected.store_dlogits=0;selected.dkv_chunk=2"
 
 
@@ -41,29 +40,20 @@ def parse_variant(text: str) -> KernelSettings:
     settings = KernelSettings()
     if text.strip() in ("", "default"):
         return settings
+    top, by_group = [], collections.defaultdict(list)
     for item in text.split(","):
-        name, _, value = item.partition("=")
-        group, _, field = name.strip().partition(".")
-        if not field:  # a top-level field (sliding_impl)
-            if group not in {f.name for f in dataclasses.fields(KernelSettings)} or group in GROUPS:
-                raise SystemExit(f"error: unknown setting {name!r}: use group.field (groups: {', '.join(GROUPS)})")
-            settings = dataclasses.replace(settings, **{group: value.strip()})
-            continue
-        if group not in GROUPS:
+        group, dot, field = item.strip().partition(".")
+        if not dot:  # a top-level field (sliding_impl)
+            if item.partition("=")[0].strip() in GROUPS:
+                raise SystemExit(f"error: use group.field for {', '.join(GROUPS)}, got {item.strip()!r}")
+            top.append(item)
+        elif group not in GROUPS:
             raise SystemExit(f"error: unknown settings group {group!r} (groups: {', '.join(GROUPS)})")
-        sub = getattr(settings, group)
-        fields = {f.name for f in dataclasses.fields(sub)}
-        if field not in fields:
-            raise SystemExit(f"error: unknown {type(sub).__name__} field {field!r} (fields: {', '.join(sorted(fields))})")
-        default = getattr(sub, field)
-        if isinstance(default, bool):
-            parsed = value.strip().lower() in ("1", "true", "yes")
-        elif isinstance(default, str):
-            parsed = value.strip()
         else:
-            parsed = int(value)
-        settings = dataclasses.replace(settings, **{group: dataclasses.replace(sub, **{field: parsed})})
-    return settings
+            by_group[group].append(field)
+    settings = replace_fields(settings, top)
+    return dataclasses.replace(settings, **{g: replace_fields(getattr(settings, g), items)
+                                            for g, items in by_group.items()})
 
 
 def kernel_ms(fn, args, steps: int = 3) -> dict[str, float]:
@@ -114,20 +104,10 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_variants-{meta['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    rows = []
-    for name in args.configs:
-        for n in (int(x) for x in args.lengths.split(",")):
-            for label, settings in variants.items():
-                try:
-                    row = measure(name, n, args.branch, label, settings, args.reps, args.budget_s, profile)
-                except Exception as exc:  # e.g. a tile over the shared-memory limit: recorded, the run goes on
-                    row = dict(config=name, T=n, branch=args.branch, variant=label,
-                               error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                    traceback.print_exc(limit=2)
-                rows.append(row)
-                with open(out, "w") as f:
-                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-                print(json.dumps(row), flush=True)
+    rows = measure_grid(args.configs, [int(x) for x in args.lengths.split(",")], variants,
+                        lambda name, n, label, settings: measure(name, n, args.branch, label, settings, args.reps,
+                                                                 args.budget_s, profile),
+                        out, meta, branch=args.branch)
 
     fmt = lambda r, key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
     print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.branch}, batch 1, bf16, causal (ms, median)")

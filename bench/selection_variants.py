@@ -18,15 +18,14 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
 
 import kernels
-from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, timed
+from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, measure_grid, timed
+from bench.kernel_flags import replace_fields
 from kernels import selection
 from kernels.settings import SelectionSettings
 from nsa_jax import segments as seg
@@ -38,15 +37,7 @@ def parse_variant(text: str) -> SelectionSettings:
     """'name=value,...' -> SelectionSettings (ints where the default is an int)."""
     if text.strip() in ("", "default"):
         return SelectionSettings()
-    fields = {f.name: f for f in dataclasses.fields(SelectionSettings)}
-    kwargs = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        if name not in fields:
-            raise SystemExit(f"error: unknown SelectionSettings field {name!r} (fields: {', '.join(fields)})")
-        kwargs[name] = value.strip() if isinstance(getattr(SelectionSettings(), name), str) else int(value)
-    return SelectionSettings(**kwargs)
+    return replace_fields(SelectionSettings(), text.split(","))
 
 
 def kernel_inputs(cfg: dict, n: int, settings: SelectionSettings):
@@ -102,19 +93,9 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"selection_variants-{meta['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    rows = []
-    for name in args.configs:
-        for n in (int(x) for x in args.lengths.split(",")):
-            for label, settings in variants.items():
-                try:
-                    row = measure(name, n, label, settings, args.reps, args.budget_s)
-                except Exception as exc:  # e.g. a setting the lowering rejects: recorded, the run goes on
-                    row = dict(config=name, T=n, variant=label, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                    traceback.print_exc(limit=2)
-                rows.append(row)
-                with open(out, "w") as f:
-                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-                print(json.dumps(row), flush=True)
+    rows = measure_grid(args.configs, [int(x) for x in args.lengths.split(",")], variants,
+                        lambda name, n, label, settings: measure(name, n, label, settings, args.reps, args.budget_s),
+                        out, meta)
 
     fmt = lambda r, key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
     print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: selection, batch 1, bf16, causal (ms, median)")

@@ -58,7 +58,7 @@ class QueryConfig(SelectedConfig):
     dkv_chunk: int = 1  # dk/dv: entries of a block's query list gathered per step (a power of two)
     dkv_num_warps: int = 4  # dk/dv kernel's warps
     dkv_num_stages: int = 2  # dk/dv kernel's pipeline stages
-    stored_ds: bool = False  # dq from the dk/dv kernel's stored dlogits (unpacked only)
+    stored_ds: bool = False  # dq from the dk/dv kernel's stored dlogits (never with packed documents)
 
 
 def _usable(cfg: QueryConfig, blk, ok, zero_row):
@@ -418,8 +418,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     kh = k.shape[2]
     upk = cfg.groups_per_kv
     delta = softmax_delta(o, do)  # [b, nq, groups, G]
-    stored = cfg.stored_ds and packed is None
-    if not stored:
+    if not cfg.stored_ds:
         dq, dgate = _dq_recomputed(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
 
     order, offsets, used = _inverted_index(cfg, idx, valid)
@@ -445,7 +444,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
     out_specs = [out_spec, out_spec]
     out_shape = [jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2
-    if stored:  # + ds * gate per entry and per own query, dgate parts per entry and row (spare last rows)
+    if cfg.stored_ds:  # + ds * gate per entry and per own query, dgate parts per entry and row (spare last rows)
         out_specs += [
             pl.BlockSpec((None, None, upk, e + 1, cfg.sbp, rows), lambda j, sp, bi, h: (bi, h, 0, 0, 0, 0)),
             pl.BlockSpec((None, nq + 1, None, upk, cfg.sbp, rows), lambda j, sp, bi, h: (bi, 0, h, 0, 0, 0)),
@@ -454,7 +453,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
                       jax.ShapeDtypeStruct((b, nq + 1, kh, upk, cfg.sbp, rows), q.dtype),
                       jax.ShapeDtypeStruct((b, kh, upk, e + 1, rows), F32)]
     dk, dv, *stored_out = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=dataclasses.replace(cfg, stored_ds=stored), part=part),
+        functools.partial(_dkdv_kernel, cfg=cfg, part=part),
         grid=(cfg.nb, splits, b, kh),
         in_specs=[q_full, kv_full, kv_full, q_full, row_full, row_full, sel_full, sel_full, ent_spec, ent_spec,
                   off_spec] + _packed_specs(cfg, True),
@@ -464,7 +463,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
         interpret=cfg.interpret,
         name="nsa_selected_dkdv",
     )(*inputs)
-    if stored:
+    if cfg.stored_ds:
         ds, ds_own, dg = stored_out
         dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, used, order, ds, ds_own, dg)
 
