@@ -19,12 +19,13 @@ programs whose float32 partial sums XLA adds. No atomics, deterministic; cost
 O(n * k' * sb), like the forward.
 
 dq (`cfg.stored_ds`, the default unpacked): the dk/dv kernel runs first and also stores the
-ds * gate tile [sb, G] of every (query, selected block) pair at the pair's position in the
-sorted lists, the own block's tile per query, and per-row dgate parts; the dq kernel then
-reads K and those tiles, one matmul per block, instead of K and V with three (H200, fla
-config, T = 64k: dq 19.2 -> 8.6 ms, dk/dv 11.0 -> 19.0 ms). Otherwise (packed documents,
-whose own blocks straddle two aligned key blocks, or `store_dlogits=False`) a dq kernel per
-query recomputes the logits and also gives dgate.
+ds tile [sb, G] of every (query, selected block) pair at the pair's position in the sorted
+lists (keys outermost, so a step's tile is one masked block store) and the own block's tile
+per query; the dq kernel then reads K and those tiles, one matmul per block, instead of K and
+V with three, and takes dgate from the same product (H200, fla config, T = 64k, dq + dk/dv:
+30.2 ms recomputing, 29.1 storing ds * gate and dgate parts, 26.7 storing ds alone). Otherwise
+(packed documents, whose own blocks straddle two aligned key blocks, or `store_dlogits=False`)
+a dq kernel per query recomputes the logits and also gives dgate.
 
 Reference quirk reproduced: non-causal, k' > 0, a query group with no valid block attends
 uniformly to the tokens of all its selected blocks (logits forced to 0, no gradient to q,
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from kernels._common import (
     F32, LOG2E, MASK_VALUE, add_phantom_keys, compiler_params, iota, mm, online_softmax_step, pad_axis,
@@ -168,26 +170,36 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
     dgate_ref[...] = dgate
 
 
-def _dq_stored_kernel(k_ref, idx_ref, valid_ref, pos_ref, ds_ref, ds_own_ref, dq_ref, *, cfg: QueryConfig):
-    """dq of one query group from the dlogits the dk/dv kernel stored (`cfg.stored_ds`): per
-    selected block a [sbp, G] tile of ds * gate (at the entry's position `pos` in the sorted
-    lists) and the own block's tile: only K is read, one matmul per block."""
+def _dq_stored_kernel(q_ref, k_ref, idx_ref, valid_ref, gate_ref, pos_ref, ds_ref, ds_own_ref, dq_ref, dgate_ref, *,
+                      cfg: QueryConfig):
+    """dq and the dgates of one query group from the dlogits the dk/dv kernel stored
+    (`cfg.stored_ds`): per selected block a [sbp, G] tile of ds (at the entry's position `pos` in
+    the sorted lists) and the own block's tile. Only K is read. The block's x = ds^T K gives both
+    dq (gate * x) and the dgate (sum(x * q) = sum(ds * q.k)), so the dk/dv kernel keeps no q.k."""
     t = pl.program_id(0)
+    q = q_ref[...].astype(F32)  # [G, d]
     valid_vec = valid_ref[...] > 0
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
+    slots = iota(cfg.kp)[None, :]
 
-    def body(i, dq):
+    def body(i, carry):
+        dq, dgate = carry
         blk = idx_ref[i]
         use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
         kb = k_ref[pl.ds(_block_start(cfg, blk, None), cfg.sbp), :]
-        ds_t = jnp.where(use, ds_ref[pos_ref[i], :, :], 0.0)  # [sbp, G]; unused entries hold garbage
-        return dq + mm(ds_t.astype(kb.dtype), kb, trans_a=True)
+        ds_t = jnp.where(use, ds_ref[:, pl.ds(pos_ref[i] * cfg.rows, cfg.rows)], 0.0)  # [sbp, G]; unused: garbage
+        x = mm(ds_t.astype(kb.dtype), kb, trans_a=True)  # [G, d]
+        # Per row here, summed over the rows once after the loop (no cross-warp sum per block).
+        dgate = jnp.where(slots == i, jnp.sum(x * q, axis=1)[:, None], dgate)
+        return dq + x * gate_ref[i], dgate
 
-    dq = lax.fori_loop(0, cfg.num_sel, body, jnp.zeros(dq_ref.shape, F32))
+    rows, d = dq_ref.shape
+    dq, dgate = lax.fori_loop(0, cfg.num_sel, body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
     if cfg.own_block:
         lo = own_block_range(cfg, t, None)[0]
         dq = dq + mm(ds_own_ref[...], k_ref[pl.ds(lo, cfg.sbp), :], trans_a=True)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    dgate_ref[...] = jnp.sum(dgate, axis=0) * cfg.scale  # natural-log logits: scale * LOG2E / LOG2E
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid_ref, qid_ref, sgate_ref, off_ref,
@@ -196,11 +208,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
     that list), then the queries with keys of it in their own block (split 0). Packed ("packed"),
     a selected block is block slot j (from the slot table) and one more program per j
     (split = cfg.dkv_splits) takes the own blocks' keys j * sb + ..., into their own tile."""
-    n_out = 5 if cfg.stored_ds else 2
+    n_out = 4 if cfg.stored_ds else 2
     *packed, dk_ref, dv_ref = refs[:len(refs) - n_out + 2]  # packed: bounds [nq, 2], slots [nb], own queries [nb, 2]
-    # stored_ds: ds * gate per entry [upk, e + 1, sbp, G] and per own query [nq + 1, upk, sbp, G] (the
-    # last row of each takes the chunks' padding rows), the dgate parts per entry and row [upk, e + 1, G].
-    ds_ref, ds_own_ref, dg_ref = refs[len(refs) - 3:] if cfg.stored_ds else (None, None, None)
+    # stored_ds: ds (without the gate) [upk, sbp, (e + chunk) * G] per key and (entry, head), the same
+    # per own query [upk, sbp, (nq + chunk) * G]. Keys outermost, so a chunk's rows (consecutive entries
+    # or queries) are one contiguous [sbp, chunk * G] slice: a masked block store, not a scatter. The
+    # spare chunk at the end takes the last chunk's out-of-range rows.
+    ds_ref, ds_own_ref = refs[len(refs) - 2:] if cfg.stored_ds else (None, None)
     bounds_ref, slot_ref, own_ref = packed if cfg.packed else (None, None, None)
     j = pl.program_id(0)
     split = pl.program_id(1)
@@ -230,13 +244,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
         ds_t = p_t * (mm(vb, do, trans_b=True) - delta)
         if zero_row is not None:
             ds_t = jnp.where(zero_row, 0.0, ds_t)
-        dsg_t = (ds_t * gate).astype(q.dtype)
-        dk = dk + mm(dsg_t, q)
-        return (dk, dv), dsg_t, jnp.sum(ds_t * qk_t, axis=0)  # and per row its dgate part [R]
+        dk = dk + mm((ds_t * gate).astype(q.dtype), q)
+        return (dk, dv), ds_t.astype(q.dtype)  # and ds (without the gate) for the stored-dlogits dq
 
     r = iota(cfg.dkv_chunk * rows)  # the rows of a chunk: entry (or query) r // G, head r % G
     head_of_row = lax.rem(r, rows)  # [R]
-    key_of_tile = iota(cfg.sbp)[:, None]  # [sbp, 1]
+
+    def store_rows(ds_out, u, first, ok, ds_t):
+        """A chunk's rows (first * G ..., those with ok) of ds [sbp, R] into the stored dlogits."""
+        cols = pl.ds(first * rows, cfg.dkv_chunk * rows)
+        plgpu.store(ds_out.at[u, :, cols], ds_t, mask=jnp.broadcast_to(ok[None, :], ds_t.shape))
 
     def per_group(u, carry):
         def selected(i, carry, first, stop):
@@ -249,13 +266,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
             zero_row = None
             if cfg.zero_rows_possible:
                 zero_row = jnp.logical_not(jnp.max(jnp.where(valid_ref[t, u, :] > 0, 1, 0), axis=1) > 0)[None, :]
-            carry, dsg_t, dg = accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
-                                          delta_ref[t, h][None, :], sgate_ref[u, e][None, :], in_block & ok[None, :],
-                                          zero_row)
+            carry, ds_t = accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
+                                     delta_ref[t, h][None, :], sgate_ref[u, e][None, :], in_block & ok[None, :],
+                                     zero_row)
             if cfg.stored_ds:
-                e_row = jnp.where(ok, e, dg_ref.shape[1] - 1)[None, :]  # [1, R]; padding rows to the spare entry
-                ds_ref[u, e_row, key_of_tile, head_of_row[None, :]] = dsg_t
-                dg_ref[u, e_row[0], head_of_row] = dg
+                store_rows(ds_ref, u, first + i * cfg.dkv_chunk, ok, ds_t)
             return carry
 
         start, end = off_ref[u, j], off_ref[u, j + 1]
@@ -280,11 +295,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 attend = own_attended(cfg, slot, idx_ref[t, u, :], valid_ref[t, u, :] > 0, keepdims=False)
                 if attend is not None:
                     mask = mask & attend[None, :]
-                carry, dsg_t, _ = accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
-                                             delta_ref[t, h][None, :], 1.0, mask, None)
+                carry, ds_t = accumulate(carry, q_ref[t, h, :], do_ref[t, h, :], lse_ref[t, h][None, :],
+                                         delta_ref[t, h][None, :], 1.0, mask, None)
                 if cfg.stored_ds:  # unpacked: block j is the own block of each of these queries
-                    t_row = jnp.where(ok, t, ds_own_ref.shape[0] - 1)[None, :]
-                    ds_own_ref[t_row, u, key_of_tile, head_of_row[None, :]] = dsg_t
+                    store_rows(ds_own_ref, u, first + i * cfg.dkv_chunk, ok, ds_t)
                 return carry
 
             # Unpacked: the block's own tokens; packed, own blocks start anywhere (the range from XLA).
@@ -353,8 +367,7 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
     """Per (batch, group): query ids and slots sorted by selected block, and block offsets.
 
     idx, valid [b, nq, groups, kp] -> (order [b, groups, nq * kp] entry ids sorted by block,
-    offsets [b, groups, nb + 1], used [b, nq, groups, kp]: the entries attended); entries that
-    are not attended sort last (key nb).
+    offsets [b, groups, nb + 1]); entries that are not attended sort last (key nb).
     """
     b, nq, groups, kp = idx.shape
     used = valid > 0
@@ -363,7 +376,7 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
     used = used & (jnp.arange(kp) < cfg.num_sel) & (idx >= 0) & (idx < cfg.nb)
     key = jnp.where(used, idx, cfg.nb).transpose(0, 2, 1, 3).reshape(b * groups, nq * kp)
     order, offsets = sort_by_block(key, cfg.nb)
-    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1), used
+    return order.reshape(b, groups, nq * kp), offsets.reshape(b, groups, cfg.nb + 1)
 
 
 def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, lse, do, delta):
@@ -384,33 +397,30 @@ def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed |
     )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed, False))
 
 
-def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, used, order, ds, ds_own, dg):
-    """dq and dgate from the dk/dv kernel's stored ds * gate and dgate parts (`cfg.stored_ds`).
+def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own):
+    """dq and dgate from the dk/dv kernel's stored dlogits (`cfg.stored_ds`).
 
-    order [b, groups, e] sorts the entries (query * kp + slot) by block; ds [b, kh, upk, e + 1,
-    sbp, G], ds_own [b, nq + 1, kh, upk, sbp, G], dg [b, kh, upk, e + 1, G] (base-2 logits).
+    order [b, groups, e] sorts the entries (query * kp + slot) by block; ds [b, kh, upk, sbp,
+    (e + chunk) * G], ds_own [b, kh, upk, sbp, (nq + chunk) * G] (the last chunk of each is spare).
     """
     b, nq, groups, rows, d = q.shape
     upk, e = cfg.groups_per_kv, nq * cfg.kp
     ent = jnp.arange(e, dtype=jnp.int32)
     pos = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(ent)))(order)  # [b, groups, e]: inverse of order
-    dgate = jnp.take_along_axis(dg.sum(axis=-1).reshape(b, groups, e + 1), pos, axis=-1) * (1.0 / LOG2E)
-    dgate = jnp.where(used, dgate.reshape(b, groups, nq, cfg.kp).transpose(0, 2, 1, 3), 0.0)
     pos = pos.reshape(b, groups, nq, cfg.kp).transpose(0, 2, 1, 3)  # [b, nq, groups, kp]
     q_spec, _, sel_spec = _group_specs(cfg, d)
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_stored_kernel, cfg=cfg),
         grid=(nq, b, groups),
-        in_specs=[_kv_spec(cfg, k.shape[1], d), sel_spec, sel_spec, sel_spec,
-                  pl.BlockSpec((None, None, None, e + 1, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, 0, 0, 0)),
-                  pl.BlockSpec((None, None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, t, s // upk, s % upk, 0, 0))],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        in_specs=[q_spec, _kv_spec(cfg, k.shape[1], d), sel_spec, sel_spec, sel_spec, sel_spec,
+                  pl.BlockSpec((None, None, None, cfg.sbp, ds.shape[-1]), lambda t, bi, s: (bi, s // upk, s % upk, 0, 0)),
+                  pl.BlockSpec((None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, 0, t))],
+        out_specs=[q_spec, sel_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_dq_stored",
-    )(k, idx, valid, pos, ds, ds_own)
-    return dq, dgate
+    )(q, k, idx, valid, gate, pos, ds, ds_own)
 
 
 def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, o, lse, do):
@@ -421,7 +431,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     if not cfg.stored_ds:
         dq, dgate = _dq_recomputed(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
 
-    order, offsets, used = _inverted_index(cfg, idx, valid)
+    order, offsets = _inverted_index(cfg, idx, valid)
     gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
     sorted_gate = jnp.take_along_axis(gate_flat, order, axis=-1)
     qid = (order // cfg.kp).astype(jnp.int32)
@@ -444,14 +454,10 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
     out_specs = [out_spec, out_spec]
     out_shape = [jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2
-    if cfg.stored_ds:  # + ds * gate per entry and per own query, dgate parts per entry and row (spare last rows)
-        out_specs += [
-            pl.BlockSpec((None, None, upk, e + 1, cfg.sbp, rows), lambda j, sp, bi, h: (bi, h, 0, 0, 0, 0)),
-            pl.BlockSpec((None, nq + 1, None, upk, cfg.sbp, rows), lambda j, sp, bi, h: (bi, 0, h, 0, 0, 0)),
-            pl.BlockSpec((None, None, upk, e + 1, rows), lambda j, sp, bi, h: (bi, h, 0, 0, 0))]
-        out_shape += [jax.ShapeDtypeStruct((b, kh, upk, e + 1, cfg.sbp, rows), q.dtype),
-                      jax.ShapeDtypeStruct((b, nq + 1, kh, upk, cfg.sbp, rows), q.dtype),
-                      jax.ShapeDtypeStruct((b, kh, upk, e + 1, rows), F32)]
+    if cfg.stored_ds:  # + ds per entry and per own query (and a spare chunk each)
+        for width in ((e + cfg.dkv_chunk) * rows, (nq + cfg.dkv_chunk) * rows):
+            out_shape.append(jax.ShapeDtypeStruct((b, kh, upk, cfg.sbp, width), q.dtype))
+            out_specs.append(pl.BlockSpec((None, None, upk, cfg.sbp, width), lambda j, sp, bi, h: (bi, h, 0, 0, 0)))
     dk, dv, *stored_out = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, part=part),
         grid=(cfg.nb, splits, b, kh),
@@ -464,8 +470,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
         name="nsa_selected_dkdv",
     )(*inputs)
     if cfg.stored_ds:
-        ds, ds_own, dg = stored_out
-        dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, used, order, ds, ds_own, dg)
+        dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, gate, order, *stored_out)
 
     def blocks_to_keys(x):  # [b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
         x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)

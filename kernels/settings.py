@@ -74,7 +74,7 @@ class SelectedSettings:
     query_num_stages: int = 3  # per-query forward and dq kernels
     dkv_num_warps: int = 4  # per-query dk/dv kernel
     dkv_num_stages: int = 2  # per-query dk/dv kernel
-    # Per-query family, unpacked: the dk/dv kernel (run first) also stores ds * gate of every
+    # Per-query family, unpacked: the dk/dv kernel (run first) also stores the dlogits of every
     # (query, selected block) pair, so that dq reads K alone, one matmul per block, instead of
     # recomputing the logits from K and V. Costs a transient buffer of k' x block x G elements
     # per query and kv head in the inputs' dtype (8x the size of q at the paper's configuration).
