@@ -45,6 +45,7 @@ class SelectedConfig:
     num_stages: int
     interpret: bool
     packed: bool  # documents packed: indices are block slots, queries carry their document's bounds
+    gate_grad: bool  # the gates need a gradient (diff-top-k); without, the dq kernels skip the dgate sums
 
     @property
     def zero_rows_possible(self) -> bool:

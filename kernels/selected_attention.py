@@ -118,16 +118,17 @@ def selected_attention(
         val = pad_axis(valid.astype(jnp.int32), 3, lay.kp)
         gate = jnp.ones(indices.shape, F32) if gates is None else gates.astype(F32)
         gate = jnp.concatenate([gate, jnp.ones((b, nq, sh, lay.kp - num_sel), F32)], axis=-1)
+    gate_grad = gates is not None and num_sel > 0  # else the gates are constant ones: no dgate work
     if lay.impl == "tiled":
         o = tiled_selected_attention(qg, kp_, vp_, idx, val, gate, packed, sb=block_size, sbp=lay.sbp, nb=lay.nb,
                                      num_sel=num_sel, kp=lay.kp, upk=lay.groups_per_kv, causal=causal, scale=scale,
-                                     settings=settings)
+                                     settings=settings, gate_grad=gate_grad)
     else:
         cfg = QueryConfig(sb=block_size, sbp=lay.sbp, nb=lay.nb, nq=nq, num_sel=num_sel, kp=lay.kp, rows=lay.rows,
                           groups_per_kv=lay.groups_per_kv, dkv_splits=lay.dkv_splits, dkv_chunk=settings.dkv_chunk,
                           dkv_num_warps=settings.dkv_num_warps, dkv_num_stages=settings.dkv_num_stages,
                           stored_ds=settings.store_dlogits and packed is None,
-                          causal=causal, scale=scale, num_warps=settings.query_num_warps,
+                          causal=causal, scale=scale, num_warps=settings.query_num_warps, gate_grad=gate_grad,
                           num_stages=settings.query_num_stages, interpret=interpret_mode(), packed=packed is not None)
         o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]
     o = o.reshape(b, nq, kh, lay.groups_per_kv * lay.rows, lay.d_pad)[:, :, :, :g, :d]

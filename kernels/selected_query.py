@@ -156,7 +156,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_re
             ds = jnp.where(zero_row, 0.0, ds)
         dq = dq + mm((ds * gate).astype(kb.dtype), kb)
         # Per row here, summed over the rows once after the loop (no cross-warp sum per block).
-        dgate = jnp.where(slots == i, jnp.sum(ds * qk, axis=1)[:, None], dgate)
+        if cfg.gate_grad:
+            dgate = jnp.where(slots == i, jnp.sum(ds * qk, axis=1)[:, None], dgate)
         return dq, dgate
 
     rows, d = q.shape
@@ -177,7 +178,7 @@ def _dq_stored_kernel(q_ref, k_ref, idx_ref, valid_ref, gate_ref, pos_ref, ds_re
     the sorted lists) and the own block's tile. Only K is read. The block's x = ds^T K gives both
     dq (gate * x) and the dgate (sum(x * q) = sum(ds * q.k)), so the dk/dv kernel keeps no q.k."""
     t = pl.program_id(0)
-    q = q_ref[...].astype(F32)  # [G, d]
+    q = q_ref[...].astype(F32) if cfg.gate_grad else None  # [G, d]
     valid_vec = valid_ref[...] > 0
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid_vec, 1, 0)) > 0)
     slots = iota(cfg.kp)[None, :]
@@ -190,7 +191,8 @@ def _dq_stored_kernel(q_ref, k_ref, idx_ref, valid_ref, gate_ref, pos_ref, ds_re
         ds_t = jnp.where(use, ds_ref[:, pl.ds(pos_ref[i] * cfg.rows, cfg.rows)], 0.0)  # [sbp, G]; unused: garbage
         x = mm(ds_t.astype(kb.dtype), kb, trans_a=True)  # [G, d]
         # Per row here, summed over the rows once after the loop (no cross-warp sum per block).
-        dgate = jnp.where(slots == i, jnp.sum(x * q, axis=1)[:, None], dgate)
+        if cfg.gate_grad:
+            dgate = jnp.where(slots == i, jnp.sum(x * q, axis=1)[:, None], dgate)
         return dq + x * gate_ref[i], dgate
 
     rows, d = dq_ref.shape

@@ -190,7 +190,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
         if cfg.zero_rows_possible:
             ds = jnp.where(zero_row[:, None], 0.0, ds)
         dq = dq + mm((ds * row_gate[:, None]).astype(kb.dtype), kb)
-        dgate = dgate + jnp.where(chosen, (jnp.sum(ds * qk, axis=1) * (1.0 / LOG2E))[:, None], 0.0)
+        if cfg.gate_grad:
+            dgate = dgate + jnp.where(chosen, (jnp.sum(ds * qk, axis=1) * (1.0 / LOG2E))[:, None], 0.0)
         return dq, dgate
 
     rows, d = q.shape
@@ -434,12 +435,12 @@ def tile_layout(nq: int, rows: int, settings: SelectedSettings) -> tuple[int, in
 
 def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = None, *, sb: int, sbp: int, nb: int,
                              num_sel: int, kp: int, upk: int, causal: bool, scale: float,
-                             settings: SelectedSettings) -> jax.Array:
+                             settings: SelectedSettings, gate_grad: bool = True) -> jax.Array:
     """The per-query layout of `kernels.selected_attention` through the tiled kernels and back.
 
     qg [b, nq, groups, rows, d]; k, v [b, nk_alloc, kh, d] (every [blk * sb, + sbp) load in
     bounds, packed: every [token, + sbp); sbp >= MIN_DOT); idx / val / gate [b, nq, groups, kp]
-    (packed: block slots) -> o like qg.
+    (packed: block slots) -> o like qg. gate_grad=False: the gate's cotangent is zeros (not computed).
     """
     b, nq, groups, rows, d = qg.shape
     assert sbp >= MIN_DOT and k.shape[1] >= nb * sb + sbp - sb, (sbp, k.shape, nb, sb)
@@ -447,7 +448,7 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
     cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
                       num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,
-                      dkv_splits=dkv_splits)
+                      gate_grad=gate_grad, dkv_splits=dkv_splits)
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

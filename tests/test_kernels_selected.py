@@ -140,6 +140,16 @@ def test_query_dq_recomputed_without_stored_dlogits(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query recomputed dq")
 
 
+@pytest.mark.parametrize("store_dlogits", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_query_kernel_without_gates(store_dlogits):
+    """No diff-top-k gates (gates=None, as `nsa_jax.ops` and use_diff_topk=False call it): the dq
+    kernels skip the dgate sums; q, k, v gradients unchanged, on both dq paths."""
+    case = CASES["g16_block64"]._replace(gates=False)
+    settings = SelectedSettings(impl="query", store_dlogits=store_dlogits)
+    q, k, v, indices, valid, gates, key = inputs(case, jnp.float32, 77 + store_dlogits, 0.7)
+    check(case, jnp.float32, q, k, v, indices, valid, gates, key, settings, "selected query without gates")
+
+
 @pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(8, marks=pytest.mark.slow)])
 def test_query_dkdv_chunk_sizes(chunk):
     """The dk/dv kernel's gathered chunks: one query per step, chunks that end mid-list (the
