@@ -285,15 +285,20 @@ def table(result: dict) -> str:
     fla_rows = {r.get("seq_len"): r for r in listed("fla")}
     sdpa = {r.get("seq_len"): r for r in listed("dense")}
     peer_ms = lambda row, key: (row.get(key.replace("_ms", "")) or {}).get("median_ms")  # noqa: E731
-    for n in result["settings"]["lengths"]:
-        ours, dn = core.get(("fla", n, "nsa"), {}), core.get(("fla", n, "dense cudnn"), {})
-        for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
-            peer = peer_ms(fla_rows.get(n, {}), key)
-            fl = floor(core_flops(n, key == "fwd_ms"), core_bytes(n, key == "fwd_ms"), bf16_peak)
-            extra = (f"; dense cuDNN {fmt(dn.get(key))}, torch SDPA {fmt(peer_ms(sdpa.get(n, {}), key))}")
-            tgt = ">= 3x fla, <= 75 ms" if (n == 65536 and key == "fwd_bwd_ms") else "-"
-            lines.append(f"| NSA core {label}, fla config, T={n}{extra} | {fmt(ours.get(key))} | {fmt(peer)} | "
-                         f"{ratio(peer, ours.get(key))} | {tgt} | {fl:.2f} |")
+    fla_configs = {"fla": "fla config", "fla_nodiff": "fla config without diff-top-k gates (fla's own gradients)"}
+    for config, name in fla_configs.items():
+        for n in result["settings"]["lengths"]:
+            ours, dn = core.get((config, n, "nsa")), core.get((config, n, "dense cudnn"), {})
+            if ours is None and config != "fla":
+                continue
+            ours = ours or {}
+            for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
+                peer = peer_ms(fla_rows.get(n, {}), key)
+                fl = floor(core_flops(n, key == "fwd_ms"), core_bytes(n, key == "fwd_ms"), bf16_peak)
+                extra = (f"; dense cuDNN {fmt(dn.get(key))}, torch SDPA {fmt(peer_ms(sdpa.get(n, {}), key))}")
+                tgt = {(65536, "fwd_ms"): "<= 25 ms", (65536, "fwd_bwd_ms"): ">= 3.6x fla, <= 60 ms"}.get((n, key), "-")
+                lines.append(f"| NSA core {label}, {name}, T={n}{extra} | {fmt(ours.get(key))} | {fmt(peer)} | "
+                             f"{ratio(peer, ours.get(key))} | {tgt} | {fl:.2f} |")
     dec, pdec = result.get("decode", {}), peers.get("decode") or {}
     lines.append(f"| decode ms/token, seed model | {fmt(dec.get('ms_per_token_all'), 3)} | "
                  f"{fmt(pdec.get('ms_per_token'), 3)} | {ratio(pdec.get('ms_per_token'), dec.get('ms_per_token_all'))} | "
@@ -354,6 +359,8 @@ def main() -> None:
     parser.add_argument("--peers_json", default=None,
                         help="take the peers' rows from this bench/peers_torch.py JSON instead of running them")
     parser.add_argument("--quick", action="store_true", help="two core lengths, 5 repeats")
+    parser.add_argument("--core_lengths", default=None, metavar="T,T,...",
+                        help=f"lengths of the core rows (default {','.join(map(str, FLA_LENGTHS))})")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget_s", type=float, default=2.0)
     parser.add_argument("--peer_timeout", type=int, default=900)
@@ -369,6 +376,11 @@ def main() -> None:
     args = parser.parse_args()
     args.shapes = TRAIN_SHAPES
     args.lengths = [4096, 16384] if args.quick else FLA_LENGTHS
+    if args.core_lengths:
+        try:
+            args.lengths = [int(n) for n in args.core_lengths.split(",")]
+        except ValueError:
+            parser.error(f"--core_lengths takes a comma list of integers, got {args.core_lengths!r}")
     if args.quick:
         args.repeats = 5
     what = set(args.what.split(","))

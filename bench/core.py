@@ -13,6 +13,8 @@ of q, k, v, ck, cv), batch 1, bf16, causal, for two configurations:
          mean-pooling k and v over blocks of 64 (inside the timed core, plus our one memory
          entry), selection block 64, 16 selected, compressed and selected branches gated per
          head (sigmoid gates, differentiated), no sliding window
+  fla_nodiff: fla without the diff-top-k gates on the selected blocks, so no gradient flows
+         through the selection: the gradients fla's parallel_nsa computes
 
 Each branch is also timed alone (the sliding window with both the Pallas kernel and cuDNN;
 "selected" includes the selection that produces its indices).
@@ -48,6 +50,7 @@ CONFIGS = {
     "fla": dict(heads=64, kv_heads=4, dim_head=128, compress_block=64, stride=64, selection_block=64,
                 num_selected=16, window=0, mean_pool=True, gates=True),
 }
+CONFIGS["fla_nodiff"] = dict(CONFIGS["fla"], diff_topk=False)
 LENGTHS = [4096, 8192, 16384, 32768, 65536]
 
 
@@ -89,7 +92,7 @@ def branch_fns(cfg: dict, settings: kernels.KernelSettings = kernels.KernelSetti
     def selected(q, k, v, ck, cv, backend=backend):
         ck, _ = pooled(k, v, ck, cv)
         values, indices = backend.select_blocks(q, ck, **sel_kw)
-        gates = reference.straight_through_gates(values)
+        gates = reference.straight_through_gates(values) if cfg.get("diff_topk", True) else None
         return backend.selected_attention(q, k, v, indices, reference.valid_selection(values), gates,
                                           block_size=cfg["selection_block"], causal=True, scale=scale)
 

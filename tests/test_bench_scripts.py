@@ -191,6 +191,15 @@ def test_compare_peers_merges_runs_of_row_groups(tmp_path):
     assert merged["peers"]["train"][0]["median_ms"] == 80.0 and merged["peers"]["fla"][0]["seq_len"] == 65536
 
 
+def test_compare_peers_rejects_bad_core_lengths():
+    """--core_lengths takes integers: a one-line usage error, not a traceback."""
+    run = subprocess.run([sys.executable, "-m", "bench.compare_peers", "--core_lengths", "8k,64k"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "--core_lengths takes a comma list of integers, got '8k,64k'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 @pytest.mark.slow
 def test_memory_bench_runs_each_point_in_its_own_process(tmp_path):
     """bench.memory: one child per (length, remat) point, JSON, table and plot (CPU: no peak figure)."""
