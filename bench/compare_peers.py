@@ -225,7 +225,7 @@ def merge_results(paths: list[str]) -> dict:
     return merged
 
 
-def run_peers(args) -> dict | None:
+def run_peers(args) -> dict:
     """The peers in a child process; its log goes to --peer_log. A run stopped at --peer_timeout
     still returns the rows it finished (the child rewrites its JSON after every row)."""
     path = Path(tempfile.mkdtemp()) / "peers.json"
@@ -241,8 +241,8 @@ def run_peers(args) -> dict | None:
         except subprocess.TimeoutExpired:
             status = f"stopped after {args.peer_timeout} s (partial results)"
     print(f"peers: {status} after {time.perf_counter() - start:.0f} s", flush=True)
-    if not path.exists():
-        return None
+    if not path.exists():  # say why the peer columns will be empty
+        return dict(status=f"{status}, no rows written (log: {args.peer_log})")
     peers = json.loads(path.read_text())
     peers["status"] = status
     return peers
@@ -436,6 +436,8 @@ def main() -> None:
     print(f"\n{result['device']}, jax {result['jax']}, {result['date']}"
           + (f", torch {result['peers'].get('torch')}" if result.get("peers") else ""))
     print(table(result))
+    if (result.get("peers") or {}).get("status"):
+        print(f"peers: {result['peers']['status']}")
     print(f"wrote {path}")
     if args.plot:
         plot(result, args.plot)

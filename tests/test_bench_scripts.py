@@ -191,6 +191,19 @@ def test_compare_peers_merges_runs_of_row_groups(tmp_path):
     assert merged["peers"]["train"][0]["median_ms"] == 80.0 and merged["peers"]["fla"][0]["seq_len"] == 65536
 
 
+def test_compare_peers_says_why_the_peer_columns_are_empty(tmp_path, monkeypatch):
+    """A peer child that writes no rows (killed before its first, or no torch) leaves a status that
+    names the log, not a bare null."""
+    import argparse
+
+    from bench import compare_peers
+
+    monkeypatch.setattr(compare_peers.subprocess, "run", lambda *a, **k: argparse.Namespace(returncode=1))
+    args = argparse.Namespace(lengths=[4096], shapes=[(4, 512)], what="core", peer_timeout=5,
+                              peer_log=str(tmp_path / "peers.log"))
+    assert compare_peers.run_peers(args) == dict(status=f"exit 1, no rows written (log: {tmp_path / 'peers.log'})")
+
+
 def test_compare_peers_rejects_bad_core_lengths():
     """--core_lengths takes integers: a one-line usage error, not a traceback."""
     run = subprocess.run([sys.executable, "-m", "bench.compare_peers", "--core_lengths", "8k,64k"],
