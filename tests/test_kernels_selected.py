@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernels._selected_common import sort_by_block
 from kernels.selected_attention import layout, selected_attention
 from kernels.selected_tiled import tile_layout
 from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings, Tiles
@@ -138,6 +139,20 @@ def test_query_dq_recomputed_without_stored_dlogits(case, dtype):
     settings = SelectedSettings(impl="query", store_dlogits=False)
     q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 2, 0.7)
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query recomputed dq")
+
+
+def test_sort_by_block_is_a_stable_sort_per_row():
+    """The inverted index of the dk/dv kernels (all rows in one sort, keyed by row and block) against
+    numpy's stable argsort per row, with the unused key nb and blocks nobody chose."""
+    rng = np.random.default_rng(5)
+    for rows, e, nb in ((1, 10, 3), (4, 1000, 17), (3, 4096, 64)):
+        key = rng.integers(0, nb + 1, (rows, e)).astype(np.int32)
+        key[:, : e // 4] = nb // 2  # long runs of one block: stability matters
+        order, offsets = sort_by_block(jnp.asarray(key), nb)
+        want = np.argsort(key, axis=-1, kind="stable")
+        np.testing.assert_array_equal(np.asarray(order), want)
+        sorted_key = np.take_along_axis(key, want, axis=-1)
+        np.testing.assert_array_equal(np.asarray(offsets), [np.searchsorted(r, np.arange(nb + 1)) for r in sorted_key])
 
 
 @pytest.mark.parametrize("store_dlogits", [True, pytest.param(False, marks=pytest.mark.slow)])
