@@ -204,6 +204,20 @@ def test_compare_peers_says_why_the_peer_columns_are_empty(tmp_path, monkeypatch
     assert compare_peers.run_peers(args) == dict(status=f"exit 1, no rows written (log: {tmp_path / 'peers.log'})")
 
 
+def test_compare_peers_times_dense_attention_once_per_shape(monkeypatch):
+    """fla and fla_nodiff share their dense attention: timed once, the row repeated for the second."""
+    from bench import compare_peers
+    from bench import core as kb
+
+    calls = []
+    monkeypatch.setattr(kb, "branch_fns", lambda cfg: {"core": lambda q, k, v, ck, cv: q * 1.0})
+    monkeypatch.setattr(kb, "dense", lambda q, k, v, ck, cv: calls.append(q.shape) or q * 2.0)
+    rows = compare_peers.measure_core([64], 1, 0.0, configs=("fla", "fla_nodiff"))
+    assert [(r["config"], r["what"], r.get("same_as")) for r in rows] == [
+        ("fla", "nsa", None), ("fla", "dense cudnn", None), ("fla_nodiff", "dense cudnn", "fla"), ("fla_nodiff", "nsa", None)]
+    assert all(r["fwd_bwd_ms"] is not None for r in rows) and len(set(calls)) == 1
+
+
 def test_compare_peers_rejects_bad_core_lengths():
     """--core_lengths takes integers: a one-line usage error, not a traceback."""
     run = subprocess.run([sys.executable, "-m", "bench.compare_peers", "--core_lengths", "8k,64k"],
