@@ -165,9 +165,11 @@ def measure_core(lengths, reps: int, budget_s: float, configs=("fla",)) -> list[
         for n in lengths:
             inputs = kb.make_inputs(cfg, n)
             shape = (cfg["heads"], cfg["kv_heads"], cfg["dim_head"], n)  # all that dense attention sees
+            fns = [("nsa", kb.branch_fns(cfg)["core"])]
             if shape in dense_rows:  # the same dense attention as an earlier configuration: not timed again
                 rows.append(dict(dense_rows[shape], config=config, same_as=dense_rows[shape]["config"]))
-            fns = [("nsa", kb.branch_fns(cfg)["core"])] + ([("dense cudnn", kb.dense)] if shape not in dense_rows else [])
+            else:
+                fns.append(("dense cudnn", kb.dense))
             for what, fn in fns:
                 row = dict(config=config, T=n, what=what)
                 for key in ("fwd_ms", "fwd_bwd_ms"):
