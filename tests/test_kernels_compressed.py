@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernels._flash import Visibility
 from kernels.compressed_attention import compressed_attention
 from kernels.settings import Tiles
 from nsa_jax import reference
@@ -76,3 +77,29 @@ def test_causal_without_memory_is_the_reference():
     kw = dict(num_mem=0, stride=4, causal=True)
     np.testing.assert_array_equal(np.asarray(compressed_attention(q, ck, cv, **kw)),
                                   np.asarray(reference.compressed_attention(q, ck, cv, **kw)))
+
+
+@pytest.mark.parametrize("vis", [
+    Visibility("compressed", causal=True, num_keys=37, num_mem=1, stride=4),
+    Visibility("compressed", causal=True, num_keys=70, num_mem=3, stride=2),
+    Visibility("compressed", causal=False, num_keys=37, num_mem=2, stride=4),
+    Visibility("window", causal=True, num_keys=150, window=40),
+    Visibility("window", causal=False, num_keys=150, window=33),
+], ids=lambda v: f"{v.kind}-{'causal' if v.causal else 'noncausal'}-{v.num_keys}")
+def test_unmasked_key_tiles_are_exactly_the_fully_visible_ones(vis):
+    """The forward skips the mask on `unmasked_key_tiles`: every key of those tiles must be
+    visible to every query of the query tile, and the tiles just outside must not be."""
+    block_k, block_q = 8, 4
+    for t0 in range(0, 160, block_q):
+        t1 = t0 + block_q - 1
+        a, b = (int(x) for x in vis.unmasked_key_tiles(t0, t1, block_k))
+        t = np.arange(t0, t1 + 1)[:, None]
+
+        def whole(tile, t=t):
+            j = np.arange(tile * block_k, (tile + 1) * block_k)[None, :]
+            return bool(np.all(np.asarray(vis.mask(t, j))))
+
+        assert all(whole(tile) for tile in range(a, b)), (t0, a, b)
+        for tile in (a - 1, b):  # the neighbours (tiles without padding keys) need the mask
+            if 0 <= tile < vis.num_keys // block_k:
+                assert not whole(tile), (t0, tile, a, b)
