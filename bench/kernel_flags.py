@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from kernels.settings import SELECTED_IMPLS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
+from kernels.settings import COMPRESSED_IMPLS, SELECTED_IMPLS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
     SelectionSettings
 
 
 def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
     """--selected_impl, --tile_rows, --selection_rows, --selection_block_keys,
-    --selection_warps_dbk, --sliding_impl (default: the library's)."""
+    --selection_warps_dbk, --sliding_impl, --compressed_impl (default: the library's)."""
     group = parser.add_argument_group("kernel settings (default: the library's measured choices)")
     group.add_argument("--selected_impl", default=None, choices=SELECTED_IMPLS, help="selected-attention kernels")
     group.add_argument("--tile_rows", type=int, default=None, help="rows per tile of the tiled selected kernels")
@@ -20,6 +20,7 @@ def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--selection_warps_dbk", type=int, default=None,
                        help="warps of the selection's d(block keys) kernel (default: by head dim)")
     group.add_argument("--sliding_impl", default=None, choices=SLIDING_IMPLS, help="sliding-window kernel")
+    group.add_argument("--compressed_impl", default=None, choices=COMPRESSED_IMPLS, help="compressed-branch kernel")
 
 
 def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
@@ -31,7 +32,8 @@ def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
                               rows=args.selection_rows or default.selection.rows,
                               block_keys=args.selection_block_keys or default.selection.block_keys,
                               num_warps_dbk=args.selection_warps_dbk or default.selection.num_warps_dbk),
-                          sliding_impl=args.sliding_impl or default.sliding_impl)
+                          sliding_impl=args.sliding_impl or default.sliding_impl,
+                          compressed_impl=args.compressed_impl or default.compressed_impl)
 
 
 def replace_fields(settings, items: list[str]):

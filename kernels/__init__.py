@@ -77,7 +77,8 @@ def get_backend(name: str | None = None, settings: KernelSettings = KernelSettin
 
         return AttentionBackend(
             "pallas",
-            kernel(compressed_attention, reference.compressed_attention, tiles=settings.flash),
+            kernel(compressed_attention, reference.compressed_attention, impl=settings.compressed_impl,
+                   tiles=settings.flash),
             kernel(select_blocks, reference.select_blocks, settings=settings.selection),
             kernel(selected_attention, reference.selected_attention, settings=settings.selected),
             kernel(sliding_window_attention, reference.sliding_window_attention,

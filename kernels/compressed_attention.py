@@ -8,6 +8,14 @@ last token can see. The logits are never written to HBM: the selection scores th
 fine branch needs come from `kernels.selection.select_blocks`, which computes block
 logits per kv head directly (see there).
 
+With one memory entry (the package's default) and causal, key j (the memory, then the
+compressed blocks) is visible to query t iff j * stride <= t: block-causal attention of the
+n / stride query blocks over the first n / stride keys. `block_causal_attention` folds each
+block's stride tokens into the heads and runs that as plain causal attention, on the GPU
+through cuDNN's flash attention; `impl="auto"` takes it where it measured faster than the
+Pallas kernel: from 1024 query blocks on at head dim 128, from 2048 below (H200, BENCHMARKS.md,
+"Compressed branch through cuDNN").
+
 Causal attention without memory entries (num_mem == 0; `SparseAttention` always has at
 least one) goes to `nsa_jax.reference.compressed_attention`: there the first queries see
 no key and the reference's softmax is uniform over all masked entries.
@@ -18,9 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._common import interpret_mode
+from kernels._common import interpret_mode, pad_axis
 from kernels._flash import Visibility, banded_attention
-from kernels.settings import Tiles
+from kernels.settings import COMPRESSED_IMPLS, Tiles
 from nsa_jax import reference
 from nsa_jax import segments as seg
 from nsa_jax.fla_reference import entry_bounds
@@ -36,17 +44,26 @@ def compressed_attention(
     stride: int,
     causal: bool,
     scale: float | None = None,
+    impl: str = "auto",  # "auto" | "pallas" | "cudnn"
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, n, h, d]
     """`nsa_jax.reference.compressed_attention` for the parallel forward (no `q_positions`).
 
     With segments each query sees the memory and its document's visible entries (slots
     first .. first + count - 1 of `nsa_jax.segments`' grid), as bounds per query."""
+    if impl not in COMPRESSED_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(COMPRESSED_IMPLS)}, got {impl!r}")
     if (causal or segments is not None) and num_mem == 0:
         return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
                                               segments=segments)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
+    block_causal = segments is None and causal and num_mem == 1 and ck.shape[1] >= -(-q.shape[1] // stride)
+    if impl == "cudnn" and not block_causal:
+        raise ValueError("the cuDNN compressed branch serves causal attention with one memory entry, unpacked, "
+                         "and at least n / stride keys; use impl='pallas' or 'auto'")
+    if impl == "cudnn" or (impl == "auto" and block_causal and _cudnn_usable(q, stride)):
+        return block_causal_attention(q, ck, cv, stride=stride, scale=scale, implementation="cudnn")
     vis = Visibility("compressed", causal=causal, num_keys=ck.shape[1], num_mem=num_mem, stride=stride,
                      packed=segments is not None)
     if segments is None:
@@ -62,6 +79,50 @@ def compressed_attention(
                                                                              q.shape[1]))
     return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
                             bounds=(first, first + count), key_queries=key_queries)
+
+
+def cudnn_min_query_blocks(dim_head: int) -> int:
+    """From this many query blocks (n / stride) on, cuDNN beat the Pallas kernel (H200, fwd+bwd,
+    Pallas -> cuDNN; fla config: 14.00 -> 13.54 ms at 1024 blocks, 4.52 -> 5.57 at 512; seed,
+    head dim 64: 0.53 -> 0.66 at 1024, 1.60 -> 1.45 at 2048). Below, each folded head's few key
+    tiles are too little work for cuDNN's kernels."""
+    return 1024 if dim_head >= 128 else 2048
+
+
+def _cudnn_usable(q: jax.Array, stride: int) -> bool:
+    """cuDNN's flash attention: on a GPU, half precision, head dim a multiple of 8 up to 128,
+    and enough query blocks to beat the Pallas kernel."""
+    d = q.shape[-1]
+    return (not interpret_mode() and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 128 and -(-q.shape[1] // stride) >= cudnn_min_query_blocks(d))
+
+
+def block_causal_attention(
+    q: jax.Array,  # [b, n, h, d]
+    ck: jax.Array,  # [b, >= nb, kh, d]: the memory entry, then the compressed blocks (nb = ceil(n / stride))
+    cv: jax.Array,  # [b, >= nb, kh, d]
+    *,
+    stride: int,
+    scale: float,
+    implementation: str | None = "cudnn",  # of jax.nn.dot_product_attention ("xla" on CPU)
+) -> jax.Array:  # [b, n, h, d]
+    """The causal compressed branch with one memory entry as plain causal attention: query t
+    sees key j iff j * stride <= t, so the stride tokens of query block i = t // stride all see
+    keys 0..i. Each block's tokens become heads (kv head outermost, as grouped-query attention
+    maps heads: [b, nb, kh * stride * g, d]) over keys [b, nb, kh, d]; keys past nb are visible
+    to no query. Lengths are padded to even ones (cuDNN's backward), invisible to real queries."""
+    b, n, h, d = q.shape
+    kh = ck.shape[2]
+    g = h // kh
+    nb = -(-n // stride)
+    nbp = nb + nb % 2
+    q = pad_axis(q, 1, nbp * stride)
+    ck, cv = (pad_axis(x[:, :nb], 1, nbp) for x in (ck, cv))
+    folded = q.reshape(b, nbp, stride, kh, g, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, nbp, kh * stride * g, d)
+    out = jax.nn.dot_product_attention(folded, ck, cv.astype(q.dtype), scale=scale, is_causal=True,
+                                       implementation=implementation)
+    out = out.reshape(b, nbp, kh, stride, g, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, nbp * stride, h, d)
+    return out[:, :n]
 
 
 def entry_attention(

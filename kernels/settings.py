@@ -127,6 +127,7 @@ class SelectionSettings:
 
 
 SLIDING_IMPLS = ("auto", "pallas", "cudnn")
+COMPRESSED_IMPLS = ("auto", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,10 @@ class KernelSettings:
     selection: SelectionSettings = SelectionSettings()
     flash: Tiles = Tiles()  # compressed attention and the Pallas sliding window
     sliding_impl: str = "auto"  # see kernels.sliding_window
+    compressed_impl: str = "auto"  # see kernels.compressed_attention
 
     def __post_init__(self):
         _check(self.sliding_impl in SLIDING_IMPLS,
                f"sliding_impl must be one of {', '.join(SLIDING_IMPLS)}, got {self.sliding_impl!r}")
+        _check(self.compressed_impl in COMPRESSED_IMPLS,
+               f"compressed_impl must be one of {', '.join(COMPRESSED_IMPLS)}, got {self.compressed_impl!r}")

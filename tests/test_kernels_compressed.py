@@ -6,12 +6,13 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernel_testing import BOTH, F32_ONLY, ON_GPU, check_vjp, grid, randn
 from kernels._flash import Visibility
-from kernels.compressed_attention import compressed_attention
+from kernels.compressed_attention import block_causal_attention, compressed_attention
 from kernels.settings import Tiles
 from nsa_jax import reference
 
@@ -77,6 +78,40 @@ def test_causal_without_memory_is_the_reference():
     kw = dict(num_mem=0, stride=4, causal=True)
     np.testing.assert_array_equal(np.asarray(compressed_attention(q, ck, cv, **kw)),
                                   np.asarray(reference.compressed_attention(q, ck, cv, **kw)))
+
+
+# The causal cases with one memory entry: block-causal attention (kernels.compressed_attention).
+BLOCK_CAUSAL = {name: c for name, c in CASES.items() if c.causal and c.num_mem == 1}
+
+
+@pytest.mark.parametrize("case,dtype", grid(BLOCK_CAUSAL, {"g16": BOTH, "g2_seed": BOTH}))
+def test_block_causal_folding_matches_reference(case, dtype):
+    """The cuDNN path's folding of each block's tokens into heads, run through XLA's attention
+    (the same call as on the GPU but for the implementation): n a multiple of the stride and
+    not, odd and even block counts, g = 1 to 16."""
+    q, ck, cv, key = inputs(case, dtype, hash(case) % 2**31 + 2)
+    kw = dict(num_mem=1, stride=case.stride, causal=True)
+    check_vjp("compressed block-causal", functools.partial(block_causal_attention, stride=case.stride,
+                                                           scale=case.dim_head**-0.5, implementation="xla"),
+              functools.partial(reference.compressed_attention, **kw), (q, ck, cv), ("q", "ck", "cv"), dtype, key,
+              case=str(case))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN runs on the GPU only")
+@pytest.mark.parametrize("case", list(BLOCK_CAUSAL.values()), ids=str)
+def test_compressed_attention_cudnn_matches_reference(case):
+    q, ck, cv, key = inputs(case, jnp.bfloat16, hash(case) % 2**31 + 3)
+    kw = dict(num_mem=1, stride=case.stride, causal=True)
+    check_vjp("compressed cudnn", functools.partial(compressed_attention, impl="cudnn", **kw),
+              functools.partial(reference.compressed_attention, **kw), (q, ck, cv), ("q", "ck", "cv"),
+              jnp.bfloat16, key, case=str(case))
+
+
+@pytest.mark.parametrize("kw", [dict(num_mem=2, causal=True), dict(num_mem=1, causal=False)])
+def test_compressed_attention_cudnn_refuses_what_it_cannot_compute(kw):
+    q, ck, cv, _ = inputs(Case(40, 4, 2, 32, 4, kw["num_mem"], kw["causal"]), np.float32, 6)
+    with pytest.raises(ValueError, match="cuDNN compressed branch serves causal attention with one memory entry"):
+        compressed_attention(q, ck, cv, stride=4, impl="cudnn", **kw)
 
 
 @pytest.mark.parametrize("vis", [
