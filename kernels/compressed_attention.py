@@ -108,21 +108,20 @@ def block_causal_attention(
 ) -> jax.Array:  # [b, n, h, d]
     """The causal compressed branch with one memory entry as plain causal attention: query t
     sees key j iff j * stride <= t, so the stride tokens of query block i = t // stride all see
-    keys 0..i. Each block's tokens become heads (kv head outermost, as grouped-query attention
-    maps heads: [b, nb, kh * stride * g, d]) over keys [b, nb, kh, d]; keys past nb are visible
-    to no query. Lengths are padded to even ones (cuDNN's backward), invisible to real queries."""
+    keys 0..i. Each block's tokens become heads, [b, nb, stride * h, d], a reshape that moves
+    nothing; the keys and values are repeated per token, [b, nb, stride * kh, d] (n / stride
+    keys: small), so that grouped-query attention maps folded head (token r, head j) to key
+    head (r, j // g). Keys past nb are visible to no query. Lengths are padded to even ones
+    (cuDNN's backward), invisible to real queries."""
     b, n, h, d = q.shape
     kh = ck.shape[2]
-    g = h // kh
     nb = -(-n // stride)
     nbp = nb + nb % 2
-    q = pad_axis(q, 1, nbp * stride)
-    ck, cv = (pad_axis(x[:, :nb], 1, nbp) for x in (ck, cv))
-    folded = q.reshape(b, nbp, stride, kh, g, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, nbp, kh * stride * g, d)
-    out = jax.nn.dot_product_attention(folded, ck, cv.astype(q.dtype), scale=scale, is_causal=True,
-                                       implementation=implementation)
-    out = out.reshape(b, nbp, kh, stride, g, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, nbp * stride, h, d)
-    return out[:, :n]
+    folded = pad_axis(q, 1, nbp * stride).reshape(b, nbp, stride * h, d)
+    ck, cv = (jnp.broadcast_to(pad_axis(x[:, :nb], 1, nbp)[:, :, None], (b, nbp, stride, kh, d))
+              .reshape(b, nbp, stride * kh, d).astype(q.dtype) for x in (ck, cv))
+    out = jax.nn.dot_product_attention(folded, ck, cv, scale=scale, is_causal=True, implementation=implementation)
+    return out.reshape(b, nbp * stride, h, d)[:, :n]
 
 
 def entry_attention(
