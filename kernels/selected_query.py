@@ -20,10 +20,11 @@ O(n * k' * sb), like the forward.
 
 dq (`cfg.stored_ds`, the default unpacked): the dk/dv kernel runs first and also stores the
 ds tile [sb, G] of every (query, selected block) pair at the pair's position in the sorted
-lists (keys outermost, so a step's tile is one masked block store) and the own block's tile
-per query; the dq kernel then reads K and those tiles, one matmul per block, instead of K and
-V with three, and takes dgate from the same product (H200, fla config, T = 64k, dq + dk/dv:
-30.2 ms recomputing, 29.1 storing ds * gate and dgate parts, 26.7 storing ds alone). Otherwise
+lists (entry outermost: the dq kernel reads each tile as one contiguous 2 KB piece; the dk/dv
+kernel scatters a step's tile) and the own block's tile per query; the dq kernel then reads K
+and those tiles, one matmul per block, instead of K and V with three, and takes dgate from the
+same product (H200, fla config, T = 64k, dq + dk/dv: 30.2 ms recomputing, 29.1 storing ds *
+gate and dgate parts, 26.7 storing ds alone keys outermost, 25.6 entry outermost). Otherwise
 (packed documents, whose own blocks straddle two aligned key blocks, or `store_dlogits=False`)
 a dq kernel per query recomputes the logits and also gives dgate.
 
@@ -43,7 +44,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels._common import (
     F32, LOG2E, MASK_VALUE, add_phantom_keys, compiler_params, iota, mm, online_softmax_step, pad_axis,
@@ -188,7 +188,7 @@ def _dq_stored_kernel(q_ref, k_ref, idx_ref, valid_ref, gate_ref, pos_ref, ds_re
         blk = idx_ref[i]
         use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
         kb = k_ref[pl.ds(_block_start(cfg, blk, None), cfg.sbp), :]
-        ds_t = jnp.where(use, ds_ref[:, pl.ds(pos_ref[i] * cfg.rows, cfg.rows)], 0.0)  # [sbp, G]; unused: garbage
+        ds_t = jnp.where(use, ds_ref[pos_ref[i], :, :], 0.0)  # [sbp, G]; unused: garbage
         x = mm(ds_t.astype(kb.dtype), kb, trans_a=True)  # [G, d]
         # Per row here, summed over the rows once after the loop (no cross-warp sum per block).
         if cfg.gate_grad:
@@ -212,10 +212,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
     (split = cfg.dkv_splits) takes the own blocks' keys j * sb + ..., into their own tile."""
     n_out = 4 if cfg.stored_ds else 2
     *packed, dk_ref, dv_ref = refs[:len(refs) - n_out + 2]  # packed: bounds [nq, 2], slots [nb], own queries [nb, 2]
-    # stored_ds: ds (without the gate) [upk, sbp, (e + chunk) * G] per key and (entry, head), the same
-    # per own query [upk, sbp, (nq + chunk) * G]. Keys outermost, so a chunk's rows (consecutive entries
-    # or queries) are one contiguous [sbp, chunk * G] slice: a masked block store, not a scatter. The
-    # spare chunk at the end takes the last chunk's out-of-range rows.
+    # stored_ds: ds (without the gate) [upk, e + 1, sbp, G] per entry, the same per own query
+    # [upk, nq + 1, sbp, G]. Entry outermost, so that dq reads a tile in one piece (keys outermost made
+    # dk/dv's stores one block store but dq's reads 64 rows of 32 bytes: 0.35 ms slower dk/dv and 0.75
+    # slower dq at T = 64k, fla config, H200). The spare entry at the end takes a chunk's out-of-range rows.
     ds_ref, ds_own_ref = refs[len(refs) - 2:] if cfg.stored_ds else (None, None)
     bounds_ref, slot_ref, own_ref = packed if cfg.packed else (None, None, None)
     j = pl.program_id(0)
@@ -252,10 +252,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
     r = iota(cfg.dkv_chunk * rows)  # the rows of a chunk: entry (or query) r // G, head r % G
     head_of_row = lax.rem(r, rows)  # [R]
 
+    key_of_tile = iota(cfg.sbp)[:, None]  # [sbp, 1]
+
     def store_rows(ds_out, u, first, ok, ds_t):
-        """A chunk's rows (first * G ..., those with ok) of ds [sbp, R] into the stored dlogits."""
-        cols = pl.ds(first * rows, cfg.dkv_chunk * rows)
-        plgpu.store(ds_out.at[u, :, cols], ds_t, mask=jnp.broadcast_to(ok[None, :], ds_t.shape))
+        """A chunk's rows (entries first ..., those with ok; the others to the spare entry) of ds [sbp, R]."""
+        ent = jnp.where(ok, first + lax.div(r, rows), ds_out.shape[1] - 1)[None, :]  # [1, R]
+        ds_out[u, ent, key_of_tile, head_of_row[None, :]] = ds_t
 
     def per_group(u, carry):
         def selected(i, carry, first, stop):
@@ -402,8 +404,8 @@ def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed |
 def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own):
     """dq and dgate from the dk/dv kernel's stored dlogits (`cfg.stored_ds`).
 
-    order [b, groups, e] sorts the entries (query * kp + slot) by block; ds [b, kh, upk, sbp,
-    (e + chunk) * G], ds_own [b, kh, upk, sbp, (nq + chunk) * G] (the last chunk of each is spare).
+    order [b, groups, e] sorts the entries (query * kp + slot) by block; ds [b, kh, upk, e + 1,
+    sbp, G], ds_own [b, kh, upk, nq + 1, sbp, G] (the last entry of each is spare).
     """
     b, nq, groups, rows, d = q.shape
     upk, e = cfg.groups_per_kv, nq * cfg.kp
@@ -415,8 +417,8 @@ def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own)
         functools.partial(_dq_stored_kernel, cfg=cfg),
         grid=(nq, b, groups),
         in_specs=[q_spec, _kv_spec(cfg, k.shape[1], d), sel_spec, sel_spec, sel_spec, sel_spec,
-                  pl.BlockSpec((None, None, None, cfg.sbp, ds.shape[-1]), lambda t, bi, s: (bi, s // upk, s % upk, 0, 0)),
-                  pl.BlockSpec((None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, 0, t))],
+                  pl.BlockSpec((None, None, None, e + 1, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, 0, 0, 0)),
+                  pl.BlockSpec((None, None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, t, 0, 0))],
         out_specs=[q_spec, sel_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
@@ -456,10 +458,11 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
     out_specs = [out_spec, out_spec]
     out_shape = [jax.ShapeDtypeStruct((splits, b, cfg.nb, cfg.sbp, kh, d), out_dtype)] * 2
-    if cfg.stored_ds:  # + ds per entry and per own query (and a spare chunk each)
-        for width in ((e + cfg.dkv_chunk) * rows, (nq + cfg.dkv_chunk) * rows):
-            out_shape.append(jax.ShapeDtypeStruct((b, kh, upk, cfg.sbp, width), q.dtype))
-            out_specs.append(pl.BlockSpec((None, None, upk, cfg.sbp, width), lambda j, sp, bi, h: (bi, h, 0, 0, 0)))
+    if cfg.stored_ds:  # + ds per entry and per own query (and a spare one each)
+        for count in (e + 1, nq + 1):
+            out_shape.append(jax.ShapeDtypeStruct((b, kh, upk, count, cfg.sbp, rows), q.dtype))
+            out_specs.append(pl.BlockSpec((None, None, upk, count, cfg.sbp, rows),
+                                          lambda j, sp, bi, h: (bi, h, 0, 0, 0, 0)))
     dk, dv, *stored_out = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, part=part),
         grid=(cfg.nb, splits, b, kh),
