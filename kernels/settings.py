@@ -72,8 +72,8 @@ class SelectedSettings:
     dkv_chunk: int = 4  # per-query dk/dv: entries of a block's query list gathered into one step's tile
     query_num_warps: int = 2  # per-query forward and dq kernels
     query_num_stages: int = 3  # per-query forward kernel and the recomputing dq kernel
-    # The stored-dlogits dq kernel (one contiguous ds tile per block): 2 stages, 0.35 ms faster than 3
-    # at T = 64k (fla config, H200, two rounds; the forward is 0.2 ms slower on 2).
+    # The stored-dlogits dq kernel (one contiguous ds tile per block): 2 stages, ~0.35 ms faster than 3
+    # at T = 64k (fla config, H200, three alternating runs; the forward is 0.2 ms slower on 2).
     dq_num_stages: int = 2
     dkv_num_warps: int = 4  # per-query dk/dv kernel
     dkv_num_stages: int = 2  # per-query dk/dv kernel
