@@ -84,7 +84,7 @@ def test_causal_without_memory_is_the_reference():
 BLOCK_CAUSAL = {name: c for name, c in CASES.items() if c.causal and c.num_mem == 1}
 
 
-@pytest.mark.parametrize("case,dtype", grid(BLOCK_CAUSAL, {"g16": BOTH, "g2_seed": BOTH}))
+@pytest.mark.parametrize("case,dtype", grid(BLOCK_CAUSAL, {"g16": F32_ONLY, "g2_seed": F32_ONLY}))
 def test_block_causal_folding_matches_reference(case, dtype):
     """The cuDNN path's folding of each block's tokens into heads, run through XLA's attention
     (the same call as on the GPU but for the implementation): n a multiple of the stride and

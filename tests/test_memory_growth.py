@@ -1,5 +1,5 @@
 """Linear memory in T, and rematerialisation. The compiled forward + backward of a SparseAttention layer on the Pallas
-path needs at most x2.15 temporary memory per doubling of the sequence length (4k -> 32k).
+path needs at most x2.15 temporary memory per doubling of the sequence length (4k -> 16k).
 
 Compile-only (`memory_analysis` of the lowered program, nothing runs), so it is cheap on the
 CPU, where the kernels compile in interpret mode; the quadratic [n, n / block] selection
@@ -16,7 +16,7 @@ from flax import nnx
 
 from nsa_jax.attention import SparseAttention
 
-LENGTHS = (4096, 8192, 16384, 32768)
+LENGTHS = (4096, 8192, 16384)
 
 
 def temp_bytes(use_pallas_nsa: bool) -> list[int]:

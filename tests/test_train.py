@@ -70,6 +70,7 @@ def trained(tmp_path_factory, corpus) -> tuple[subprocess.CompletedProcess, Path
     return run, tmp_path
 
 
+@pytest.mark.xdist_group("trained")  # one worker runs them: the fixture trains once
 def test_training_lowers_the_validation_loss(trained):
     run, tmp_path = trained
     assert run.returncode == 0, run.stderr[-2000:]
@@ -79,6 +80,7 @@ def test_training_lowers_the_validation_loss(trained):
     assert (tmp_path / "ckpt" / "60").is_dir()
 
 
+@pytest.mark.xdist_group("trained")  # one worker runs them: the fixture trains once
 def test_sample_py_continues_a_trained_checkpoint(trained):
     run, tmp_path = trained
     assert run.returncode == 0, run.stderr[-2000:]
@@ -265,6 +267,7 @@ def test_checkpoint_every_minutes(tmp_path, corpus):
     assert sorted(int(p.name) for p in (tmp_path / "c").iterdir() if p.name.isdigit()) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.xdist_group("trained")  # one worker runs them: the fixture trains once
 def test_resume_with_another_model_is_refused(tmp_path, corpus, trained):
     shutil.copytree(trained[1] / "ckpt", tmp_path / "c")  # refusing moves nothing, but the copy is the test's own
     run = train(*TINY, f"--data_path={corpus}", f"--checkpoint_dir={tmp_path / 'c'}", f"--log_dir={tmp_path}",
