@@ -37,7 +37,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
@@ -59,7 +59,7 @@ def final_params(checkpoint_dir: Path):
     return step, state
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: a worker that moves on to another module keeps it
 def trained(tmp_path_factory, corpus) -> tuple[subprocess.CompletedProcess, Path]:
     """One short training run that the quick end-to-end tests share: validation at steps 0, 20, 40,
     generation at 0 and 30, a checkpoint at 60. (The run's output, its directory.)"""
