@@ -37,7 +37,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
@@ -59,7 +59,7 @@ def final_params(checkpoint_dir: Path):
     return step, state
 
 
-@pytest.fixture(scope="session")  # session: a worker that moves on to another module keeps it
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus) -> tuple[subprocess.CompletedProcess, Path]:
     """One short training run that the quick end-to-end tests share: validation at steps 0, 20, 40,
     generation at 0 and 30, a checkpoint at 60. (The run's output, its directory.)"""
@@ -70,7 +70,6 @@ def trained(tmp_path_factory, corpus) -> tuple[subprocess.CompletedProcess, Path
     return run, tmp_path
 
 
-@pytest.mark.xdist_group("trained")  # one worker runs them: the fixture trains once
 def test_training_lowers_the_validation_loss(trained):
     run, tmp_path = trained
     assert run.returncode == 0, run.stderr[-2000:]
@@ -80,7 +79,6 @@ def test_training_lowers_the_validation_loss(trained):
     assert (tmp_path / "ckpt" / "60").is_dir()
 
 
-@pytest.mark.xdist_group("trained")  # one worker runs them: the fixture trains once
 def test_sample_py_continues_a_trained_checkpoint(trained):
     run, tmp_path = trained
     assert run.returncode == 0, run.stderr[-2000:]
@@ -267,7 +265,6 @@ def test_checkpoint_every_minutes(tmp_path, corpus):
     assert sorted(int(p.name) for p in (tmp_path / "c").iterdir() if p.name.isdigit()) == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.xdist_group("trained")  # one worker runs them: the fixture trains once
 def test_resume_with_another_model_is_refused(tmp_path, corpus, trained):
     shutil.copytree(trained[1] / "ckpt", tmp_path / "c")  # refusing moves nothing, but the copy is the test's own
     run = train(*TINY, f"--data_path={corpus}", f"--checkpoint_dir={tmp_path / 'c'}", f"--log_dir={tmp_path}",
