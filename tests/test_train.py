@@ -7,7 +7,9 @@ resumption, after a stop and after Ctrl-C, and periodic generation with sample.p
 
 from __future__ import annotations
 
+import fcntl
 import gzip
+import json
 import os
 import re
 import shutil
@@ -59,15 +61,31 @@ def final_params(checkpoint_dir: Path):
     return step, state
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus) -> tuple[subprocess.CompletedProcess, Path]:
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, worker_id) -> tuple[subprocess.CompletedProcess, Path]:
     """One short training run that the quick end-to-end tests share: validation at steps 0, 20, 40,
-    generation at 0 and 30, a checkpoint at 60. (The run's output, its directory.)"""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    run = train(*TINY, f"--data_path={corpus}", "--num_batches=60", "--validate_every=20", "--generate_every=30",
-                "--prime_length=8", "--generate_length=16", f"--checkpoint_dir={tmp_path / 'ckpt'}",
-                f"--log_dir={tmp_path / 'runs'}", "--run_name=t", cwd=tmp_path)
-    return run, tmp_path
+    generation at 0 and 30, a checkpoint at 60. (The run's output, its directory.) Under xdist the
+    workers share it: the first trains (holding a lock), the others read its saved output."""
+    if worker_id == "master":  # no xdist: this process alone
+        return _train_shared(tmp_path_factory.mktemp("trained"))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's directory, common to its workers
+    with open(shared / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_shared(shared / "trained")
+
+
+def _train_shared(tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    result = tmp_path / "result.json"
+    if not result.exists():
+        tmp_path.mkdir(exist_ok=True)
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
+        run = train(*TINY, f"--data_path={corpus}", "--num_batches=60", "--validate_every=20", "--generate_every=30",
+                    "--prime_length=8", "--generate_length=16", f"--checkpoint_dir={tmp_path / 'ckpt'}",
+                    f"--log_dir={tmp_path / 'runs'}", "--run_name=t", cwd=tmp_path)
+        result.write_text(json.dumps(dict(args=run.args, returncode=run.returncode, stdout=run.stdout,
+                                          stderr=run.stderr)))
+    return subprocess.CompletedProcess(**json.loads(result.read_text())), tmp_path
 
 
 def test_training_lowers_the_validation_loss(trained):
