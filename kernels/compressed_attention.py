@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._common import interpret_mode, pad_axis
+from kernels._common import cudnn_flash_usable, interpret_mode, pad_axis
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import COMPRESSED_IMPLS, Tiles
 from nsa_jax import reference
@@ -91,11 +91,8 @@ def cudnn_min_query_blocks(dim_head: int) -> int:
 
 
 def _cudnn_usable(q: jax.Array, stride: int) -> bool:
-    """cuDNN's flash attention: on a GPU, half precision, head dim a multiple of 8 up to 128,
-    and enough query blocks to beat the Pallas kernel."""
-    d = q.shape[-1]
-    return (not interpret_mode() and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and d % 8 == 0 and d <= 128 and -(-q.shape[1] // stride) >= cudnn_min_query_blocks(d))
+    """`cudnn_flash_usable`, and enough query blocks to beat the Pallas kernel."""
+    return cudnn_flash_usable(q) and -(-q.shape[1] // stride) >= cudnn_min_query_blocks(q.shape[-1])
 
 
 def block_causal_attention(

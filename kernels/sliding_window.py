@@ -18,9 +18,8 @@ counting the padding as real keys.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from kernels._common import interpret_mode, pad_axis, round_up
+from kernels._common import cudnn_flash_usable, interpret_mode, pad_axis, round_up
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import Tiles
 from nsa_jax import segments as seg
@@ -30,11 +29,9 @@ CUDNN_MIN_WINDOW = 256
 
 
 def _cudnn_usable(q: jax.Array, k: jax.Array, causal: bool) -> bool:
-    """cuDNN's window path: causal, half precision, head dim a multiple of 8 up to 128, and
-    (for its backward with a window mask, as JAX 0.11.2 checks) even sequence lengths."""
-    return (causal and not interpret_mode() and jax.default_backend() == "gpu"
-            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-            and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+    """cuDNN's window path: causal, `cudnn_flash_usable`, and (for its backward with a window mask,
+    as JAX 0.11.2 checks) even sequence lengths."""
+    return causal and cudnn_flash_usable(q) and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
 
 
 def _cudnn_window(q, k, v, window: int, scale: float) -> jax.Array:

@@ -39,11 +39,15 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+def write_corpus(path: Path) -> Path:
+    """A small real text: the package's own sources."""
     path.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
 
 
 def train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -78,8 +82,7 @@ def _train_shared(tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
     result = tmp_path / "result.json"
     if not result.exists():
         tmp_path.mkdir(exist_ok=True)
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
+        corpus = write_corpus(tmp_path / "corpus.txt")
         run = train(*TINY, f"--data_path={corpus}", "--num_batches=60", "--validate_every=20", "--generate_every=30",
                     "--prime_length=8", "--generate_length=16", f"--checkpoint_dir={tmp_path / 'ckpt'}",
                     f"--log_dir={tmp_path / 'runs'}", "--run_name=t", cwd=tmp_path)
