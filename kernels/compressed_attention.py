@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._common import cudnn_flash_usable, interpret_mode, pad_axis
+from kernels._common import cdiv, cudnn_flash_usable, interpret_mode, pad_axis
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import COMPRESSED_IMPLS, Tiles
 from nsa_jax import reference
@@ -58,7 +58,7 @@ def compressed_attention(
                                               segments=segments)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    block_causal = segments is None and causal and num_mem == 1 and ck.shape[1] >= -(-q.shape[1] // stride)
+    block_causal = segments is None and causal and num_mem == 1 and ck.shape[1] >= cdiv(q.shape[1], stride)
     if impl == "cudnn" and not block_causal:
         raise ValueError("the cuDNN compressed branch serves causal attention with one memory entry, unpacked, "
                          "and at least n / stride keys; use impl='pallas' or 'auto'")
@@ -92,7 +92,7 @@ def cudnn_min_query_blocks(dim_head: int) -> int:
 
 def _cudnn_usable(q: jax.Array, stride: int) -> bool:
     """`cudnn_flash_usable`, and enough query blocks to beat the Pallas kernel."""
-    return cudnn_flash_usable(q) and -(-q.shape[1] // stride) >= cudnn_min_query_blocks(q.shape[-1])
+    return cudnn_flash_usable(q) and cdiv(q.shape[1], stride) >= cudnn_min_query_blocks(q.shape[-1])
 
 
 def block_causal_attention(
@@ -113,7 +113,7 @@ def block_causal_attention(
     (cuDNN's backward), invisible to real queries."""
     b, n, h, d = q.shape
     kh = ck.shape[2]
-    nb = -(-n // stride)
+    nb = cdiv(n, stride)
     nbp = nb + nb % 2
     folded = pad_axis(q, 1, nbp * stride).reshape(b, nbp, stride * h, d)
     ck, cv = (jnp.broadcast_to(pad_axis(x[:, :nb], 1, nbp)[:, :, None], (b, nbp, stride, kh, d))
