@@ -259,7 +259,8 @@ def run_peers(args) -> dict:
 # ---------------------------------------------------------------- table
 
 def ratio(a, b) -> str:
-    return f"{a / b:.1f}x" if a and b else "n/a"
+    """Two decimals: a target such as ">= 3.6x" must not read as met when it is 3.55x."""
+    return f"{a / b:.2f}x" if a and b else "n/a"
 
 
 def fmt(x, digits=2) -> str:
