@@ -272,7 +272,10 @@ def table(result: dict) -> str:
     flops_peak = peaks.get("matmul_tflops_float32", 0) * 1e12
     bf16_peak = peaks.get("matmul_tflops_bfloat16", 0) * 1e12
     bw = peaks.get("copy_tb_per_s", 0) * 1e12
-    floor = lambda fl, by, pk: max(fl / pk if pk else 0, by / bw if bw else 0) * 1e3  # noqa: E731
+
+    def floor(fl, by, pk):  # ms, or None when the peaks were not measured (--what without peaks)
+        return max(fl / pk if pk else 0, by / bw if bw else 0) * 1e3 if pk or bw else None
+
     lines = ["| workload | ours (ms) | peer (ms) | peer / ours | target | floor (ms) |", "|---|---|---|---|---|---|"]
     listed = lambda key: peers.get(key) if isinstance(peers.get(key), list) else []  # noqa: E731
     peer_train = {(r.get("batch"), r.get("seq_len")): r for r in listed("train")}
@@ -285,7 +288,7 @@ def table(result: dict) -> str:
         peer = peer_train.get((batch, n), {}).get("median_ms")
         fl = floor(seed_train_flops(batch, n), train_bytes_floor(), flops_peak)
         lines.append(f"| seed train step B={batch} T={n} (ours: {which}) | {fmt(best)} | {fmt(peer)} | "
-                     f"{ratio(peer, best)} | >= {targets.get((batch, n), '-')}x | {fl:.2f} |")
+                     f"{ratio(peer, best)} | >= {targets.get((batch, n), '-')}x | {fmt(fl)} |")
         if "pallas, highest precision" in ours:
             high = ours["pallas, highest precision"]["ms_per_step"]
             lines.append(f"| same, ours with IEEE float32 matmuls (torch's default) | {fmt(high)} | {fmt(peer)} | "
@@ -307,11 +310,11 @@ def table(result: dict) -> str:
                 extra = (f"; dense cuDNN {fmt(dn.get(key))}, torch SDPA {fmt(peer_ms(sdpa.get(n, {}), key))}")
                 tgt = {(65536, "fwd_ms"): "<= 25 ms", (65536, "fwd_bwd_ms"): ">= 3.6x fla, <= 60 ms"}.get((n, key), "-")
                 lines.append(f"| NSA core {label}, {name}, T={n}{extra} | {fmt(ours.get(key))} | {fmt(peer)} | "
-                             f"{ratio(peer, ours.get(key))} | {tgt} | {fl:.2f} |")
+                             f"{ratio(peer, ours.get(key))} | {tgt} | {fmt(fl)} |")
     dec, pdec = result.get("decode", {}), peers.get("decode") or {}
     lines.append(f"| decode ms/token, seed model | {fmt(dec.get('ms_per_token_all'), 3)} | "
                  f"{fmt(pdec.get('ms_per_token'), 3)} | {ratio(pdec.get('ms_per_token'), dec.get('ms_per_token_all'))} | "
-                 f"<= 1 ms | {seed_param_bytes() / bw * 1e3 if bw else 0:.3f} |")
+                 f"<= 1 ms | {fmt(seed_param_bytes() / bw * 1e3 if bw else None, 3)} |")
     mem, pmem = result.get("memory", {}), peers.get("memory") or {}
     lines.append(f"| peak memory GiB, seed B=4 T=512 | {fmt(mem.get('peak_gib'), 3)} | {fmt(pmem.get('peak_gib'), 3)} | "
                  f"{ratio(pmem.get('peak_gib'), mem.get('peak_gib'))} | <= theirs | - |")

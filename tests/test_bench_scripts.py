@@ -192,6 +192,20 @@ def test_compare_peers_merges_runs_of_row_groups(tmp_path):
     assert merged["peers"]["train"][0]["median_ms"] == 80.0 and merged["peers"]["fla"][0]["seq_len"] == 65536
 
 
+def test_compare_peers_floor_without_measured_peaks_is_not_zero(tmp_path):
+    """A run without the card's peaks (--what core) has no floor: the column says n/a, not 0.00 ms."""
+    run_json = dict(device="H200", jax="0.11.2", date="2026-11-29", settings=dict(shapes=[], lengths=[65536]),
+                    train=[], core=[dict(config="fla", T=65536, what="nsa", fwd_ms=21.7, fwd_bwd_ms=60.9)],
+                    peers=dict(torch="2.11", fla=[dict(seq_len=65536, fwd=dict(median_ms=58.2),
+                                                       fwd_bwd=dict(median_ms=219.7))], dense=[]))
+    (tmp_path / "core.json").write_text(json.dumps(run_json))
+    run = subprocess.run([sys.executable, "-m", "bench.compare_peers", "--report", str(tmp_path / "core.json")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| 60.90 | 219.70 | 3.61x | >= 3.6x fla, <= 60 ms | n/a |" in run.stdout
+    assert "| 0.00 |" not in run.stdout
+
+
 def test_compare_peers_says_why_the_peer_columns_are_empty(tmp_path, monkeypatch):
     """A peer child that writes no rows (killed before its first, or no torch) leaves a status that
     names the log, not a bare null."""
