@@ -314,7 +314,7 @@ def table(result: dict) -> str:
     dec, pdec = result.get("decode", {}), peers.get("decode") or {}
     lines.append(f"| decode ms/token, seed model | {fmt(dec.get('ms_per_token_all'), 3)} | "
                  f"{fmt(pdec.get('ms_per_token'), 3)} | {ratio(pdec.get('ms_per_token'), dec.get('ms_per_token_all'))} | "
-                 f"<= 1 ms | {fmt(seed_param_bytes() / bw * 1e3 if bw else None, 3)} |")
+                 f"<= 1 ms | {fmt(floor(0, seed_param_bytes(), 0), 3)} |")
     mem, pmem = result.get("memory", {}), peers.get("memory") or {}
     lines.append(f"| peak memory GiB, seed B=4 T=512 | {fmt(mem.get('peak_gib'), 3)} | {fmt(pmem.get('peak_gib'), 3)} | "
                  f"{ratio(pmem.get('peak_gib'), mem.get('peak_gib'))} | <= theirs | - |")
