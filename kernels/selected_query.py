@@ -104,9 +104,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, *refs, cfg: Q
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
         s = jnp.where(in_block & use, s, MASK_VALUE)
-        return online_softmax_step(carry, s, vb)
+        # The row sums stay a [G, sbp] tile, summed once after the loop: the tile's columns are split
+        # over the warps, so a per-block sum would cross them (shared memory and a barrier) every block.
+        acc, m_i, l_tile = carry
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        corr = jnp.exp2(m_i - m_new)[:, None]
+        p = jnp.exp2(s - m_new[:, None])
+        return acc * corr + mm(p.astype(vb.dtype), vb), m_new, l_tile * corr + p
 
-    carry = lax.fori_loop(0, cfg.num_sel, body, softmax_init(*q.shape))
+    acc, m_i, _ = softmax_init(*q.shape)
+    acc, m_i, l_tile = lax.fori_loop(0, cfg.num_sel, body, (acc, m_i, jnp.zeros((q.shape[0], cfg.sbp), F32)))
+    carry = acc, m_i, l_tile.sum(axis=1)
     if cfg.own_block:
         kb, vb, mask, phantom = _own(cfg, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref)
         s = mm(q, kb, trans_b=True) * c
@@ -189,8 +197,12 @@ def _dq_stored_kernel(q_ref, k_ref, idx_ref, valid_ref, gate_ref, pos_ref, ds_re
         blk = idx_ref[i]
         use = _usable(cfg, blk, valid_ref[i] > 0, zero_row)
         kb = k_ref[pl.ds(_block_start(cfg, blk, None), cfg.sbp), :]
-        ds_t = jnp.where(use, ds_ref[pos_ref[i], :, :], 0.0)  # [sbp, G]; unused: garbage
-        x = mm(ds_t.astype(kb.dtype), kb, trans_a=True)  # [G, d]
+        # The [sbp, G] tile read as ds^T [G, sbp] through its indices goes from its asynchronous copy
+        # straight into the matmul (loading it whole and transposing, or masking it before the matmul,
+        # round-trips it through registers and shared memory). An unused slot's tile is garbage (maybe
+        # NaN), so the select comes after the matmul.
+        ds = ds_ref[pos_ref[i], iota(cfg.sbp)[None, :], iota(cfg.rows)[:, None]]  # [G, sbp]
+        x = jnp.where(use, mm(ds.astype(kb.dtype), kb), 0.0)  # [G, d]
         # Per row here, summed over the rows once after the loop (no cross-warp sum per block).
         if cfg.gate_grad:
             dgate = jnp.where(slots == i, jnp.sum(x * q, axis=1)[:, None], dgate)
