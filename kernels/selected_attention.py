@@ -128,6 +128,7 @@ def selected_attention(
                           groups_per_kv=lay.groups_per_kv, dkv_splits=lay.dkv_splits, dkv_chunk=settings.dkv_chunk,
                           dkv_num_warps=settings.dkv_num_warps, dkv_num_stages=settings.dkv_num_stages,
                           stored_ds=settings.store_dlogits and packed is None, dq_num_stages=settings.dq_num_stages,
+                          dq_num_warps=settings.dq_num_warps,
                           causal=causal, scale=scale, num_warps=settings.query_num_warps, gate_grad=gate_grad,
                           num_stages=settings.query_num_stages, interpret=interpret_mode(), packed=packed is not None)
         o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]

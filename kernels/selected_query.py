@@ -62,6 +62,7 @@ class QueryConfig(SelectedConfig):
     dkv_num_stages: int = 2  # dk/dv kernel's pipeline stages
     stored_ds: bool = False  # dq from the dk/dv kernel's stored dlogits (never with packed documents)
     dq_num_stages: int = 2  # that dq kernel's pipeline stages
+    dq_num_warps: int = 1  # that dq kernel's warps
 
 
 def _usable(cfg: QueryConfig, blk, ok, zero_row):
@@ -434,7 +435,7 @@ def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own)
                   pl.BlockSpec((None, None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, t, 0, 0))],
         out_specs=[q_spec, sel_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
-        compiler_params=compiler_params(cfg.num_warps, cfg.dq_num_stages),
+        compiler_params=compiler_params(cfg.dq_num_warps, cfg.dq_num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_dq_stored",
     )(q, k, idx, valid, gate, pos, ds, ds_own)

@@ -70,11 +70,15 @@ class SelectedSettings:
     tiles_per_dkv_split: int = 16  # tiled dk/dv: one more program per block per this many tiles
     dkv_entries_per_program: int = 256  # per-query dk/dv: one more program per block per this many entries
     dkv_chunk: int = 4  # per-query dk/dv: entries of a block's query list gathered into one step's tile
-    query_num_warps: int = 2  # per-query forward and dq kernels
+    query_num_warps: int = 2  # per-query forward and recomputing dq kernels
     query_num_stages: int = 3  # per-query forward kernel and the recomputing dq kernel
     # The stored-dlogits dq kernel (one contiguous ds tile per block): 2 stages, ~0.35 ms faster than 3
     # at T = 64k (fla config, H200, three alternating runs; the forward is 0.2 ms slower on 2).
     dq_num_stages: int = 2
+    # ... on 1 warp: its matmul's columns (the head dim) then stay in one warp, so the per-block dgate
+    # sums need no shared memory (H200, fla config, T = 64k: dq 11.12 -> 10.89 and 11.20 -> 10.99 ms
+    # in two calls).
+    dq_num_warps: int = 1
     dkv_num_warps: int = 4  # per-query dk/dv kernel
     dkv_num_stages: int = 2  # per-query dk/dv kernel
     # Per-query family, unpacked: the dk/dv kernel (run first) also stores the dlogits of every
@@ -89,8 +93,8 @@ class SelectedSettings:
     def __post_init__(self):
         _check(self.impl in SELECTED_IMPLS, f"impl must be one of {', '.join(SELECTED_IMPLS)}, got {self.impl!r}")
         for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
-                     "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dkv_num_warps",
-                     "dkv_num_stages"):
+                     "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dq_num_warps",
+                     "dkv_num_warps", "dkv_num_stages"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
 

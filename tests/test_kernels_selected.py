@@ -253,6 +253,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     (lambda: KernelSettings(sliding_impl="flash"), "sliding_impl must be one of auto, pallas, cudnn"),
     (lambda: KernelSettings(compressed_impl="xla"), "compressed_impl must be one of auto, pallas, cudnn"),
     (lambda: SelectedSettings(dq_num_stages=0), "dq_num_stages must be >= 1"),
+    (lambda: SelectedSettings(dq_num_warps=0), "dq_num_warps must be >= 1"),
 ])
 def test_kernel_settings_reject_unknown_values(make, message):
     with pytest.raises(ValueError, match=message):
