@@ -17,6 +17,7 @@ import pytest
 from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
 from kernels._selected_common import sort_by_block
 from kernels.selected_attention import layout, selected_attention
+from kernels.selected_query import QueryConfig, _split_bounds
 from kernels.selected_tiled import tile_layout
 from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings, Tiles
 from nsa_jax import reference
@@ -153,6 +154,30 @@ def test_sort_by_block_is_a_stable_sort_per_row():
         np.testing.assert_array_equal(np.asarray(order), want)
         sorted_key = np.take_along_axis(key, want, axis=-1)
         np.testing.assert_array_equal(np.asarray(offsets), [np.searchsorted(r, np.arange(nb + 1)) for r in sorted_key])
+
+
+@pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
+def test_dkdv_split_bounds_are_query_ranges(causal, packed):
+    """The per-query dk/dv kernel's split bounds: split s of block j starts at the block's first entry
+    whose query reaches the s-th of dkv_splits equal ranges of [first query that can pick j, nq)
+    (numpy's searchsorted per block); the packed own-block program gets an empty range."""
+    nq, kp, nb, sb, splits, rows = 1000, 4, 16, 64, 5, 3
+    cfg = QueryConfig(sb=sb, sbp=sb, nb=nb, nq=nq, num_sel=kp, kp=kp, rows=16, groups_per_kv=1, dkv_splits=splits,
+                      causal=causal, scale=1.0, num_warps=2, gate_grad=False, num_stages=2, interpret=True,
+                      packed=packed)
+    programs = splits + packed
+    key = np.random.default_rng(6).integers(0, nb + 1, (rows, nq * kp)).astype(np.int32)
+    order, offsets = (np.asarray(x) for x in sort_by_block(jnp.asarray(key), nb))
+    qid = order // kp
+    bounds = np.asarray(_split_bounds(cfg, jnp.asarray(qid, jnp.int32), jnp.asarray(offsets), programs))
+    assert bounds.shape == (rows, nb, programs + 1)
+    for r in range(rows):
+        for j in range(nb):
+            lo = j * sb if causal and not packed else 0
+            starts = [0] + [lo + -(-s * (nq - lo) // splits) for s in range(1, splits)] + [nq] * (programs + 1 - splits)
+            queries = qid[r, offsets[r, j]:offsets[r, j + 1]]
+            assert np.all(np.diff(queries) >= 0)  # ascending within a block, so a binary search applies
+            np.testing.assert_array_equal(bounds[r, j], offsets[r, j] + np.searchsorted(queries, starts))
 
 
 @pytest.mark.parametrize("store_dlogits", [True, pytest.param(False, marks=pytest.mark.slow)])
