@@ -130,7 +130,8 @@ def selected_attention(
                           stored_ds=settings.store_dlogits and packed is None, dq_num_stages=settings.dq_num_stages,
                           dq_num_warps=settings.dq_num_warps,
                           causal=causal, scale=scale, num_warps=settings.query_num_warps, gate_grad=gate_grad,
-                          num_stages=settings.query_num_stages, interpret=interpret_mode(), packed=packed is not None)
+                          num_stages=settings.query_num_stages, interpret=interpret_mode(), packed=packed is not None,
+                          split_by_range=lay.nb >= settings.dkv_range_split_blocks)
         o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]
     o = o.reshape(b, nq, kh, lay.groups_per_kv * lay.rows, lay.d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)

@@ -15,11 +15,12 @@ own-block term), `dkv_chunk` of them per step: their rows of q and dO are gather
 [chunk * G, d] tile, so each step is a few large matmuls instead of chunk small ones (4
 queries x 16 heads: 1.8x faster than one query per step at T = 64k, H200). Heavily selected
 blocks (early blocks, under causal selection) have their query list split over `dkv_splits`
-programs whose float32 partial sums XLA adds. The splits are query ranges, not equal counts:
-split s of every block takes the s-th of `dkv_splits` equal ranges of the queries that can
-pick it, so the programs that run together (neighbouring blocks, one split) gather q and dO
-rows from one range of queries, which L2 then holds (fla config, T = 64k, H200: dk/dv 13.71 ->
-13.23 ms against equal counts). No atomics, deterministic; cost O(n * k' * sb), like the
+programs whose float32 partial sums XLA adds. From `dkv_range_split_blocks` key blocks on the
+splits are query ranges, not equal counts: split s of every block takes the s-th of
+`dkv_splits` equal ranges of the queries that can pick it, so the programs that run together
+(neighbouring blocks, one split) gather q and dO rows from one range of queries, which L2 then
+holds (fla config, T = 64k, H200: dk/dv 13.71 -> 13.23 ms against equal counts; at T = 8k equal
+counts win, 1.89 against 2.14). No atomics, deterministic; cost O(n * k' * sb), like the
 forward.
 
 dq (`cfg.stored_ds`, the default unpacked): the dk/dv kernel runs first and also stores the
@@ -67,6 +68,7 @@ class QueryConfig(SelectedConfig):
     stored_ds: bool = False  # dq from the dk/dv kernel's stored dlogits (never with packed documents)
     dq_num_stages: int = 2  # that dq kernel's pipeline stages
     dq_num_warps: int = 1  # that dq kernel's warps
+    split_by_range: bool = True  # dk/dv splits: query ranges (else equal counts of a block's list)
 
 
 def _usable(cfg: QueryConfig, blk, ok, zero_row):
@@ -401,9 +403,10 @@ def _inverted_index(cfg: QueryConfig, idx, valid):
 def _split_bounds(cfg: QueryConfig, qid, offsets, programs: int):
     """Where each dk/dv program's part of a block's query list starts: qid [rows, e] the query of
     each sorted entry (ascending within a block), offsets [rows, nb + 1] -> [rows, nb, programs + 1].
-    Split s < dkv_splits of block j takes the entries whose query lies in the s-th of dkv_splits
-    equal ranges of [first query that can pick j, nq); splits past those (the packed own-block
-    program) get none. A binary search within each block's entries, all at once."""
+    `cfg.split_by_range`: split s < dkv_splits of block j takes the entries whose query lies in the
+    s-th of dkv_splits equal ranges of [first query that can pick j, nq) (a binary search within
+    each block's entries, all at once); otherwise the s-th of dkv_splits equal counts. Splits past
+    those (the packed own-block program) get none."""
     rows, e = qid.shape
     splits = cfg.dkv_splits
     first_q = jnp.arange(cfg.nb, dtype=jnp.int32) * cfg.sb if cfg.causal and not cfg.packed else jnp.zeros(cfg.nb, jnp.int32)
@@ -420,6 +423,9 @@ def _split_bounds(cfg: QueryConfig, qid, offsets, programs: int):
         right = (lo < hi) & (q_mid < bound[None])
         return jnp.where(right, mid + 1, lo), jnp.where(right | (lo >= hi), hi, mid)
 
+    if not cfg.split_by_range:  # equal counts
+        per = (offsets[:, 1:] - offsets[:, :-1] + splits - 1) // splits  # [rows, nb]
+        return jnp.minimum(offsets[:, :-1, None] + s[None, None, :] * per[..., None], offsets[:, 1:, None]).astype(jnp.int32)
     return lax.fori_loop(0, e.bit_length(), halve, (lo, hi))[0].astype(jnp.int32)
 
 

@@ -87,6 +87,11 @@ class SelectedSettings:
     # per query and kv head in the inputs' dtype (8x the size of q at the paper's configuration).
     store_dlogits: bool = True
     max_dkv_splits: int = 8  # either dk/dv kernel: programs sharing one key block at most
+    # Per-query dk/dv, from this many key blocks on: a block's list splits by query range, so the
+    # programs that run together gather q and dO from one range that L2 holds (fla config, H200: T =
+    # 64k, dk/dv 13.71 -> 13.23 ms); below, by equal counts: fewer programs, and the range splits'
+    # longest one (the densest range, next to the block) sets the time (T = 8k: 1.89 against 2.14).
+    dkv_range_split_blocks: int = 1024
     num_warps: int = 4  # tiled kernels
     num_stages: int = 2  # tiled kernels
 
@@ -94,7 +99,7 @@ class SelectedSettings:
         _check(self.impl in SELECTED_IMPLS, f"impl must be one of {', '.join(SELECTED_IMPLS)}, got {self.impl!r}")
         for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
                      "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dq_num_warps",
-                     "dkv_num_warps", "dkv_num_stages"):
+                     "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
 

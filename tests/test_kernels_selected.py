@@ -7,6 +7,7 @@ Every test asserts the layout it means to reach, so a changed default cannot sil
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -120,12 +121,13 @@ def test_default_layouts_are_the_measured_choices():
         assert lay.impl == ("query" if case.group_rows >= 16 else "tiled"), name
 
 
+@pytest.mark.parametrize("by_range", [True, False])
 @pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g16_block64", "g16_noncausal_d128")}))
-def test_query_kernel_split_dkdv_with_16_row_groups(case, dtype):
+def test_query_kernel_split_dkdv_with_16_row_groups(case, dtype, by_range):
     """The per-query path as the paper's configuration runs it (16-row groups, matrix-unit tiles)
-    with each key block's query list split over several programs: float32 partial sums, split
-    ranges, the own-block term in split 0 (causal case)."""
-    settings = SelectedSettings(impl="auto", dkv_entries_per_program=1)
+    with each key block's query list split over several programs (by query range or by equal
+    counts): float32 partial sums, split ranges, the own-block term in split 0 (causal case)."""
+    settings = SelectedSettings(impl="auto", dkv_entries_per_program=1, dkv_range_split_blocks=1 if by_range else 10**6)
     q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 1, 0.7)
     lay = layout(q.shape, k.shape, indices.shape, block_size=case.block, settings=settings)
     assert (lay.impl, lay.rows, lay.dkv_splits) == ("query", 16, settings.max_dkv_splits), lay
@@ -158,9 +160,10 @@ def test_sort_by_block_is_a_stable_sort_per_row():
 
 @pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True)])
 def test_dkdv_split_bounds_are_query_ranges(causal, packed):
-    """The per-query dk/dv kernel's split bounds: split s of block j starts at the block's first entry
-    whose query reaches the s-th of dkv_splits equal ranges of [first query that can pick j, nq)
-    (numpy's searchsorted per block); the packed own-block program gets an empty range."""
+    """The per-query dk/dv kernel's split bounds by query range: split s of block j starts at the
+    block's first entry whose query reaches the s-th of dkv_splits equal ranges of [first query that
+    can pick j, nq) (numpy's searchsorted per block); the packed own-block program gets an empty
+    range. By equal counts (below `dkv_range_split_blocks`): the s-th of dkv_splits equal parts."""
     nq, kp, nb, sb, splits, rows = 1000, 4, 16, 64, 5, 3
     cfg = QueryConfig(sb=sb, sbp=sb, nb=nb, nq=nq, num_sel=kp, kp=kp, rows=16, groups_per_kv=1, dkv_splits=splits,
                       causal=causal, scale=1.0, num_warps=2, gate_grad=False, num_stages=2, interpret=True,
@@ -178,6 +181,12 @@ def test_dkdv_split_bounds_are_query_ranges(causal, packed):
             queries = qid[r, offsets[r, j]:offsets[r, j + 1]]
             assert np.all(np.diff(queries) >= 0)  # ascending within a block, so a binary search applies
             np.testing.assert_array_equal(bounds[r, j], offsets[r, j] + np.searchsorted(queries, starts))
+    counts = np.asarray(_split_bounds(dataclasses.replace(cfg, split_by_range=False), jnp.asarray(qid, jnp.int32),
+                                      jnp.asarray(offsets), programs))
+    per = -(-(offsets[:, 1:] - offsets[:, :-1]) // splits)
+    want = np.minimum(offsets[:, :-1, None] + np.minimum(np.arange(programs + 1), splits) * per[..., None],
+                      offsets[:, 1:, None])
+    np.testing.assert_array_equal(counts, want)
 
 
 @pytest.mark.parametrize("store_dlogits", [True, pytest.param(False, marks=pytest.mark.slow)])
