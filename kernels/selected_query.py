@@ -297,7 +297,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, valid
                 store_rows(ds_ref, u, first + i * cfg.dkv_chunk, ok, ds_t)
             return carry
 
-        first, stop = split_ref[u, j, split], split_ref[u, j, split + 1]  # empty for the packed own program
+        first, stop = split_ref[u, j, split], split_ref[u, j, split + 1]  # none for the packed own program
         chunks = lax.div(jnp.maximum(stop - first, 0) + cfg.dkv_chunk - 1, cfg.dkv_chunk)
         carry = lax.fori_loop(0, chunks, functools.partial(selected, first=first, stop=stop), carry)
         if cfg.own_block:  # the queries with keys of this block in their own block, a chunk at a time
@@ -409,24 +409,25 @@ def _split_bounds(cfg: QueryConfig, qid, offsets, programs: int):
     those (the packed own-block program) get none."""
     rows, e = qid.shape
     splits = cfg.dkv_splits
-    first_q = jnp.arange(cfg.nb, dtype=jnp.int32) * cfg.sb if cfg.causal and not cfg.packed else jnp.zeros(cfg.nb, jnp.int32)
     s = jnp.minimum(jnp.arange(programs + 1, dtype=jnp.int32), splits)
-    bound = first_q[:, None] + (s[None, :] * (cfg.nq - first_q[:, None]) + splits - 1) // splits  # [nb, programs + 1]
-    bound = jnp.where(s[None, :] == 0, 0, jnp.where(s[None, :] == splits, cfg.nq, bound))
-    lo = jnp.broadcast_to(offsets[:, :-1, None], (rows, cfg.nb, programs + 1))
-    hi = jnp.broadcast_to(offsets[:, 1:, None], (rows, cfg.nb, programs + 1))
+    start, end = offsets[:, :-1, None], offsets[:, 1:, None]  # [rows, nb, 1]
+    if not cfg.split_by_range:
+        per = (end - start + splits - 1) // splits
+        return jnp.minimum(start + s * per, end).astype(jnp.int32)
+    first_q = jnp.arange(cfg.nb, dtype=jnp.int32)[:, None] * (cfg.sb if cfg.causal and not cfg.packed else 0)
+    bound = first_q + (s * (cfg.nq - first_q) + splits - 1) // splits  # [nb, programs + 1]
+    bound = jnp.where(s == 0, 0, jnp.where(s == splits, cfg.nq, bound))
 
     def halve(_, lo_hi):  # the answer stays in [lo, hi]: the first entry whose query >= bound, else hi
         lo, hi = lo_hi
         mid = (lo + hi) // 2
         q_mid = jnp.take_along_axis(qid, jnp.minimum(mid, e - 1).reshape(rows, -1), axis=1).reshape(mid.shape)
-        right = (lo < hi) & (q_mid < bound[None])
+        right = (lo < hi) & (q_mid < bound)
         return jnp.where(right, mid + 1, lo), jnp.where(right | (lo >= hi), hi, mid)
 
-    if not cfg.split_by_range:  # equal counts
-        per = (offsets[:, 1:] - offsets[:, :-1] + splits - 1) // splits  # [rows, nb]
-        return jnp.minimum(offsets[:, :-1, None] + s[None, None, :] * per[..., None], offsets[:, 1:, None]).astype(jnp.int32)
-    return lax.fori_loop(0, e.bit_length(), halve, (lo, hi))[0].astype(jnp.int32)
+    shape = (rows, cfg.nb, programs + 1)
+    lo, _ = lax.fori_loop(0, e.bit_length(), halve, (jnp.broadcast_to(start, shape), jnp.broadcast_to(end, shape)))
+    return lo.astype(jnp.int32)
 
 
 def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, lse, do, delta):
