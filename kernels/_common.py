@@ -79,9 +79,11 @@ def mm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fal
     return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)  # a [m, k], b [k, n]
 
 
-def softmax_init(rows: int, d: int):
-    """The online softmax's carry before the first key tile: (acc [R, d], row max [R], row sum [R])."""
-    return jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros((rows,), F32)
+def softmax_init(rows: int, d: int, sum_tile: int | None = None):
+    """The online softmax's carry before the first key tile: (acc [R, d], row max [R], row sum [R]);
+    with `sum_tile` the row sums stay a [R, sum_tile] tile (see `online_softmax_step`)."""
+    l_shape = (rows,) if sum_tile is None else (rows, sum_tile)
+    return jnp.zeros((rows, d), F32), jnp.full((rows,), -jnp.inf, F32), jnp.zeros(l_shape, F32)
 
 
 def softmax_finish(carry) -> tuple[jax.Array, jax.Array]:
@@ -105,12 +107,14 @@ def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
 
 def online_softmax_step(carry, s, v):
     """One key tile of flash attention in base 2: carry (acc [R, d], row max [R], row sum [R]),
-    logits s [R, BK] already scaled by log2(e), values v [BK, d]."""
+    logits s [R, BK] already scaled by log2(e), values v [BK, d]. A row-sum tile [R, BK] in the carry
+    (`softmax_init(..., sum_tile=BK)`) takes p whole, for the caller to sum once after the last tile:
+    where the tile's columns are split over warps, a per-tile row sum crosses them every tile."""
     acc, m_i, l_i = carry
     m_new = jnp.maximum(m_i, s.max(axis=1))
     corr = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - m_new[:, None])
-    l_new = l_i * corr + p.sum(axis=1)
+    l_new = l_i * corr[:, None] + p if l_i.ndim == 2 else l_i * corr + p.sum(axis=1)
     acc = acc * corr[:, None] + mm(p.astype(v.dtype), v)
     return acc, m_new, l_new
 

@@ -110,17 +110,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, *refs, cfg: Q
         s = mm(q, kb, trans_b=True) * (gate_ref[i] * c)  # [G, sbp]
         if cfg.zero_rows_possible:
             s = jnp.where(zero_row, 0.0, s)
-        s = jnp.where(in_block & use, s, MASK_VALUE)
-        # The row sums stay a [G, sbp] tile, summed once after the loop: the tile's columns are split
-        # over the warps, so a per-block sum would cross them (shared memory and a barrier) every block.
-        acc, m_i, l_tile = carry
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        corr = jnp.exp2(m_i - m_new)[:, None]
-        p = jnp.exp2(s - m_new[:, None])
-        return acc * corr + mm(p.astype(vb.dtype), vb), m_new, l_tile * corr + p
+        return online_softmax_step(carry, jnp.where(in_block & use, s, MASK_VALUE), vb)
 
-    acc, m_i, _ = softmax_init(*q.shape)
-    acc, m_i, l_tile = lax.fori_loop(0, cfg.num_sel, body, (acc, m_i, jnp.zeros((q.shape[0], cfg.sbp), F32)))
+    # Row sums as a [G, sbp] tile, summed once after the loop (the block's keys are split over warps).
+    acc, m_i, l_tile = lax.fori_loop(0, cfg.num_sel, body, softmax_init(*q.shape, sum_tile=cfg.sbp))
     carry = acc, m_i, l_tile.sum(axis=1)
     if cfg.own_block:
         kb, vb, mask, phantom = _own(cfg, t, bounds_ref, idx_vec, valid_vec, k_ref, v_ref)
@@ -416,7 +409,7 @@ def _split_bounds(cfg: QueryConfig, qid, offsets, programs: int):
         return jnp.minimum(start + s * per, end).astype(jnp.int32)
     first_q = jnp.arange(cfg.nb, dtype=jnp.int32)[:, None] * (cfg.sb if cfg.causal and not cfg.packed else 0)
     bound = first_q + (s * (cfg.nq - first_q) + splits - 1) // splits  # [nb, programs + 1]
-    bound = jnp.where(s == 0, 0, jnp.where(s == splits, cfg.nq, bound))
+    bound = jnp.where(s == 0, 0, bound)  # (s = splits gives nq)
 
     def halve(_, lo_hi):  # the answer stays in [lo, hi]: the first entry whose query >= bound, else hi
         lo, hi = lo_hi
