@@ -165,20 +165,31 @@ def own_attended(cfg: SelectedConfig, slot, idx, valid, keepdims: bool = True):
     return attend
 
 
+# sort_by_block sorts all rows as one flat array from this many entries on, each row on its own
+# below (H200, 4 or 8 rows, wall ms per sort, batched -> flat: 4 x 2^18 0.60 -> 0.73, 8 x 2^17 0.56 ->
+# 0.67, 4 x 2^19 0.83 -> 0.55, 8 x 2^20 3.14 -> 0.72; BENCHMARKS.md, "sort_by_block").
+FLAT_SORT_MIN_ENTRIES = 1 << 21
+
+
 def sort_by_block(key: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
     """key [rows, e] block ids (nb: unused entry) -> (order [rows, e]: entry ids sorted by block,
     stable; offsets [rows, nb + 1] int32: block j's entries are order[offsets[j]:offsets[j + 1]]).
 
     The transpose of a selection (which queries or tiles chose each block), for the dk/dv kernels.
-    One stable sort of all rows at once, keyed by (row, block): on Hopper, XLA's sort rewriter
-    sends a one-row sort of 32-bit pairs (over 22,000 of them) to CUB's radix sort, but a batch
-    of fewer than 27 rows to XLA's own sort network (4 rows of 2^20 at T = 64k, fla config,
-    H200: 42 kernels, 1.1 ms).
+    Large selections are sorted as one flat array keyed by (row, block): on Hopper, XLA's sort
+    rewriter sends a one-row sort of 32-bit pairs (over 22,000 of them) to CUB's radix sort, but a
+    batch of fewer than 27 rows to XLA's own sort network (4 rows of 2^20 at T = 64k, fla config,
+    H200: 42 kernels, 1.1 ms). Below `FLAT_SORT_MIN_ENTRIES` the batched sort network is the faster.
     """
     rows, e = key.shape
-    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
-    flat = (key.astype(jnp.int32) + row * (nb + 1)).reshape(rows * e)
-    sorted_flat, order = lax.sort((flat, lax.iota(jnp.int32, rows * e)), num_keys=1, is_stable=True)
-    sorted_key = sorted_flat.reshape(rows, e) - row * (nb + 1)  # each row's entries stay in its own span
+    if rows * e < FLAT_SORT_MIN_ENTRIES:
+        order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+        sorted_key = jnp.take_along_axis(key, order, axis=-1)
+    else:
+        row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+        flat = (key.astype(jnp.int32) + row * (nb + 1)).reshape(rows * e)
+        sorted_flat, order = lax.sort((flat, lax.iota(jnp.int32, rows * e)), num_keys=1, is_stable=True)
+        order = order.reshape(rows, e) - row * e
+        sorted_key = sorted_flat.reshape(rows, e) - row * (nb + 1)  # each row's entries stay in its own span
     offsets = jax.vmap(lambda r: jnp.searchsorted(r, jnp.arange(nb + 1), side="left"))(sorted_key)
-    return order.reshape(rows, e) - row * e, offsets.astype(jnp.int32)
+    return order, offsets.astype(jnp.int32)

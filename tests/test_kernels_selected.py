@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernels import _selected_common
 from kernels._selected_common import sort_by_block
 from kernels.selected_attention import layout, selected_attention
 from kernels.selected_query import QueryConfig, _split_bounds
@@ -144,9 +145,12 @@ def test_query_dq_recomputed_without_stored_dlogits(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query recomputed dq")
 
 
-def test_sort_by_block_is_a_stable_sort_per_row():
-    """The inverted index of the dk/dv kernels (all rows in one sort, keyed by row and block) against
-    numpy's stable argsort per row, with the unused key nb and blocks nobody chose."""
+@pytest.mark.parametrize("flat", [True, False])
+def test_sort_by_block_is_a_stable_sort_per_row(flat, monkeypatch):
+    """The inverted index of the dk/dv kernels (all rows in one flat sort keyed by row and block, or
+    each row on its own) against numpy's stable argsort per row, with the unused key nb and blocks
+    nobody chose."""
+    monkeypatch.setattr(_selected_common, "FLAT_SORT_MIN_ENTRIES", 0 if flat else 1 << 30)
     rng = np.random.default_rng(5)
     for rows, e, nb in ((1, 10, 3), (4, 1000, 17), (3, 4096, 64)):
         key = rng.integers(0, nb + 1, (rows, e)).astype(np.int32)
