@@ -6,7 +6,9 @@ Runs a few steps under `jax.profiler.trace`, reads the trace back with `jax.prof
 and sums the device time of every GPU kernel by name (Pallas kernels are named `nsa_*`; XLA's
 fusions keep their HLO names, with the JAX op that produced them where the trace records it).
 Prints the top kernels per step, the share of the Pallas kernels, and GPU busy time against the
-step's wall time (the gap is launch overhead and host work); writes JSON with --json.
+step's wall time (the gap is launch overhead and host work), and the kernels per named scope of
+the model (attention/selection, feedforward, optimizer, ...; forward and backward apart), read from
+the compiled step's HLO: where the kernels of a step come from. Writes JSON with --json.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -45,8 +48,34 @@ def build(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str,
     return trainer, batch
 
 
-def device_events(trace_dir: str) -> list[tuple[str, str, float]]:
-    """(kernel name, source op, microseconds) of every event on a GPU plane's stream lines."""
+# The named scopes of the model and the train step (nsa_jax/attention.py, transformer.py, training.py):
+# a kernel's op_name holds those it came from.
+SCOPES = ("embedding", "attention", "feedforward", "project", "compress", "compressed_attention", "selection",
+          "rotary", "selected_attention", "sliding_window", "combine", "logits", "optimizer")
+_HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> op_name (the JAX name stack it was traced under), from compiled HLO text.
+    An XLA kernel is named after its instruction (a fusion, a custom call)."""
+    return {m.group(1): m.group(2) for m in map(_HLO_OP.match, hlo_text.splitlines()) if m}
+
+
+def scope_of(op_name: str) -> str:
+    """op_name -> "fwd|bwd scope/scope": the model's named scopes in it (outermost first), and
+    bwd where it comes from a transposed (backward) computation."""
+    # A transformation repeats the scopes it wraps ("transpose(jvp(attention/compress))/attention/compress"):
+    # each scope once, in the order of first appearance.
+    path = list(dict.fromkeys(w for w in re.findall(r"[A-Za-z_]+", op_name) if w in SCOPES))
+    direction = "bwd" if "transpose(" in op_name else "fwd"
+    if "optimizer" in path:
+        return "optimizer"
+    return f"{direction} {'/'.join(path) or '(no scope)'}"
+
+
+def device_events(trace_dir: str) -> list[tuple[str, str, float, str]]:
+    """(kernel name, source op, microseconds, HLO instruction or "") of every event on a GPU
+    plane's stream lines."""
     from jax.profiler import ProfileData
 
     events = []
@@ -60,18 +89,26 @@ def device_events(trace_dir: str) -> list[tuple[str, str, float]]:
                 for ev in line.events:
                     stats = dict(ev.stats)
                     op = next((str(stats[k]) for k in OP_STATS if k in stats), "")
-                    events.append((ev.name, op, ev.duration_ns / 1e3))
+                    events.append((ev.name, op, ev.duration_ns / 1e3, str(stats.get("hlo_op", ""))))
     return events
 
 
-def summarise(events, steps: int, top: int) -> dict:
+def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = None) -> dict:
+    """Per-kernel and per-kind totals per step; with `op_names` (`hlo_op_names` of the compiled
+    step), also kernels and time per named scope (`scope_of`)."""
     by_name: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.Counter()
     ops: dict[str, str] = {}
-    for name, op, us in events:
+    scopes: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])  # scope -> [kernels, us] per step
+    for name, op, us, hlo_op in events:
         by_name[name] += us / steps
         calls[name] += 1
         ops.setdefault(name, op)
+        if op_names is not None:
+            op_name = op_names.get(hlo_op) or op_names.get(name)
+            entry = scopes[scope_of(op_name) if op_name is not None else "(not in the HLO)"]
+            entry[0] += 1 / steps
+            entry[1] += us / steps
     total = sum(by_name.values())
     pallas = sum(us for name, us in by_name.items() if name.startswith("nsa_"))
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
@@ -80,8 +117,9 @@ def summarise(events, steps: int, top: int) -> dict:
     groups: dict[str, float] = collections.defaultdict(float)
     for name, us in by_name.items():
         groups[name.split("_")[0] if not name.startswith("nsa_") else "_".join(name.split("_")[:2])] += us
+    by_scope = {k: dict(kernels_per_step=n, us_per_step=us) for k, (n, us) in sorted(scopes.items(), key=lambda kv: -kv[1][0])}
     return dict(gpu_us_per_step=total, pallas_us_per_step=pallas, kernels_per_step=len(events) / steps, top=rows,
-                groups=dict(sorted(groups.items(), key=lambda kv: -kv[1])))
+                groups=dict(sorted(groups.items(), key=lambda kv: -kv[1])), scopes=by_scope)
 
 
 def main() -> None:
@@ -130,7 +168,9 @@ def main() -> None:
             for _ in range(args.steps):
                 state, metrics = trainer.train_step(state, batch)
             jax.block_until_ready(metrics)
-        summary = summarise(device_events(trace_dir), args.steps, args.top)
+        events = device_events(trace_dir)
+    op_names = hlo_op_names(trainer.lower_train_step(state, batch).compile().as_text())
+    summary = summarise(events, args.steps, args.top, op_names)
 
     shape = f"{args.batch_size}x{args.grad_accum_every}x{args.seq_len}"
     print(f"{args.variant} {shape} {args.dtype} on {jax.devices()[0].device_kind}: wall {wall_us / 1e3:.2f} ms/step, "
@@ -142,6 +182,9 @@ def main() -> None:
         print(f"{row['kernel'][:48]:48} {row['us_per_step']:>9.1f} {row['share']:>6.1%} {row['calls_per_step']:>6.0f}  "
               f"{row['op'][:70]}")
     print("by kind: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in list(summary["groups"].items())[:10]))
+    print(f"{'named scope (per step, all layers)':48} {'kernels':>9} {'us':>9}")
+    for scope, row in summary["scopes"].items():
+        print(f"{scope[:48]:48} {row['kernels_per_step']:>9.0f} {row['us_per_step']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(vars(args), device=jax.devices()[0].device_kind, wall_us_per_step=wall_us,

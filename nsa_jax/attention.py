@@ -238,18 +238,28 @@ class SparseAttention(nnx.Module):
         """inp [b, n, dim] -> [b, n, dim]. segment_ids [b, n] (int): packed documents, runs of
         equal ids; every token then gets what its document alone would give it (positions
         restarting at 0, `nsa_jax.segments`)."""
+        # Each phase in its own named scope: the compiled step's kernels carry it in their op_name
+        # (bench/profile_step.py counts kernels per scope).
         segments = None if segment_ids is None else _segments(segment_ids, inp.shape[:2])
-        x, q, k, v = self.project(inp)
-        ck, cv = self.with_memory(*self.compress(k, v, segments))
-        compressed = self.backend.compressed_attention(
-            q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-            causal=self.causal, scale=self.scale, **_packed(segments))
-        values, indices = self.select(q, ck, segments=segments)
-        positions = jnp.arange(inp.shape[1]) if segments is None else segments.positions
-        q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
-        fine = self.fine(q_rot, k_rot, v, values, indices, segments=segments)
-        sliding = self.sliding(q_rot, k_rot, v, segments=segments)
-        return self.combine(x, compressed, fine, sliding)
+        with jax.named_scope("project"):
+            x, q, k, v = self.project(inp)
+        with jax.named_scope("compress"):
+            ck, cv = self.with_memory(*self.compress(k, v, segments))
+        with jax.named_scope("compressed_attention"):
+            compressed = self.backend.compressed_attention(
+                q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                causal=self.causal, scale=self.scale, **_packed(segments))
+        with jax.named_scope("selection"):
+            values, indices = self.select(q, ck, segments=segments)
+        with jax.named_scope("rotary"):
+            positions = jnp.arange(inp.shape[1]) if segments is None else segments.positions
+            q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
+        with jax.named_scope("selected_attention"):
+            fine = self.fine(q_rot, k_rot, v, values, indices, segments=segments)
+        with jax.named_scope("sliding_window"):
+            sliding = self.sliding(q_rot, k_rot, v, segments=segments)
+        with jax.named_scope("combine"):
+            return self.combine(x, compressed, fine, sliding)
 
     # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
     # The branches take queries at `q_positions` against fixed-length caches; every backend

@@ -73,6 +73,11 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._jit_train_step(state, batches)
 
+    def lower_train_step(self, state: TrainState, batches: Batch) -> jax.stages.Lowered:
+        """The train step lowered for these shapes (`.compile().as_text()`: the HLO that runs)."""
+        with jax.set_mesh(self.mesh):
+            return self._jit_train_step.lower(state, batches)
+
     def eval_step(self, params: nnx.State, batch: Batch) -> jax.Array:
         with jax.set_mesh(self.mesh):
             return self._jit_eval_step(params, batch)
@@ -112,14 +117,16 @@ class Trainer:
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grad_sum, losses = jax.lax.scan(micro_step, zeros, batches)
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
-        loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A non-finite loss or gradient skips the update: the state stays as it was.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)
-        new_state = TrainState(jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state))
+        with jax.named_scope("optimizer"):  # (the scope names the step's kernels: bench/profile_step.py)
+            grads = jax.tree.map(lambda g: g / accum, grad_sum)
+            loss, grad_norm = jnp.mean(losses), optax.tree.norm(grads)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            # A non-finite loss or gradient skips the update: the state stays as it was.
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_state = TrainState(jax.tree.map(keep, params, state.params),
+                                   jax.tree.map(keep, opt_state, state.opt_state))
         metrics = dict(loss=loss, bits_per_byte=bits_per_byte(loss), grad_norm=grad_norm, skipped=~finite)
         return new_state, metrics
 

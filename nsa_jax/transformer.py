@@ -41,8 +41,10 @@ class Block(nnx.Module):
         self.ff = ff
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:  # [b, n, dim]
-        attn = self.attn(x) if segment_ids is None else self.attn(x, segment_ids=segment_ids)
-        return self._feedforward(attn + x)
+        with jax.named_scope("attention"):
+            attn = self.attn(x) if segment_ids is None else self.attn(x, segment_ids=segment_ids)
+        with jax.named_scope("feedforward"):
+            return self._feedforward(attn + x)
 
     def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, Any]:
         """x [b, P, dim] -> (out [b, P, dim], the attention's cache of length max_len)."""
@@ -127,9 +129,11 @@ class Transformer(nnx.Module):
 
     def hidden(self, ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """ids [b, n] -> [b, n, dim], before the final norm."""
-        x = self.token_emb(ids, dtype=self.dtype)
+        with jax.named_scope("embedding"):
+            x = self.token_emb(ids, dtype=self.dtype)
         for layer in self.layers:
-            x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
+            with jax.named_scope("block"):
+                x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
 
     def __call__(self, ids: jax.Array, return_loss: bool = False, *, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -148,13 +152,15 @@ class Transformer(nnx.Module):
             if segment_ids is not None:
                 counted = segment_ids[:, 1:] == segment_ids[:, :-1]
                 segment_ids = segment_ids[:, :-1]
-        logits = self.to_logits(self.norm(self.hidden(ids, segment_ids)))
-        if not return_loss:
-            return logits
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-        if counted is None:
-            return losses.mean()
-        return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
+        x = self.hidden(ids, segment_ids)
+        with jax.named_scope("logits"):
+            logits = self.to_logits(self.norm(x))
+            if not return_loss:
+                return logits
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+            if counted is None:
+                return losses.mean()
+            return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
     def sample(
         self,

@@ -307,3 +307,28 @@ def test_kernel_variants_parse_variant():
     assert parse_variant("default") == KernelSettings()
     with pytest.raises(SystemExit, match="unknown SelectedSettings field 'chunk'"):
         parse_variant("selected.chunk=2")
+
+
+@pytest.mark.slow
+def test_profile_step_names_each_kernels_scope():
+    """The named scopes reach the compiled train step's HLO, where bench.profile_step maps kernels to
+    them: forward and backward of each attention phase, the feedforward, the logits and the optimizer."""
+    import numpy as np
+    from flax import nnx
+
+    from bench.profile_step import hlo_op_names, scope_of
+    from nsa_jax.config import ModelConfig
+    from nsa_jax.training import Trainer, make_optimizer
+
+    cfg = ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=4,
+                      compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2)
+    trainer = Trainer(cfg.build(nnx.Rngs(0)), make_optimizer(1e-3))
+    batch = trainer.train_batches(np.random.default_rng(0).integers(0, 256, (1, 2, 33)).astype(np.int32))
+    names = hlo_op_names(trainer.lower_train_step(trainer.init_state(), batch).compile().as_text())
+    scopes = {scope_of(op_name) for op_name in names.values()}
+    phases = ("project", "compress", "compressed_attention", "selection", "rotary", "selected_attention",
+              "sliding_window", "combine")
+    want = {f"{d} attention/{p}" for d in ("fwd", "bwd") for p in phases}
+    want |= {"fwd feedforward", "bwd feedforward", "fwd logits", "bwd logits", "fwd embedding", "optimizer"}
+    assert want <= scopes, sorted(want - scopes)
+    assert scope_of('jit(f)/transpose(jvp(attention/compress))/attention/compress/mul') == "bwd attention/compress"
