@@ -38,11 +38,11 @@ OP_STATS = ("tf_op", "long_name", "hlo_op")  # the first one present names the k
 
 
 def build(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str,
-          kernel_settings: KernelSettings | None = None):
+          kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False):
     sparse, pallas = VARIANTS[variant]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
     model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings)
-    trainer = Trainer(model, make_optimizer(1e-4))
+    trainer = Trainer(model, make_optimizer(1e-4, flat=flat_optimizer))
     rng = np.random.default_rng(0)
     batch = jax.device_put(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
     return trainer, batch
@@ -132,11 +132,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--flat_optimizer", action="store_true",
+                        help="clip and Adam over one vector of all parameters (make_optimizer(flat=True))")
     add_kernel_flags(parser)
     args = parser.parse_args()
 
     trainer, batch = build(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype,
-                           kernel_settings_from(args))
+                           kernel_settings_from(args), args.flat_optimizer)
     state = trainer.init_state()
     for _ in range(3):  # compile and settle
         state, metrics = trainer.train_step(state, batch)
@@ -172,7 +174,7 @@ def main() -> None:
     op_names = hlo_op_names(trainer.lower_train_step(state, batch).compile().as_text())
     summary = summarise(events, args.steps, args.top, op_names)
 
-    shape = f"{args.batch_size}x{args.grad_accum_every}x{args.seq_len}"
+    shape = f"{args.batch_size}x{args.grad_accum_every}x{args.seq_len}" + (" flat optimizer" if args.flat_optimizer else "")
     print(f"{args.variant} {shape} {args.dtype} on {jax.devices()[0].device_kind}: wall {wall_us / 1e3:.2f} ms/step, "
           f"GPU busy {summary['gpu_us_per_step'] / 1e3:.2f} ms, Pallas kernels {summary['pallas_us_per_step'] / 1e3:.2f} ms, "
           f"{summary['kernels_per_step']:.0f} kernels/step; dispatch {dispatch_us / 1e3:.2f} ms, "

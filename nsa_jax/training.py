@@ -37,9 +37,17 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def make_optimizer(learning_rate: float, max_grad_norm: float = 0.5) -> optax.GradientTransformation:
-    """The seed's optimizer: clip the global gradient norm, then Adam."""
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+def make_optimizer(learning_rate: float, max_grad_norm: float = 0.5, *,
+                   flat: bool = False) -> optax.GradientTransformation:
+    """The seed's optimizer: clip the global gradient norm, then Adam.
+
+    flat=True runs both on one vector of all parameters (`optax.flatten`): a few large kernels
+    instead of several per parameter array, the same update up to float rounding. Its Adam
+    moments are then one vector each, a checkpoint layout of its own: for measurements
+    (`bench.train_step`, `bench.profile_step` --flat_optimizer) until it is the default.
+    """
+    inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+    return optax.flatten(inner) if flat else inner
 
 
 def bits_per_byte(loss: jax.Array | float) -> jax.Array | float:

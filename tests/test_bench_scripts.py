@@ -59,23 +59,24 @@ def test_quality_runs_split_over_processes_then_merge(tmp_path):
 def test_profile_step_script_runs(tmp_path):
     out = tmp_path / "profile.json"
     run = subprocess.run([sys.executable, "-m", "bench.profile_step", "--variant=dense", "--seq_len=32",
-                          "--batch_size=1", "--steps=1", f"--json={out}"], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
+                          "--batch_size=1", "--steps=1", "--flat_optimizer", f"--json={out}"], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["variant"] == "dense" and result["wall_us_per_step"] > 0
+    assert result["variant"] == "dense" and result["wall_us_per_step"] > 0 and result["flat_optimizer"]
 
 
 @pytest.mark.slow
 def test_train_step_bench_runs(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=reference,dense",
                           "--seq_lens=32", "--batch_size=1", "--grad_accum_every=1", "--repeats=2",
-                          "--selected_impl=tiled", "--tile_rows=32", f"--out={tmp_path}"],
+                          "--selected_impl=tiled", "--tile_rows=32", "--optimizers=tree,flat", f"--out={tmp_path}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     (result,) = tmp_path.glob("train_step-*.json")
     saved = json.loads(result.read_text())
-    assert {r["variant"] for r in saved["results"]} == {"reference", "dense"}
+    assert {(r["variant"], r["optimizer"]) for r in saved["results"]} == {
+        (v, o) for v in ("reference", "dense") for o in ("tree", "flat")}
     assert "impl='tiled', tile_rows=32" in saved["kernel_settings"]
 
 

@@ -21,7 +21,9 @@ import zipfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nsa_jax import data
@@ -436,3 +438,23 @@ def test_pack_documents_trains_and_resumes_exactly(tmp_path, corpus):
     _, got = final_params(tmp_path / "b")
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_flat_optimizer_gives_the_tree_optimizers_update():
+    """make_optimizer(flat=True) (clip and Adam over one vector) updates every parameter as the
+    per-array optimizer does, with the gradient norm above the clip (so clipping acts) and below."""
+    rng = np.random.default_rng(3)
+    params = {"a": jnp.asarray(rng.standard_normal((7, 5)), jnp.float32),
+              "b": {"c": jnp.asarray(rng.standard_normal((11,)), jnp.float32)}}
+    for scale in (10.0, 1e-3):
+        tree, flat = make_optimizer(1e-2, 0.5), make_optimizer(1e-2, 0.5, flat=True)
+        p_tree, p_flat = params, params
+        s_tree, s_flat = tree.init(params), flat.init(params)
+        for _ in range(3):
+            grads = jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), jnp.float32), params)
+            u_tree, s_tree = tree.update(grads, s_tree, p_tree)
+            u_flat, s_flat = flat.update(grads, s_flat, p_flat)
+            p_tree, p_flat = optax.apply_updates(p_tree, u_tree), optax.apply_updates(p_flat, u_flat)
+        for x, y in zip(jax.tree.leaves(p_tree), jax.tree.leaves(p_flat)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+        assert not np.allclose(np.asarray(p_tree["a"]), np.asarray(params["a"]))  # the steps moved them
