@@ -122,18 +122,23 @@ def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = No
                 groups=dict(sorted(groups.items(), key=lambda kv: -kv[1])), scopes=by_scope)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_flags(parser: argparse.ArgumentParser) -> None:
+    """The train step's settings (also bench.count_kernels')."""
     parser.add_argument("--variant", default="pallas", choices=list(VARIANTS))
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--grad_accum_every", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--json", default=None)
     parser.add_argument("--flat_optimizer", action="store_true",
                         help="clip and Adam over one vector of all parameters (make_optimizer(flat=True))")
+    parser.add_argument("--json", default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_flags(parser)
+    parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
+    parser.add_argument("--top", type=int, default=25)
     add_kernel_flags(parser)
     args = parser.parse_args()
 

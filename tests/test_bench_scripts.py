@@ -333,3 +333,32 @@ def test_profile_step_names_each_kernels_scope():
     want |= {"fwd feedforward", "bwd feedforward", "fwd logits", "bwd logits", "fwd embedding", "optimizer"}
     assert want <= scopes, sorted(want - scopes)
     assert scope_of('jit(f)/transpose(jvp(attention/compress))/attention/compress/mul') == "bwd attention/compress"
+
+
+def test_count_kernels_expands_loops_and_names_scopes():
+    """bench.count_kernels counts a compiled module's device work: a while body once per iteration
+    of its known trip count, each launch under the named scope it was traced in."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.count_kernels import by_scope, launches
+
+    def f(x):
+        with jax.named_scope("feedforward"):
+            y = jnp.sin(x) @ x
+        with jax.named_scope("optimizer"):
+            return jax.lax.fori_loop(0, 7, lambda i, c: jnp.cos(c @ c) + i, y)
+
+    text = jax.jit(f).lower(jnp.ones((64, 64))).compile().as_text()
+    found = launches(text)
+    assert {launch.times for launch in found} == {1, 7}
+    scopes = by_scope(text)
+    assert scopes["optimizer"] >= 7 and scopes["fwd feedforward"] >= 1
+    assert sum(scopes.values()) == sum(launch.times for launch in found)
+
+
+@pytest.mark.slow
+def test_count_kernels_without_a_gpu_says_how(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.count_kernels"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert run.returncode != 0 and "--target h200" in run.stderr and "Traceback" not in run.stderr
