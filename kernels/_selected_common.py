@@ -182,9 +182,9 @@ def sort_by_block(key: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
     H200: 42 kernels, 1.1 ms). Below `FLAT_SORT_MIN_ENTRIES` the batched sort network is the faster.
     """
     rows, e = key.shape
-    if rows * e < FLAT_SORT_MIN_ENTRIES:
-        order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
-        sorted_key = jnp.take_along_axis(key, order, axis=-1)
+    if rows * e < FLAT_SORT_MIN_ENTRIES:  # one sort gives both the sorted keys and the order
+        sorted_key, order = lax.sort((key.astype(jnp.int32), lax.broadcasted_iota(jnp.int32, (rows, e), 1)),
+                                     dimension=1, num_keys=1, is_stable=True)
     else:
         row = jnp.arange(rows, dtype=jnp.int32)[:, None]
         flat = (key.astype(jnp.int32) + row * (nb + 1)).reshape(rows * e)

@@ -132,8 +132,7 @@ class Transformer(nnx.Module):
         with jax.named_scope("embedding"):
             x = self.token_emb(ids, dtype=self.dtype)
         for layer in self.layers:
-            with jax.named_scope("block"):
-                x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
+            x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
 
     def __call__(self, ids: jax.Array, return_loss: bool = False, *, segment_ids: jax.Array | None = None) -> jax.Array:
