@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
 
     from nsa_jax.checkpoint import CheckpointError, Checkpointer, model_config_of
     from nsa_jax.data import decode_tokens
-    from nsa_jax.training import TrainState, make_optimizer
+    from nsa_jax.training import STATE_LAYOUT, Trainer, make_optimizer
 
     checkpointer = Checkpointer(directory)
     try:
@@ -59,15 +59,15 @@ def main(argv: list[str]) -> None:
         first_error = e
     if config is None:
         fail(f"cannot read the newest checkpoint's configuration in {directory}: {first_error}")
-    model = config.build(nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    like = TrainState(params, make_optimizer(1.0).init(params))  # the saved structure; values are restored
+    trainer = Trainer(config.build(nnx.Rngs(0)), make_optimizer(1.0))  # the saved structure; values are restored
     try:
-        newest = checkpointer.restore_newest(like, config, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        newest = checkpointer.restore_newest(trainer.init_state(), config,
+                                             warn=lambda m: print(f"warning: {m}", file=sys.stderr),
+                                             layout=STATE_LAYOUT, convert=(trainer.per_layer_state(), trainer.from_per_layer))
     except CheckpointError as e:
         fail(str(e))
     step, state, _ = newest
-    model = nnx.merge(graphdef, state.params, rest)
+    model = trainer.model(state.params)
     prompt = np.frombuffer(prime, dtype=np.uint8).astype(np.int32)[None]
     tokens = model.sample(prompt, prompt.shape[1] + FLAGS.length, temperature=FLAGS.temperature,
                           filter_thres=FLAGS.filter_thres, use_cache_kv=FLAGS.use_cache_kv,

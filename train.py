@@ -226,7 +226,7 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     import kernels
     from nsa_jax import data, sharding
     from nsa_jax.checkpoint import CheckpointError, Checkpointer
-    from nsa_jax.training import Trainer, make_optimizer, tree_size
+    from nsa_jax.training import STATE_LAYOUT, Trainer, make_optimizer, tree_size
 
     checkpoint_dir = FLAGS.checkpoint_dir or f"checkpoints/{slug(run_name)}"
     log_dir = f"{FLAGS.log_dir}/{slug(run_name)}"
@@ -266,7 +266,8 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     checkpointer = Checkpointer(checkpoint_dir, keep=cfg.keep_checkpoints)
     start_step = 0
     try:
-        newest = checkpointer.restore_newest(state, model_config, warn=lambda m: print(f"warning: {m}"))
+        newest = checkpointer.restore_newest(state, model_config, warn=lambda m: print(f"warning: {m}"),
+                                             layout=STATE_LAYOUT, convert=(trainer.per_layer_state(), trainer.from_per_layer))
     except CheckpointError as e:
         fail(str(e))
     if newest is not None:
@@ -486,13 +487,14 @@ def save(run: Run, step: int, train_rng: dict[str, Any] | None = None,
     """Checkpoint `run.state` as `step`, with what resuming and sample.py need: both configurations
     and the samplers' RNG states (their current ones unless given)."""
     from nsa_jax.checkpoint import all_finite
+    from nsa_jax.training import STATE_LAYOUT
 
     if not all_finite(run.state.params):  # never replace a good checkpoint with a broken state
         print(f"warning: not saving step {step}: the parameters hold non-finite values")
         return
     meta = dict(model_config=run.model_config.to_dict(), train_config=run.cfg.to_dict(), run_name=run.run_name,
                 data_path=FLAGS.data_path, train_rng=train_rng or run.train_data.state(),
-                valid_rng=valid_rng or run.valid_data.state())
+                valid_rng=valid_rng or run.valid_data.state(), state_layout=STATE_LAYOUT)
     run.checkpointer.save(step, run.state, meta)
 
 

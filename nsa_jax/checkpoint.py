@@ -72,17 +72,32 @@ class Checkpointer:
         ))
         return restored.state, restored.meta
 
+    def _restore_as(self, step: int, like: Any, saved_layout: str | None, layout: str | None,
+                    convert: tuple[Any, Callable[[Any], Any]] | None) -> tuple[Any, dict[str, Any]]:
+        if saved_layout == layout:
+            return self.restore(step, like)
+        if saved_layout is None and convert is not None:
+            state, meta = self.restore(step, convert[0])
+            return convert[1](state), meta
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} holds its state as {saved_layout!r}, "
+                              f"this version reads {layout!r}; use the nsa-jax version that wrote it")
+
     def restore_meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore_newest(self, like: Any, model_config: ModelConfig,
-                       warn: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_newest(self, like: Any, model_config: ModelConfig, warn: Callable[[str], None] = print, *,
+                       layout: str | None = None,
+                       convert: tuple[Any, Callable[[Any], Any]] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, meta) of the newest readable checkpoint, or None when there is none.
 
         An unreadable newest checkpoint (truncated, corrupted, or non-finite) is reported,
         moved aside to `corrupt-<step>` once an older good one is found, and skipped. Raises
         CheckpointError when the newest readable checkpoint holds another model configuration
         (naming the differences) or when no checkpoint is readable (nothing is moved then).
+
+        `layout`: the state layout `like` has (metadata "state_layout", `training.STATE_LAYOUT`).
+        A checkpoint that records none was saved before layouts were recorded: it is restored
+        into `convert[0]`'s structure and returned through `convert[1]`.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         bad = []
@@ -92,7 +107,9 @@ class Checkpointer:
                     meta = self.restore_meta(step)
                     saved = model_config_of(meta)
                     if saved == model_config:
-                        state, meta = self.restore(step, like)
+                        state, meta = self._restore_as(step, like, meta.get("state_layout"), layout, convert)
+            except CheckpointError:  # readable, but not by this version: nothing is moved
+                raise
             except Exception as e:  # any read failure means: this checkpoint is not usable
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
                 warn(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {reason}); "

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nsa_jax import sharding
+from nsa_jax.stacking import LayerStack, Stacked
 
 LN2 = math.log(2.0)
 
@@ -33,8 +34,14 @@ Batch = jax.Array | tuple[jax.Array, jax.Array]  # tokens [.., n + 1], or tokens
 
 
 class TrainState(NamedTuple):
-    params: nnx.State
+    params: Stacked  # the model's parameters, layers stacked per kind (`nsa_jax.stacking`)
     opt_state: optax.OptState
+
+
+# How a TrainState holds the parameters; checkpoints record it (train.py) so that one saved with
+# another layout can be converted when restored. None: checkpoints from before it was recorded,
+# with the per-layer parameter state.
+STATE_LAYOUT = "layers stacked"
 
 
 def make_optimizer(learning_rate: float, max_grad_norm: float = 0.5, *,
@@ -65,9 +72,12 @@ class Trainer:
     def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation,
                  mesh: Mesh | None = None, fsdp: bool = False):
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.layers = LayerStack(params)
         self.optimizer = optimizer
         self.mesh = sharding.make_mesh() if mesh is None else mesh
-        state = TrainState(params, optimizer.init(params))
+        stacked = self.layers.stack(params)
+        state = TrainState(stacked, optimizer.init(stacked))
+        self.fsdp = fsdp
         self.state_sharding = sharding.state_sharding(state, self.mesh, fsdp)
         self._init_state = jax.device_put(state, self.state_sharding)
         scalar = sharding.replicated(self.mesh)
@@ -86,7 +96,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._jit_train_step.lower(state, batches)
 
-    def eval_step(self, params: nnx.State, batch: Batch) -> jax.Array:
+    def eval_step(self, params: Stacked, batch: Batch) -> jax.Array:
         with jax.set_mesh(self.mesh):
             return self._jit_eval_step(params, batch)
 
@@ -102,12 +112,28 @@ class Trainer:
         """Host batch [b, n + 1] (or tokens and segment ids) -> device arrays split over the batch axis."""
         return jax.tree.map(lambda x: sharding.global_batch(x, sharding.batch_sharding(self.mesh, 0)), batch)
 
-    def model(self, params: nnx.State) -> nnx.Module:
+    def model(self, params: Stacked) -> nnx.Module:
         """A module view of `params` (for sampling and inspection)."""
-        return nnx.merge(self.graphdef, params, self.rest)
+        return nnx.merge(self.graphdef, self.layers.unstack(params), self.rest)
 
-    def _loss(self, params: nnx.State, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
-        model = nnx.merge(self.graphdef, params, self.rest)
+    def per_layer_state(self) -> TrainState:
+        """The state's shapes (`jax.ShapeDtypeStruct`) in the layout before `STATE_LAYOUT`
+        (per-layer parameters): what to restore such a checkpoint into, then `from_per_layer`."""
+        def per_layer(stacked):
+            params = self.layers.unstack(stacked)
+            return TrainState(params, self.optimizer.init(params))
+
+        shapes = jax.eval_shape(per_layer, self._init_state.params)
+        shardings = sharding.state_sharding(shapes, self.mesh, self.fsdp)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+    def from_per_layer(self, state: TrainState) -> TrainState:
+        """A TrainState of per-layer parameters (and moments) in this layout, on this mesh."""
+        stacked = TrainState(self.layers.stack(state.params), self.layers.stack_tree(state.opt_state))
+        return jax.device_put(stacked, self.state_sharding)
+
+    def _loss(self, params: Stacked, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
+        model = self.model(params)
         if isinstance(batch, tuple):
             tokens, segment_ids = batch
             return model(tokens, return_loss=True, segment_ids=segment_ids)
@@ -138,7 +164,7 @@ class Trainer:
         metrics = dict(loss=loss, bits_per_byte=bits_per_byte(loss), grad_norm=grad_norm, skipped=~finite)
         return new_state, metrics
 
-    def _eval_step(self, params: nnx.State, batch: Batch) -> jax.Array:
+    def _eval_step(self, params: Stacked, batch: Batch) -> jax.Array:
         return self._loss(params, batch)
 
 

@@ -458,3 +458,40 @@ def test_flat_optimizer_gives_the_tree_optimizers_update():
         for x, y in zip(jax.tree.leaves(p_tree), jax.tree.leaves(p_flat)):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
         assert not np.allclose(np.asarray(p_tree["a"]), np.asarray(params["a"]))  # the steps moved them
+
+
+def test_checkpoint_of_per_layer_parameters_is_converted_on_restore(tmp_path):
+    """A checkpoint saved before the state layout was recorded (per-layer parameters and Adam
+    moments, no "state_layout" in its metadata) restores into the stacked layout with the same
+    values; one that records a layout this version does not read is refused and left in place."""
+    from flax import nnx
+
+    from nsa_jax.checkpoint import CheckpointError
+    from nsa_jax.training import STATE_LAYOUT, TrainState
+
+    cfg = ModelConfig(dim=32, depth=2, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=4,
+                      compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2)
+    trainer = Trainer(cfg.build(nnx.Rngs(0)), make_optimizer(1e-3))
+    params = trainer.layers.unstack(trainer.init_state().params)
+    rng = np.random.default_rng(4)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    _, moments = trainer.optimizer.update(grads, trainer.optimizer.init(params), params)
+    checkpointer = Checkpointer(tmp_path / "old")
+    checkpointer.save(7, TrainState(params, moments), dict(model_config=cfg.to_dict()))
+    checkpointer.wait()
+
+    step, state, _ = Checkpointer(tmp_path / "old").restore_newest(
+        trainer.init_state(), cfg, layout=STATE_LAYOUT, convert=(trainer.per_layer_state(), trainer.from_per_layer))
+    want = TrainState(trainer.layers.stack(params), trainer.layers.stack_tree(moments))
+    assert step == 7 and jax.tree.structure(state) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert np.abs(np.asarray(state.opt_state[1][0].mu["layers.*.attn.to_qkv.kernel"])).max() > 0
+
+    other = Checkpointer(tmp_path / "other")
+    other.save(3, trainer.init_state(), dict(model_config=cfg.to_dict(), state_layout="something else"))
+    other.wait()
+    with pytest.raises(CheckpointError, match="holds its state as 'something else'"):
+        Checkpointer(tmp_path / "other").restore_newest(trainer.init_state(), cfg, layout=STATE_LAYOUT,
+                                                        convert=(trainer.per_layer_state(), trainer.from_per_layer))
+    assert (tmp_path / "other" / "3").is_dir()
