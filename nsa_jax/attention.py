@@ -24,7 +24,7 @@ from nsa_jax.cache import (
     sparse_cache_from_prompt,
     write_at,
 )
-from nsa_jax.compress_networks import CompressMLP, build_compress_network
+from nsa_jax.compress_networks import CompressMLP, GroupedMLP, build_compress_network
 from nsa_jax.layers import Linear, RMSNorm
 from nsa_jax.rotary import apply_rotary
 from nsa_jax.segments import Segments, same_document
@@ -192,6 +192,10 @@ class SparseAttention(nnx.Module):
         """Windows [b, kh, w, cb, d] (+ intra-block positions) -> ck, cv [b, w, kh, d] (no memory)."""
         kw = kw + self.k_intrablock_positions[...].astype(kw.dtype)[:, None]
         vw = vw + self.v_intrablock_positions[...].astype(vw.dtype)[:, None]
+        if isinstance(self.k_compress, GroupedMLP) and isinstance(self.v_compress, GroupedMLP):
+            both = GroupedMLP.pair(self.k_compress, self.v_compress, jnp.concatenate([kw, vw], axis=1))
+            ck, cv = jnp.split(both.transpose(0, 2, 1, 3), 2, axis=2)
+            return ck, cv
         ck = self.k_compress(kw).transpose(0, 2, 1, 3)  # [b, kh, w, d] -> [b, w, kh, d]
         cv = self.v_compress(vw).transpose(0, 2, 1, 3)
         return ck, cv

@@ -57,11 +57,22 @@ class GroupedMLP(nnx.Module):
         self.bias_out = nnx.Param(init_out(rngs.params(), (heads, dim_head)))
 
     def __call__(self, kv: jax.Array) -> jax.Array:  # [b, h, w, n, d] -> [b, h, w, d]
-        dt = kv.dtype
-        x = kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4])
-        x = jnp.einsum("bhwi,hio->bhwo", x, self.kernel_in[...].astype(dt)) + self.bias_in[...].astype(dt)[:, None]
-        x = jax.nn.relu(x)
-        return jnp.einsum("bhwi,hio->bhwo", x, self.kernel_out[...].astype(dt)) + self.bias_out[...].astype(dt)[:, None]
+        return _grouped_mlp(kv, self.kernel_in[...], self.bias_in[...], self.kernel_out[...], self.bias_out[...])
+
+    @staticmethod
+    def pair(first: "GroupedMLP", second: "GroupedMLP", kv: jax.Array) -> jax.Array:
+        """Both networks in one pass: kv [b, h1 + h2, w, n, d], first's heads first."""
+        cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0)  # noqa: E731
+        return _grouped_mlp(kv, cat(first.kernel_in, second.kernel_in), cat(first.bias_in, second.bias_in),
+                            cat(first.kernel_out, second.kernel_out), cat(first.bias_out, second.bias_out))
+
+
+def _grouped_mlp(kv, kernel_in, bias_in, kernel_out, bias_out):
+    dt = kv.dtype
+    x = kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4])
+    x = jnp.einsum("bhwi,hio->bhwo", x, kernel_in.astype(dt)) + bias_in.astype(dt)[:, None]
+    x = jax.nn.relu(x)
+    return jnp.einsum("bhwi,hio->bhwo", x, kernel_out.astype(dt)) + bias_out.astype(dt)[:, None]
 
 
 class ConvLinearCompress(nnx.Module):
