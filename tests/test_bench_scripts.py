@@ -78,6 +78,7 @@ def test_train_step_bench_runs(tmp_path):
     assert {(r["variant"], r["optimizer"]) for r in saved["results"]} == {
         (v, o) for v in ("reference", "dense") for o in ("tree", "flat")}
     assert "impl='tiled', tile_rows=32" in saved["kernel_settings"]
+    assert all(r["pipelined_ms_per_step"] > 0 for r in saved["results"])
 
 
 @pytest.mark.slow
