@@ -152,9 +152,12 @@ def test_sort_by_block_is_a_stable_sort_per_row(flat, monkeypatch):
     nobody chose."""
     monkeypatch.setattr(_selected_common, "FLAT_SORT_MIN_ENTRIES", 0 if flat else 1 << 30)
     rng = np.random.default_rng(5)
-    for rows, e, nb in ((1, 10, 3), (4, 1000, 17), (3, 4096, 64)):
+    fixed = np.array([[6, 6, 6, 6, 6, 6, 6, 6], [3, 0, 6, 3, 0, 6, 6, 1]], np.int32)  # nothing chosen; gaps
+    for rows, e, nb in ((1, 10, 3), (4, 1000, 17), (3, 4096, 64), (2, 8, 6)):
         key = rng.integers(0, nb + 1, (rows, e)).astype(np.int32)
         key[:, : e // 4] = nb // 2  # long runs of one block: stability matters
+        if nb == 6:
+            key = fixed
         order, offsets = sort_by_block(jnp.asarray(key), nb)
         want = np.argsort(key, axis=-1, kind="stable")
         np.testing.assert_array_equal(np.asarray(order), want)
