@@ -105,6 +105,11 @@ def compression_windows(x: jax.Array, block_size: int, stride: int,
         return windows.transpose(0, 3, 1, 2, 4)
     x = x[:, : num_windows * stride]
     x = jnp.pad(x, ((0, 0), (block_size - stride, 0), (0, 0), (0, 0)))
+    if block_size % stride == 0:  # windows of whole stride chunks: slices, no gather (nor its scatter-add gradient)
+        m = block_size // stride
+        chunks = x.reshape(b, num_windows + m - 1, stride, kh, d)
+        windows = jnp.concatenate([chunks[:, j: j + num_windows] for j in range(m)], axis=2)
+        return windows.transpose(0, 3, 1, 2, 4)  # [b, w, cb, kh, d] -> [b, kh, w, cb, d]
     idx = jnp.arange(num_windows)[:, None] * stride + jnp.arange(block_size)[None, :]
     return x[:, idx].transpose(0, 3, 1, 2, 4)  # [b, w, cb, kh, d] -> [b, kh, w, cb, d]
 

@@ -211,6 +211,24 @@ def test_diff_topk_gradients_reach_compress_networks_through_gates(share):
     assert norms[True] > 1e-6  # straight-through gates carry the gradient to the compress network
 
 
+@pytest.mark.parametrize("block,stride", [(16, 16), (8, 4), (12, 4), (6, 4), (5, 3)])
+def test_compression_windows_match_numpy(block, stride):
+    """Windows of whole stride chunks are cut by slices, others by a gather: both the numpy windows
+    (token i * stride - (block - stride) + j, zero before the sequence), values and gradients."""
+    x = jax.random.normal(jax.random.key(block * 10 + stride), (2, 37, 3, 4))
+    w = 37 // stride
+    padded = np.pad(np.asarray(x[:, : w * stride]), ((0, 0), (block - stride, 0), (0, 0), (0, 0)))
+    idx = np.arange(w)[:, None] * stride + np.arange(block)[None, :]
+    np.testing.assert_array_equal(np.asarray(reference.compression_windows(x, block, stride)),
+                                  padded[:, idx].transpose(0, 3, 1, 2, 4))
+    weights = jax.random.normal(jax.random.key(1), (2, 3, w, block, 4))
+    grad = jax.grad(lambda x: jnp.sum(reference.compression_windows(x, block, stride) * weights))(x)
+    want = np.zeros(padded.shape, np.float32)
+    np.add.at(want, (slice(None), idx), np.asarray(weights).transpose(0, 2, 3, 1, 4))
+    np.testing.assert_allclose(np.asarray(grad[:, : w * stride]), want[:, block - stride:], rtol=1e-6, atol=1e-6)
+    assert not np.any(np.asarray(grad[:, w * stride:]))
+
+
 def test_interpolation_matches_numpy():
     scores = jax.random.normal(jax.random.key(0), (1, 3, 2, 5))
     stride = 4
