@@ -7,6 +7,12 @@ the Pallas kernels where available (--nouse_pallas_nsa: the pure-JAX reference).
 per byte are the mean over the same fixed validation batches, recorded against steps and against
 training wall-clock (evaluation time excluded). Writes a JSON of the points and a PNG of both
 curves (bits per byte vs step, and vs seconds) to --out.
+
+A variant may name its activation dtype and seed (default --dtype, --seed), e.g. bfloat16 against
+float32, with a second float32 seed for the run-to-run noise:
+
+    python -m bench.quality --data_path ../shared/data/tinyshakespeare.txt \
+        --variants nsa,nsa:bfloat16,nsa:seed=1
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import datetime
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -28,14 +35,47 @@ from nsa_jax.config import ModelConfig
 from nsa_jax.training import LN2, Trainer, make_optimizer
 
 
+class Variant(NamedTuple):
+    name: str  # as given: "nsa", "dense", "nsa:bfloat16", "nsa:seed=1", ...
+    sparse: bool
+    dtype: str
+    seed: int
+
+
+def parse_variants(text: str, dtype: str, seed: int) -> list[Variant]:
+    """`kind[:dtype][:seed=N]`, comma-separated; kind nsa or dense."""
+    variants = []
+    for name in (v.strip() for v in text.split(",")):
+        if not name:
+            continue
+        kind, *options = name.split(":")
+        v_dtype, v_seed = dtype, seed
+        for option in options:
+            if option in ("float32", "bfloat16"):
+                v_dtype = option
+            elif option.startswith("seed=") and option[5:].isdigit():
+                v_seed = int(option[5:])
+            else:
+                kind = "?"
+        if kind not in ("nsa", "dense"):
+            raise SystemExit(f"error: --variants takes nsa or dense, each optionally :float32 or :bfloat16 and "
+                             f":seed=N, got {name!r}")
+        variants.append(Variant(name, kind == "nsa", v_dtype, v_seed))
+    if not variants or len({v.name for v in variants}) < len(variants):
+        raise SystemExit(f"error: --variants needs at least one run, each named once, got {text!r}")
+    return variants
+
+
 def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, train_bytes, valid_batches,
-                    on_point=lambda result: None) -> dict:
+                    on_point=lambda result: None, dtype: str | None = None, seed: int | None = None) -> dict:
     """Train and evaluate; `on_point` gets the partial result after every evaluation (so a run
-    stopped early still leaves its curve on disk)."""
-    trainer = Trainer(config.build(nnx.Rngs(args.seed), use_pallas_nsa=use_pallas_nsa, dtype=args.dtype),
+    stopped early still leaves its curve on disk). dtype, seed: default --dtype, --seed."""
+    dtype = args.dtype if dtype is None else dtype
+    seed = args.seed if seed is None else seed
+    trainer = Trainer(config.build(nnx.Rngs(seed), use_pallas_nsa=use_pallas_nsa, dtype=dtype),
                       make_optimizer(args.learning_rate))
     state = trainer.init_state()
-    sampler = data.CropSampler(train_bytes, args.seq_len, seed=args.seed)  # same order for every variant
+    sampler = data.CropSampler(train_bytes, args.seq_len, seed=seed)  # same order for every variant of one seed
     valid = [trainer.eval_batch(b) for b in valid_batches]
 
     def evaluate(params) -> float:
@@ -45,7 +85,7 @@ def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, trai
     warm_state = trainer.train_step(jax.tree.map(lambda x: x.copy(), state),
                                     trainer.train_batches(sampler.sample(args.grad_accum_every, args.batch_size)))
     jax.block_until_ready(warm_state)
-    sampler = data.CropSampler(train_bytes, args.seq_len, seed=args.seed)
+    sampler = data.CropSampler(train_bytes, args.seq_len, seed=seed)
     evaluate(state.params)
 
     points = [dict(step=0, seconds=0.0, bits_per_byte=evaluate(state.params))]
@@ -61,14 +101,14 @@ def train_and_track(config: ModelConfig, args, use_pallas_nsa: bool | None, trai
             eval_seconds += time.perf_counter() - eval_start
             print(f"  step {step}: valid {points[-1]['bits_per_byte']:.4f} bits/byte, {train_seconds:.1f} s",
                   flush=True)
-            on_point(summary(points, args))
-    return summary(points, args)
+            on_point(summary(points, args, dtype, seed))
+    return summary(points, args, dtype, seed)
 
 
-def summary(points: list[dict], args) -> dict:
+def summary(points: list[dict], args, dtype: str, seed: int) -> dict:
     last = points[-1]
     tokens = last["step"] * args.batch_size * args.grad_accum_every * args.seq_len
-    return dict(points=points, steps=last["step"], final_bits_per_byte=last["bits_per_byte"],
+    return dict(points=points, dtype=dtype, seed=seed, steps=last["step"], final_bits_per_byte=last["bits_per_byte"],
                 best_bits_per_byte=min(p["bits_per_byte"] for p in points), train_seconds=last["seconds"],
                 tokens_per_s=tokens / last["seconds"] if last["seconds"] else 0.0)
 
@@ -122,7 +162,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs")
     parser.add_argument("--name", default=None, help="file stem (default quality-T<seq_len>)")
     parser.add_argument("--variants", default="nsa,dense",
-                        help="which runs, comma-separated (run them on two GPUs at once, then --merge)")
+                        help="which runs, comma-separated: nsa or dense, optionally :float32 or :bfloat16 and "
+                             ":seed=N (run them on two GPUs at once, then --merge)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the results of earlier runs (e.g. one per GPU) into one JSON + plot")
     args = parser.parse_args()
@@ -138,10 +179,7 @@ def main() -> None:
     valid_sampler = data.CropSampler(valid_bytes, args.seq_len, seed=args.seed + 1)
     valid_batches = [valid_sampler.sample(args.batch_size) for _ in range(args.eval_batches)]
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"nsa", "dense"}
-    if unknown or not variants:
-        raise SystemExit(f"error: --variants takes nsa and/or dense, got {args.variants!r}")
+    variants = parse_variants(args.variants, args.dtype, args.seed)
     device = jax.devices()[0].device_kind
     stem = args.name or f"quality-T{args.seq_len}"
     out = Path(args.out)
@@ -156,11 +194,13 @@ def main() -> None:
             results[name] = partial
         (out / f"{stem}.json").write_text(json.dumps(dict(meta, results=results), indent=2))
 
-    for name in variants:
-        print(f"{name}: training {args.steps} steps at seq_len {args.seq_len} on {device}", flush=True)
-        config = dataclasses.replace(base, use_sparse_attn=name == "nsa")
-        save(name, train_and_track(config, args, False if args.nouse_pallas_nsa else None, train_bytes,
-                                   valid_batches, on_point=lambda r, name=name: save(name, r)))
+    for v in variants:
+        print(f"{v.name}: training {args.steps} steps at seq_len {args.seq_len} on {device} ({v.dtype}, seed {v.seed})",
+              flush=True)
+        config = dataclasses.replace(base, use_sparse_attn=v.sparse)
+        save(v.name, train_and_track(config, args, False if args.nouse_pallas_nsa else None, train_bytes,
+                                     valid_batches, on_point=lambda r, name=v.name: save(name, r), dtype=v.dtype,
+                                     seed=v.seed))
     report(dict(meta, results=results), out / stem)
 
 
@@ -184,10 +224,12 @@ def report(run: dict, stem: Path) -> None:
     title = f"{a['model']} model, T={a['seq_len']}, {Path(a['data_path']).name}, {run['device']}"
     plotted = plot(results, title, stem.with_suffix(".png"))
     print(f"\n{title}")
-    print(f"{'':8} {'steps':>6} {'final bpb':>10} {'best bpb':>9} {'tokens/s':>10} {'train s':>8}")
+    first = next(iter(results), None)
+    print(f"{'':16} {'steps':>6} {'final bpb':>10} {'best bpb':>9} {'vs first':>9} {'tokens/s':>10} {'train s':>8}")
     for name, r in results.items():
-        print(f"{name:8} {r['steps']:>6} {r['final_bits_per_byte']:>10.4f} {r['best_bits_per_byte']:>9.4f} "
-              f"{r['tokens_per_s']:>10,.0f} {r['train_seconds']:>8.1f}")
+        diff = r["final_bits_per_byte"] - results[first]["final_bits_per_byte"]
+        print(f"{name:16} {r['steps']:>6} {r['final_bits_per_byte']:>10.4f} {r['best_bits_per_byte']:>9.4f} "
+              f"{diff:>+9.4f} {r['tokens_per_s']:>10,.0f} {r['train_seconds']:>8.1f}")
     if {"nsa", "dense"} <= results.keys():
         nsa, dense = results["nsa"], results["dense"]
         print(f"NSA / dense bits per byte at equal steps: {nsa['final_bits_per_byte'] / dense['final_bits_per_byte']:.4f}")

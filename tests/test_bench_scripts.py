@@ -28,9 +28,21 @@ def test_quality_script_writes_json_and_plot(tmp_path):
     result = json.loads((tmp_path / "out" / "q.json").read_text())
     for name in ("nsa", "dense"):
         points = result["results"][name]["points"]
+        assert result["results"][name]["dtype"] == "float32" and result["results"][name]["seed"] == 0
         assert [p["step"] for p in points] == [0, 3, 6]
         assert all(p["bits_per_byte"] > 0 for p in points)
     assert (tmp_path / "out" / "q.png").stat().st_size > 10_000
+
+
+def test_quality_variants_name_dtype_and_seed():
+    from bench.quality import Variant, parse_variants
+
+    assert parse_variants("nsa, dense:bfloat16,nsa:seed=1:bfloat16", "float32", 0) == [
+        Variant("nsa", True, "float32", 0), Variant("dense:bfloat16", False, "bfloat16", 0),
+        Variant("nsa:seed=1:bfloat16", True, "bfloat16", 1)]
+    for bad in ("flash", "nsa:float16", "nsa:seed=x", "nsa,nsa", ""):
+        with pytest.raises(SystemExit, match="error: --variants"):
+            parse_variants(bad, "float32", 0)
 
 
 @pytest.mark.slow
