@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 
-from kernels.settings import COMPRESSED_IMPLS, SELECTED_IMPLS, SLIDING_IMPLS, KernelSettings, SelectedSettings, \
-    SelectionSettings
+from kernels.settings import COMPRESSED_IMPLS, SELECTED_IMPLS, SLIDING_IMPLS, KernelSettings
 
 
 def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
@@ -21,19 +21,22 @@ def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
                        help="warps of the selection's d(block keys) kernel (default: by head dim)")
     group.add_argument("--sliding_impl", default=None, choices=SLIDING_IMPLS, help="sliding-window kernel")
     group.add_argument("--compressed_impl", default=None, choices=COMPRESSED_IMPLS, help="compressed-branch kernel")
+    group.add_argument("--kernel_settings", default="", metavar="GROUP.FIELD=VALUE,...",
+                       help="any setting, e.g. flash.min_dkv_tiles_per_program=2 (groups: selected, "
+                            "selection, flash); the flags above override it")
 
 
 def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
-    default = KernelSettings()
-    selected = SelectedSettings(
-        impl=args.selected_impl or default.selected.impl,
-        tile_rows=args.tile_rows or default.selected.tile_rows)
-    return KernelSettings(selected=selected, selection=SelectionSettings(
-                              rows=args.selection_rows or default.selection.rows,
-                              block_keys=args.selection_block_keys or default.selection.block_keys,
-                              num_warps_dbk=args.selection_warps_dbk or default.selection.num_warps_dbk),
-                          sliding_impl=args.sliding_impl or default.sliding_impl,
-                          compressed_impl=args.compressed_impl or default.compressed_impl)
+    """The settings these flags give: --kernel_settings on the library's defaults, then the named flags."""
+    base = parse_variant(getattr(args, "kernel_settings", ""))
+    selected = dataclasses.replace(base.selected, impl=args.selected_impl or base.selected.impl,
+                                   tile_rows=args.tile_rows or base.selected.tile_rows)
+    selection = dataclasses.replace(base.selection, rows=args.selection_rows or base.selection.rows,
+                                    block_keys=args.selection_block_keys or base.selection.block_keys,
+                                    num_warps_dbk=args.selection_warps_dbk or base.selection.num_warps_dbk)
+    return dataclasses.replace(base, selected=selected, selection=selection,
+                               sliding_impl=args.sliding_impl or base.sliding_impl,
+                               compressed_impl=args.compressed_impl or base.compressed_impl)
 
 
 def replace_fields(settings, items: list[str]):
@@ -54,3 +57,28 @@ def replace_fields(settings, items: list[str]):
         else:
             changes[name] = int(value)
     return dataclasses.replace(settings, **changes)
+
+
+GROUPS = ("selected", "selection", "flash")
+
+
+def parse_variant(text: str, settings: KernelSettings | None = None) -> KernelSettings:
+    """'group.field=value,...' applied to `settings` (default KernelSettings()); bools and ints
+    where the field's default is one; "" or "default": unchanged."""
+    settings = KernelSettings() if settings is None else settings
+    if text.strip() in ("", "default"):
+        return settings
+    top, by_group = [], collections.defaultdict(list)
+    for item in text.split(","):
+        group, dot, field = item.strip().partition(".")
+        if not dot:  # a top-level field (sliding_impl)
+            if item.partition("=")[0].strip() in GROUPS:
+                raise SystemExit(f"error: use group.field for {', '.join(GROUPS)}, got {item.strip()!r}")
+            top.append(item)
+        elif group not in GROUPS:
+            raise SystemExit(f"error: unknown settings group {group!r} (groups: {', '.join(GROUPS)})")
+        else:
+            by_group[group].append(field)
+    settings = replace_fields(settings, top)
+    return dataclasses.replace(settings, **{g: replace_fields(getattr(settings, g), items)
+                                            for g, items in by_group.items()})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import datetime
 import os
 import tempfile
@@ -27,33 +26,11 @@ import tempfile
 import jax
 
 from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, measure_grid, timed
-from bench.kernel_flags import replace_fields
+from bench.kernel_flags import parse_variant  # noqa: F401  (re-exported)
 from bench.profile_step import device_events
 from kernels.settings import KernelSettings
 
-GROUPS = ("selected", "selection", "flash")
 DEFAULT_VARIANTS = "default;selected.store_dlogits=0;selected.dkv_chunk=2"
-
-
-def parse_variant(text: str) -> KernelSettings:
-    """'group.field=value,...' -> KernelSettings (bools and ints where the default is one)."""
-    settings = KernelSettings()
-    if text.strip() in ("", "default"):
-        return settings
-    top, by_group = [], collections.defaultdict(list)
-    for item in text.split(","):
-        group, dot, field = item.strip().partition(".")
-        if not dot:  # a top-level field (sliding_impl)
-            if item.partition("=")[0].strip() in GROUPS:
-                raise SystemExit(f"error: use group.field for {', '.join(GROUPS)}, got {item.strip()!r}")
-            top.append(item)
-        elif group not in GROUPS:
-            raise SystemExit(f"error: unknown settings group {group!r} (groups: {', '.join(GROUPS)})")
-        else:
-            by_group[group].append(field)
-    settings = replace_fields(settings, top)
-    return dataclasses.replace(settings, **{g: replace_fields(getattr(settings, g), items)
-                                            for g, items in by_group.items()})
 
 
 def kernel_ms(fn, args, steps: int = 3) -> dict[str, float]:

@@ -323,6 +323,22 @@ def test_kernel_variants_parse_variant():
         parse_variant("selected.chunk=2")
 
 
+def test_kernel_flags_take_any_setting_and_named_flags_override_it():
+    import argparse
+
+    from bench.kernel_flags import add_kernel_flags, kernel_settings_from
+    from kernels.settings import KernelSettings
+
+    parser = argparse.ArgumentParser()
+    add_kernel_flags(parser)
+    got = kernel_settings_from(parser.parse_args(
+        ["--kernel_settings", "flash.min_dkv_tiles_per_program=2,selected.tile_rows=32,selected.dkv_chunk=8",
+         "--tile_rows", "16", "--sliding_impl", "pallas"]))
+    assert got.flash.min_dkv_tiles_per_program == 2 and got.selected.dkv_chunk == 8
+    assert got.selected.tile_rows == 16 and got.sliding_impl == "pallas"
+    assert kernel_settings_from(parser.parse_args([])) == KernelSettings()
+
+
 @pytest.mark.slow
 def test_profile_step_names_each_kernels_scope():
     """The named scopes reach the compiled train step's HLO, where bench.profile_step maps kernels to
