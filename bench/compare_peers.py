@@ -119,19 +119,37 @@ def measure_peaks() -> dict:
 
 
 def measure_memory() -> dict:
-    """Peak device memory of the seed model's B=4 T=512 step (the first thing this process runs
-    on the device, so the allocator's peak is this step's: params, Adam state, activations)."""
+    """Peak device memory of the seed model's B=4 T=512 step, as the peer measures its own: what
+    the state holds before the step (parameters, Adam's moments), then the step's peak. This is
+    the first thing the process runs on the device, so the allocator's peak covers everything
+    since start-up (model set-up and compilation too): the step is compiled before it runs,
+    and `compiled_temp_gib` (XLA's buffers for the step, from its compiled memory analysis)
+    says how much of the peak is the step's own."""
     import jax
+    import numpy as np
+    from flax import nnx
 
-    from bench.train_step import time_variant
+    from nsa_jax import sharding
+    from nsa_jax.config import ModelConfig
+    from nsa_jax.training import Trainer, make_optimizer
 
-    time_variant("pallas", 512, 4, 1, 3, "float32")
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return dict(peak_gib=peak / 2**30 if peak else None)
+    device = jax.devices()[0]
+    trainer = Trainer(ModelConfig().build(nnx.Rngs(0), use_pallas_nsa=True, dtype="float32"),
+                      make_optimizer(1e-4), sharding.make_mesh([device]))
+    state = trainer.init_state()
+    batch = trainer.train_batches(np.random.default_rng(0).integers(0, 256, (1, 4, 513), dtype=np.int32))
+    jax.block_until_ready(state)
+    resident = (device.memory_stats() or {}).get("bytes_in_use")
+    temp = trainer.lower_train_step(state, batch).compile().memory_analysis().temp_size_in_bytes
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    gib = lambda x: x / 2**30 if x else None  # noqa: E731
+    return dict(peak_gib=gib(peak), resident_before_step_gib=gib(resident), compiled_temp_gib=gib(temp))
 
 
-def measure_train(shapes, repeats: int) -> list[dict]:
+def measure_train(shapes, repeats: int, variants=("pallas", "reference")) -> list[dict]:
     from bench.train_step import time_variant
 
     import jax
@@ -143,7 +161,7 @@ def measure_train(shapes, repeats: int) -> list[dict]:
     rows.append(dict(row, variant="pallas, highest precision"))
     print(f"ours train pallas (highest precision) B={batch} T={n}: {row['ms_per_step']:.2f} ms", flush=True)
     for batch, n in shapes:
-        for variant in ("pallas", "reference"):
+        for variant in variants:
             try:
                 row = time_variant(variant, n, batch, 1, repeats, "float32")
             except Exception as exc:  # e.g. the reference's dense masks out of memory at long T
@@ -239,7 +257,8 @@ def run_peers(args) -> dict:
     path = Path(tempfile.mkdtemp()) / "peers.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "peers_torch.py"), "--json", str(path),
            "--fla_lengths", ",".join(map(str, args.lengths)), "--train_shapes", ",".join(f"{b}x{n}" for b, n in args.shapes),
-           "--what", ",".join(PEER_SECTIONS[w] for w in args.what.split(",") if PEER_SECTIONS.get(w))]
+           "--what", ",".join(PEER_SECTIONS[w] for w in args.what.split(",") if PEER_SECTIONS.get(w)),
+           "--float32_matmul_precision", args.peer_precision]
     print("peers: " + " ".join(cmd[1:]) + f" (log: {args.peer_log})", flush=True)
     start = time.perf_counter()
     with open(args.peer_log, "w") as log:
@@ -318,6 +337,9 @@ def table(result: dict) -> str:
     mem, pmem = result.get("memory", {}), peers.get("memory") or {}
     lines.append(f"| peak memory GiB, seed B=4 T=512 | {fmt(mem.get('peak_gib'), 3)} | {fmt(pmem.get('peak_gib'), 3)} | "
                  f"{ratio(pmem.get('peak_gib'), mem.get('peak_gib'))} | <= theirs | - |")
+    if mem.get("resident_before_step_gib") or pmem.get("resident_before_step_gib"):
+        lines.append(f"| of which resident before the step (state) | {fmt(mem.get('resident_before_step_gib'), 3)} | "
+                     f"{fmt(pmem.get('resident_before_step_gib'), 3)} | | | |")
     for config in sorted({r["config"] for r in result["core"]}):
         lines.append(f"\ncrossover ({config} config, fwd+bwd): our core beats dense cuDNN from T = "
                      f"{crossover(result['core'], config)} (lengths measured: {result['settings']['lengths']})")
@@ -376,6 +398,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget_s", type=float, default=2.0)
     parser.add_argument("--peer_timeout", type=int, default=900)
+    parser.add_argument("--peer_precision", default="highest", choices=["highest", "high"],
+                        help="the peers' float32 matmul precision (torch.set_float32_matmul_precision): highest "
+                             "(torch's default) or high (TF32, as JAX's default precision on the GPU)")
+    parser.add_argument("--train_variants", default="pallas,reference",
+                        help="our train-step variants timed at each shape (pallas, reference)")
     parser.add_argument("--peer_log", default=os.path.join(tempfile.gettempdir(), "peers_torch.log"))
     parser.add_argument("--report", default=None, metavar="JSON[,JSON...]",
                         help="print the table of an earlier run's JSON (with --peers_json: merge those peer rows "
@@ -433,7 +460,7 @@ def main() -> None:
 
     result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
     steps = [("memory", measure_memory, ()), ("peaks", measure_peaks, ()),
-             ("train", measure_train, (args.shapes, args.repeats)),
+             ("train", measure_train, (args.shapes, args.repeats, args.train_variants.split(","))),
              ("decode", measure_decode, (5,)),
              ("core", measure_core, (args.lengths, args.repeats, args.budget_s, args.core_configs.split(",")))]
     for name, fn, fn_args in steps:

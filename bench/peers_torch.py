@@ -425,6 +425,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode_prime", type=int, default=64)
     parser.add_argument("--decode_tokens", type=int, default=512, help="tokens generated per generation")
     parser.add_argument("--decode_repeats", type=int, default=3, help="timed generations (after one warm-up)")
+    parser.add_argument("--float32_matmul_precision", default="highest", choices=["highest", "high"],
+                        help="torch.set_float32_matmul_precision: highest (torch's default, IEEE float32) or "
+                             "high (TF32 tensor cores, what JAX's default precision uses on the GPU)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget_s", type=float, default=30.0,
@@ -455,6 +458,7 @@ def main() -> int:
         print(SKIP_LINE)
         return 0
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("peers: CUDA is not available (for a CPU check: --smoke --device cpu)", file=sys.stderr)
         return 2

@@ -60,19 +60,32 @@ class GroupedMLP(nnx.Module):
         return _grouped_mlp(kv, self.kernel_in[...], self.bias_in[...], self.kernel_out[...], self.bias_out[...])
 
     @staticmethod
-    def pair(first: "GroupedMLP", second: "GroupedMLP", kv: jax.Array) -> jax.Array:
-        """Both networks in one pass: kv [b, h1 + h2, w, n, d], first's heads first."""
-        cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0)  # noqa: E731
-        return _grouped_mlp(kv, cat(first.kernel_in, second.kernel_in), cat(first.bias_in, second.bias_in),
-                            cat(first.kernel_out, second.kernel_out), cat(first.bias_out, second.bias_out))
+    def pair(first: "GroupedMLP", second: "GroupedMLP", kv1: jax.Array, kv2: jax.Array) -> jax.Array:
+        """Both networks: kv1 [b, h1, w, n, d], kv2 [b, h2, w, n, d] -> [b, h1 + h2, w, d].
+
+        The large input layers run apart, each reading its own weights in place (joined, their
+        weights would be copied together in every layer, forward and backward, and the copy kept
+        for the backward pass: 32 MiB a layer in the seed model); the small output layers as one.
+        """
+        dt = kv1.dtype
+        hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...]),
+                                  _input_layer(kv2, second.kernel_in[...], second.bias_in[...])], axis=1)
+        cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0).astype(dt)  # noqa: E731
+        return _output_layer(hidden, cat(first.kernel_out, second.kernel_out), cat(first.bias_out, second.bias_out))
 
 
 def _grouped_mlp(kv, kernel_in, bias_in, kernel_out, bias_out):
+    return _output_layer(_input_layer(kv, kernel_in, bias_in), kernel_out.astype(kv.dtype), bias_out.astype(kv.dtype))
+
+
+def _input_layer(kv, kernel, bias):  # [b, h, w, n, d] -> [b, h, w, hidden], before the ReLU
     dt = kv.dtype
     x = kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4])
-    x = jnp.einsum("bhwi,hio->bhwo", x, kernel_in.astype(dt)) + bias_in.astype(dt)[:, None]
-    x = jax.nn.relu(x)
-    return jnp.einsum("bhwi,hio->bhwo", x, kernel_out.astype(dt)) + bias_out.astype(dt)[:, None]
+    return jnp.einsum("bhwi,hio->bhwo", x, kernel.astype(dt)) + bias.astype(dt)[:, None]
+
+
+def _output_layer(hidden, kernel, bias):  # [b, h, w, hidden] -> [b, h, w, d]
+    return jnp.einsum("bhwi,hio->bhwo", jax.nn.relu(hidden), kernel) + bias[:, None]
 
 
 class ConvLinearCompress(nnx.Module):

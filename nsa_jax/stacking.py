@@ -30,7 +30,10 @@ class LayerStack:
     def __init__(self, params: nnx.State, layers: str = "layers"):
         flat = list(nnx.to_flat_state(params))
         self._paths = [path for path, _ in flat]
-        self._variables = [variable for _, variable in flat]
+        # Only the variables' types and metadata, not their arrays: holding the arrays would keep
+        # a second copy of every layer's parameters alive beside the stacked state.
+        self._variables = [variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype))
+                           for _, variable in flat]
         self._groups: dict[str, list[int]] = {}  # key -> positions in the flat state, layer order
         for i, path in enumerate(self._paths):
             stacked = len(path) > 1 and path[0] == layers and isinstance(path[1], int)

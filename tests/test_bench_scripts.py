@@ -228,7 +228,7 @@ def test_compare_peers_says_why_the_peer_columns_are_empty(tmp_path, monkeypatch
     from bench import compare_peers
 
     monkeypatch.setattr(compare_peers.subprocess, "run", lambda *a, **k: argparse.Namespace(returncode=1))
-    args = argparse.Namespace(lengths=[4096], shapes=[(4, 512)], what="core", peer_timeout=5,
+    args = argparse.Namespace(lengths=[4096], shapes=[(4, 512)], what="core", peer_timeout=5, peer_precision="highest",
                               peer_log=str(tmp_path / "peers.log"))
     assert compare_peers.run_peers(args) == dict(status=f"exit 1, no rows written (log: {tmp_path / 'peers.log'})")
 

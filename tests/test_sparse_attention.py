@@ -275,3 +275,31 @@ def test_block_importance_masks_own_and_future_blocks():
 def test_invalid_settings_raise_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         make(0, **bad)
+
+
+def test_grouped_mlp_pair_equals_the_two_networks():
+    """`GroupedMLP.pair` (keys' and values' networks together) gives each network's own output
+    and gradients, on fresh random windows and weights."""
+    from nsa_jax import GroupedMLP
+
+    k_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(1))
+    v_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(2))
+    perturb(k_net, 3)
+    perturb(v_net, 4)
+    kw, vw = jax.random.normal(jax.random.key(5), (2, 3, 2, 5, 4, 8))  # [b, h, w, n, d] each
+
+    def loss(nets, kw, vw, paired):
+        out = GroupedMLP.pair(*nets, kw, vw) if paired else jnp.concatenate([nets[0](kw), nets[1](vw)], axis=1)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    for argnums in (1, 2):  # the windows, then the weights (through nnx.grad below)
+        got = jax.grad(loss, argnums)((k_net, v_net), kw, vw, True)
+        want = jax.grad(loss, argnums)((k_net, v_net), kw, vw, False)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    got = nnx.grad(lambda nets: loss(nets, kw, vw, True))((k_net, v_net))
+    want = nnx.grad(lambda nets: loss(nets, kw, vw, False))((k_net, v_net))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    out = GroupedMLP.pair(k_net, v_net, kw, vw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(jnp.concatenate([k_net(kw), v_net(vw)], axis=1)),
+                               rtol=1e-5, atol=1e-5)

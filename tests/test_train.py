@@ -460,6 +460,29 @@ def test_flat_optimizer_gives_the_tree_optimizers_update():
         assert not np.allclose(np.asarray(p_tree["a"]), np.asarray(params["a"]))  # the steps moved them
 
 
+def test_trainer_keeps_one_copy_of_the_parameters():
+    """Once the model that built it is gone, the trainer's device arrays are its state alone: the
+    stacked parameters and Adam's moments, no second per-layer copy of the parameters."""
+    import gc
+
+    from flax import nnx
+
+    from nsa_jax.training import tree_size
+
+    cfg = ModelConfig(dim=32, depth=2, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=4,
+                      compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2)
+    gc.collect()
+    before = {id(x) for x in jax.live_arrays()}
+    model = cfg.build(nnx.Rngs(0))
+    trainer = Trainer(model, make_optimizer(1e-3))
+    del model
+    gc.collect()
+    held = sum(x.size for x in jax.live_arrays() if id(x) not in before)
+    state_size = tree_size(trainer.init_state())
+    params_size = tree_size(trainer.init_state().params)
+    assert state_size <= held < state_size + params_size // 2, (held, state_size, params_size)
+
+
 def test_checkpoint_of_per_layer_parameters_is_converted_on_restore(tmp_path):
     """A checkpoint saved before the state layout was recorded (per-layer parameters and Adam
     moments, no "state_layout" in its metadata) restores into the stacked layout with the same
