@@ -30,7 +30,9 @@ LN2 = math.log(2.0)
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
-Batch = jax.Array | tuple[jax.Array, jax.Array]  # tokens [.., n + 1], or tokens and their segment ids
+# tokens [.., n + 1]; or tokens and their segment ids (packed documents); or a dict of "tokens"
+# with "segment_ids" and/or "loss_mask" (the tokens that count as targets: `Transformer.__call__`).
+Batch = jax.Array | tuple[jax.Array, jax.Array] | dict[str, jax.Array]
 
 
 class TrainState(NamedTuple):
@@ -103,13 +105,14 @@ class Trainer:
     def init_state(self) -> TrainState:
         return self._init_state
 
-    def train_batches(self, batches: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Batch:
-        """Host batches [accum, b, n + 1] (or a pair: tokens and segment ids, packed documents)
-        -> device arrays split over the batch axis."""
+    def train_batches(self, batches: np.ndarray | tuple[np.ndarray, np.ndarray] | dict[str, np.ndarray]) -> Batch:
+        """Host batches [accum, b, n + 1] (or a pair: tokens and segment ids, packed documents;
+        or a dict, `Batch`) -> device arrays split over the batch axis."""
         return jax.tree.map(lambda x: sharding.global_batch(x, sharding.batch_sharding(self.mesh, 1)), batches)
 
-    def eval_batch(self, batch: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Batch:
-        """Host batch [b, n + 1] (or tokens and segment ids) -> device arrays split over the batch axis."""
+    def eval_batch(self, batch: np.ndarray | tuple[np.ndarray, np.ndarray] | dict[str, np.ndarray]) -> Batch:
+        """Host batch [b, n + 1] (or tokens and segment ids, or a dict: `Batch`) -> device arrays
+        split over the batch axis."""
         return jax.tree.map(lambda x: sharding.global_batch(x, sharding.batch_sharding(self.mesh, 0)), batch)
 
     def model(self, params: Stacked) -> nnx.Module:
@@ -134,6 +137,9 @@ class Trainer:
 
     def _loss(self, params: Stacked, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
         model = self.model(params)
+        if isinstance(batch, dict):
+            return model(batch["tokens"], return_loss=True, segment_ids=batch.get("segment_ids"),
+                         loss_mask=batch.get("loss_mask"))
         if isinstance(batch, tuple):
             tokens, segment_ids = batch
             return model(tokens, return_loss=True, segment_ids=segment_ids)

@@ -135,22 +135,29 @@ class Transformer(nnx.Module):
             x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
 
-    def __call__(self, ids: jax.Array, return_loss: bool = False, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, ids: jax.Array, return_loss: bool = False, *, segment_ids: jax.Array | None = None,
+                 loss_mask: jax.Array | None = None) -> jax.Array:
         """ids [b, n] -> logits [b, n, num_tokens]; or, with return_loss, the mean next-token
         cross entropy of ids[:, :-1] predicting ids[:, 1:] (a float32 scalar).
 
         segment_ids (int, the shape of ids): packed documents, runs of equal ids; each token's
         logits are those of its document alone (positions restart at 0 per document). With
         return_loss, a target whose segment id differs from its input's (the first token of
-        the next document) does not count; the loss is the mean over the targets that do."""
-        if segment_ids is not None and jnp.shape(segment_ids) != ids.shape:
-            raise ValueError(f"segment_ids must have the shape of ids {list(ids.shape)}, got {list(jnp.shape(segment_ids))}")
+        the next document) does not count; the loss is the mean over the targets that do.
+        loss_mask (bool, the shape of ids; with return_loss): the tokens that count as targets
+        (e.g. only a task's answer bytes); ids[:, 0] is never a target."""
+        for name, extra in (("segment_ids", segment_ids), ("loss_mask", loss_mask)):
+            if extra is not None and jnp.shape(extra) != ids.shape:
+                raise ValueError(f"{name} must have the shape of ids {list(ids.shape)}, got {list(jnp.shape(extra))}")
         counted = None
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
             if segment_ids is not None:
                 counted = segment_ids[:, 1:] == segment_ids[:, :-1]
                 segment_ids = segment_ids[:, :-1]
+            if loss_mask is not None:
+                wanted = loss_mask[:, 1:].astype(bool)
+                counted = wanted if counted is None else counted & wanted
         x = self.hidden(ids, segment_ids)
         with jax.named_scope("logits"):
             logits = self.to_logits(self.norm(x))
