@@ -72,6 +72,8 @@ flags.DEFINE_integer("dim_head", 64, "head dimension")
 flags.DEFINE_float("ff_expansion_factor", 4.0, "feedforward width / model width")
 flags.DEFINE_enum("compress_mlp", "grouped_mlp",
                   ["mlp", "grouped_mlp", "conv_linear", "attention_pool", "single_projection"], "compress network")
+flags.DEFINE_string("nsa_branches", "compressed,selected,sliding",
+                    "NSA branches that run, comma-separated (ablations: e.g. compressed,sliding or sliding)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (parameters stay float32)")
 flags.DEFINE_enum("remat", "none", ["none", "block"],
                   "rematerialisation: none, or block (keep each layer's input only, recompute the layer in the "
@@ -153,6 +155,7 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, str]:
         selection_block_size=FLAGS.fine_block_size, num_selected_blocks=FLAGS.num_fine_selected,
         use_diff_topk=FLAGS.use_diff_topk, query_heads_share_selected_kv=FLAGS.query_heads_share_selection,
         interpolated_importance_score=FLAGS.interpolated_importance_score, compress_mlp=FLAGS.compress_mlp,
+        nsa_branches=FLAGS.nsa_branches,
     )
     train = TrainConfig(
         num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size, grad_accum_every=FLAGS.grad_accum_every,
@@ -167,6 +170,8 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, str]:
         run_name = "baseline" if not model.use_sparse_attn else (
             f"sparse-attn: compress size {model.compress_block_size} | fine size {model.selection_block_size}"
             f" | {model.num_selected_blocks} selected")
+        if model.use_sparse_attn and model.nsa_branches != ModelConfig.nsa_branches:  # an ablation: its own run
+            run_name += f" | branches {model.nsa_branches}"
     return model, train, run_name
 
 

@@ -36,6 +36,21 @@ from nsa_jax.segments import from_ids as segments_from_ids
 # starts close to local attention and learns to open the sparse branches).
 STRATEGY_GATE_BIAS = (-2.0, -2.0, 2.0)  # compressed, fine, sliding
 
+# The branches, in the order of their gates.
+BRANCHES = ("compressed", "selected", "sliding")
+
+
+def parse_branches(branches) -> tuple[str, ...]:
+    """Branch names (a sequence, or one comma-separated string) -> a tuple in gate order, after
+    checking them (one-line errors)."""
+    names = [n.strip() for n in branches.split(",") if n.strip()] if isinstance(branches, str) else list(branches)
+    allowed = "'compressed', 'selected', 'sliding'"
+    _check(len(names) > 0, f"branches must name at least one of {allowed}, got none")
+    for name in names:
+        _check(name in BRANCHES, f"unknown branch {name!r} in branches: use {allowed}")
+        _check(names.count(name) == 1, f"branch {name!r} is named twice in branches: name each branch once")
+    return tuple(b for b in BRANCHES if b in names)
+
 
 def _segments(segment_ids: jax.Array, shape: tuple[int, int]) -> Segments:
     """segment_ids [b, n] -> Segments, after checking the shape and dtype (one-line errors)."""
@@ -71,6 +86,9 @@ class SparseAttention(nnx.Module):
           sliding window lets queries near the end see (off: reproduce the package).
       kernel_settings: `kernels.KernelSettings` for the Pallas backend (tile sizes, kernel
           families); speed only, never the result. None: the measured defaults.
+      branches: the branches that run, a subset of ("compressed", "selected", "sliding") (all by
+          default), for ablation studies of what each branch contributes: a branch that is off
+          gets gate 0 (the others' gates unchanged) and its work is skipped.
     """
 
     def __init__(
@@ -98,6 +116,7 @@ class SparseAttention(nnx.Module):
         use_pallas_nsa: bool | None = None,
         mask_sliding_window_padding: bool = False,
         kernel_settings: kernels.KernelSettings | None = None,
+        branches: tuple[str, ...] | str = BRANCHES,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -118,6 +137,7 @@ class SparseAttention(nnx.Module):
         _check(num_selected_blocks >= 0, f"num_selected_blocks ({num_selected_blocks}) must be >= 0")
         _check(sliding_window_size >= 0, f"sliding_window_size ({sliding_window_size}) must be >= 0")
         _check(num_compressed_mem_kv > 0, f"num_compressed_mem_kv ({num_compressed_mem_kv}) must be > 0")
+        self.branches = parse_branches(branches)
 
         self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
         self.num_grouped_queries = heads // kv_heads
@@ -207,12 +227,27 @@ class SparseAttention(nnx.Module):
                                (2, b, self.num_mem_compress_kv, self.kv_heads, self.dim_head))
         return jnp.concatenate([mem[0], ck], axis=1), jnp.concatenate([mem[1], cv], axis=1)
 
-    def combine(self, x: jax.Array, compressed: jax.Array, fine: jax.Array, sliding: jax.Array) -> jax.Array:
-        """Gate the three branches [b, n, h, d] per head with sigmoid(Linear(x)); merge heads."""
+    def combine(self, x: jax.Array, compressed: jax.Array | None, fine: jax.Array | None,
+                sliding: jax.Array | None) -> jax.Array:
+        """Gate the three branches [b, n, h, d] per head with sigmoid(Linear(x)); merge heads.
+
+        A branch that is off (`branches`) has gate 0: it is left out of the sum, whatever is
+        passed for it (None where it was not computed); the other gates stay as they are."""
         b, n = x.shape[:2]
         gates = jax.nn.sigmoid(self.to_strategy_combine(x)).reshape(b, n, self.heads, 3, 1)
-        out = gates[..., 0, :] * compressed + gates[..., 1, :] * fine + gates[..., 2, :] * sliding
+        if self.branches == BRANCHES:
+            out = gates[..., 0, :] * compressed + gates[..., 1, :] * fine + gates[..., 2, :] * sliding
+        else:
+            outputs = dict(zip(BRANCHES, (compressed, fine, sliding)))
+            terms = [gates[..., i, :] * outputs[name] for i, name in enumerate(BRANCHES) if name in self.branches]
+            out = terms[0]
+            for term in terms[1:]:
+                out = out + term
         return self.combine_heads(out.reshape(b, n, self.heads * self.dim_head))
+
+    def has(self, branch: str) -> bool:
+        """Whether `branch` ("compressed", "selected" or "sliding") is on."""
+        return branch in self.branches
 
     def select(self, q: jax.Array, ck: jax.Array, q_positions=None, segments=None) -> tuple[jax.Array, jax.Array]:
         """Top-k selection blocks from the compressed keys (with memory): (probabilities, indices)."""
@@ -244,24 +279,33 @@ class SparseAttention(nnx.Module):
         restarting at 0, `nsa_jax.segments`)."""
         # Each phase in its own named scope: the compiled step's kernels carry it in their op_name
         # (bench/profile_step.py counts kernels per scope).
+        # A branch that is off (`branches`) is skipped: None for its output, which `combine`
+        # leaves out. Selection reads the compressed keys, so compression runs for either.
         segments = None if segment_ids is None else _segments(segment_ids, inp.shape[:2])
+        compressed = fine = sliding = None
         with jax.named_scope("project"):
             x, q, k, v = self.project(inp)
-        with jax.named_scope("compress"):
-            ck, cv = self.with_memory(*self.compress(k, v, segments))
-        with jax.named_scope("compressed_attention"):
-            compressed = self.backend.compressed_attention(
-                q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-                causal=self.causal, scale=self.scale, **_packed(segments))
-        with jax.named_scope("selection"):
-            values, indices = self.select(q, ck, segments=segments)
-        with jax.named_scope("rotary"):
-            positions = jnp.arange(inp.shape[1]) if segments is None else segments.positions
-            q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
-        with jax.named_scope("selected_attention"):
-            fine = self.fine(q_rot, k_rot, v, values, indices, segments=segments)
-        with jax.named_scope("sliding_window"):
-            sliding = self.sliding(q_rot, k_rot, v, segments=segments)
+        if self.has("compressed") or self.has("selected"):
+            with jax.named_scope("compress"):
+                ck, cv = self.with_memory(*self.compress(k, v, segments))
+        if self.has("compressed"):
+            with jax.named_scope("compressed_attention"):
+                compressed = self.backend.compressed_attention(
+                    q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                    causal=self.causal, scale=self.scale, **_packed(segments))
+        if self.has("selected"):
+            with jax.named_scope("selection"):
+                values, indices = self.select(q, ck, segments=segments)
+        if self.has("selected") or self.has("sliding"):
+            with jax.named_scope("rotary"):
+                positions = jnp.arange(inp.shape[1]) if segments is None else segments.positions
+                q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
+        if self.has("selected"):
+            with jax.named_scope("selected_attention"):
+                fine = self.fine(q_rot, k_rot, v, values, indices, segments=segments)
+        if self.has("sliding"):
+            with jax.named_scope("sliding_window"):
+                sliding = self.sliding(q_rot, k_rot, v, segments=segments)
         with jax.named_scope("combine"):
             return self.combine(x, compressed, fine, sliding)
 
@@ -270,12 +314,17 @@ class SparseAttention(nnx.Module):
     # serves such calls with the reference core.
 
     def _compressed_at(self, q: jax.Array, cache: SparseCache, positions: jax.Array):
-        """Compressed branch and selection for queries at `positions` (memory always visible)."""
+        """Compressed branch and selection for queries at `positions` (memory always visible);
+        None for what a branch that is off would need. (The caches keep the compressed
+        entries whatever the branches, so that their layout never changes.)"""
         ck, cv = self.with_memory(cache.ck, cache.cv)
-        compressed = self.backend.compressed_attention(
-            q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride, causal=True,
-            scale=self.scale, q_positions=positions)
-        values, indices = self.select(q, ck, positions)
+        compressed = values = indices = None
+        if self.has("compressed"):
+            compressed = self.backend.compressed_attention(
+                q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                causal=True, scale=self.scale, q_positions=positions)
+        if self.has("selected"):
+            values, indices = self.select(q, ck, positions)
         return compressed, values, indices
 
     def prefill(self, inp: jax.Array, max_len: int) -> tuple[jax.Array, SparseCache]:
@@ -293,8 +342,8 @@ class SparseAttention(nnx.Module):
             k_rot, v, k, *self.compress(k, v), max_len=max_len, stride=self.compress_block_sliding_stride,
             compress_block_size=self.compress_block_size, selection_block_size=self.selection_block_size)
         compressed, values, indices = self._compressed_at(q, cache, positions)
-        fine = self.fine(q_rot, cache.k, cache.v, values, indices, positions)
-        sliding = self.sliding(q_rot, cache.k, cache.v, positions)
+        fine = self.fine(q_rot, cache.k, cache.v, values, indices, positions) if self.has("selected") else None
+        sliding = self.sliding(q_rot, cache.k, cache.v, positions) if self.has("sliding") else None
         return self.combine(x, compressed, fine, sliding), cache
 
     def compress_tail(self, cache: SparseCache) -> SparseCache:
@@ -328,10 +377,14 @@ class SparseAttention(nnx.Module):
                             push_tail(cache.tail_k, k), push_tail(cache.tail_v, v), t + 1)  # tail: t + 1 - cb .. t
 
         compressed, values, indices = self._compressed_at(q, cache, positions)
-        gates = reference.straight_through_gates(values) if self.use_diff_topk else None
-        fine = selected_attention_one(q_rot, cache.k, cache.v, indices, reference.valid_selection(values), gates,
-                                      t, block_size=self.selection_block_size, scale=self.scale)
-        sliding = sliding_window_one(q_rot, cache.k, cache.v, t, window=self.sliding_window_size, scale=self.scale)
+        fine = sliding = None
+        if self.has("selected"):
+            gates = reference.straight_through_gates(values) if self.use_diff_topk else None
+            fine = selected_attention_one(q_rot, cache.k, cache.v, indices, reference.valid_selection(values),
+                                          gates, t, block_size=self.selection_block_size, scale=self.scale)
+        if self.has("sliding"):
+            sliding = sliding_window_one(q_rot, cache.k, cache.v, t, window=self.sliding_window_size,
+                                         scale=self.scale)
         if compress and cache.ck.shape[1] > 0:
             cache = jax.lax.cond(self.window_complete(cache), self.compress_tail, lambda c: c, cache)
         return self.combine(x, compressed, fine, sliding), cache

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from nsa_jax.attention import parse_branches
 from nsa_jax.transformer import Transformer
 
 
@@ -39,6 +40,7 @@ class ModelConfig:
     interpolated_importance_score: bool = False
     compress_mlp: str = "grouped_mlp"
     compress_mlp_expand_factor: float = 1.0
+    nsa_branches: str = "compressed,selected,sliding"  # comma-separated; fewer for ablation studies
 
     def sparse_attn_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -52,6 +54,7 @@ class ModelConfig:
             interpolated_importance_score=self.interpolated_importance_score,
             compress_mlp=self.compress_mlp,
             compress_mlp_expand_factor=self.compress_mlp_expand_factor,
+            branches=tuple(name.strip() for name in self.nsa_branches.split(",") if name.strip()),
         )
 
     def build(self, rngs: nnx.Rngs, *, use_pallas_nsa: bool | None = None, dtype: str = "float32",
@@ -85,6 +88,10 @@ class ModelConfig:
         for name in ("num_tokens", "dim", "depth", "heads", "kv_heads", "dim_head"):
             if getattr(self, name) < 1:
                 return f"{name} must be >= 1, got {getattr(self, name)}"
+        try:
+            parse_branches(self.nsa_branches)
+        except ValueError as e:
+            return f"nsa_branches={self.nsa_branches!r}: {e}"
         try:
             nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
         except (ValueError, TypeError) as e:

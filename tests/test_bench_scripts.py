@@ -391,3 +391,45 @@ def test_count_kernels_without_a_gpu_says_how(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.count_kernels"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert run.returncode != 0 and "--target h200" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_retrieval_script_writes_grid_and_heat_maps(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.retrieval", "--smoke", f"--out={tmp_path / 'r.json'}",
+                          f"--plot_dir={tmp_path}"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [r["variant"] for r in result["results"]] == ["nsa", "nsa_no_selected", "sliding", "dense"]
+    for r in result["results"]:
+        assert set(r["grid"]) == {"160", "320"} and all(len(row) == 3 for row in r["grid"].values())
+        assert all(0.0 <= a <= 1.0 for row in r["grid"].values() for a in row)
+        assert [p["step"] for p in r["curve"]] == [2, 4] and all(p["loss"] > 0 for p in r["curve"])
+        assert (tmp_path / f"retrieval-{r['variant']}.png").stat().st_size > 5_000
+    assert "| nsa_no_selected |" in run.stdout
+
+
+@pytest.mark.slow
+def test_retrieval_task_is_learnable():
+    """A tiny dense model learns to retrieve the key at its training length (chance: 1e-5):
+    the task, its loss mask and the exact-match scoring fit together."""
+    from bench import retrieval
+    from nsa_jax import passkey
+
+    args = retrieval.parse_args(["--smoke", "--variants", "dense"])
+    args.steps, args.eval_every, args.learning_rate, args.batch_size = 3000, 3000, 1e-3, 8
+    args.eval_lengths, args.depths, args.examples = [160], 3, 8
+    result = retrieval.run_variant("dense", args, passkey.PasskeyTask())
+    assert min(result["grid"]["160"]) >= 0.3, result["grid"]
+
+
+def test_retrieval_flags_and_table():
+    from bench import retrieval
+
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(["--variants", "nsa,full"])
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(["--eval_lengths", "64,4096"])  # shorter than the task itself
+    args = retrieval.parse_args(["--eval_lengths", "4096,8192"])
+    assert args.eval_lengths == [4096, 8192] and args.variants.split(",") == list(retrieval.VARIANTS)
+    text = retrieval.table([dict(variant="nsa", grid={"4096": [1.0, 0.5], "8192": "OOM"})], [4096, 8192])
+    assert "| nsa | 75% (worst 50%) | error |" in text

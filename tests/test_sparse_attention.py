@@ -303,3 +303,153 @@ def test_grouped_mlp_pair_equals_the_two_networks():
     out = GroupedMLP.pair(k_net, v_net, kw, vw)
     np.testing.assert_allclose(np.asarray(out), np.asarray(jnp.concatenate([k_net(kw), v_net(vw)], axis=1)),
                                rtol=1e-5, atol=1e-5)
+
+
+# -- branch ablations (`branches`): a branch that is off has gate 0, the others' gates unchanged --
+
+ALL_BRANCHES = ("compressed", "selected", "sliding")
+# The retrieval study's two ablations (bench/retrieval.py) in the quick tier, the other subsets in the slow one.
+ABLATIONS = [pytest.param(b, id="+".join(b), marks=() if i < 2 else pytest.mark.slow) for i, b in enumerate(
+    [("compressed", "sliding"), ("sliding",), ("selected", "sliding"), ("compressed", "selected"),
+     ("compressed",), ("selected",)])]
+
+
+def _branches_by_hand(attn: SparseAttention, x: jax.Array):
+    """The three branch outputs and the gates [b, n, h, 3, 1], from the module's own pieces."""
+    xn, q, k, v = attn.project(x)
+    ck, cv = attn.with_memory(*attn.compress(k, v))
+    compressed = attn.backend.compressed_attention(
+        q, ck, cv, num_mem=attn.num_mem_compress_kv, stride=attn.compress_block_sliding_stride,
+        causal=attn.causal, scale=attn.scale)
+    values, indices = attn.select(q, ck)
+    pos = jnp.arange(x.shape[1])
+    q_rot, k_rot = apply_rotary(q, pos), apply_rotary(k, pos)
+    fine = attn.fine(q_rot, k_rot, v, values, indices)
+    sliding = attn.sliding(q_rot, k_rot, v)
+    b, n = x.shape[:2]
+    gates = jax.nn.sigmoid(attn.to_strategy_combine(xn)).reshape(b, n, attn.heads, 3, 1)
+    return (compressed, fine, sliding), gates
+
+
+def test_default_branches_are_all_three_and_unchanged():
+    x = jax.random.normal(jax.random.key(0), (2, 40, DIM))
+    default = make(21)
+    assert default.branches == ALL_BRANCHES
+    base = np.asarray(run(default, x))
+    for explicit in (ALL_BRANCHES, ["sliding", "compressed", "selected"], "compressed,selected,sliding"):
+        attn = make(21, branches=explicit)
+        assert attn.branches == ALL_BRANCHES  # stored as a tuple in gate order
+        np.testing.assert_array_equal(np.asarray(run(attn, x)), base)
+    # and the default output is the gated sum of all three branches, by hand
+    outputs, gates = _branches_by_hand(default, x)
+    want = default.combine_heads(sum(gates[..., i, :] * o for i, o in enumerate(outputs)).reshape(2, 40, -1))
+    np.testing.assert_allclose(base, np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("branches", ABLATIONS)
+def test_ablation_equals_combine_with_the_off_gates_zeroed(branches):
+    x = jax.random.normal(jax.random.key(1), (2, 37, DIM))
+    attn = make(22, branches=branches, use_diff_topk=True)
+    outputs, gates = _branches_by_hand(attn, x)
+    off = [i for i, name in enumerate(ALL_BRANCHES) if name not in branches]
+    zeroed = gates.at[..., jnp.array(off), :].set(0.0)
+    want = attn.combine_heads(sum(zeroed[..., i, :] * o for i, o in enumerate(outputs)).reshape(2, 37, -1))
+    got = run(attn, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # the switch matters: the full model (same parameters) differs
+    full = np.asarray(run(make(22, use_diff_topk=True), x))
+    assert np.abs(full - np.asarray(got)).max() > 1e-3
+
+
+def test_sliding_alone_is_the_gated_sliding_window():
+    x = jax.random.normal(jax.random.key(2), (2, 33, DIM))
+    attn = make(23, branches=("sliding",), sliding_window_size=5)
+    xn, q, k, v = attn.project(x)
+    pos = jnp.arange(33)
+    sliding = attn.sliding(apply_rotary(q, pos), apply_rotary(k, pos), v)
+    gate = jax.nn.sigmoid(attn.to_strategy_combine(xn)).reshape(2, 33, HEADS, 3, 1)[..., 2, :]
+    want = attn.combine_heads((gate * sliding).reshape(2, 33, HEADS * DIM_HEAD))
+    np.testing.assert_allclose(np.asarray(run(attn, x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("branches", ABLATIONS)
+def test_ablation_gradients_flow(branches):
+    x = jax.random.normal(jax.random.key(3), (2, 29, DIM))
+    attn = make(24, branches=branches, use_diff_topk=True)
+    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+    loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
+    gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    assert bool(jnp.all(jnp.isfinite(gx))) and float(jnp.abs(gx).max()) > 0
+    grads = nnx.merge(graphdef, gp, rest)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(gp))
+    compress_grads = jax.tree.leaves(nnx.state(grads.k_compress, nnx.Param))
+    compress_norm = sum(float(jnp.sum(jnp.square(g))) for g in compress_grads)
+    if branches == ("sliding",):  # the compress networks take no part
+        assert compress_norm == 0.0
+    else:  # compressed attention, or the straight-through selection gates, reach them
+        assert compress_norm > 0.0
+
+
+@pytest.mark.parametrize("bad,message", [
+    (("compressed", "fine"), "unknown branch 'fine' in branches: use 'compressed', 'selected', 'sliding'"),
+    ((), "at least one of"),
+    ("", "at least one of"),
+    (("sliding", "sliding"), "branch 'sliding' is named twice"),
+])
+def test_bad_branches_raise_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message) as info:
+        make(0, branches=bad)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("branches", [("compressed", "sliding"), pytest.param(("sliding",), marks=pytest.mark.slow),
+                                      pytest.param(("selected", "sliding"), marks=pytest.mark.slow)])
+def test_ablation_cached_decode_matches_parallel_forward(branches):
+    """prefill + decode of a model without a branch gives its parallel forward's outputs."""
+    n, prompt_len = 30, 7
+    attn = make(25, branches=branches, compress_block_size=8, compress_block_sliding_stride=4,
+                selection_block_size=4, sliding_window_size=3, use_diff_topk=True)
+    x = jax.random.normal(jax.random.key(4), (2, n, DIM))
+    graphdef, state = nnx.split(attn)
+
+    @jax.jit
+    def cached(state, x):
+        m = nnx.merge(graphdef, state)
+        out, cache = m.prefill(x[:, :prompt_len], n)
+
+        def step(cache, xt):
+            o, cache = m.decode(xt[:, None], cache)
+            return cache, o[:, 0]
+
+        _, outs = jax.lax.scan(step, cache, x[:, prompt_len:].transpose(1, 0, 2))
+        return jnp.concatenate([out, outs.transpose(1, 0, 2)], axis=1)
+
+    np.testing.assert_allclose(np.asarray(cached(state, x)), np.asarray(run(attn, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_ablation_pallas_matches_reference():
+    x = jax.random.normal(jax.random.key(5), (1, 32, DIM))
+    ref = run(make(26, branches=("compressed", "sliding")), x)
+    pallas = run(make(26, branches=("compressed", "sliding"), use_pallas_nsa=True), x)
+    np.testing.assert_allclose(np.asarray(pallas), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_model_config_nsa_branches():
+    from nsa_jax.config import ModelConfig
+
+    config = ModelConfig(dim=DIM, depth=2, heads=HEADS, kv_heads=2, dim_head=DIM_HEAD, sliding_window_size=4,
+                         compress_block_size=4, compress_block_sliding_stride=4, selection_block_size=4,
+                         num_selected_blocks=2, nsa_branches="sliding")
+    assert config.validate() is None
+    model = config.build(nnx.Rngs(0))
+    assert all(layer.attn.branches == ("sliding",) for layer in model.layers)
+    logits = model(jax.random.randint(jax.random.key(0), (1, 20), 0, 256))
+    assert logits.shape == (1, 20, 256) and bool(jnp.all(jnp.isfinite(logits)))
+    assert ModelConfig.from_dict(config.to_dict()) == config  # round-trips through the checkpoint's JSON
+    old = {k: v for k, v in config.to_dict().items() if k != "nsa_branches"}  # a checkpoint from before
+    assert ModelConfig.from_dict(old).nsa_branches == "compressed,selected,sliding"
+    assert ModelConfig().sparse_attn_kwargs()["branches"] == ALL_BRANCHES
+    assert ModelConfig(nsa_branches="compressed, sliding").sparse_attn_kwargs()["branches"] == ("compressed", "sliding")
+    problem = ModelConfig(nsa_branches="compressed,fine").validate()
+    assert problem is not None and "nsa_branches" in problem and "unknown branch 'fine'" in problem, problem
+    assert "at least one" in ModelConfig(nsa_branches="").validate()

@@ -323,6 +323,12 @@ def test_flagfiles_parse():
     train_module.FLAGS(["train.py", f"--flagfile={ROOT / 'configs' / 'quickstart.flags'}", "--seq_len=64"])
     model, cfg, run_name = train_module.configs_from_flags()
     assert (model.dim, cfg.seq_len, run_name) == (128, 64, "quickstart")
+
+    train_module.FLAGS.unparse_flags()  # an ablation gets its own default run (and checkpoint directory)
+    train_module.FLAGS(["train.py", f"--flagfile={ROOT / 'configs' / 'enwik8.flags'}", "--nsa_branches=compressed,sliding"])
+    model, cfg, run_name = train_module.configs_from_flags()
+    assert model.nsa_branches == "compressed,sliding"
+    assert run_name == "sparse-attn: compress size 16 | fine size 16 | 4 selected | branches compressed,sliding"
     train_module.FLAGS.unparse_flags()
 
 

@@ -1,0 +1,214 @@
+"""Does selection find the needle? Passkey retrieval: train at one length, test at longer ones.
+
+    python -m bench.retrieval --variants nsa,dense,nsa_no_selected,sliding \\
+        --train_len 4096 --steps 1500 --eval_lengths 4096,16384,65536 --depths 10
+    python -m bench.retrieval --smoke          # a tiny model on the CPU: checks the pipeline
+
+Each variant is the seed model (`nsa_jax.config.ModelConfig`) trained from scratch on the
+passkey task (`nsa_jax.passkey`: a key line at a random depth of --train_len bytes of filler,
+the question at the end, only the answer's bytes as targets), then evaluated without further
+training at every --eval_lengths x --depths cell: exact match of the answer over --examples
+examples per cell (teacher forced, which is greedy decoding's result: `nsa_jax.passkey`).
+
+Variants: nsa (all three branches, Pallas kernels), nsa_no_selected (compressed + sliding
+window: what selection adds), sliding (the sliding window alone: chance beyond its window),
+dense (full causal attention: how it extrapolates past its training length).
+
+Prints a table (accuracy per variant and length, mean and worst depth), writes a JSON of the
+training curve and the grid to --out, and with --plot_dir one heat map per variant (depth x
+length) as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsa_jax import passkey
+from nsa_jax.config import ModelConfig
+from nsa_jax.training import Trainer, make_optimizer
+
+VARIANTS = {  # name -> ModelConfig changes, use_pallas_nsa
+    "nsa": (dict(use_sparse_attn=True), True),
+    "nsa_no_selected": (dict(use_sparse_attn=True, nsa_branches="compressed,sliding"), True),
+    "sliding": (dict(use_sparse_attn=True, nsa_branches="sliding"), True),
+    "dense": (dict(use_sparse_attn=False), None),
+}
+SMOKE_MODEL = dict(dim=32, depth=2, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=4,
+                   compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="nsa,nsa_no_selected,sliding,dense",
+                        help=f"comma list from {', '.join(VARIANTS)}")
+    parser.add_argument("--train_len", type=int, default=4096, help="training sequence length (bytes)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--eval_lengths", default="4096,16384,65536", help="comma list of lengths to test")
+    parser.add_argument("--depths", type=int, default=10, help="key depths per length, evenly from 0 to 1")
+    parser.add_argument("--examples", type=int, default=8, help="examples per (length, depth) cell")
+    parser.add_argument("--eval_tokens", type=int, default=65536, help="tokens per evaluation forward pass")
+    parser.add_argument("--eval_every", type=int, default=250, help="steps between accuracy checks at --train_len")
+    parser.add_argument("--data_path", default=None, help="filler corpus (default: the usual repeated sentences)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="activations (bfloat16: half the activation memory at the longest lengths; dense "
+                             "attention's [n, n] logits still grow with the square of the length)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/retrieval-<date>.json)")
+    parser.add_argument("--plot_dir", default=None, help="write one heat map PNG per variant here")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and lengths (a CPU check of the pipeline)")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    try:
+        args.eval_lengths = [int(n) for n in args.eval_lengths.split(",")]
+    except ValueError:
+        parser.error(f"--eval_lengths takes a comma list of integers, got {args.eval_lengths!r}")
+    if args.smoke:
+        args.train_len, args.steps, args.batch_size, args.examples = 160, 4, 2, 2
+        args.eval_lengths, args.depths, args.eval_every, args.dtype = [160, 320], 3, 2, "float32"
+    task = passkey.PasskeyTask()
+    too_short = [n for n in [args.train_len, *args.eval_lengths] if n < task.min_length()]
+    if too_short:
+        parser.error(f"lengths {too_short} are shorter than the task's {task.min_length()} bytes")
+    return args
+
+
+def build(variant: str, args) -> Trainer:
+    changes, pallas = VARIANTS[variant]
+    config = dataclasses.replace(ModelConfig(**(SMOKE_MODEL if args.smoke else {})), **changes)
+    model = config.build(nnx.Rngs(args.seed), use_pallas_nsa=pallas, dtype=args.dtype)
+    return Trainer(model, make_optimizer(args.learning_rate))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "digits"))
+def _answer_hits(graphdef, params, rest, tokens, answer_start, digits):
+    """bool [b]: exact match of the answer of tokens [b, n + 1] (the model reads tokens[:, :-1])."""
+    model = nnx.merge(graphdef, params, rest)
+    hidden = model.hidden(tokens[:, :-1])  # [b, n, dim]
+    positions = answer_start[:, None] - 1 + jnp.arange(digits)[None, :]  # the logits predicting each answer byte
+    picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)  # [b, digits, dim]
+    logits = model.to_logits(model.norm(picked))
+    wanted = jnp.take_along_axis(tokens, positions + 1, axis=1)
+    return jnp.all(jnp.argmax(logits, axis=-1) == wanted, axis=1)
+
+
+def accuracy(trainer: Trainer, params, task: passkey.PasskeyTask, rng, length: int, depth: float | None,
+             examples: int, eval_tokens: int) -> float:
+    """Exact-match rate over `examples` examples of length + 1 bytes (key at `depth`, or random)."""
+    graphdef, state, rest = nnx.split(trainer.model(params), nnx.Param, ...)
+    per_pass = max(1, min(examples, eval_tokens // length))
+    hits = []
+    for first in range(0, examples, per_pass):
+        batch = task.batch(rng, min(per_pass, examples - first), length + 1, depths=depth)
+        hits.append(np.asarray(_answer_hits(graphdef, state, rest, jnp.asarray(batch.tokens),
+                                            jnp.asarray(batch.answer_start), task.digits)))
+    return float(np.concatenate(hits).mean())
+
+
+def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
+    trainer = build(variant, args)
+    state = trainer.init_state()
+    rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
+    curve, start = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch = task.batch(rng, args.batch_size, args.train_len + 1)
+        host = dict(tokens=batch.tokens[None], loss_mask=batch.loss_mask[None])  # [accum = 1, b, n + 1]
+        state, metrics = trainer.train_step(state, trainer.train_batches(host))
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(trainer, state.params, task, eval_rng, args.train_len, None, 2 * args.examples,
+                           args.eval_tokens)
+            curve.append(dict(step=step, loss=float(metrics["loss"]), accuracy=acc,
+                              seconds=round(time.perf_counter() - start, 1)))
+            print(f"{variant} step {step}/{args.steps}: answer loss {curve[-1]['loss']:.3f}, "
+                  f"exact match at T={args.train_len} {acc:.0%} ({curve[-1]['seconds']:.0f} s)", flush=True)
+    depths = [float(d) for d in np.linspace(0.0, 1.0, args.depths)]
+    grid = {}
+    for length in args.eval_lengths:
+        try:
+            grid[length] = [accuracy(trainer, state.params, task, eval_rng, length, d, args.examples, args.eval_tokens)
+                            for d in depths]
+        except Exception as exc:  # e.g. out of memory at the longest length: recorded, the rest goes on
+            grid[length] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        row = grid[length]
+        shown = f"mean {np.mean(row):.0%}, worst depth {min(row):.0%}" if isinstance(row, list) else row
+        print(f"{variant} T={length}: {shown}", flush=True)
+    return dict(variant=variant, curve=curve, depths=depths, grid={str(k): v for k, v in grid.items()})
+
+
+def table(results: list[dict], lengths: list[int]) -> str:
+    lines = ["| variant | " + " | ".join(f"T={n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for r in results:
+        cells = []
+        for n in lengths:
+            row = r["grid"].get(str(n))
+            cells.append(f"{np.mean(row):.0%} (worst {min(row):.0%})" if isinstance(row, list) else "error")
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def heat_map(result: dict, lengths: list[int], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no heat map")
+        return False
+    grid = np.array([result["grid"][str(n)] if isinstance(result["grid"][str(n)], list)
+                     else [np.nan] * len(result["depths"]) for n in lengths]).T  # [depth, length]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 4))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+    ax.set_yticks(range(len(result["depths"])), [f"{d:.0%}" for d in result["depths"]])
+    ax.set_xlabel("context length (bytes)")
+    ax.set_ylabel("key depth")
+    ax.set_title(f"passkey exact match: {result['variant']}")
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    filler = Path(args.data_path).read_bytes() if args.data_path else None
+    task = passkey.PasskeyTask(filler)
+    device = jax.devices()[0]
+    meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__,
+                settings={k: v for k, v in vars(args).items()})
+    out = Path(args.out or Path(__file__).parent / "results" / f"retrieval-{meta['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in args.variants.split(","):
+        results.append(run_variant(variant, args, task))
+        out.write_text(json.dumps(dict(meta, results=results), indent=1))
+        if args.plot_dir:
+            Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
+            heat_map(results[-1], args.eval_lengths, Path(args.plot_dir) / f"retrieval-{variant}.png")
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: trained at T={args.train_len} for {args.steps} "
+          f"steps; exact match over {args.depths} depths x {args.examples} examples per length")
+    print(table(results, args.eval_lengths))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
