@@ -44,15 +44,23 @@ def compressed_attention(
     stride: int,
     causal: bool,
     scale: float | None = None,
-    impl: str = "auto",  # "auto" | "pallas" | "cudnn"
+    impl: str = "auto",  # "auto" | "pallas" | "cudnn" | "xla"
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, n, h, d]
     """`nsa_jax.reference.compressed_attention` for the parallel forward (no `q_positions`).
 
     With segments each query sees the memory and its document's visible entries (slots
-    first .. first + count - 1 of `nsa_jax.segments`' grid), as bounds per query."""
+    first .. first + count - 1 of `nsa_jax.segments`' grid), as bounds per query.
+    impl="xla": no kernel, the reference's masked attention over all entries ([b, h, n, m + nc]
+    logits), its backward recomputing them (`jax.checkpoint`): for short sequences."""
     if impl not in COMPRESSED_IMPLS:
         raise ValueError(f"impl must be one of {', '.join(COMPRESSED_IMPLS)}, got {impl!r}")
+    if impl == "xla":
+        def attend(q, ck, cv, segments):
+            return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal,
+                                                  scale=scale, segments=segments)
+
+        return jax.checkpoint(attend)(q, ck, cv, segments)
     if (causal or segments is not None) and num_mem == 0:
         return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
                                               segments=segments)

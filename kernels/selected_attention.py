@@ -91,6 +91,9 @@ def selected_attention(
     With `segments`, indices are blocks of the query's document (NO_PICK = -1 past its k'), as
     `select_blocks` gives them with segments.
     """
+    if settings.impl == "xla":
+        return dense_masked(q, k, v, indices, valid, gates, segments, block_size=block_size, causal=causal,
+                            scale=scale)
     b, nq, h, d = q.shape
     kh = k.shape[2]
     g = h // kh
@@ -135,3 +138,16 @@ def selected_attention(
         o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]
     o = o.reshape(b, nq, kh, lay.groups_per_kv * lay.rows, lay.d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)
+
+
+def dense_masked(q, k, v, indices, valid, gates, segments=None, *, block_size: int, causal: bool,
+                 scale: float | None = None) -> jax.Array:
+    """`impl="xla"`: the reference's dense masked attention ([b, h, n, n] logits), whose backward
+    recomputes it from the inputs instead of keeping the logits (`jax.checkpoint`)."""
+    from nsa_jax import reference
+
+    def attend(q, k, v, indices, valid, gates, segments):
+        return reference.selected_attention(q, k, v, indices, valid, gates, block_size=block_size, causal=causal,
+                                            scale=scale, segments=segments)
+
+    return jax.checkpoint(attend)(q, k, v, indices, valid, gates, segments)

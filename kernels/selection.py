@@ -600,6 +600,10 @@ def select_blocks(
     (probabilities, indices), each [b, n, sh, k'] (float32, int32); linear memory in n.
     Differentiable in q and ck through the probabilities (diff top-k). With segments, as the
     reference: indices within the query's document, NO_PICK past its own k'."""
+    if settings.impl == "xla":
+        return _dense(q, ck, segments, num_mem=num_mem, stride=stride, causal=causal, share_heads=share_heads,
+                      num_selected=num_selected, selection_block_size=selection_block_size,
+                      interpolated=interpolated, scale=scale)
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh
@@ -639,3 +643,10 @@ def select_blocks(
     kept = jnp.arange(k)[None, None, None, :] < picks[:, :, None, None]
     local = indices - (segments.start // sb)[:, :, None, None]
     return jnp.where(kept, values, 0.0), jnp.where(kept, local, reference.NO_PICK).astype(jnp.int32)
+
+
+def _dense(q, ck, segments, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """`SelectionSettings.impl="xla"`: the reference (dense importance scores), its backward
+    recomputing them from q and ck (`jax.checkpoint`)."""
+    return jax.checkpoint(lambda q, ck, segments: reference.select_blocks(q, ck, segments=segments, **kwargs))(
+        q, ck, segments)

@@ -49,7 +49,7 @@ class Tiles:
     min_dkv_tiles_per_program: int = 8
 
 
-SELECTED_IMPLS = ("auto", "query", "tiled")
+SELECTED_IMPLS = ("auto", "query", "tiled", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,9 @@ class SelectedSettings:
 
     impl: "query" (`kernels.selected_query`: one program per query and selection group; dk/dv
     by a kernel over the inverted index), "tiled" (`kernels.selected_tiled`: one program per
-    tile of `tile_rows` rows walking the union of the blocks its queries selected), or "auto":
+    tile of `tile_rows` rows walking the union of the blocks its queries selected), "xla" (no
+    kernel: the reference's dense masked attention in XLA, [n, n] logits per head, its backward
+    recomputing them; for short sequences, where the kernels' fixed costs dominate), or "auto":
     tiled when a selection group has fewer rows than the matrix unit's 16 (the seed model's
     2 heads per kv head), per-query otherwise (the paper's 16). Measured on an H100 in
     BENCHMARKS.md, "Kernel settings"; the per-query kernels' warps, stages and dk/dv chunk on
@@ -104,6 +106,9 @@ class SelectedSettings:
         _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
 
 
+SELECTION_IMPLS = ("pallas", "xla")
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionSettings:
     """Block selection (`kernels.selection`): tiles of the streaming top-k kernels.
@@ -114,8 +119,11 @@ class SelectionSettings:
     until about `dbk_target_programs` run (at most `max_dbk_splits`, at least
     `min_dbk_tiles_per_split` query tiles each), with `num_warps_dbk` warps (None: 8 for head
     dims >= 128, else 4; measured on an H200, BENCHMARKS.md "Selection kernel").
+    impl "xla": no kernel, the reference's dense importance scores ([b, h, n, n / stride]) and
+    top-k in XLA, the backward recomputing them; for short sequences.
     """
 
+    impl: str = "pallas"
     rows: int = 64
     block_keys: int = 64
     rows_dbk: int = 64
@@ -128,6 +136,7 @@ class SelectionSettings:
     num_stages: int = 2
 
     def __post_init__(self):
+        _check(self.impl in SELECTION_IMPLS, f"impl must be one of {', '.join(SELECTION_IMPLS)}, got {self.impl!r}")
         for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk", "max_dbk_splits", "dbk_target_programs",
                      "min_dbk_tiles_per_split", "num_warps", "num_stages"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -138,8 +147,8 @@ class SelectionSettings:
             _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")
 
 
-SLIDING_IMPLS = ("auto", "pallas", "cudnn")
-COMPRESSED_IMPLS = ("auto", "pallas", "cudnn")
+SLIDING_IMPLS = ("auto", "pallas", "cudnn", "xla")
+COMPRESSED_IMPLS = ("auto", "pallas", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Sliding-window attention: a band-limited Pallas flash kernel, or cuDNN's local window.
+"""Sliding-window attention: a band-limited Pallas flash kernel, cuDNN's local window, or dense masked XLA.
 
 The Pallas kernel (`kernels._flash`) visits only the key tiles within `window` of a query
 tile, with the g query heads of a kv head in the tile rows. `impl="auto"` picks, for causal
@@ -54,15 +54,25 @@ def sliding_window_attention(
     causal: bool,
     scale: float | None = None,
     mask_padding: bool = False,
-    impl: str = "auto",  # "auto" | "pallas" | "cudnn"
+    impl: str = "auto",  # "auto" | "pallas" | "cudnn" | "xla"
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, nq, h, d]
     """`nsa_jax.reference.sliding_window_attention` for the parallel forward (no `q_positions`).
 
     With segments (the Pallas kernel) each query sees its document's tokens only, as bounds
-    per query, and the zero padding of the non-causal quirk is counted per document."""
+    per query, and the zero padding of the non-causal quirk is counted per document.
+    impl="xla": no kernel, the reference's dense masked attention ([b, h, n, n] logits), its
+    backward recomputing them (`jax.checkpoint`): for short sequences."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
+    if impl == "xla":
+        from nsa_jax import reference
+
+        def attend(q, k, v, segments):
+            return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
+                                                      mask_padding=mask_padding, segments=segments)
+
+        return jax.checkpoint(attend)(q, k, v, segments)
     if segments is not None:
         phantom = seg.window_padding(segments, window) if not causal and not mask_padding and window > 0 else None
         vis = Visibility("window", causal=causal, num_keys=k.shape[1], window=window, packed=True,

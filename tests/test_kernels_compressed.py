@@ -138,3 +138,13 @@ def test_unmasked_key_tiles_are_exactly_the_fully_visible_ones(vis):
         for tile in (a - 1, b):  # the neighbours (tiles without padding keys) need the mask
             if 0 <= tile < vis.num_keys // block_k:
                 assert not whole(tile), (t0, tile, a, b)
+
+
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g4_noncausal_mem3")}, {}))
+def test_compressed_attention_xla_matches_reference(case, dtype):
+    """impl="xla": the reference's masked attention, its backward recomputing the logits."""
+    q, ck, cv, key = inputs(case, dtype, hash(case) % 2**31 + 2)
+    kw = dict(num_mem=case.num_mem, stride=case.stride, causal=case.causal)
+    check_vjp("compressed xla", functools.partial(compressed_attention, impl="xla", **kw),
+              functools.partial(reference.compressed_attention, **kw),
+              (q, ck, cv), ("q", "ck", "cv"), dtype, key, case=str(case))

@@ -252,3 +252,37 @@ def test_selected_attention_packed_matches_reference(case, dtype, impl):
               lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, segments, settings=settings, **kw),
               lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, segments=segments, **kw),
               (q, k, v, gates), ("q", "k", "v", "gates"), dtype, keys[4], case=str(case))
+
+
+@pytest.mark.parametrize("case,dtype", grid(SLIDING, {}))
+def test_sliding_window_packed_xla_matches_reference(case, dtype):
+    """impl="xla" (dense masked, recomputed in the backward) with packed documents."""
+    segments = packed(case)
+    b, n = segments.start.shape
+    keys = jax.random.split(jax.random.key(seed_of(case) + 1), 4)
+    q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
+    k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    kw = dict(window=case.window, causal=case.causal, mask_padding=case.mask_padding)
+    check_vjp("sliding_packed_xla", lambda q, k, v: sliding_window_attention(q, k, v, segments, impl="xla", **kw),
+              lambda q, k, v: reference.sliding_window_attention(q, k, v, segments=segments, **kw),
+              (q, k, v), ("q", "k", "v"), dtype, keys[3], case=str(case))
+
+
+@pytest.mark.parametrize("case,dtype", grid(SELECTED, {}))
+def test_selected_attention_packed_xla_matches_reference(case, dtype):
+    """impl="xla" (dense masked, recomputed in the backward) with packed documents."""
+    from kernels.selected_attention import selected_attention
+    from kernels.settings import SelectedSettings
+
+    segments = packed(Case(case.lengths, 1, 1, 1, True))
+    b, n = segments.start.shape
+    keys = jax.random.split(jax.random.key(seed_of(case) + 1), 5)
+    q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
+    k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
+    indices, valid, gates = packed_selection(keys[3], segments, case, 0.8 if case.causal else 0.6)
+    kw = dict(block_size=case.block, causal=case.causal)
+    settings = SelectedSettings(impl="xla")
+    check_vjp("selected_packed_xla",
+              lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, segments, settings=settings, **kw),
+              lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, segments=segments, **kw),
+              (q, k, v, gates), ("q", "k", "v", "gates"), dtype, keys[4], case=str(case))

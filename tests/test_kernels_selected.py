@@ -311,3 +311,10 @@ def test_kernel_settings_are_static_and_hashable():
     with pytest.raises(AttributeError):
         a.sliding_impl = "cudnn"  # frozen
     assert Tiles().dkv_target_programs == 4 * 132
+
+
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g1_block4_noncausal")}, {}))
+def test_selected_attention_xla_matches_reference(case, dtype):
+    """impl="xla": the reference's dense masked attention, its backward recomputing the logits."""
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31, 0.6 if not case.causal else 0.8)
+    check(case, dtype, q, k, v, indices, valid, gates, key, SelectedSettings(impl="xla"), "selected xla")

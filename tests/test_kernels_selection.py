@@ -73,6 +73,7 @@ SETTINGS = {  # the defaults; small tiles (many chunks and query tiles, dbk spli
     "small_tiles": SelectionSettings(rows=16, block_keys=16, rows_dbk=16, block_keys_dbk=16, dbk_target_programs=64,
                                      min_dbk_tiles_per_split=1),
     "tall_dbk": SelectionSettings(rows=32, block_keys=32, rows_dbk=128, block_keys_dbk=32, num_warps_dbk=8),
+    "xla": SelectionSettings(impl="xla"),  # no kernel: the reference in the inputs' dtype (float32 cases only)
 }
 
 
@@ -81,8 +82,9 @@ def settings_grid() -> list:
     case in the slow tier, on the seed-like float32 case in the quick one."""
     params = []
     for tiles in SETTINGS:
-        quick = QUICK if tiles == "default" else {"seed_like": F32_ONLY}
-        params += [pytest.param(*p.values, tiles, id=f"{p.id}-{tiles}", marks=p.marks) for p in grid(CASES, quick)]
+        quick = QUICK if tiles == "default" else {} if tiles == "xla" else {"seed_like": F32_ONLY}
+        params += [pytest.param(*p.values, tiles, id=f"{p.id}-{tiles}", marks=p.marks) for p in grid(CASES, quick)
+                   if tiles != "xla" or (p.values[1] == jnp.float32 and p.id.split("-")[0] in QUICK)]
     return params
 
 

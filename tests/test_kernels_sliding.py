@@ -59,3 +59,9 @@ def test_sliding_window_pallas_kernel_matches_reference(case, dtype):
 def test_sliding_window_kernel_cudnn_matches_reference(case):
     """cuDNN's local window, the default for long causal bf16 windows on GPU."""
     run(case, jnp.bfloat16, "cudnn")
+
+
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g2_noncausal_quirk")}, {}))
+def test_sliding_window_xla_matches_reference(case, dtype):
+    """impl="xla": the reference's dense masked attention, its backward recomputing the logits."""
+    run(case, dtype, "xla")

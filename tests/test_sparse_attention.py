@@ -331,6 +331,7 @@ def _branches_by_hand(attn: SparseAttention, x: jax.Array):
     return (compressed, fine, sliding), gates
 
 
+@pytest.mark.slow
 def test_default_branches_are_all_three_and_unchanged():
     x = jax.random.normal(jax.random.key(0), (2, 40, DIM))
     default = make(21)
