@@ -82,6 +82,7 @@ def test_exact_match_needs_every_answer_byte():
     assert inputs.shape == (3, n) and got.tolist() == [True, False, True]
 
 
+@pytest.mark.slow  # the quick tier: the task's layout and scoring
 def test_loss_mask_counts_only_the_masked_targets():
     model = TINY.build(nnx.Rngs(0))
     rng = np.random.default_rng(7)
@@ -97,16 +98,18 @@ def test_loss_mask_counts_only_the_masked_targets():
         model(tokens, return_loss=True, loss_mask=mask[:, :-1])
 
 
+@pytest.mark.slow  # the quick tier: the task's layout and scoring
 def test_trainer_takes_a_dict_batch_with_a_loss_mask():
     trainer = Trainer(TINY.build(nnx.Rngs(0)), make_optimizer(1e-3))
     task = passkey.PasskeyTask()
     batch = task.batch(np.random.default_rng(0), 2, task.min_length() + 20)
     host = dict(tokens=batch.tokens[None], loss_mask=batch.loss_mask[None])  # [accum = 1, b, n + 1]
     state = trainer.init_state()
-    want = float(trainer.model(state.params)(jnp.asarray(batch.tokens), return_loss=True,
-                                             loss_mask=jnp.asarray(batch.loss_mask)))
+    eval_batch = trainer.eval_batch(dict(tokens=batch.tokens, loss_mask=batch.loss_mask))
+    want = float(trainer.eval_step(state.params, eval_batch))  # the masked loss (test above), before the step
+    unmasked = float(trainer.eval_step(state.params, trainer.eval_batch(batch.tokens)))
     state, metrics = trainer.train_step(state, trainer.train_batches(host))
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
-    assert float(trainer.eval_step(state.params, trainer.eval_batch(dict(tokens=batch.tokens,
-                                                                          loss_mask=batch.loss_mask)))) < want
+    assert abs(want - unmasked) > 1e-4
+    assert float(trainer.eval_step(state.params, eval_batch)) < want
     assert jax.tree.structure(state) == jax.tree.structure(trainer.init_state())

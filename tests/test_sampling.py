@@ -178,7 +178,9 @@ def cached_logits(model: Transformer, ids: jax.Array, prompt_len: int) -> jax.Ar
     return go(state, ids)
 
 
-@pytest.mark.parametrize("sparse", [True, False])
+# Sparse: the slow tier (15 s here); the quick tier checks sparse decoding layer by layer
+# (test_sparse_decode_matches_parallel_forward) and the Transformer's loop with dense attention.
+@pytest.mark.parametrize("sparse", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_transformer_decode_logits_match_parallel_forward(sparse):
     model = make_model(sparse)
     ids = jax.random.randint(jax.random.key(3), (2, 45), 0, VOCAB)

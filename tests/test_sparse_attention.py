@@ -277,6 +277,7 @@ def test_invalid_settings_raise_clear_errors(bad, message):
         make(0, **bad)
 
 
+@pytest.mark.slow
 def test_grouped_mlp_pair_equals_the_two_networks():
     """`GroupedMLP.pair` (keys' and values' networks together) gives each network's own output
     and gradients, on fresh random windows and weights."""
@@ -347,7 +348,8 @@ def test_default_branches_are_all_three_and_unchanged():
     np.testing.assert_allclose(base, np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("branches", ABLATIONS)
+@pytest.mark.parametrize("branches", [pytest.param(p.values[0], id=p.id, marks=() if p.id == "sliding" else
+                                                   pytest.mark.slow) for p in ABLATIONS])
 def test_ablation_equals_combine_with_the_off_gates_zeroed(branches):
     x = jax.random.normal(jax.random.key(1), (2, 37, DIM))
     attn = make(22, branches=branches, use_diff_topk=True)
@@ -373,7 +375,8 @@ def test_sliding_alone_is_the_gated_sliding_window():
     np.testing.assert_allclose(np.asarray(run(attn, x)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("branches", ABLATIONS)
+@pytest.mark.parametrize("branches", [pytest.param(p.values[0], id=p.id, marks=() if p.id == "sliding" else
+                                                   pytest.mark.slow) for p in ABLATIONS])
 def test_ablation_gradients_flow(branches):
     x = jax.random.normal(jax.random.key(3), (2, 29, DIM))
     attn = make(24, branches=branches, use_diff_topk=True)
@@ -403,7 +406,8 @@ def test_bad_branches_raise_clear_errors(bad, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("branches", [("compressed", "sliding"), pytest.param(("sliding",), marks=pytest.mark.slow),
+@pytest.mark.parametrize("branches", [pytest.param(("compressed", "sliding"), marks=pytest.mark.slow),
+                                      pytest.param(("sliding",), marks=pytest.mark.slow),
                                       pytest.param(("selected", "sliding"), marks=pytest.mark.slow)])
 def test_ablation_cached_decode_matches_parallel_forward(branches):
     """prefill + decode of a model without a branch gives its parallel forward's outputs."""
@@ -435,6 +439,7 @@ def test_ablation_pallas_matches_reference():
     np.testing.assert_allclose(np.asarray(pallas), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_config_nsa_branches():
     from nsa_jax.config import ModelConfig
 
