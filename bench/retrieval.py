@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import time
 from pathlib import Path
@@ -94,33 +93,27 @@ def build(variant: str, args) -> Trainer:
     return Trainer(model, make_optimizer(args.learning_rate))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "digits"))
-def _answer_hits(graphdef, params, rest, tokens, answer_start, digits):
-    """bool [b]: exact match of the answer of tokens [b, n + 1] (the model reads tokens[:, :-1])."""
-    model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden(tokens[:, :-1])  # [b, n, dim]
-    positions = answer_start[:, None] - 1 + jnp.arange(digits)[None, :]  # the logits predicting each answer byte
-    picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)  # [b, digits, dim]
-    logits = model.to_logits(model.norm(picked))
-    wanted = jnp.take_along_axis(tokens, positions + 1, axis=1)
-    return jnp.all(jnp.argmax(logits, axis=-1) == wanted, axis=1)
+def answer_hits(trainer: Trainer, digits: int):
+    """A jitted (params, tokens [b, n + 1], answer_start [b]) -> bool [b]: exact match of each
+    answer (`passkey.exact_match`), the model reading tokens[:, :-1]."""
+    return jax.jit(lambda params, tokens, answer_start: passkey.exact_match(
+        trainer.model(params)(tokens[:, :-1]), tokens, answer_start, digits))
 
 
-def accuracy(trainer: Trainer, params, task: passkey.PasskeyTask, rng, length: int, depth: float | None,
-             examples: int, eval_tokens: int) -> float:
+def accuracy(hits_fn, params, task: passkey.PasskeyTask, rng, length: int, depth: float | None, examples: int,
+             eval_tokens: int) -> float:
     """Exact-match rate over `examples` examples of length + 1 bytes (key at `depth`, or random)."""
-    graphdef, state, rest = nnx.split(trainer.model(params), nnx.Param, ...)
     per_pass = max(1, min(examples, eval_tokens // length))
     hits = []
     for first in range(0, examples, per_pass):
         batch = task.batch(rng, min(per_pass, examples - first), length + 1, depths=depth)
-        hits.append(np.asarray(_answer_hits(graphdef, state, rest, jnp.asarray(batch.tokens),
-                                            jnp.asarray(batch.answer_start), task.digits)))
+        hits.append(np.asarray(hits_fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.answer_start))))
     return float(np.concatenate(hits).mean())
 
 
 def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
     trainer = build(variant, args)
+    hits_fn = answer_hits(trainer, task.digits)
     state = trainer.init_state()
     rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     curve, start = [], time.perf_counter()
@@ -129,7 +122,7 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
         host = dict(tokens=batch.tokens[None], loss_mask=batch.loss_mask[None])  # [accum = 1, b, n + 1]
         state, metrics = trainer.train_step(state, trainer.train_batches(host))
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(trainer, state.params, task, eval_rng, args.train_len, None, 2 * args.examples,
+            acc = accuracy(hits_fn, state.params, task, eval_rng, args.train_len, None, 2 * args.examples,
                            args.eval_tokens)
             curve.append(dict(step=step, loss=float(metrics["loss"]), accuracy=acc,
                               seconds=round(time.perf_counter() - start, 1)))
@@ -139,8 +132,8 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
     grid = {}
     for length in args.eval_lengths:
         try:
-            grid[length] = [accuracy(trainer, state.params, task, eval_rng, length, d, args.examples, args.eval_tokens)
-                            for d in depths]
+            grid[length] = [accuracy(hits_fn, state.params, task, eval_rng, length, d, args.examples,
+                                     args.eval_tokens) for d in depths]
         except Exception as exc:  # e.g. out of memory at the longest length: recorded, the rest goes on
             grid[length] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         row = grid[length]
@@ -194,7 +187,7 @@ def main(argv=None) -> None:
     task = passkey.PasskeyTask(filler)
     device = jax.devices()[0]
     meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__,
-                settings={k: v for k, v in vars(args).items()})
+                settings=dict(vars(args)))
     out = Path(args.out or Path(__file__).parent / "results" / f"retrieval-{meta['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []

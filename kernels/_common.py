@@ -134,3 +134,10 @@ def compiler_params(num_warps: int, num_stages: int = 2) -> plgpu.CompilerParams
 
 def iota(n: int) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def in_xla(reference_fn, *args):
+    """`impl="xla"`: `reference_fn(*args)` (a reference branch, its settings bound) as plain XLA, its
+    backward recomputing the forward from the inputs (`jax.checkpoint`) instead of keeping its
+    dense [n, n] logits."""
+    return jax.checkpoint(reference_fn)(*args)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._common import cdiv, cudnn_flash_usable, interpret_mode, pad_axis
+from kernels._common import cdiv, cudnn_flash_usable, in_xla, interpret_mode, pad_axis
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import COMPRESSED_IMPLS, Tiles
 from nsa_jax import reference
@@ -56,11 +56,9 @@ def compressed_attention(
     if impl not in COMPRESSED_IMPLS:
         raise ValueError(f"impl must be one of {', '.join(COMPRESSED_IMPLS)}, got {impl!r}")
     if impl == "xla":
-        def attend(q, ck, cv, segments):
-            return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal,
-                                                  scale=scale, segments=segments)
-
-        return jax.checkpoint(attend)(q, ck, cv, segments)
+        return in_xla(lambda q, ck, cv, segments: reference.compressed_attention(
+            q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale, segments=segments),
+            q, ck, cv, segments)
     if (causal or segments is not None) and num_mem == 0:
         return reference.compressed_attention(q, ck, cv, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
                                               segments=segments)

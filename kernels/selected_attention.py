@@ -28,11 +28,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._common import F32, MIN_DOT, cdiv, interpret_mode, next_pow2, pad_axis
+from kernels._common import F32, MIN_DOT, cdiv, in_xla, interpret_mode, next_pow2, pad_axis
 from kernels._selected_common import packed_inputs, slot_indices
 from kernels.selected_query import QueryConfig, query_selected
 from kernels.selected_tiled import tiled_selected_attention
 from kernels.settings import SelectedSettings
+from nsa_jax import reference
 from nsa_jax import segments as seg
 
 
@@ -92,8 +93,9 @@ def selected_attention(
     `select_blocks` gives them with segments.
     """
     if settings.impl == "xla":
-        return dense_masked(q, k, v, indices, valid, gates, segments, block_size=block_size, causal=causal,
-                            scale=scale)
+        return in_xla(lambda q, k, v, indices, valid, gates, segments: reference.selected_attention(
+            q, k, v, indices, valid, gates, block_size=block_size, causal=causal, scale=scale, segments=segments),
+            q, k, v, indices, valid, gates, segments)
     b, nq, h, d = q.shape
     kh = k.shape[2]
     g = h // kh
@@ -138,16 +140,3 @@ def selected_attention(
         o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]
     o = o.reshape(b, nq, kh, lay.groups_per_kv * lay.rows, lay.d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)
-
-
-def dense_masked(q, k, v, indices, valid, gates, segments=None, *, block_size: int, causal: bool,
-                 scale: float | None = None) -> jax.Array:
-    """`impl="xla"`: the reference's dense masked attention ([b, h, n, n] logits), whose backward
-    recomputes it from the inputs instead of keeping the logits (`jax.checkpoint`)."""
-    from nsa_jax import reference
-
-    def attend(q, k, v, indices, valid, gates, segments):
-        return reference.selected_attention(q, k, v, indices, valid, gates, block_size=block_size, causal=causal,
-                                            scale=scale, segments=segments)
-
-    return jax.checkpoint(attend)(q, k, v, indices, valid, gates, segments)

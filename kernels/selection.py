@@ -57,8 +57,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import F32, MIN_DOT, cdiv, compiler_params, interpret_mode, iota, mm, next_pow2, pad_axis, \
-    round_up, tokens_to_rows
+from kernels._common import F32, MIN_DOT, cdiv, compiler_params, in_xla, interpret_mode, iota, mm, next_pow2, \
+    pad_axis, round_up, tokens_to_rows
 from kernels.settings import SelectionSettings
 from nsa_jax import reference
 from nsa_jax import segments as seg
@@ -601,9 +601,10 @@ def select_blocks(
     Differentiable in q and ck through the probabilities (diff top-k). With segments, as the
     reference: indices within the query's document, NO_PICK past its own k'."""
     if settings.impl == "xla":
-        return _dense(q, ck, segments, num_mem=num_mem, stride=stride, causal=causal, share_heads=share_heads,
-                      num_selected=num_selected, selection_block_size=selection_block_size,
-                      interpolated=interpolated, scale=scale)
+        return in_xla(lambda q, ck, segments: reference.select_blocks(
+            q, ck, num_mem=num_mem, stride=stride, causal=causal, share_heads=share_heads, num_selected=num_selected,
+            selection_block_size=selection_block_size, interpolated=interpolated, scale=scale, segments=segments),
+            q, ck, segments)
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh
@@ -643,10 +644,3 @@ def select_blocks(
     kept = jnp.arange(k)[None, None, None, :] < picks[:, :, None, None]
     local = indices - (segments.start // sb)[:, :, None, None]
     return jnp.where(kept, values, 0.0), jnp.where(kept, local, reference.NO_PICK).astype(jnp.int32)
-
-
-def _dense(q, ck, segments, **kwargs) -> tuple[jax.Array, jax.Array]:
-    """`SelectionSettings.impl="xla"`: the reference (dense importance scores), its backward
-    recomputing them from q and ck (`jax.checkpoint`)."""
-    return jax.checkpoint(lambda q, ck, segments: reference.select_blocks(q, ck, segments=segments, **kwargs))(
-        q, ck, segments)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import jax
 
-from kernels._common import cudnn_flash_usable, interpret_mode, pad_axis, round_up
+from kernels._common import cudnn_flash_usable, in_xla, interpret_mode, pad_axis, round_up
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import Tiles
+from nsa_jax import reference
 from nsa_jax import segments as seg
 
 
@@ -66,13 +67,9 @@ def sliding_window_attention(
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     if impl == "xla":
-        from nsa_jax import reference
-
-        def attend(q, k, v, segments):
-            return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
-                                                      mask_padding=mask_padding, segments=segments)
-
-        return jax.checkpoint(attend)(q, k, v, segments)
+        return in_xla(lambda q, k, v, segments: reference.sliding_window_attention(
+            q, k, v, window=window, causal=causal, scale=scale, mask_padding=mask_padding, segments=segments),
+            q, k, v, segments)
     if segments is not None:
         phantom = seg.window_padding(segments, window) if not causal and not mask_padding and window > 0 else None
         vis = Visibility("window", causal=causal, num_keys=k.shape[1], window=window, packed=True,

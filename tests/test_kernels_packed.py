@@ -75,15 +75,19 @@ def test_compressed_attention_packed_matches_reference(case, dtype):
               (q, ck, cv), ("q", "ck", "cv"), dtype, keys[3], case=str(case))
 
 
-@pytest.mark.parametrize("case,dtype", grid(SLIDING, {"g2_noncausal_quirk_short": F32_ONLY}))
-def test_sliding_window_packed_matches_reference(case, dtype):
+# impl "xla" (dense masked, recomputed in the backward): the slow tier.
+@pytest.mark.parametrize("case,dtype,impl", [
+    pytest.param(*p.values, impl, id=f"{impl}-{p.id}", marks=p.marks)
+    for impl, quick in (("pallas", {"g2_noncausal_quirk_short": F32_ONLY}), ("xla", {}))
+    for p in grid(SLIDING, quick)])
+def test_sliding_window_packed_matches_reference(case, dtype, impl):
     segments = packed(case)
     b, n = segments.start.shape
     keys = jax.random.split(jax.random.key(seed_of(case)), 4)
     q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
     k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
     kw = dict(window=case.window, causal=case.causal, mask_padding=case.mask_padding)
-    check_vjp("sliding_packed", lambda q, k, v: sliding_window_attention(q, k, v, segments, impl="pallas", **kw),
+    check_vjp(f"sliding_packed_{impl}", lambda q, k, v: sliding_window_attention(q, k, v, segments, impl=impl, **kw),
               lambda q, k, v: reference.sliding_window_attention(q, k, v, segments=segments, **kw),
               (q, k, v), ("q", "k", "v"), dtype, keys[3], case=str(case))
 
@@ -252,20 +256,6 @@ def test_selected_attention_packed_matches_reference(case, dtype, impl):
               lambda q, k, v, g: selected_attention(q, k, v, indices, valid, g, segments, settings=settings, **kw),
               lambda q, k, v, g: reference.selected_attention(q, k, v, indices, valid, g, segments=segments, **kw),
               (q, k, v, gates), ("q", "k", "v", "gates"), dtype, keys[4], case=str(case))
-
-
-@pytest.mark.parametrize("case,dtype", grid(SLIDING, {}))
-def test_sliding_window_packed_xla_matches_reference(case, dtype):
-    """impl="xla" (dense masked, recomputed in the backward) with packed documents."""
-    segments = packed(case)
-    b, n = segments.start.shape
-    keys = jax.random.split(jax.random.key(seed_of(case) + 1), 4)
-    q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
-    k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
-    kw = dict(window=case.window, causal=case.causal, mask_padding=case.mask_padding)
-    check_vjp("sliding_packed_xla", lambda q, k, v: sliding_window_attention(q, k, v, segments, impl="xla", **kw),
-              lambda q, k, v: reference.sliding_window_attention(q, k, v, segments=segments, **kw),
-              (q, k, v), ("q", "k", "v"), dtype, keys[3], case=str(case))
 
 
 @pytest.mark.parametrize("case,dtype", grid(SELECTED, {}))
