@@ -116,7 +116,9 @@ def batch_parallel(fn: Callable, axis: str = "data") -> Callable:
     def wrapped(*args, **kwargs):
         mesh = jax.sharding.get_abstract_mesh()
         shards = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1) if not mesh.empty else 1
-        if shards == 1 or any(a.shape[0] % shards for a in jax.tree.leaves(args)):
+        # Inside a shard_map over the axis (the Trainer's per-device gradients), the batch is already split.
+        manual = not mesh.empty and axis in mesh.manual_axes
+        if shards == 1 or manual or any(a.shape[0] % shards for a in jax.tree.leaves(args)):
             return fn(*args, **kwargs)
         return jax.shard_map(functools.partial(fn, **kwargs), in_specs=P(axis), out_specs=P(axis),
                              check_vma=False)(*args)

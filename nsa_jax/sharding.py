@@ -3,6 +3,8 @@
 The batch is split over `data`; parameters and optimizer state are replicated, or, with
 FSDP, each array is split along its largest axis that the device count divides (arrays with
 no such axis stay replicated). XLA inserts the collectives; the train step stays one program.
+With replicated state, each device sums its gradients over the micro-batches and the sum is
+all-reduced once per step (`Trainer._device_grads`).
 Multi-host runs call `initialize` first; every process then sees the global mesh.
 """
 

@@ -60,6 +60,19 @@ class Block(nnx.Module):
         return self.ff(x) + x
 
 
+def counted_targets(segment_ids: jax.Array | None, loss_mask: jax.Array | None) -> jax.Array | None:
+    """The targets ids[:, 1:] that the loss counts (bool [b, n - 1]), or None for all of them:
+    not the first token of a packed document (its segment id differs from its input's), and
+    among loss_mask's tokens when given."""
+    counted = None
+    if segment_ids is not None:
+        counted = segment_ids[:, 1:] == segment_ids[:, :-1]
+    if loss_mask is not None:
+        wanted = loss_mask[:, 1:].astype(bool)
+        counted = wanted if counted is None else counted & wanted
+    return counted
+
+
 class Transformer(nnx.Module):
     """Token embedding -> depth x (attention, feedforward) -> RMSNorm -> logits.
 
@@ -152,12 +165,9 @@ class Transformer(nnx.Module):
         counted = None
         if return_loss:
             ids, labels = ids[:, :-1], ids[:, 1:]
+            counted = counted_targets(segment_ids, loss_mask)
             if segment_ids is not None:
-                counted = segment_ids[:, 1:] == segment_ids[:, :-1]
                 segment_ids = segment_ids[:, :-1]
-            if loss_mask is not None:
-                wanted = loss_mask[:, 1:].astype(bool)
-                counted = wanted if counted is None else counted & wanted
         x = self.hidden(ids, segment_ids)
         with jax.named_scope("logits"):
             logits = self.to_logits(self.norm(x))

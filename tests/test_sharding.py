@@ -138,3 +138,57 @@ def test_pallas_kernels_run_per_batch_shard(tmp_path):
     run = subprocess.run([sys.executable, "-c", PALLAS_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+UNEVEN_SCRIPT = textwrap.dedent('''
+    import re
+    import jax, numpy as np, optax
+    from flax import nnx
+    from nsa_jax import sharding
+    from nsa_jax.config import ModelConfig
+    from nsa_jax.training import Trainer
+
+    config = ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8,
+                         compress_block_size=8, compress_block_sliding_stride=4, selection_block_size=8,
+                         num_selected_blocks=2)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (2, 8, 33), dtype=np.int32)
+    # each device's slice of a micro-batch counts a different number of targets
+    loss_mask = rng.random((2, 8, 33)) < np.linspace(0.05, 0.9, 8)[None, :, None]
+    segment_ids = np.cumsum(rng.random((2, 8, 33)) < 0.1, axis=-1).astype(np.int32)
+    tokens3 = rng.integers(0, 256, (3, 8, 33), dtype=np.int32)
+    batches = [dict(tokens=tokens, loss_mask=loss_mask), (tokens, segment_ids), tokens, tokens3]
+
+    def trainer(devices):
+        optimizer = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.5))
+        return Trainer(config.build(nnx.Rngs(0)), optimizer, sharding.make_mesh(devices))
+
+    one, four = trainer(jax.devices()[:1]), trainer(jax.devices())
+    for batch in batches:
+        fresh = lambda t: jax.tree.map(jax.numpy.copy, t.init_state())  # (the step donates its state)
+        (s1, m1), (s4, m4) = [t.train_step(fresh(t), t.train_batches(batch)) for t in (one, four)]
+        np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # the gradient's all-reduce runs once per step, outside the loop over the micro-batches
+    hlo = four.lower_train_step(four.init_state(), four.train_batches(tokens3)).compile().as_text()
+    bodies = set(re.findall(r"body=%?([\\w.\\-]+)", hlo))
+    computation, in_loop, outside = None, 0, 0
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        elif "all-reduce" in line and "=" in line:
+            in_loop, outside = in_loop + (computation in bodies), outside + (computation not in bodies)
+    assert bodies and in_loop == 0 and outside >= 1, (bodies, in_loop, outside)
+    print("ok")
+''')
+
+
+@pytest.mark.slow
+def test_gradient_reduced_once_and_weighed_by_counted_targets():
+    """Per-device gradients summed over the micro-batches, then one all-reduce; loss masks and
+    packed documents that split unevenly over the devices still give the one-device result."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", UNEVEN_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
