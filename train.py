@@ -101,6 +101,11 @@ flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
 flags.DEFINE_integer("log_every", 10, "fetch and log training metrics every N steps")
 flags.DEFINE_integer("seed", 0, "seeds parameters, data crops and sampling")
 flags.DEFINE_boolean("fsdp", False, "split parameters and optimizer state over the devices (default: replicate)")
+flags.DEFINE_boolean("shard_optimizer", False, "keep parameters replicated and split the optimizer state over the "
+                     "devices (ZeRO-1: each device updates its part; less memory than replicating)")
+flags.register_multi_flags_validator(
+    ["fsdp", "shard_optimizer"], lambda f: not (f["fsdp"] and f["shard_optimizer"]),
+    "--fsdp already splits the optimizer state (and the parameters): pass --fsdp or --shard_optimizer, not both")
 flags.DEFINE_string("coordinator_address", None, "multi-host: address of process 0, host:port")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -264,7 +269,11 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     # -- model and compiled steps -----------------------------------------------------------
     use_pallas_nsa = None if FLAGS.use_pallas_nsa else False  # None: kernels where they run natively
     model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=use_pallas_nsa, dtype=cfg.dtype, remat=cfg.remat)
-    trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp)
+    try:
+        trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp,
+                          shard_optimizer=FLAGS.shard_optimizer)
+    except ValueError as e:  # --fsdp with --shard_optimizer
+        fail(str(e))
     state = trainer.init_state()
 
     # -- checkpoints: resume from the newest -------------------------------------------------
@@ -286,7 +295,8 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     print(f"{run_name}: {tree_size(state.params) / 1e6:.2f}M parameters, attention {backend}, "
           f"device {jax.devices()[0].platform}, {len(train_bytes) / 1e6:.1f} MB train / "
           f"{len(valid_bytes) / 1e6:.1f} MB valid, {cfg.tokens_per_step} tokens per step; "
-          f"{sharding.describe(mesh)}{', fsdp' if FLAGS.fsdp else ''}")
+          f"{sharding.describe(mesh)}{', fsdp' if FLAGS.fsdp else ''}"
+          f"{', optimizer state split' if FLAGS.shard_optimizer else ''}")
     return Run(model_config, cfg, run_name, checkpoint_dir, log_dir, is_main, valid_bytes, train_data, valid_data,
                trainer, state, checkpointer, start_step, writer)
 

@@ -37,14 +37,15 @@ VARIANTS = {  # name -> (use_sparse_attn, use_pallas_nsa)
 
 
 def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str,
-                 devices: int = 1, kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False) -> dict:
+                 devices: int = 1, kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False,
+                 shard_optimizer: bool = False) -> dict:
     """batch_size is per device: the global batch is batch_size * devices, split over a `data` mesh
     of the first `devices` devices."""
     sparse, pallas = VARIANTS[name]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
     mesh = sharding.make_mesh(jax.devices()[:devices])
     model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings)
-    trainer = Trainer(model, make_optimizer(1e-4, flat=flat_optimizer), mesh)
+    trainer = Trainer(model, make_optimizer(1e-4, flat=flat_optimizer), mesh, shard_optimizer=shard_optimizer)
     state = trainer.init_state()
     rng = np.random.default_rng(0)
     global_batch = batch_size * devices
@@ -69,7 +70,8 @@ def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: 
     pipelined_ms = 1e3 * (time.perf_counter() - start) / repeats
     tokens = accum * global_batch * seq_len
     return dict(variant=name, seq_len=seq_len, batch_size=batch_size, devices=devices, global_batch=global_batch,
-                grad_accum_every=accum, dtype=dtype, optimizer="flat" if flat_optimizer else "tree",
+                grad_accum_every=accum, dtype=dtype,
+                optimizer="flat" if flat_optimizer else "zero1" if shard_optimizer else "tree",
                 ms_per_step=ms, steps_per_s=1e3 / ms, tokens_per_s=tokens / (ms / 1e3), pipelined_ms_per_step=pipelined_ms,
                 loss=float(metrics["loss"]), repeats=repeats)
 
@@ -85,14 +87,15 @@ def main() -> None:
     parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per device)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default=None, help="JSON file stem (default train_step-<date>)")
-    parser.add_argument("--optimizers", default="tree", help="optimizer layouts to time: tree (per parameter array), "
-                        "flat (one vector: nsa_jax.training.make_optimizer(flat=True)), or tree,flat")
+    parser.add_argument("--optimizers", default="tree", help="optimizer layouts to time, comma-separated: tree (per "
+                        "parameter array), flat (one vector: nsa_jax.training.make_optimizer(flat=True)), zero1 "
+                        "(tree, its state split over the devices: Trainer(shard_optimizer=True))")
     add_kernel_flags(parser)
     args = parser.parse_args()
     kernel_settings = kernel_settings_from(args)
     layouts = args.optimizers.split(",")
-    if not set(layouts) <= {"tree", "flat"}:
-        parser.error(f"--optimizers takes tree, flat or tree,flat; got {args.optimizers!r}")
+    if not set(layouts) <= {"tree", "flat", "zero1"}:
+        parser.error(f"--optimizers takes a comma-separated list of tree, flat and zero1; got {args.optimizers!r}")
 
     device = jax.devices()[0]
     results = []
@@ -104,20 +107,20 @@ def main() -> None:
             for count, layout in ((c, o) for c in counts for o in layouts):
                 try:
                     results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
-                                                args.dtype, count, kernel_settings, layout == "flat"))
+                                                args.dtype, count, kernel_settings, layout == "flat", layout == "zero1"))
                 except NotImplementedError as e:  # a backend this version does not have
                     print(f"skipped {name}: {e}")
                 except Exception as e:  # e.g. out of memory: report it and go on with the other variants
                     print(f"failed {name} at T={seq_len}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     print(f"\nseed model train step on {device.device_kind} ({jax.__version__}), {args.dtype}, "
           f"batch {args.batch_size} x accum {args.grad_accum_every}")
-    print(f"{'variant':<10} {'opt':>4} {'T':>6} {'devices':>7} {'batch':>6} {'ms/step':>9} {'steps/s':>8} "
+    print(f"{'variant':<10} {'opt':>5} {'T':>6} {'devices':>7} {'batch':>6} {'ms/step':>9} {'steps/s':>8} "
           f"{'tokens/s':>10} {'scaling':>8} {'back-to-back ms':>15}")
     for r in results:
         one = next((o for o in results if o["variant"] == r["variant"] and o["seq_len"] == r["seq_len"]
                     and o["optimizer"] == r["optimizer"] and o["devices"] == 1), None)
         scaling = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
-        print(f"{r['variant']:<10} {r['optimizer']:>4} {r['seq_len']:>6} {r['devices']:>7} {r['global_batch']:>6} "
+        print(f"{r['variant']:<10} {r['optimizer']:>5} {r['seq_len']:>6} {r['devices']:>7} {r['global_batch']:>6} "
               f"{r['ms_per_step']:>9.2f} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} {scaling:>8} "
               f"{r['pipelined_ms_per_step']:>15.2f}")
     out = Path(args.out)

@@ -37,7 +37,8 @@ def describe(mesh: Mesh) -> str:
     return f"mesh: {mesh.size} devices ({DATA}={mesh.shape[DATA]}){hosts}"
 
 
-def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+    """Split along the largest axis that n divides (replicated when none does)."""
     candidates = [axis for axis, size in enumerate(shape) if size % n == 0 and size >= n]
     if n == 1 or not candidates:
         return P()
@@ -48,7 +49,7 @@ def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
 def state_sharding(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
     """A NamedSharding per leaf: replicated, or split along one axis with FSDP."""
     n = mesh.shape[DATA]
-    return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n) if fsdp else P()), tree)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n) if fsdp else P()), tree)
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:

@@ -82,13 +82,13 @@ def test_profile_step_script_runs(tmp_path):
 def test_train_step_bench_runs(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=reference,dense",
                           "--seq_lens=32", "--batch_size=1", "--grad_accum_every=1", "--repeats=2",
-                          "--selected_impl=tiled", "--tile_rows=32", "--optimizers=tree,flat", f"--out={tmp_path}"],
+                          "--selected_impl=tiled", "--tile_rows=32", "--optimizers=tree,flat,zero1", f"--out={tmp_path}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     (result,) = tmp_path.glob("train_step-*.json")
     saved = json.loads(result.read_text())
     assert {(r["variant"], r["optimizer"]) for r in saved["results"]} == {
-        (v, o) for v in ("reference", "dense") for o in ("tree", "flat")}
+        (v, o) for v in ("reference", "dense") for o in ("tree", "flat", "zero1")}
     assert "impl='tiled', tile_rows=32" in saved["kernel_settings"]
     assert all(r["pipelined_ms_per_step"] > 0 for r in saved["results"])
 

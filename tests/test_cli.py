@@ -67,6 +67,7 @@ def test_helpfull_lists_every_flag(script, tmp_path):
     ("train.py", ["--seq_lenn=64"], "Did you mean: seq_len"),
     ("train.py", ["--nouse_pallas_nsa=1"], "does not take an argument"),  # a bare ValueError inside absl
     ("train.py", ["configs/quickstart.flags"], "unexpected argument 'configs/quickstart.flags'"),
+    ("train.py", ["--fsdp", "--shard_optimizer"], "pass --fsdp or --shard_optimizer, not both"),
     ("sample.py", ["--temperature=hot"], "--temperature=hot"),
 ])
 def test_flag_errors_are_one_line_exit_2(script, args, needle):

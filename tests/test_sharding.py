@@ -27,13 +27,13 @@ SCRIPT = textwrap.dedent('''
                          num_selected_blocks=2)
     batches = [np.random.default_rng(i).integers(0, 256, (2, 8, 33), dtype=np.int32) for i in range(3)]
 
-    def trainer(devices, fsdp=False):
+    def trainer(devices, fsdp=False, shard_optimizer=False):
         # SGD after clipping: params move linearly in the gradient, so float32 reduction-order
         # differences stay float32-small (Adam's first steps are ~lr * sign(g), which would
         # magnify them for near-zero gradients). Adam's state is still sharded in the restore part.
         mesh = sharding.make_mesh(devices)
         optimizer = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.5))
-        return Trainer(config.build(nnx.Rngs(0)), optimizer, mesh, fsdp=fsdp)
+        return Trainer(config.build(nnx.Rngs(0)), optimizer, mesh, fsdp=fsdp, shard_optimizer=shard_optimizer)
 
     def run(t):
         state, losses = t.init_state(), []
@@ -44,8 +44,8 @@ SCRIPT = textwrap.dedent('''
 
     one = trainer(jax.devices()[:1])
     state1, losses1 = run(one)
-    for fsdp in (False, True):
-        four = trainer(jax.devices(), fsdp)
+    for fsdp, shard_optimizer in ((False, False), (True, False), (False, True)):
+        four = trainer(jax.devices(), fsdp, shard_optimizer)
         if fsdp:  # parameters really are split
             specs = [s.spec for s in jax.tree.leaves(four.state_sharding)]
             assert any(spec != jax.sharding.PartitionSpec() for spec in specs)
@@ -57,6 +57,18 @@ SCRIPT = textwrap.dedent('''
             loss_eval = float(four.eval_step(state4.params, four.eval_batch(batches[0][0])))
             np.testing.assert_allclose(loss_eval, float(one.eval_step(state1.params, one.eval_batch(batches[0][0]))),
                                        rtol=1e-5)
+
+    # shard_optimizer (ZeRO-1): parameters replicated, Adam's moments split, the same updates as one device
+    zero1 = Trainer(config.build(nnx.Rngs(0)), make_optimizer(1e-3), sharding.make_mesh(jax.devices()),
+                    shard_optimizer=True)
+    assert all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(zero1.state_sharding.params))
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(zero1.state_sharding.opt_state))
+    replicated = Trainer(config.build(nnx.Rngs(0)), make_optimizer(1e-3), sharding.make_mesh(jax.devices()))
+    (sz, mz), (sr, mr) = [t.train_step(t.init_state(), t.train_batches(batches[0])) for t in (zero1, replicated)]
+    assert all(x.sharding.spec == jax.sharding.PartitionSpec() for x in jax.tree.leaves(sz.params))
+    np.testing.assert_allclose(float(mz["loss"]), float(mr["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(sz), jax.tree.leaves(sr)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
     # save on 4 devices (FSDP, Adam state), restore on 1, and back
     def adam_trainer(devices, fsdp=False):
@@ -100,6 +112,10 @@ def test_train_py_resumes_across_device_counts(tmp_path):
     second = subprocess.run([*common, "--num_batches=8"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0 and "resuming from step 4" in second.stdout, second.stderr[-2000:]
     assert "mesh: 1 devices (data=1)" in second.stdout
+    third = subprocess.run([*common, "--num_batches=12", "--shard_optimizer"], env=four, capture_output=True,
+                           text=True, timeout=600, cwd=tmp_path)
+    assert third.returncode == 0 and "resuming from step 8" in third.stdout, third.stderr[-2000:]
+    assert "mesh: 4 devices (data=4), optimizer state split" in third.stdout
 
 
 PALLAS_SCRIPT = textwrap.dedent('''
