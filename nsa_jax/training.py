@@ -8,6 +8,7 @@ parameter and optimizer buffers donated.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -65,14 +66,20 @@ def bits_per_byte(loss: jax.Array | float) -> jax.Array | float:
     return loss / LN2
 
 
+def batch_parts(batch: Batch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """A micro-batch (`Batch`) -> (tokens [b, n + 1], segment ids or None, loss mask or None)."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch.get("segment_ids"), batch.get("loss_mask")
+    if isinstance(batch, tuple):
+        tokens, segment_ids = batch
+        return tokens, segment_ids, None
+    return batch, None, None
+
+
 def target_count(batch: Batch) -> jax.Array:
     """How many targets a micro-batch's loss averages over (float32): `counted_targets`."""
-    if isinstance(batch, dict):
-        tokens, counted = batch["tokens"], counted_targets(batch.get("segment_ids"), batch.get("loss_mask"))
-    elif isinstance(batch, tuple):
-        tokens, counted = batch[0], counted_targets(batch[1], None)
-    else:
-        tokens, counted = batch, None
+    tokens, segment_ids, loss_mask = batch_parts(batch)
+    counted = counted_targets(segment_ids, loss_mask)
     if counted is None:
         return jnp.float32(tokens.shape[0] * (tokens.shape[1] - 1))
     return jnp.sum(counted, dtype=jnp.float32)
@@ -169,22 +176,19 @@ class Trainer:
         return jax.device_put(stacked, self.state_sharding)
 
     def _loss(self, params: Stacked, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
-        model = self.model(params)
-        if isinstance(batch, dict):
-            return model(batch["tokens"], return_loss=True, segment_ids=batch.get("segment_ids"),
-                         loss_mask=batch.get("loss_mask"))
-        if isinstance(batch, tuple):
-            tokens, segment_ids = batch
-            return model(tokens, return_loss=True, segment_ids=segment_ids)
-        return model(batch, return_loss=True)
+        tokens, segment_ids, loss_mask = batch_parts(batch)
+        # only the parts the batch has: a model of plain tokens need not take the keywords
+        extras = {k: v for k, v in (("segment_ids", segment_ids), ("loss_mask", loss_mask)) if v is not None}
+        return self.model(params)(tokens, return_loss=True, **extras)
 
     def _train_step(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """batches [accum, b, n + 1] (or tokens and segment ids): the gradient is the mean over
         the micro-batches."""
         if self._reduce_once(batches):
             grad_specs = self._grad_specs(state.params)
-            per_device = jax.shard_map(self._device_grads, in_specs=(P(), P(None, sharding.DATA)),
-                                       out_specs=(grad_specs, P()), check_vma=False)
+            per_device = jax.shard_map(functools.partial(self._device_grads, grad_specs=grad_specs),
+                                       in_specs=(P(), P(None, sharding.DATA)), out_specs=(grad_specs, P()),
+                                       check_vma=False)
             grads, loss = per_device(state.params, batches)
         else:
             grads, loss = self._mean_grads(state.params, batches)
@@ -229,7 +233,7 @@ class Trainer:
         shards = self.mesh.shape[sharding.DATA]
         return shards > 1 and not self.fsdp and all(x.shape[1] % shards == 0 for x in jax.tree.leaves(batches))
 
-    def _device_grads(self, params: Stacked, batches: Batch) -> tuple[Stacked, jax.Array]:
+    def _device_grads(self, params: Stacked, batches: Batch, grad_specs: Any) -> tuple[Stacked, jax.Array]:
         """One device's part of the step (inside `jax.shard_map`): the gradients of its slices of
         the micro-batches summed locally, then one all-reduce (a reduce-scatter of the arrays
         whose optimizer state is split, with shard_optimizer). (Under plain SPMD, XLA reduced the
@@ -242,7 +246,7 @@ class Trainer:
         counts = jax.vmap(target_count)(batches)  # [accum]
         shares = counts / jnp.maximum(jax.lax.psum(counts, sharding.DATA), 1.0)
         grad_sum, loss_sum = self._summed_grads(params, batches, shares)
-        grad_sum = jax.tree.map(_reduce_to, grad_sum, self._grad_specs(params))
+        grad_sum = jax.tree.map(_reduce_to, grad_sum, grad_specs)
         return jax.tree.map(lambda g: g / accum, grad_sum), jax.lax.psum(loss_sum, sharding.DATA) / accum
 
     def _grad_specs(self, params: Stacked) -> Any:
