@@ -39,9 +39,12 @@ P dP bk[pick] - D O) with O = sum_j P_j bk_j: one pass over the blocks for O (P 
 the forward's log-sum-exp), then a gather of the k picked block keys. d(block keys): one
 program per chunk of blocks, kv head and split of the queries that see them, recomputing the
 logits tile by tile and finding the picks among the chunk's blocks by one compare pass per
-pick. The backward recomputes its logits from operands in the inputs' dtype (bf16 for a bf16
-model, float32 accumulation), as flash attention's backward does; the forward's logits, which
-decide the picks, are float32 whatever the inputs.
+pick. The backward recomputes its logits from the same float32 operands as the forward, whatever
+the inputs' dtype: P = exp(logit - lse) is only a probability when the logit is the one lse was
+summed from. (Recomputed from bf16 operands, as flash attention's backward does, a logit of
+size L is off by about L / 256, P by a factor exp(L / 256): at the sharp selections a trained
+model makes, the gradient was wrong by 50% and more, and the bf16 seed model's gradient norm
+went to inf within 600 steps of the passkey task (H200, 2026-11-30, `bench/retrieval.py`).)
 """
 
 from __future__ import annotations
@@ -141,7 +144,6 @@ class _Config:
     n_pad: int
     nb_pad: int
     dbk_splits: int
-    backward_dtype: str  # operands of the backward's recomputed logits (the inputs' dtype)
     packed: bool  # packed documents: per-row block bounds (`_Layout`)
     num_warps: int
     num_warps_dbk: int
@@ -464,7 +466,7 @@ def _forward(cfg: _Config, layout: _Layout, qs, bk):
 
 
 def _dq(cfg: _Config, layout: _Layout, qs, bk, lse, delta, indices, w):
-    """d qs [b, n_pad, kh, gs, d] (float32); qs and bk in the backward's operand dtype."""
+    """d qs [b, n_pad, kh, gs, d] (float32); qs and bk float32, as in the forward."""
     b, n_pad, kh, gs, d = qs.shape
     sp = _specs(cfg, d)
     bounds = _bounds(layout)
@@ -516,11 +518,9 @@ def _select(cfg: _Config, layout: _Layout, qs, bk):
 
 def _select_fwd(cfg: _Config, layout: _Layout, qs, bk):
     values, indices, lse = _forward(cfg, layout, qs, bk)
-    # The backward recomputes logits for gradients only: in the inputs' dtype (bf16 operands
-    # with f32 accumulation, as flash attention's backward), while the picks above came from
-    # float32 logits, as the reference's.
-    dtype = jnp.dtype(cfg.backward_dtype)
-    return (values, indices), (layout, qs.astype(dtype), bk.astype(dtype), values, indices, lse)
+    # qs and bk are float32 (`select_blocks`): the backward's logits are the forward's, which lse
+    # normalises (see the module docstring on bf16 operands).
+    return (values, indices), (layout, qs, bk, values, indices, lse)
 
 
 def _select_bwd(cfg: _Config, res, cotangents):
@@ -534,7 +534,7 @@ _select.defvjp(_select_fwd, _select_bwd)
 
 def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: int, *, stride: int, sb: int,
             causal: bool, interpolated: bool, scale: float, settings: SelectionSettings,
-            backward_dtype: str = "float32", packed: bool = False) -> _Config:
+            packed: bool = False) -> _Config:
     kp = next_pow2(k)
     block_q = max(1, settings.rows // gs, cdiv(MIN_DOT, gs))
     block_q_dbk = max(1, settings.rows_dbk // gs, cdiv(MIN_DOT, gs))
@@ -553,7 +553,7 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
     return _Config(scale=float(scale), causal=causal, own_block=sb != stride, sb=sb, stride=stride, nc=nc, nb=nb,
                    interpolated=interpolated, n=n, gs=gs, k=k, kp=kp, block_q=block_q, block_k=block_k,
                    block_q_dbk=block_q_dbk, block_k_dbk=block_k_dbk, n_pad=n_pad, nb_pad=nb_pad,
-                   dbk_splits=max(1, splits), backward_dtype=backward_dtype, packed=packed,
+                   dbk_splits=max(1, splits), packed=packed,
                    num_warps=settings.num_warps,
                    num_warps_dbk=settings.num_warps_dbk or (8 if d_pad >= 128 else 4),
                    num_stages=settings.num_stages, interpret=interpret_mode())
@@ -621,8 +621,7 @@ def select_blocks(
     gs = 1 if share_heads else g
     d_pad = max(MIN_DOT, next_pow2(d))
     cfg = _config(n, nc, nb, gs, k, d_pad, kh, b, stride=stride, sb=sb, causal=causal, interpolated=interpolated,
-                  scale=scale, settings=settings, backward_dtype=jnp.promote_types(q.dtype, ck.dtype).name,
-                  packed=segments is not None)
+                  scale=scale, settings=settings, packed=segments is not None)
     qs = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
         qs = qs.mean(axis=3, keepdims=True)  # [b, n, kh, 1, d]
