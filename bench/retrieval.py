@@ -1,14 +1,22 @@
 """Does selection find the needle? Passkey retrieval: train at one length, test at longer ones.
 
     python -m bench.retrieval --variants nsa,dense,nsa_no_selected,sliding \\
-        --train_len 4096 --steps 1500 --eval_lengths 4096,16384,65536 --depths 10
+        --train_len 4096 --steps 4000 --eval_lengths 4096,16384,65536 --depths 10
     python -m bench.retrieval --smoke          # a tiny model on the CPU: checks the pipeline
 
 Each variant is the seed model (`nsa_jax.config.ModelConfig`) trained from scratch on the
-passkey task (`nsa_jax.passkey`: a key line at a random depth of --train_len bytes of filler,
-the question at the end, only the answer's bytes as targets), then evaluated without further
+passkey task (`nsa_jax.passkey`: a key line at a random depth of filler, the question at the
+end, only the answer's bytes as targets), then evaluated without further
 training at every --eval_lengths x --depths cell: exact match of the answer over --examples
 examples per cell (teacher forced, which is greedy decoding's result: `nsa_jax.passkey`).
+
+Training follows a curriculum: it starts at --start_len bytes and doubles the length each time
+exact match at the current length reaches --advance_at, up to --train_len, at the same bytes per
+step. Trained at 4096 bytes from the start, the seed model's answer loss stayed at chance
+(ln 10 per digit) for 1,500 steps (H200, 2026-11-30): with the needle one byte in 4,096, the
+gradient that would teach a head to find it is too faint; at 256 bytes the copy is learnt first,
+then carried to longer contexts. A variant that cannot retrieve (the sliding window beyond its
+width) stays at the length it stalled at: the table's "trained at" column says where each stopped.
 
 Variants: nsa (all three branches, Pallas kernels), nsa_no_selected (compressed + sliding
 window: what selection adds), sliding (the sliding window alone: chance beyond its window),
@@ -52,14 +60,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", default="nsa,nsa_no_selected,sliding,dense",
                         help=f"comma list from {', '.join(VARIANTS)}")
     parser.add_argument("--train_len", type=int, default=4096, help="training sequence length (bytes)")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--start_len", type=int, default=256,
+                        help="curriculum: train at this length first; the length doubles each time exact match at "
+                             "it reaches --advance_at, up to --train_len (set it to --train_len for no curriculum)")
+    parser.add_argument("--advance_at", type=float, default=0.9, help="exact match that moves the curriculum on")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch_size", type=int, default=4,
+                        help="sequences per step at --train_len (shorter lengths take more: the same bytes per step)")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--eval_lengths", default="4096,16384,65536", help="comma list of lengths to test")
     parser.add_argument("--depths", type=int, default=10, help="key depths per length, evenly from 0 to 1")
     parser.add_argument("--examples", type=int, default=8, help="examples per (length, depth) cell")
     parser.add_argument("--eval_tokens", type=int, default=65536, help="tokens per evaluation forward pass")
-    parser.add_argument("--eval_every", type=int, default=250, help="steps between accuracy checks at --train_len")
+    parser.add_argument("--eval_every", type=int, default=100,
+                        help="steps between accuracy checks at the length being trained")
     parser.add_argument("--data_path", default=None, help="filler corpus (default: the usual repeated sentences)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="activations (bfloat16: half the activation memory at the longest lengths; dense "
@@ -77,10 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--eval_lengths takes a comma list of integers, got {args.eval_lengths!r}")
     if args.smoke:
-        args.train_len, args.steps, args.batch_size, args.examples = 160, 4, 2, 2
+        args.start_len, args.train_len, args.steps, args.batch_size, args.examples = 120, 160, 4, 2, 2
         args.eval_lengths, args.depths, args.eval_every, args.dtype = [160, 320], 3, 2, "float32"
     task = passkey.PasskeyTask()
-    too_short = [n for n in [args.train_len, *args.eval_lengths] if n < task.min_length()]
+    args.start_len = min(args.start_len, args.train_len)
+    too_short = [n for n in [args.start_len, args.train_len, *args.eval_lengths] if n < task.min_length()]
     if too_short:
         parser.error(f"lengths {too_short} are shorter than the task's {task.min_length()} bytes")
     return args
@@ -116,36 +131,47 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
     hits_fn = answer_hits(trainer, task.digits)
     state = trainer.init_state()
     rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
-    curve, start = [], time.perf_counter()
+    curve, start, length = [], time.perf_counter(), args.start_len
+    trained_len = length  # the length of the last training step (the curriculum may move on after it)
     for step in range(1, args.steps + 1):
-        batch = task.batch(rng, args.batch_size, args.train_len + 1)
+        trained_len = length
+        size = max(1, args.batch_size * args.train_len // length)  # the same bytes per step at every length
+        batch = task.batch(rng, size, length + 1)
         host = dict(tokens=batch.tokens[None], loss_mask=batch.loss_mask[None])  # [accum = 1, b, n + 1]
         state, metrics = trainer.train_step(state, trainer.train_batches(host))
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(hits_fn, state.params, task, eval_rng, args.train_len, None, 2 * args.examples,
-                           args.eval_tokens)
-            curve.append(dict(step=step, loss=float(metrics["loss"]), accuracy=acc,
+            acc = accuracy(hits_fn, state.params, task, eval_rng, length, None, 2 * args.examples, args.eval_tokens)
+            curve.append(dict(step=step, length=length, loss=float(metrics["loss"]),
+                              grad_norm=float(metrics["grad_norm"]), accuracy=acc,
                               seconds=round(time.perf_counter() - start, 1)))
-            print(f"{variant} step {step}/{args.steps}: answer loss {curve[-1]['loss']:.3f}, "
-                  f"exact match at T={args.train_len} {acc:.0%} ({curve[-1]['seconds']:.0f} s)", flush=True)
+            print(f"{variant} step {step}/{args.steps}: T={length}, answer loss {curve[-1]['loss']:.3f}, "
+                  f"gradient norm {curve[-1]['grad_norm']:.2f}, exact match {acc:.0%} ({curve[-1]['seconds']:.0f} s)",
+                  flush=True)
+            if acc >= args.advance_at and length < args.train_len:
+                length = min(2 * length, args.train_len)
+    if trained_len < args.train_len:
+        print(f"{variant}: trained up to T={trained_len}, not --train_len={args.train_len}: more --steps",
+              flush=True)
     depths = [float(d) for d in np.linspace(0.0, 1.0, args.depths)]
     grid = {}
-    for length in args.eval_lengths:
+    for n in args.eval_lengths:
         try:
-            grid[length] = [accuracy(hits_fn, state.params, task, eval_rng, length, d, args.examples,
-                                     args.eval_tokens) for d in depths]
+            grid[n] = [accuracy(hits_fn, state.params, task, eval_rng, n, d, args.examples, args.eval_tokens)
+                       for d in depths]
         except Exception as exc:  # e.g. out of memory at the longest length: recorded, the rest goes on
-            grid[length] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        row = grid[length]
+            grid[n] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        row = grid[n]
         shown = f"mean {np.mean(row):.0%}, worst depth {min(row):.0%}" if isinstance(row, list) else row
-        print(f"{variant} T={length}: {shown}", flush=True)
-    return dict(variant=variant, curve=curve, depths=depths, grid={str(k): v for k, v in grid.items()})
+        print(f"{variant} T={n}: {shown}", flush=True)
+    return dict(variant=variant, trained_len=trained_len, curve=curve, depths=depths,
+                grid={str(k): v for k, v in grid.items()})
 
 
 def table(results: list[dict], lengths: list[int]) -> str:
-    lines = ["| variant | " + " | ".join(f"T={n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    lines = ["| variant | trained at | " + " | ".join(f"T={n}" for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
     for r in results:
-        cells = []
+        cells = [f"T={r['trained_len']}" if "trained_len" in r else "?"]
         for n in lengths:
             row = r["grid"].get(str(n))
             cells.append(f"{np.mean(row):.0%} (worst {min(row):.0%})" if isinstance(row, list) else "error")
@@ -197,8 +223,8 @@ def main(argv=None) -> None:
         if args.plot_dir:
             Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
             heat_map(results[-1], args.eval_lengths, Path(args.plot_dir) / f"retrieval-{variant}.png")
-    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: trained at T={args.train_len} for {args.steps} "
-          f"steps; exact match over {args.depths} depths x {args.examples} examples per length")
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.steps} steps, lengths {args.start_len} to "
+          f"{args.train_len} (curriculum); exact match over {args.depths} depths x {args.examples} examples per length")
     print(table(results, args.eval_lengths))
     print(f"wrote {out}")
 

@@ -410,16 +410,19 @@ def test_retrieval_script_writes_grid_and_heat_maps(tmp_path):
 
 @pytest.mark.slow
 def test_retrieval_task_is_learnable():
-    """A tiny dense model learns to retrieve the key at its training length (chance: 1e-5):
-    the task, its loss mask and the exact-match scoring fit together."""
+    """A tiny dense model learns to retrieve the key at its training length (chance: 1e-5), the
+    curriculum moving it on from the shorter start: the task, its loss mask, the exact-match
+    scoring and the curriculum fit together."""
     from bench import retrieval
     from nsa_jax import passkey
 
     args = retrieval.parse_args(["--smoke", "--variants", "dense"])
-    args.steps, args.eval_every, args.learning_rate, args.batch_size = 3000, 3000, 1e-3, 8
+    args.steps, args.eval_every, args.learning_rate, args.batch_size, args.advance_at = 4000, 250, 1e-3, 8, 0.5
     args.eval_lengths, args.depths, args.examples = [160], 3, 8
     result = retrieval.run_variant("dense", args, passkey.PasskeyTask())
     assert min(result["grid"]["160"]) >= 0.3, result["grid"]
+    lengths = [point["length"] for point in result["curve"]]
+    assert result["trained_len"] == 160 and lengths[0] == 120 and lengths[-1] == 160, lengths
 
 
 def test_retrieval_flags_and_table():
@@ -431,5 +434,6 @@ def test_retrieval_flags_and_table():
         retrieval.parse_args(["--eval_lengths", "64,4096"])  # shorter than the task itself
     args = retrieval.parse_args(["--eval_lengths", "4096,8192"])
     assert args.eval_lengths == [4096, 8192] and args.variants.split(",") == list(retrieval.VARIANTS)
-    text = retrieval.table([dict(variant="nsa", grid={"4096": [1.0, 0.5], "8192": "OOM"})], [4096, 8192])
-    assert "| nsa | 75% (worst 50%) | error |" in text
+    text = retrieval.table([dict(variant="nsa", trained_len=4096, grid={"4096": [1.0, 0.5], "8192": "OOM"})],
+                           [4096, 8192])
+    assert "| nsa | T=4096 | 75% (worst 50%) | error |" in text
