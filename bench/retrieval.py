@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax import passkey
+from nsa_jax.attention import Attention
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
 
@@ -105,7 +106,17 @@ def build(variant: str, args) -> Trainer:
     changes, pallas = VARIANTS[variant]
     config = dataclasses.replace(ModelConfig(**(SMOKE_MODEL if args.smoke else {})), **changes)
     model = config.build(nnx.Rngs(args.seed), use_pallas_nsa=pallas, dtype=args.dtype)
+    if dense_flash(args.dtype):  # dense attention in linear memory: its 64k evaluation fits
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, Attention):
+                module.implementation = "cudnn"
     return Trainer(model, make_optimizer(args.learning_rate))
+
+
+def dense_flash(dtype: str) -> bool:
+    """Dense attention through cuDNN's flash attention: on a GPU, in bf16. (XLA's attention
+    writes the [n, n] logits: at T=65536 its autotuner asked for 128 GiB on an H200.)"""
+    return dtype == "bfloat16" and jax.default_backend() == "gpu"
 
 
 def answer_hits(trainer: Trainer, digits: int):

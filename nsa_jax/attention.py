@@ -393,16 +393,23 @@ class SparseAttention(nnx.Module):
 class Attention(nnx.Module):
     """The dense baseline: RMSNorm, bias-free q/k/v/out projections, rotary, GQA, softmax attention.
 
-    As in the PyTorch package, query head i reads kv head i % kv_heads.
+    As in the PyTorch package, query head i reads kv head i % kv_heads. implementation: as
+    `jax.nn.dot_product_attention`'s (None: XLA, which writes the [n, n] logits; "cudnn": cuDNN's
+    flash attention, memory linear in n, bf16 or f16 on an NVIDIA GPU), for inputs without
+    packed documents (those take XLA's masked path).
     """
 
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, causal: bool = True,
-                 kv_heads: int | None = None, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 kv_heads: int | None = None, *, implementation: str | None = None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        _check(implementation in (None, "xla", "cudnn"),
+               f"implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
         kv_heads = heads if kv_heads is None else kv_heads
         _check(heads > 0 and kv_heads > 0 and heads % kv_heads == 0,
                f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
         _check(dim_head % 2 == 0, f"dim_head ({dim_head}) must be even (rotary embedding)")
         self.heads, self.kv_heads, self.dim_head, self.causal = heads, kv_heads, dim_head, causal
+        self.implementation = implementation
         self.norm = RMSNorm(dim, param_dtype=param_dtype)
         linear = lambda i, o: Linear(i, o, use_bias=False, param_dtype=param_dtype, rngs=rngs)
         self.to_q = linear(dim, heads * dim_head)
@@ -434,7 +441,8 @@ class Attention(nnx.Module):
         g = h // kh
         # head i = j * kh + c reads kv head c; JAX groups query heads as c * g + j.
         q = q.reshape(b, n, g, kh, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h, d)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+        impl = self.implementation if mask is None else None
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=impl)
         out = out.reshape(b, n, kh, g, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h * d)
         return self.to_out(out)
 

@@ -183,3 +183,18 @@ def test_pallas_backend_packed_matches_reference_backend():
     np.testing.assert_allclose(dx, wdx, atol=2e-6, rtol=1e-5)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(dp), jax.tree.leaves(wdp)):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4, err_msg=f"d {jax.tree_util.keystr(path)}")
+
+
+def test_dense_attention_implementation_is_jax_s_and_packed_documents_keep_the_masked_path():
+    """Attention(implementation=...) passes JAX's choice through ("xla" gives the default's
+    output); packed documents take the masked XLA path whatever it says; a bad value is a
+    one-line error naming the choices."""
+    x = jax.random.normal(jax.random.key(2), (2, 24, DIM))
+    ids = packed_ids(LENGTHS["many_blocks"])[:, :24]
+    default = Attention(DIM, dim_head=16, heads=4, kv_heads=2, rngs=nnx.Rngs(0))
+    xla = Attention(DIM, dim_head=16, heads=4, kv_heads=2, implementation="xla", rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(default(x), xla(x))
+    flash = Attention(DIM, dim_head=16, heads=4, kv_heads=2, implementation="cudnn", rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(flash(x[:ids.shape[0]], segment_ids=ids), default(x[:ids.shape[0]], segment_ids=ids))
+    with pytest.raises(ValueError, match="implementation must be None, 'xla' or 'cudnn'"):
+        Attention(DIM, implementation="flash", rngs=nnx.Rngs(0))
