@@ -39,6 +39,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from nsa_jax import passkey
@@ -68,7 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch_size", type=int, default=4,
                         help="sequences per step at --train_len (shorter lengths take more: the same bytes per step)")
-    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--learning_rate", type=float, default=3e-4, help="peak learning rate")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                        help="cosine: linear warm-up over --warmup_steps, then down to a tenth at --steps "
+                             "(constant is what the published runs used)")
+    parser.add_argument("--warmup_steps", type=int, default=100)
     parser.add_argument("--eval_lengths", default="4096,16384,65536", help="comma list of lengths to test")
     parser.add_argument("--depths", type=int, default=10, help="key depths per length, evenly from 0 to 1")
     parser.add_argument("--examples", type=int, default=8, help="examples per (length, depth) cell")
@@ -110,7 +115,15 @@ def build(variant: str, args) -> Trainer:
         for _, module in nnx.iter_modules(model):
             if isinstance(module, Attention):
                 module.implementation = "cudnn"
-    return Trainer(model, make_optimizer(args.learning_rate))
+    return Trainer(model, make_optimizer(learning_rate(args)))
+
+
+def learning_rate(args) -> float | optax.Schedule:
+    if args.schedule == "constant":
+        return args.learning_rate
+    warmup = min(args.warmup_steps, max(args.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, warmup, max(args.steps, warmup + 1),
+                                              end_value=args.learning_rate / 10)
 
 
 def dense_flash(dtype: str) -> bool:

@@ -48,7 +48,7 @@ class TrainState(NamedTuple):
 STATE_LAYOUT = "layers stacked"
 
 
-def make_optimizer(learning_rate: float, max_grad_norm: float = 0.5, *,
+def make_optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float = 0.5, *,
                    flat: bool = False) -> optax.GradientTransformation:
     """The seed's optimizer: clip the global gradient norm, then Adam.
 

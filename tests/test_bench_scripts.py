@@ -434,6 +434,11 @@ def test_retrieval_flags_and_table():
         retrieval.parse_args(["--eval_lengths", "64,4096"])  # shorter than the task itself
     args = retrieval.parse_args(["--eval_lengths", "4096,8192"])
     assert args.eval_lengths == [4096, 8192] and args.variants.split(",") == list(retrieval.VARIANTS)
+    assert retrieval.learning_rate(args) == args.learning_rate  # constant by default
+    schedule = retrieval.learning_rate(retrieval.parse_args(["--schedule", "cosine", "--steps", "1000"]))
+    peak = retrieval.parse_args([]).learning_rate
+    assert float(schedule(0)) == 0.0 and float(schedule(100)) == pytest.approx(peak)
+    assert float(schedule(1000)) == pytest.approx(peak / 10)
     text = retrieval.table([dict(variant="nsa", trained_len=4096, grid={"4096": [1.0, 0.5], "8192": "OOM"})],
                            [4096, 8192])
     assert "| nsa | T=4096 | 75% (worst 50%) | error |" in text
