@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_lengths = [int(n) for n in args.eval_lengths.split(",")]
     except ValueError:
         parser.error(f"--eval_lengths takes a comma list of integers, got {args.eval_lengths!r}")
+    if not 0.0 < args.advance_at <= 1.0:
+        parser.error(f"--advance_at is an exact-match rate in (0, 1], got {args.advance_at}")
     if args.smoke:
         args.start_len, args.train_len, args.steps, args.batch_size, args.examples = 120, 160, 4, 2, 2
         args.eval_lengths, args.depths, args.eval_every, args.dtype = [160, 320], 3, 2, "float32"
