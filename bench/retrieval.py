@@ -152,7 +152,10 @@ def accuracy(hits_fn, params, task: passkey.PasskeyTask, rng, length: int, depth
     return float(np.concatenate(hits).mean())
 
 
-def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
+def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> dict:
+    """Train one variant and score its grid. report(partial result): called after training and
+    after each evaluated length, so a run cut short (a time limit) keeps what it measured."""
+    report = report or (lambda partial: None)
     trainer = build(variant, args)
     hits_fn = answer_hits(trainer, task.digits)
     state = trainer.init_state()
@@ -180,6 +183,9 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
               flush=True)
     depths = [float(d) for d in np.linspace(0.0, 1.0, args.depths)]
     grid = {}
+    result = lambda: dict(variant=variant, trained_len=trained_len, curve=curve, depths=depths,  # noqa: E731
+                          grid={str(k): v for k, v in grid.items()})
+    report(result())
     for n in args.eval_lengths:
         try:
             grid[n] = [accuracy(hits_fn, state.params, task, eval_rng, n, d, args.examples, args.eval_tokens)
@@ -189,8 +195,8 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask) -> dict:
         row = grid[n]
         shown = f"mean {np.mean(row):.0%}, worst depth {min(row):.0%}" if isinstance(row, list) else row
         print(f"{variant} T={n}: {shown}", flush=True)
-    return dict(variant=variant, trained_len=trained_len, curve=curve, depths=depths,
-                grid={str(k): v for k, v in grid.items()})
+        report(result())
+    return result()
 
 
 def table(results: list[dict], lengths: list[int]) -> str:
@@ -244,7 +250,8 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for variant in args.variants.split(","):
-        results.append(run_variant(variant, args, task))
+        save = lambda partial: out.write_text(json.dumps(dict(meta, results=[*results, partial]), indent=1))  # noqa: E731
+        results.append(run_variant(variant, args, task, report=save))
         out.write_text(json.dumps(dict(meta, results=results), indent=1))
         if args.plot_dir:
             Path(args.plot_dir).mkdir(parents=True, exist_ok=True)

@@ -419,8 +419,10 @@ def test_retrieval_task_is_learnable():
     args = retrieval.parse_args(["--smoke", "--variants", "dense"])
     args.steps, args.eval_every, args.learning_rate, args.batch_size, args.advance_at = 4000, 250, 1e-3, 8, 0.5
     args.eval_lengths, args.depths, args.examples = [160], 3, 8
-    result = retrieval.run_variant("dense", args, passkey.PasskeyTask())
+    partials = []
+    result = retrieval.run_variant("dense", args, passkey.PasskeyTask(), report=partials.append)
     assert min(result["grid"]["160"]) >= 0.3, result["grid"]
+    assert [sorted(p["grid"]) for p in partials] == [[], ["160"]]  # after training, after each length
     lengths = [point["length"] for point in result["curve"]]
     assert result["trained_len"] == 160 and lengths[0] == 120 and lengths[-1] == 160, lengths
 
