@@ -22,6 +22,11 @@ Variants: nsa (all three branches, Pallas kernels), nsa_no_selected (compressed 
 window: what selection adds), sliding (the sliding window alone: chance beyond its window),
 dense (full causal attention: how it extrapolates past its training length).
 
+For variants with a selected branch it also says where selection looked: per evaluated length
+and layer, how often a selected block held a byte of the key at the query that predicts the
+answer, and the exact match where no layer picked it (a miss there is selection's; a miss
+where it did is the model's reading of what it selected).
+
 Prints a table (accuracy per variant and length, mean and worst depth), writes a JSON of the
 training curve and the grid to --out, and with --plot_dir one heat map per variant (depth x
 length) as PNG.
@@ -42,8 +47,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nsa_jax import passkey
-from nsa_jax.attention import Attention
+from nsa_jax import passkey, reference
+from nsa_jax.attention import Attention, SparseAttention
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
 
@@ -152,12 +157,65 @@ def accuracy(hits_fn, params, task: passkey.PasskeyTask, rng, length: int, depth
     return float(np.concatenate(hits).mean())
 
 
+def selection_hits_fn(trainer: Trainer, digits: int):
+    """A jitted (params, tokens [b, n], answer_start [b], key_starts [b, 2]) -> bool [layers, b]:
+    whether any selection head of each layer with a selected branch picked (validly) a block
+    holding a byte of the key, at the query that predicts the answer's first digit. Where NSA
+    misses, this says whether selection failed to find the key or the model failed to read it."""
+
+    def run(params, tokens, answer_start, key_starts):
+        model = trainer.model(params)
+        rows = jnp.arange(tokens.shape[0])
+        x = model.token_emb(tokens, dtype=model.dtype)
+        found = []
+        for layer in model.layers:
+            attn = layer.attn
+            if isinstance(attn, SparseAttention) and attn.has("selected"):
+                _, q, k, v = attn.project(x)
+                values, indices = attn.select(q, attn.with_memory(*attn.compress(k, v))[0])  # [b, n, sh, k]
+                picked, valid = indices[rows, answer_start - 1], values[rows, answer_start - 1]  # [b, sh, k]
+                lo, hi = picked * attn.selection_block_size, (picked + 1) * attn.selection_block_size
+                covers = jnp.zeros(picked.shape, bool)
+                for occurrence in range(key_starts.shape[1]):
+                    start = key_starts[:, occurrence, None, None]
+                    covers |= (lo < start + digits) & (hi > start)
+                found.append(jnp.any(covers & (valid > reference.SELECTION_THRESHOLD), axis=(1, 2)))
+            x = layer(x)
+        return jnp.stack(found) if found else jnp.zeros((0, tokens.shape[0]), bool)
+
+    return jax.jit(run)
+
+
+def has_selection(variant: str) -> bool:
+    config = ModelConfig(**VARIANTS[variant][0])
+    return config.use_sparse_attn and "selected" in config.nsa_branches.split(",")
+
+
+def selection_found(hits_fn, found_fn, params, task: passkey.PasskeyTask, rng, length: int, examples: int,
+                    eval_tokens: int) -> dict:
+    """Over `examples` examples at random depths: per layer, how often selection picked the key
+    at the answer; the exact match of the same examples, overall and where no layer picked it."""
+    per_pass = max(1, min(examples, eval_tokens // length))
+    found, hits = [], []
+    for first in range(0, examples, per_pass):
+        batch = task.batch(rng, min(per_pass, examples - first), length + 1)
+        starts = np.array([[a for a, _ in task.key_spans(length + 1, d)] for d in batch.depth], np.int32)
+        tokens, answer_start = jnp.asarray(batch.tokens), jnp.asarray(batch.answer_start)
+        hits.append(np.asarray(hits_fn(params, tokens, answer_start)))
+        found.append(np.asarray(found_fn(params, tokens[:, :-1], answer_start, jnp.asarray(starts))))
+    found, hits = np.concatenate(found, axis=1), np.concatenate(hits)  # [layers, examples], [examples]
+    missed = ~found.any(axis=0)
+    return dict(found_per_layer=[float(f) for f in found.mean(axis=1)], exact_match=float(hits.mean()),
+                no_layer_found=float(missed.mean()),
+                exact_match_where_none_found=float(hits[missed].mean()) if missed.any() else None)
+
+
 def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> dict:
     """Train one variant and score its grid. report(partial result): called after training and
     after each evaluated length, so a run cut short (a time limit) keeps what it measured."""
     report = report or (lambda partial: None)
     trainer = build(variant, args)
-    hits_fn = answer_hits(trainer, task.digits)
+    hits_fn, found_fn = answer_hits(trainer, task.digits), selection_hits_fn(trainer, task.digits)
     state = trainer.init_state()
     rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     curve, start, length = [], time.perf_counter(), args.start_len
@@ -183,8 +241,9 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
               flush=True)
     depths = [float(d) for d in np.linspace(0.0, 1.0, args.depths)]
     grid = {}
+    selection = {}  # length -> where selection looked (variants with a selected branch)
     result = lambda: dict(variant=variant, trained_len=trained_len, curve=curve, depths=depths,  # noqa: E731
-                          grid={str(k): v for k, v in grid.items()})
+                          grid={str(k): v for k, v in grid.items()}, selection=selection)
     report(result())
     for n in args.eval_lengths:
         try:
@@ -195,6 +254,13 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
         row = grid[n]
         shown = f"mean {np.mean(row):.0%}, worst depth {min(row):.0%}" if isinstance(row, list) else row
         print(f"{variant} T={n}: {shown}", flush=True)
+        if has_selection(variant) and isinstance(row, list):
+            selection[str(n)] = looked = selection_found(hits_fn, found_fn, state.params, task, eval_rng, n,
+                                                         args.examples, args.eval_tokens)
+            print(f"{variant} T={n}: selection picked the key at the answer, by layer: "
+                  f"{' '.join(f'{f:.0%}' for f in looked['found_per_layer'])}; no layer: "
+                  f"{looked['no_layer_found']:.0%} (exact match there: {looked['exact_match_where_none_found']})",
+                  flush=True)
         report(result())
     return result()
 

@@ -68,6 +68,16 @@ class PasskeyTask:
         assert tokens.size == length
         return tokens, length - self.digits, key
 
+    def key_spans(self, length: int, depth: float) -> list[tuple[int, int]]:
+        """The byte spans [start, end) of the key's two occurrences in an example of `length`
+        bytes with the key line at `depth` (where retrieval has to look)."""
+        line_start = int(round(depth * (length - self.overhead)))
+        template = KEY_LINE.format(key="\0" * self.digits)
+        first = template.index("\0")
+        second = template.index("\0", first + self.digits)
+        return [(line_start + first, line_start + first + self.digits),
+                (line_start + second, line_start + second + self.digits)]
+
     def batch(self, rng: np.random.Generator, size: int, length: int, depths=None) -> Batch:
         """`size` examples; depths: one per example (default: uniform in [0, 1])."""
         depths = rng.uniform(0.0, 1.0, size) if depths is None else np.broadcast_to(np.asarray(depths, float), (size,))

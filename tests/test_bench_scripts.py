@@ -446,3 +446,29 @@ def test_retrieval_flags_and_table():
     text = retrieval.table([dict(variant="nsa", trained_len=4096, grid={"4096": [1.0, 0.5], "8192": "OOM"})],
                            [4096, 8192])
     assert "| nsa | T=4096 | 75% (worst 50%) | error |" in text
+
+
+def test_retrieval_selection_diagnostic_finds_the_key_only_where_it_is():
+    """With every block selected, each layer has picked the key's block at the answer; asked
+    about bytes after the answer (causally invisible), none has."""
+    import dataclasses
+
+    import numpy as np
+    from flax import nnx
+
+    from bench import retrieval
+    from nsa_jax import passkey
+    from nsa_jax.config import ModelConfig
+    from nsa_jax.training import Trainer, make_optimizer
+
+    task, length = passkey.PasskeyTask(), 160
+    config = dataclasses.replace(ModelConfig(**retrieval.SMOKE_MODEL), num_selected_blocks=64)
+    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=False), make_optimizer(1e-3))
+    found_fn = retrieval.selection_hits_fn(trainer, task.digits)
+    batch = task.batch(np.random.default_rng(0), 3, length, depths=[0.0, 0.5, 1.0])
+    starts = np.array([[a for a, _ in task.key_spans(length, d)] for d in batch.depth], np.int32)
+    params = trainer.init_state().params
+    found = found_fn(params, batch.tokens[:, :-1], batch.answer_start, starts)
+    assert found.shape == (config.depth, 3) and bool(found.all())
+    after = np.full_like(starts, length - 2)  # bytes the query before the answer cannot see
+    assert not bool(found_fn(params, batch.tokens[:, :-1], batch.answer_start, after).any())

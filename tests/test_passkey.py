@@ -34,6 +34,8 @@ def test_example_layout(depth):
     assert where == round(depth * fill)
     assert s.count(key) == 3  # twice in the key line, once as the answer (the default filler has no digits)
     assert s.count(passkey.QUESTION) == 1
+    spans = task.key_spans(400, depth)
+    assert [s[a:b] for a, b in spans] == [key, key] and spans[1][0] > spans[0][1] and spans[1][1] < start
 
 
 def test_filler_is_the_corpus_from_an_offset_wrapping_around():
