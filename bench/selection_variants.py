@@ -51,8 +51,7 @@ def kernel_inputs(cfg: dict, n: int, settings: SelectionSettings):
     sb, stride = cfg["selection_block"], cfg["stride"]
     nb = seg.block_counts(nc, stride, sb, False)
     c = selection._config(n, nc, nb, 1, min(cfg["num_selected"], nc, nb), max(16, d), kh, b, stride=stride, sb=sb,
-                          causal=True, interpolated=False, scale=d**-0.5, settings=settings,
-                          backward_dtype=q.dtype.name)
+                          causal=True, interpolated=False, scale=d**-0.5, settings=settings)
     qs = selection.pad_axis(q.astype(jnp.float32).reshape(b, n, kh, h // kh, d).mean(axis=3, keepdims=True),
                             1, c.n_pad)
     bk = selection.pad_axis(selection._block_keys(ck[:, 1:], nc, stride, sb, False), 1, c.nb_pad)
@@ -66,7 +65,7 @@ def measure(name: str, n: int, label: str, settings: SelectionSettings, reps: in
     values, indices, lse = forward(qs, bk)
     dvalues = jax.random.normal(jax.random.key(2), values.shape, jnp.float32)
     backward = jax.jit(functools.partial(selection._backward, c, layout))
-    residuals = (qs.astype(c.backward_dtype), bk.astype(c.backward_dtype), values, indices, lse, dvalues)
+    residuals = (qs, bk, values, indices, lse, dvalues)  # float32, as the forward's (`selection._select_fwd`)
     branch = branch_fns(cfg, kernels.KernelSettings(selection=settings))["selection"]
     inputs = make_inputs(cfg, n)
     fwd, grad, ct = fwd_and_bwd(branch, inputs)
