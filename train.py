@@ -269,11 +269,8 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     # -- model and compiled steps -----------------------------------------------------------
     use_pallas_nsa = None if FLAGS.use_pallas_nsa else False  # None: kernels where they run natively
     model = model_config.build(nnx.Rngs(cfg.seed), use_pallas_nsa=use_pallas_nsa, dtype=cfg.dtype, remat=cfg.remat)
-    try:
-        trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp,
-                          shard_optimizer=FLAGS.shard_optimizer)
-    except ValueError as e:  # --fsdp with --shard_optimizer
-        fail(str(e))
+    trainer = Trainer(model, make_optimizer(cfg.learning_rate, cfg.max_grad_norm), mesh, fsdp=FLAGS.fsdp,
+                      shard_optimizer=FLAGS.shard_optimizer)  # (--fsdp with it: the flags validator says no)
     state = trainer.init_state()
 
     # -- checkpoints: resume from the newest -------------------------------------------------

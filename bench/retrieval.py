@@ -149,12 +149,16 @@ def answer_hits(trainer: Trainer, digits: int):
 def accuracy(hits_fn, params, task: passkey.PasskeyTask, rng, length: int, depth: float | None, examples: int,
              eval_tokens: int) -> float:
     """Exact-match rate over `examples` examples of length + 1 bytes (key at `depth`, or random)."""
-    per_pass = max(1, min(examples, eval_tokens // length))
-    hits = []
-    for first in range(0, examples, per_pass):
-        batch = task.batch(rng, min(per_pass, examples - first), length + 1, depths=depth)
-        hits.append(np.asarray(hits_fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.answer_start))))
+    hits = [np.asarray(hits_fn(params, jnp.asarray(batch.tokens), jnp.asarray(batch.answer_start)))
+            for batch in eval_batches(task, rng, length, depth, examples, eval_tokens)]
     return float(np.concatenate(hits).mean())
+
+
+def eval_batches(task: passkey.PasskeyTask, rng, length: int, depth: float | None, examples: int, eval_tokens: int):
+    """`examples` examples of length + 1 bytes, in batches of at most `eval_tokens` tokens."""
+    per_pass = max(1, min(examples, eval_tokens // length))
+    for first in range(0, examples, per_pass):
+        yield task.batch(rng, min(per_pass, examples - first), length + 1, depths=depth)
 
 
 def selection_hits_fn(trainer: Trainer, digits: int):
@@ -195,10 +199,8 @@ def selection_found(hits_fn, found_fn, params, task: passkey.PasskeyTask, rng, l
                     eval_tokens: int) -> dict:
     """Over `examples` examples at random depths: per layer, how often selection picked the key
     at the answer; the exact match of the same examples, overall and where no layer picked it."""
-    per_pass = max(1, min(examples, eval_tokens // length))
     found, hits = [], []
-    for first in range(0, examples, per_pass):
-        batch = task.batch(rng, min(per_pass, examples - first), length + 1)
+    for batch in eval_batches(task, rng, length, None, examples, eval_tokens):
         starts = np.array([[a for a, _ in task.key_spans(length + 1, d)] for d in batch.depth], np.int32)
         tokens, answer_start = jnp.asarray(batch.tokens), jnp.asarray(batch.answer_start)
         hits.append(np.asarray(hits_fn(params, tokens, answer_start)))
