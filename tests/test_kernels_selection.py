@@ -132,7 +132,8 @@ def test_select_blocks_kernel_matches_reference(case, dtype, tiles):
             q.astype(jnp.float32), ck.astype(jnp.float32))
     for name, g, r in zip(("q", "ck"), grads, ref_grads):
         assert g.dtype == dtype
-        # The backward recomputes its logits from operands in the input dtype (f32 accumulation).
+        # The backward's logits and dq use the forward's float32 operands; only d(block keys)'
+        # second matmul takes the input dtype (dlogit formed in float32 first).
         assert_close("selection", f"d{name}", g, r, jnp.float32 if dtype == jnp.float32 else dtype,
                      case=str(case), tiles=tiles)
 
