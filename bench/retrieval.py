@@ -25,7 +25,9 @@ dense (full causal attention: how it extrapolates past its training length).
 For variants with a selected branch it also says where selection looked: per evaluated length
 and layer, how often a selected block held a byte of the key at the query that predicts the
 answer, and the exact match where no layer picked it (a miss there is selection's; a miss
-where it did is the model's reading of what it selected).
+where it did is the model's reading of what it selected). For every variant it then says what the
+trained model reads the key through: exact match and right digits with each of its branches left
+out in turn (its gate 0, the same parameters), and a few of its misses (key, answer given).
 
 Prints a table (accuracy per variant and length, mean and worst depth), writes a JSON of the
 training curve and the grid to --out, and with --plot_dir one heat map per variant (depth x
@@ -146,6 +148,57 @@ def answer_hits(trainer: Trainer, digits: int):
         trainer.model(params)(tokens[:, :-1]), tokens, answer_start, digits))
 
 
+def answers_fn(trainer: Trainer, digits: int, branches: tuple[str, ...] | None = None):
+    """A jitted (params, tokens [b, n + 1], answer_start [b]) -> int [b, digits]: the answer the
+    model gives (`passkey.predicted_answer`). branches: run every SparseAttention with only
+    these (the others' gates 0, as `SparseAttention(branches=...)`): what the trained model
+    reads the key through."""
+
+    def run(params, tokens, answer_start):
+        model = trainer.model(params)
+        if branches is not None:
+            for _, module in nnx.iter_modules(model):
+                if isinstance(module, SparseAttention):
+                    module.branches = branches
+        return passkey.predicted_answer(model(tokens[:, :-1]), answer_start, digits)
+
+    return jax.jit(run)
+
+
+def ablations(variant: str) -> dict[str, tuple[str, ...] | None]:
+    """name -> branches: the variant whole, then without each of its branches (with two or more)."""
+    config = ModelConfig(**VARIANTS[variant][0])
+    if not config.use_sparse_attn:
+        return {"all": None}
+    own = tuple(b.strip() for b in config.nsa_branches.split(","))
+    return {"all": None, **({f"without {b}": tuple(o for o in own if o != b) for b in own} if len(own) > 1 else {})}
+
+
+def reading(fns: dict, params, task: passkey.PasskeyTask, rng, length: int, examples: int, eval_tokens: int,
+            shown: int = 3) -> dict:
+    """Over `examples` examples at random depths, for each answers_fn in `fns` (`ablations`):
+    exact match and the mean number of right digits; and a few of the whole model's misses
+    (depth, key, answer given): a miss by one digit is a misread, a wholly other number a wrong
+    place or none."""
+    right = {name: [] for name in fns}
+    misses = []
+    for batch in eval_batches(task, rng, length, None, examples, eval_tokens):
+        tokens, answer_start = jnp.asarray(batch.tokens), jnp.asarray(batch.answer_start)
+        keys = np.array([[ord(c) for c in key] for key in batch.key])  # [b, digits]
+        for name, fn in fns.items():
+            given = np.asarray(fn(params, tokens, answer_start))
+            right[name].append((given == keys).sum(axis=1))
+            if name == "all":
+                misses += [dict(depth=round(float(d), 3), key=str(k), given=bytes(g.astype(np.uint8)).decode("latin-1"))
+                           for d, k, g, ok in zip(batch.depth, batch.key, given, (given == keys).all(axis=1))
+                           if not ok]
+    out = {}
+    for name, counts in right.items():
+        counts = np.concatenate(counts)
+        out[name] = dict(exact_match=float((counts == task.digits).mean()), digits_right=float(counts.mean()))
+    return dict(branches=out, misses=misses[:shown], missed=len(misses))
+
+
 def accuracy(hits_fn, params, task: passkey.PasskeyTask, rng, length: int, depth: float | None, examples: int,
              eval_tokens: int) -> float:
     """Exact-match rate over `examples` examples of length + 1 bytes (key at `depth`, or random)."""
@@ -218,6 +271,7 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
     report = report or (lambda partial: None)
     trainer = build(variant, args)
     hits_fn, found_fn = answer_hits(trainer, task.digits), selection_hits_fn(trainer, task.digits)
+    read_fns = {name: answers_fn(trainer, task.digits, branches) for name, branches in ablations(variant).items()}
     state = trainer.init_state()
     rng, eval_rng = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     curve, start, length = [], time.perf_counter(), args.start_len
@@ -244,8 +298,9 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
     depths = [float(d) for d in np.linspace(0.0, 1.0, args.depths)]
     grid = {}
     selection = {}  # length -> where selection looked (variants with a selected branch)
+    read = {}  # length -> exact match with each branch left out, and the misses (`reading`)
     result = lambda: dict(variant=variant, trained_len=trained_len, curve=curve, depths=depths,  # noqa: E731
-                          grid={str(k): v for k, v in grid.items()}, selection=selection)
+                          grid={str(k): v for k, v in grid.items()}, selection=selection, reading=read)
     report(result())
     for n in args.eval_lengths:
         try:
@@ -262,6 +317,13 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
             print(f"{variant} T={n}: selection picked the key at the answer, by layer: "
                   f"{' '.join(f'{f:.0%}' for f in looked['found_per_layer'])}; no layer: "
                   f"{looked['no_layer_found']:.0%} (exact match there: {looked['exact_match_where_none_found']})",
+                  flush=True)
+        if isinstance(row, list):
+            read[str(n)] = r = reading(read_fns, state.params, task, eval_rng, n, args.examples, args.eval_tokens)
+            print(f"{variant} T={n}: exact match (digits right of {task.digits}) "
+                  + ", ".join(f"{k} {v['exact_match']:.0%} ({v['digits_right']:.2f})" for k, v in r["branches"].items())
+                  + f"; misses {r['missed']}: "
+                  + (", ".join(f"{m['key']} -> {m['given']!r} at depth {m['depth']:.0%}" for m in r["misses"]) or "none"),
                   flush=True)
         report(result())
     return result()

@@ -92,6 +92,13 @@ def _bytes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
 
 
+def predicted_answer(logits, answer_start, digits: int):
+    """int [b, digits]: the argmax byte before each answer byte (teacher forced), for logits
+    [b, n, vocab] of the model run on an example's bytes; answer_start [b]."""
+    positions = jnp.asarray(answer_start)[:, None] + jnp.arange(digits)[None, :]  # [b, digits] target indices
+    return jnp.argmax(jnp.take_along_axis(logits, (positions - 1)[:, :, None], axis=1), axis=-1)
+
+
 def exact_match(logits, tokens, answer_start, digits: int):
     """bool [b]: every answer byte is the argmax of the logits before it.
 
@@ -99,7 +106,7 @@ def exact_match(logits, tokens, answer_start, digits: int):
     themselves: only positions before the last are read); answer_start [b]."""
     b = tokens.shape[0]
     positions = jnp.asarray(answer_start)[:, None] + jnp.arange(digits)[None, :]  # [b, digits] target indices
-    predicted = jnp.argmax(jnp.take_along_axis(logits, (positions - 1)[:, :, None], axis=1), axis=-1)  # [b, digits]
+    predicted = predicted_answer(logits, answer_start, digits)
     wanted = jnp.take_along_axis(jnp.asarray(tokens), positions, axis=1)
     assert predicted.shape == (b, digits)
     return jnp.all(predicted == wanted, axis=1)

@@ -472,3 +472,44 @@ def test_retrieval_selection_diagnostic_finds_the_key_only_where_it_is():
     assert found.shape == (config.depth, 3) and bool(found.all())
     after = np.full_like(starts, length - 2)  # bytes the query before the answer cannot see
     assert not bool(found_fn(params, batch.tokens[:, :-1], batch.answer_start, after).any())
+
+
+def test_retrieval_reading_leaves_out_each_branch_as_a_model_built_without_it():
+    """`answers_fn(..., branches)` on the whole model's parameters gives what a model built with
+    only those branches gives (same parameters), and differs from the whole model: the ablation
+    of the bench's reading diagnostic is real."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from bench import retrieval
+    from nsa_jax import passkey
+    from nsa_jax.config import ModelConfig
+    from nsa_jax.training import Trainer, make_optimizer
+
+    assert list(retrieval.ablations("nsa")) == ["all", "without compressed", "without selected", "without sliding"]
+    assert list(retrieval.ablations("dense")) == ["all"] and list(retrieval.ablations("sliding")) == ["all"]
+    task, length = passkey.PasskeyTask(), 160
+    config = ModelConfig(**retrieval.SMOKE_MODEL)
+    whole = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=False), make_optimizer(1e-3))
+    params = dict(whole.init_state().params)
+    gates = "layers.*.attn.to_strategy_combine.bias"  # initialised near-closed for the sparse branches:
+    params[gates] = jnp.full_like(params[gates], 2.0)  # open them all, so that leaving one out shows
+    batch = task.batch(np.random.default_rng(0), 8, length + 1)
+    given = {name: np.asarray(retrieval.answers_fn(whole, task.digits, branches)(params, batch.tokens,
+                                                                                 batch.answer_start))
+             for name, branches in retrieval.ablations("nsa").items()}
+    built = Trainer(dataclasses.replace(config, nsa_branches="compressed,sliding").build(
+        nnx.Rngs(0), use_pallas_nsa=False), make_optimizer(1e-3))
+    alone = np.asarray(retrieval.answers_fn(built, task.digits)(params, batch.tokens, batch.answer_start))
+    assert given["all"].shape == (8, task.digits)
+    np.testing.assert_array_equal(given["without selected"], alone)
+    assert all((given[name] != given["all"]).any() for name in given if name != "all")
+
+    fns = {name: retrieval.answers_fn(whole, task.digits, branches)
+           for name, branches in retrieval.ablations("nsa").items()}
+    read = retrieval.reading(fns, params, task, np.random.default_rng(1), length, 4, 1024)
+    assert set(read["branches"]) == set(fns) and read["missed"] == 4 and len(read["misses"]) == 3  # untrained
+    assert all(len(m["given"]) == task.digits for m in read["misses"])

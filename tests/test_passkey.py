@@ -82,6 +82,9 @@ def test_exact_match_needs_every_answer_byte():
     logits[1, batch.answer_start[1] + 1, 0] = 1.0
     got = passkey.exact_match(jnp.asarray(logits), batch.tokens, batch.answer_start, 5)
     assert inputs.shape == (3, n) and got.tolist() == [True, False, True]
+    predicted = np.asarray(passkey.predicted_answer(jnp.asarray(logits), batch.answer_start, 5))
+    keys = np.array([[ord(c) for c in key] for key in batch.key])
+    assert (predicted == keys).sum(axis=1).tolist() == [5, 4, 5] and predicted[1, 2] == 0
 
 
 @pytest.mark.slow  # the quick tier: the task's layout and scoring
