@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_tokens", type=int, default=65536, help="tokens per evaluation forward pass")
     parser.add_argument("--eval_every", type=int, default=100,
                         help="steps between accuracy checks at the length being trained")
+    parser.add_argument("--digits", type=int, default=5,
+                        help="digits of the key (one compressed token covers 16 bytes: longer keys span several)")
     parser.add_argument("--data_path", default=None, help="filler corpus (default: the usual repeated sentences)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="activations (bfloat16: half the activation memory at the longest lengths; dense "
@@ -103,12 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_lengths = [int(n) for n in args.eval_lengths.split(",")]
     except ValueError:
         parser.error(f"--eval_lengths takes a comma list of integers, got {args.eval_lengths!r}")
+    if args.digits < 1:
+        parser.error(f"--digits is the key's length, at least 1, got {args.digits}")
     if not 0.0 < args.advance_at <= 1.0:
         parser.error(f"--advance_at is an exact-match rate in (0, 1], got {args.advance_at}")
     if args.smoke:
         args.start_len, args.train_len, args.steps, args.batch_size, args.examples = 120, 160, 4, 2, 2
         args.eval_lengths, args.depths, args.eval_every, args.dtype = [160, 320], 3, 2, "float32"
-    task = passkey.PasskeyTask()
+    task = passkey.PasskeyTask(digits=args.digits)
     args.start_len = min(args.start_len, args.train_len)
     too_short = [n for n in [args.start_len, args.train_len, *args.eval_lengths] if n < task.min_length()]
     if too_short:
@@ -372,7 +376,7 @@ def heat_map(result: dict, lengths: list[int], path: Path) -> bool:
 def main(argv=None) -> None:
     args = parse_args(argv)
     filler = Path(args.data_path).read_bytes() if args.data_path else None
-    task = passkey.PasskeyTask(filler)
+    task = passkey.PasskeyTask(filler, digits=args.digits)
     device = jax.devices()[0]
     meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__,
                 settings=dict(vars(args)))

@@ -436,6 +436,8 @@ def test_retrieval_flags_and_table():
         retrieval.parse_args(["--eval_lengths", "64,4096"])  # shorter than the task itself
     with pytest.raises(SystemExit):
         retrieval.parse_args(["--advance_at", "90"])  # a rate, not a percentage
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(["--digits", "0"])
     args = retrieval.parse_args(["--eval_lengths", "4096,8192"])
     assert args.eval_lengths == [4096, 8192] and args.variants.split(",") == list(retrieval.VARIANTS)
     assert retrieval.learning_rate(args) == args.learning_rate  # constant by default
