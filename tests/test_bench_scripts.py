@@ -500,9 +500,9 @@ def test_retrieval_reading_leaves_out_each_branch_as_a_model_built_without_it():
     gates = "layers.*.attn.to_strategy_combine.bias"  # initialised near-closed for the sparse branches:
     params[gates] = jnp.full_like(params[gates], 2.0)  # open them all, so that leaving one out shows
     batch = task.batch(np.random.default_rng(0), 8, length + 1)
-    given = {name: np.asarray(retrieval.answers_fn(whole, task.digits, branches)(params, batch.tokens,
-                                                                                 batch.answer_start))
-             for name, branches in retrieval.ablations("nsa").items()}
+    fns = {name: retrieval.answers_fn(whole, task.digits, branches)
+           for name, branches in retrieval.ablations("nsa").items()}
+    given = {name: np.asarray(fn(params, batch.tokens, batch.answer_start)) for name, fn in fns.items()}
     built = Trainer(dataclasses.replace(config, nsa_branches="compressed,sliding").build(
         nnx.Rngs(0), use_pallas_nsa=False), make_optimizer(1e-3))
     alone = np.asarray(retrieval.answers_fn(built, task.digits)(params, batch.tokens, batch.answer_start))
@@ -510,8 +510,7 @@ def test_retrieval_reading_leaves_out_each_branch_as_a_model_built_without_it():
     np.testing.assert_array_equal(given["without selected"], alone)
     assert all((given[name] != given["all"]).any() for name in given if name != "all")
 
-    fns = {name: retrieval.answers_fn(whole, task.digits, branches)
-           for name, branches in retrieval.ablations("nsa").items()}
-    read = retrieval.reading(fns, params, task, np.random.default_rng(1), length, 4, 1024)
-    assert set(read["branches"]) == set(fns) and read["missed"] == 4 and len(read["misses"]) == 3  # untrained
+    # The same shapes as above (8 examples of length + 1 bytes per pass): no new compile.
+    read = retrieval.reading(fns, params, task, np.random.default_rng(1), length, 8, 8 * length)
+    assert set(read["branches"]) == set(fns) and read["missed"] == 8 and len(read["misses"]) == 3  # untrained
     assert all(len(m["given"]) == task.digits for m in read["misses"])
