@@ -50,7 +50,7 @@ import optax
 from flax import nnx
 
 from nsa_jax import passkey, reference
-from nsa_jax.attention import Attention, SparseAttention
+from nsa_jax.attention import Attention, SparseAttention, parse_branches
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
 
@@ -169,12 +169,15 @@ def answers_fn(trainer: Trainer, digits: int, branches: tuple[str, ...] | None =
     return jax.jit(run)
 
 
+def variant_branches(variant: str) -> tuple[str, ...]:
+    """The NSA branches a variant runs, in gate order (none for dense attention)."""
+    config = ModelConfig(**VARIANTS[variant][0])
+    return parse_branches(config.nsa_branches) if config.use_sparse_attn else ()
+
+
 def ablations(variant: str) -> dict[str, tuple[str, ...] | None]:
     """name -> branches: the variant whole, then without each of its branches (with two or more)."""
-    config = ModelConfig(**VARIANTS[variant][0])
-    if not config.use_sparse_attn:
-        return {"all": None}
-    own = tuple(b.strip() for b in config.nsa_branches.split(","))
+    own = variant_branches(variant)
     return {"all": None, **({f"without {b}": tuple(o for o in own if o != b) for b in own} if len(own) > 1 else {})}
 
 
@@ -248,8 +251,7 @@ def selection_hits_fn(trainer: Trainer, digits: int):
 
 
 def has_selection(variant: str) -> bool:
-    config = ModelConfig(**VARIANTS[variant][0])
-    return config.use_sparse_attn and "selected" in config.nsa_branches.split(",")
+    return "selected" in variant_branches(variant)
 
 
 def selection_found(hits_fn, found_fn, params, task: passkey.PasskeyTask, rng, length: int, examples: int,
@@ -324,11 +326,11 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
                   flush=True)
         if isinstance(row, list):
             read[str(n)] = r = reading(read_fns, state.params, task, eval_rng, n, args.examples, args.eval_tokens)
-            print(f"{variant} T={n}: exact match (digits right of {task.digits}) "
-                  + ", ".join(f"{k} {v['exact_match']:.0%} ({v['digits_right']:.2f})" for k, v in r["branches"].items())
-                  + f"; misses {r['missed']}: "
-                  + (", ".join(f"{m['key']} -> {m['given']!r} at depth {m['depth']:.0%}" for m in r["misses"]) or "none"),
-                  flush=True)
+            scores = ", ".join(f"{k} {v['exact_match']:.0%} ({v['digits_right']:.2f})"
+                               for k, v in r["branches"].items())
+            misses = ", ".join(f"{m['key']} -> {m['given']!r} at depth {m['depth']:.0%}" for m in r["misses"])
+            print(f"{variant} T={n}: exact match (digits right of {task.digits}) {scores}; "
+                  f"misses {r['missed']}: {misses or 'none'}", flush=True)
         report(result())
     return result()
 
@@ -384,7 +386,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for variant in args.variants.split(","):
-        save = lambda partial: out.write_text(json.dumps(dict(meta, results=[*results, partial]), indent=1))  # noqa: E731
+        def save(partial: dict) -> None:
+            out.write_text(json.dumps(dict(meta, results=[*results, partial]), indent=1))
+
         results.append(run_variant(variant, args, task, report=save))
         out.write_text(json.dumps(dict(meta, results=results), indent=1))
         if args.plot_dir:

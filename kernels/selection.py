@@ -41,11 +41,12 @@ program per chunk of blocks, kv head and split of the queries that see them, rec
 logits tile by tile and finding the picks among the chunk's blocks by one compare pass per
 pick. The backward recomputes its logits from the same float32 operands as the forward, whatever
 the inputs' dtype (only d(block keys)' second matmul, dlogit^T q, takes the inputs' dtype: dlogit
-is formed in float32 before the cast, as flash attention forms dk): P = exp(logit - lse) is only a probability when the logit is the one lse was
-summed from. (Recomputed from bf16 operands, as flash attention's backward does, a logit of
-size L is off by about L / 256, P by a factor exp(L / 256): at the sharp selections a trained
-model makes, the gradient was wrong by 50% and more, and the bf16 seed model's gradient norm
-went to inf within 600 steps of the passkey task (H200, 2026-11-30, `bench/retrieval.py`).)
+is formed in float32 before the cast, as flash attention forms dk): P = exp(logit - lse) is only a
+probability when the logit is the one lse was summed from. (Recomputed from bf16 operands, as
+flash attention's backward does, a logit of size L is off by about L / 256, P by a factor
+exp(L / 256): at the sharp selections a trained model makes, the gradient was wrong by 50% and
+more, and the bf16 seed model's gradient norm went to inf within 600 steps of the passkey task
+(H200, 2026-11-30, `bench/retrieval.py`).)
 """
 
 from __future__ import annotations
