@@ -40,13 +40,14 @@ the forward's log-sum-exp), then a gather of the k picked block keys. d(block ke
 program per chunk of blocks, kv head and split of the queries that see them, recomputing the
 logits tile by tile and finding the picks among the chunk's blocks by one compare pass per
 pick. The backward recomputes its logits from the same float32 operands as the forward, whatever
-the inputs' dtype (only d(block keys)' second matmul, dlogit^T q, takes the inputs' dtype: dlogit
-is formed in float32 before the cast, as flash attention forms dk): P = exp(logit - lse) is only a
+the inputs' dtype, and so does every matmul of d(block keys): P = exp(logit - lse) is only a
 probability when the logit is the one lse was summed from. (Recomputed from bf16 operands, as
 flash attention's backward does, a logit of size L is off by about L / 256, P by a factor
 exp(L / 256): at the sharp selections a trained model makes, the gradient was wrong by 50% and
 more, and the bf16 seed model's gradient norm went to inf within 600 steps of the passkey task
-(H200, 2026-11-30, `bench/retrieval.py`).)
+(H200, 2026-11-30, `bench/retrieval.py`). With only dlogit^T q on bf16 operands, dlogit formed in
+float32 first as flash attention forms dk, 19 of 96 gradient-norm samples of two such passkey runs
+were above 100, up to 27,921; 1 of 324 in the float32 runs (H200, 2026-11-30).)
 """
 
 from __future__ import annotations
@@ -147,7 +148,6 @@ class _Config:
     nb_pad: int
     dbk_splits: int
     packed: bool  # packed documents: per-row block bounds (`_Layout`)
-    dbk_dtype: str  # operands of d(block keys)' second matmul, dlogit^T q: the inputs' dtype
     num_warps: int
     num_warps_dbk: int
     num_stages: int
@@ -410,8 +410,7 @@ def _dbk_kernel(t_lo_ref, t_hi_ref, fv_ref, q_ref, bk_ref, lse_ref, delta_ref, i
         lse, delta = lse_ref[tokens, :].reshape(1, rows), delta_ref[tokens, :].reshape(1, rows)
         picks = [(idx_ref[tokens, :, p].reshape(1, rows), dval_ref[tokens, :, p].reshape(1, rows))
                  for p in range(cfg.k)]
-        dt = jnp.dtype(cfg.dbk_dtype)  # dlogit is formed in float32 first, as flash attention's dk
-        return dbk + mm(_dlogits(s_t, j, lse, delta, picks).astype(dt), q.astype(dt))
+        return dbk + mm(_dlogits(s_t, j, lse, delta, picks).astype(q.dtype), q)
 
     dbk = lax.fori_loop(lo, hi, tile, jnp.zeros((bkc, d), F32))
     dbk_ref[...] = dbk * cfg.scale
@@ -538,7 +537,7 @@ _select.defvjp(_select_fwd, _select_bwd)
 
 def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: int, *, stride: int, sb: int,
             causal: bool, interpolated: bool, scale: float, settings: SelectionSettings,
-            packed: bool = False, dbk_dtype: str = "float32") -> _Config:
+            packed: bool = False) -> _Config:
     kp = next_pow2(k)
     block_q = max(1, settings.rows // gs, cdiv(MIN_DOT, gs))
     block_q_dbk = max(1, settings.rows_dbk // gs, cdiv(MIN_DOT, gs))
@@ -557,7 +556,7 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
     return _Config(scale=float(scale), causal=causal, own_block=sb != stride, sb=sb, stride=stride, nc=nc, nb=nb,
                    interpolated=interpolated, n=n, gs=gs, k=k, kp=kp, block_q=block_q, block_k=block_k,
                    block_q_dbk=block_q_dbk, block_k_dbk=block_k_dbk, n_pad=n_pad, nb_pad=nb_pad,
-                   dbk_splits=max(1, splits), packed=packed, dbk_dtype=dbk_dtype,
+                   dbk_splits=max(1, splits), packed=packed,
                    num_warps=settings.num_warps,
                    num_warps_dbk=settings.num_warps_dbk or (8 if d_pad >= 128 else 4),
                    num_stages=settings.num_stages, interpret=interpret_mode())
@@ -625,8 +624,7 @@ def select_blocks(
     gs = 1 if share_heads else g
     d_pad = max(MIN_DOT, next_pow2(d))
     cfg = _config(n, nc, nb, gs, k, d_pad, kh, b, stride=stride, sb=sb, causal=causal, interpolated=interpolated,
-                  scale=scale, settings=settings, packed=segments is not None,
-                  dbk_dtype="float32" if jnp.dtype(q.dtype).itemsize >= 4 else jnp.dtype(q.dtype).name)
+                  scale=scale, settings=settings, packed=segments is not None)
     qs = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
         qs = qs.mean(axis=3, keepdims=True)  # [b, n, kh, 1, d]
