@@ -106,6 +106,8 @@ flags.DEFINE_boolean("shard_optimizer", False, "keep parameters replicated and s
 flags.register_multi_flags_validator(
     ["fsdp", "shard_optimizer"], lambda f: not (f["fsdp"] and f["shard_optimizer"]),
     "--fsdp already splits the optimizer state (and the parameters): pass --fsdp or --shard_optimizer, not both")
+flags.DEFINE_integer("context_parallelism", 1, "split each sequence over this many devices, the batch over the rest "
+                     "(exact; a first form, not yet faster or leaner than one device: README, 'Several GPUs')")
 flags.DEFINE_string("coordinator_address", None, "multi-host: address of process 0, host:port")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -245,9 +247,19 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
 
     # -- devices: one mesh over all of them (all hosts, when multi-host) ---------------------
     sharding.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    mesh = sharding.make_mesh()
-    if cfg.batch_size % mesh.size:
-        fail(f"--batch_size ({cfg.batch_size}) must be a multiple of the number of devices ({mesh.size})")
+    context = FLAGS.context_parallelism
+    if context < 1 or jax.device_count() % context:
+        fail(f"--context_parallelism ({context}) must divide the number of devices ({jax.device_count()})")
+    if context > 1 and cfg.seq_len % context:
+        fail(f"--seq_len ({cfg.seq_len}) must be a multiple of --context_parallelism ({context})")
+    if context > 1 and (FLAGS.fsdp or FLAGS.shard_optimizer or FLAGS.pack_documents):
+        fail("--context_parallelism does not combine with --fsdp, --shard_optimizer or --pack_documents yet")
+    mesh = sharding.make_mesh(context=context)
+    if cfg.batch_size % mesh.shape[sharding.DATA]:
+        shards = mesh.shape[sharding.DATA]
+        fail(f"--batch_size ({cfg.batch_size}) must be a multiple of the number of devices ({shards})" if context == 1
+             else f"--batch_size ({cfg.batch_size}) must be a multiple of the data-parallel devices "
+                  f"({shards} = {mesh.size} devices / --context_parallelism {context})")
     is_main = jax.process_index() == 0
 
     # -- data -------------------------------------------------------------------------------

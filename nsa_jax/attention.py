@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from nsa_jax import reference
+from nsa_jax import context, reference
 from nsa_jax.cache import (
     DenseCache,
     SparseCache,
@@ -273,10 +273,15 @@ class SparseAttention(nnx.Module):
 
     # -- parallel forward ------------------------------------------------------------------
 
-    def __call__(self, inp: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, inp: jax.Array, *, segment_ids: jax.Array | None = None,
+                 context_axis: str | None = None) -> jax.Array:
         """inp [b, n, dim] -> [b, n, dim]. segment_ids [b, n] (int): packed documents, runs of
         equal ids; every token then gets what its document alone would give it (positions
-        restarting at 0, `nsa_jax.segments`)."""
+        restarting at 0, `nsa_jax.segments`). context_axis: inside `jax.shard_map`, inp is one
+        shard of the sequence, split in order over this mesh axis (`nsa_jax.context`)."""
+        if context_axis is not None:
+            _check(segment_ids is None, "context parallelism does not take packed documents (segment_ids) yet")
+            return self._context_forward(inp, context_axis)
         # Each phase in its own named scope: the compiled step's kernels carry it in their op_name
         # (bench/profile_step.py counts kernels per scope).
         # A branch that is off (`branches`) is skipped: None for its output, which `combine`
@@ -309,6 +314,27 @@ class SparseAttention(nnx.Module):
         with jax.named_scope("combine"):
             return self.combine(x, compressed, fine, sliding)
 
+    def _context_forward(self, inp: jax.Array, axis: str) -> jax.Array:
+        """The parallel forward of one sequence shard inp [b, n / c, dim] (shard i of c over mesh
+        axis `axis`, inside `jax.shard_map`): its queries at their global positions against the
+        whole sequence's keys and values, all-gathered (`nsa_jax.context`). Every branch reads the
+        gathered keys as the one-device forward reads its own, so the outputs are that forward's
+        rows of this shard."""
+        positions = context.positions(inp.shape[1], axis)
+        x, q, k, v = self.project(inp)
+        compressed = fine = sliding = None
+        if self.has("compressed") or self.has("selected"):
+            ck, cv = self.with_memory(*self.compress(context.gather(k, axis), context.gather(v, axis)))
+            compressed, values, indices = self._compressed_parts(q, ck, cv, positions, self.causal)
+        if self.has("selected") or self.has("sliding"):
+            q_rot = apply_rotary(q, positions)
+            k_rot, v_all = context.gather(apply_rotary(k, positions), axis), context.gather(v, axis)
+        if self.has("selected"):
+            fine = self.fine(q_rot, k_rot, v_all, values, indices, positions)
+        if self.has("sliding"):
+            sliding = self.sliding(q_rot, k_rot, v_all, positions)
+        return self.combine(x, compressed, fine, sliding)
+
     # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
     # The branches take queries at `q_positions` against fixed-length caches; every backend
     # serves such calls with the reference core.
@@ -317,12 +343,16 @@ class SparseAttention(nnx.Module):
         """Compressed branch and selection for queries at `positions` (memory always visible);
         None for what a branch that is off would need. (The caches keep the compressed
         entries whatever the branches, so that their layout never changes.)"""
-        ck, cv = self.with_memory(cache.ck, cache.cv)
+        return self._compressed_parts(q, *self.with_memory(cache.ck, cache.cv), positions, True)
+
+    def _compressed_parts(self, q: jax.Array, ck: jax.Array, cv: jax.Array, positions: jax.Array, causal: bool):
+        """(compressed branch, selection probabilities, indices) for queries at `positions`
+        against compressed keys with memory; None for what a branch that is off would need."""
         compressed = values = indices = None
         if self.has("compressed"):
             compressed = self.backend.compressed_attention(
                 q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-                causal=True, scale=self.scale, q_positions=positions)
+                causal=causal, scale=self.scale, q_positions=positions)
         if self.has("selected"):
             values, indices = self.select(q, ck, positions)
         return compressed, values, indices
@@ -427,22 +457,38 @@ class Attention(nnx.Module):
         v = self.to_v(x).reshape(b, n, kh, d)
         return q, k, v
 
-    def __call__(self, inp: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, inp: jax.Array, *, segment_ids: jax.Array | None = None,
+                 context_axis: str | None = None) -> jax.Array:
         """inp [b, n, dim] -> [b, n, dim]; segment_ids [b, n]: packed documents (runs of equal
-        ids), each attending only within itself, positions restarting at 0."""
+        ids), each attending only within itself, positions restarting at 0. context_axis: inp is
+        one shard of the sequence over this mesh axis (inside `jax.shard_map`, `nsa_jax.context`):
+        its queries attend the all-gathered keys and values."""
+        if context_axis is not None:
+            _check(segment_ids is None, "context parallelism does not take packed documents (segment_ids) yet")
+            positions = context.positions(inp.shape[1], context_axis)
+            q, k, v = self.project(inp, positions)
+            k, v = context.gather(k, context_axis), context.gather(v, context_axis)
+            mask = None
+            if self.causal:
+                mask = (positions[:, None] >= jnp.arange(k.shape[1])[None, :])[None, None]
+            return self._attend(q, k, v, mask=mask, causal=False)
         if segment_ids is None:
             return self._attend(*self.project(inp, jnp.arange(inp.shape[1])))
         segments = _segments(segment_ids, inp.shape[:2])
         return self._attend(*self.project(inp, segments.positions), mask=same_document(segments)[:, None])
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        b, n, h, d = q.shape  # -> [b, n, dim]
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                causal: bool | None = None) -> jax.Array:
+        """q [b, n, h, d], k and v [b, nk, kh, d] -> [b, n, dim]; `causal` (default: the module's)
+        is the lower-left triangle, for queries at the keys' positions."""
+        causal = self.causal if causal is None else causal
+        b, n, h, d = q.shape
         kh = self.kv_heads
         g = h // kh
         # head i = j * kh + c reads kv head c; JAX groups query heads as c * g + j.
         q = q.reshape(b, n, g, kh, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h, d)
         impl = self.implementation if mask is None else None
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=impl)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
         out = out.reshape(b, n, kh, g, d).transpose(0, 1, 3, 2, 4).reshape(b, n, h * d)
         return self.to_out(out)
 

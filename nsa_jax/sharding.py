@@ -6,6 +6,9 @@ no such axis stay replicated). XLA inserts the collectives; the train step stays
 With replicated state, each device sums its gradients over the micro-batches and the sum is
 all-reduced once per step (`Trainer._device_grads`).
 Multi-host runs call `initialize` first; every process then sees the global mesh.
+
+Context parallelism adds a second axis, `context`: each sequence is split along its length over
+it (`nsa_jax.context`), the batch over `data` as before (data x context devices in all).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+CONTEXT = "context"
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -28,13 +32,23 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
         jax.distributed.initialize()
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    return Mesh(np.array(jax.devices() if devices is None else devices), (DATA,))
+def make_mesh(devices: list | None = None, context: int = 1) -> Mesh:
+    """A (data, context) mesh over `devices` (default: all); context devices split each sequence."""
+    devices = np.array(jax.devices() if devices is None else devices)
+    if context < 1 or devices.size % context:
+        raise ValueError(f"context parallelism ({context}) must divide the number of devices ({devices.size})")
+    return Mesh(devices.reshape(devices.size // context, context), (DATA, CONTEXT))
+
+
+def context_size(mesh: Mesh) -> int:
+    """Devices each sequence is split over (1: no context parallelism)."""
+    return mesh.shape.get(CONTEXT, 1)
 
 
 def describe(mesh: Mesh) -> str:
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    return f"mesh: {mesh.size} devices ({DATA}={mesh.shape[DATA]}){hosts}"
+    context = f", {CONTEXT}={context_size(mesh)}" if context_size(mesh) > 1 else ""
+    return f"mesh: {mesh.size} devices ({DATA}={mesh.shape[DATA]}{context}){hosts}"
 
 
 def fsdp_spec(shape: tuple[int, ...], n: int) -> P:

@@ -111,6 +111,9 @@ class Trainer:
         state = TrainState(stacked, optimizer.init(stacked))
         if fsdp and shard_optimizer:
             raise ValueError("fsdp already splits the optimizer state: pass fsdp or shard_optimizer, not both")
+        self.context = sharding.context_size(self.mesh)
+        if self.context > 1 and (fsdp or shard_optimizer):
+            raise ValueError("context parallelism keeps the state replicated: drop fsdp and shard_optimizer")
         self.fsdp, self.shard_optimizer = fsdp, shard_optimizer
         self.state_sharding = self._state_sharding(state)
         self._init_state = jax.device_put(state, self.state_sharding)
@@ -184,7 +187,9 @@ class Trainer:
     def _train_step(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """batches [accum, b, n + 1] (or tokens and segment ids): the gradient is the mean over
         the micro-batches."""
-        if self._reduce_once(batches):
+        if self.context > 1:
+            grads, loss = self._context_grads(state.params, batches)
+        elif self._reduce_once(batches):
             grad_specs = self._grad_specs(state.params)
             per_device = jax.shard_map(functools.partial(self._device_grads, grad_specs=grad_specs),
                                        in_specs=(P(), P(None, sharding.DATA)), out_specs=(grad_specs, P()),
@@ -256,7 +261,54 @@ class Trainer:
         return jax.tree.map(lambda x: sharding.fsdp_spec(x.shape, n) if self.shard_optimizer else P(), params)
 
     def _eval_step(self, params: Stacked, batch: Batch) -> jax.Array:
+        if self.context > 1:
+            return self._context_grads(params, jax.tree.map(lambda x: x[None], batch), with_grads=False)
         return self._loss(params, batch)
+
+    # -- context parallelism: each sequence split over the `context` axis (nsa_jax.context) ------
+
+    def _context_grads(self, params: Stacked, batches: Batch, with_grads: bool = True):
+        """(gradient, loss), or the loss alone without with_grads: each the mean over the micro-batches [accum, b, n + 1]: every
+        device takes its batch slice's part of each sequence (inputs and their shifted targets,
+        split in order over `context`)."""
+        tokens, segment_ids, loss_mask = batch_parts(batches)
+        if segment_ids is not None:
+            raise ValueError("context parallelism does not take packed documents (segment ids) yet")
+        n = tokens.shape[-1] - 1
+        if n % self.context:
+            raise ValueError(f"the sequence length ({n}) must be a multiple of the context parallelism ({self.context})")
+        counted = (jnp.ones(tokens[..., 1:].shape, jnp.float32) if loss_mask is None
+                   else loss_mask[..., 1:].astype(jnp.float32))
+        split = P(None, sharding.DATA, sharding.CONTEXT)
+        per_device = jax.shard_map(functools.partial(self._context_device_grads, with_grads=with_grads),
+                                   in_specs=(P(), split, split, split), out_specs=(P(), P()) if with_grads else P(),
+                                   check_vma=False)
+        return per_device(params, tokens[..., :-1], tokens[..., 1:], counted)
+
+    def _context_device_grads(self, params: Stacked, inputs: jax.Array, labels: jax.Array, counted: jax.Array,
+                              with_grads: bool):
+        """One device's part (inside `jax.shard_map`): its shards' summed losses over each
+        micro-batch's counted targets on all devices, their gradient, both summed over the mesh."""
+        axes = (sharding.DATA, sharding.CONTEXT)
+        totals = jnp.maximum(jax.lax.psum(jnp.sum(counted, axis=(1, 2)), axes), 1.0)  # [accum]
+
+        def loss(params, ids, targets, weights, total):
+            losses = self.model(params).token_losses(ids, targets, context_axis=sharding.CONTEXT)
+            return jnp.sum(losses * weights) / total
+
+        def micro_step(grad_sum, xs):
+            if not with_grads:
+                return grad_sum, loss(params, *xs)
+            value, grads = jax.value_and_grad(loss)(params, *xs)
+            return jax.tree.map(jnp.add, grad_sum, grads), value
+
+        zeros = jax.tree.map(jnp.zeros_like, params) if with_grads else None
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, (inputs, labels, counted, totals))
+        accum = inputs.shape[0]
+        loss_mean = jax.lax.psum(jnp.sum(losses), axes) / accum
+        if not with_grads:
+            return loss_mean
+        return jax.tree.map(lambda g: jax.lax.psum(g, axes) / accum, grad_sum), loss_mean
 
 
 def tree_size(tree: Any) -> int:

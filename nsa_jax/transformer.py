@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,6 +31,12 @@ def _call_block(block: "Block", x: jax.Array, segment_ids: jax.Array | None) -> 
     return block(x, segment_ids=segment_ids)
 
 
+@functools.partial(nnx.remat, static_argnums=(2,))
+def _call_block_context(block: "Block", x: jax.Array, context_axis: str) -> jax.Array:
+    """`_call_block` for a sequence shard (context parallelism)."""
+    return block(x, context_axis=context_axis)
+
+
 class Block(nnx.Module):
     """attention + residual, then feedforward + residual (both pre-norm).
 
@@ -40,9 +47,13 @@ class Block(nnx.Module):
         self.attn = attn
         self.ff = ff
 
-    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:  # [b, n, dim]
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 context_axis: str | None = None) -> jax.Array:  # [b, n, dim]
         with jax.named_scope("attention"):
-            attn = self.attn(x) if segment_ids is None else self.attn(x, segment_ids=segment_ids)
+            if context_axis is not None:
+                attn = self.attn(x, context_axis=context_axis)
+            else:
+                attn = self.attn(x) if segment_ids is None else self.attn(x, segment_ids=segment_ids)
         with jax.named_scope("feedforward"):
             return self._feedforward(attn + x)
 
@@ -140,13 +151,27 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(dim, param_dtype=param_dtype)
         self.to_logits = Linear(dim, num_tokens, use_bias=False, param_dtype=param_dtype, rngs=rngs)
 
-    def hidden(self, ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """ids [b, n] -> [b, n, dim], before the final norm."""
+    def hidden(self, ids: jax.Array, segment_ids: jax.Array | None = None, *,
+               context_axis: str | None = None) -> jax.Array:
+        """ids [b, n] -> [b, n, dim], before the final norm. context_axis: ids is one shard of
+        each sequence over this mesh axis, inside `jax.shard_map` (`nsa_jax.context`)."""
         with jax.named_scope("embedding"):
             x = self.token_emb(ids, dtype=self.dtype)
         for layer in self.layers:
-            x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
+            if context_axis is not None:
+                x = _call_block_context(layer, x, context_axis) if self.remat == "block" else layer(
+                    x, context_axis=context_axis)
+            else:
+                x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
+
+    def token_losses(self, ids: jax.Array, labels: jax.Array, *, context_axis: str | None = None) -> jax.Array:
+        """ids, labels [b, n] -> next-token cross entropies [b, n] (float32) of ids predicting
+        labels (the targets, already shifted). With context_axis, both are one sequence shard."""
+        x = self.hidden(ids, context_axis=context_axis)
+        with jax.named_scope("logits"):
+            logits = self.to_logits(self.norm(x))
+            return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
     def __call__(self, ids: jax.Array, return_loss: bool = False, *, segment_ids: jax.Array | None = None,
                  loss_mask: jax.Array | None = None) -> jax.Array:

@@ -99,12 +99,9 @@ def test_four_devices_equal_one_and_checkpoints_cross_device_counts(tmp_path):
 @pytest.mark.slow
 def test_train_py_resumes_across_device_counts(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import TINY
+    from test_train import tiny_run_command
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
-    common = [sys.executable, str(ROOT / "train.py"), *TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}",
-              f"--checkpoint_dir={tmp_path / 'c'}", "--batch_size=4"]
+    common = tiny_run_command(tmp_path, batch_size=4)
     four = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     first = subprocess.run([*common, "--num_batches=4", "--fsdp"], env=four, capture_output=True, text=True,
                            timeout=600, cwd=tmp_path)

@@ -41,6 +41,16 @@ TINY = [
 ]
 
 
+def tiny_run_command(tmp_path: Path, batch_size: int) -> list[str]:
+    """train.py with TINY on a corpus of our own sources, logs and checkpoints under tmp_path
+    (for runs across device counts and splits: tests/test_sharding.py, tests/test_context.py)."""
+    root = Path(__file__).resolve().parents[1]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(sorted(p.read_bytes() for p in (root / "nsa_jax").glob("*.py"))))
+    return [sys.executable, str(root / "train.py"), *TINY, f"--data_path={corpus}", f"--log_dir={tmp_path}",
+            f"--checkpoint_dir={tmp_path / 'c'}", f"--batch_size={batch_size}"]
+
+
 def write_corpus(path: Path) -> Path:
     """A small real text: the package's own sources."""
     path.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))

@@ -1,0 +1,31 @@
+"""Context parallelism: one sequence split along its length over the `context` mesh axis.
+
+Inside `jax.shard_map`, device i of c holds tokens [i * n / c, (i + 1) * n / c) of every sequence
+of its batch slice. Everything but attention is per token and runs on the shard as it is. The
+attention modules (`SparseAttention`, `Attention`, called with `context_axis`) put their queries
+at the shard's global positions (`positions`) and all-gather the keys and values (`gather`,
+whose transpose in the backward pass, a reduce-scatter, returns each shard the gradient of its
+own keys and values). Every branch then reads the same keys as on one device, so the result is
+the one-device forward's, shard by shard.
+
+This first form gathers whole keys and values per layer and runs the branches on the pure-JAX
+reference for queries at positions (as cached decoding does); per device it holds the whole
+sequence's keys and values and the [n / c, n] logits of the sliding window. What the issue
+asks next: compress locally and gather only the compressed keys, a halo exchange for the sliding
+window, the selected blocks fetched from their shards, and a zig-zag split for causal balance.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def positions(n_local: int, axis: str) -> jax.Array:  # [n_local] int32
+    """Global positions of this shard's tokens (the shard's index on `axis` times its length)."""
+    return jax.lax.axis_index(axis) * n_local + jnp.arange(n_local)
+
+
+def gather(x: jax.Array, axis: str) -> jax.Array:  # [b, n_local, ...] -> [b, n, ...]
+    """The whole sequence from every shard's part along axis 1, in shard order."""
+    return jax.lax.all_gather(x, axis, axis=1, tiled=True)
