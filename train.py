@@ -252,6 +252,9 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
         fail(f"--context_parallelism ({context}) must divide the number of devices ({jax.device_count()})")
     if context > 1 and cfg.seq_len % context:
         fail(f"--seq_len ({cfg.seq_len}) must be a multiple of --context_parallelism ({context})")
+    if context > 1 and model_config.use_sparse_attn and model_config.sliding_window_size > cfg.seq_len // context:
+        fail(f"--sliding_window_size ({model_config.sliding_window_size}) must fit in one sequence shard "
+             f"(--seq_len / --context_parallelism = {cfg.seq_len // context}): use a smaller --context_parallelism")
     if context > 1 and (FLAGS.fsdp or FLAGS.shard_optimizer or FLAGS.pack_documents):
         fail("--context_parallelism does not combine with --fsdp, --shard_optimizer or --pack_documents yet")
     mesh = sharding.make_mesh(context=context)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from kernels import shard_attention
 from nsa_jax import context, reference
 from nsa_jax.cache import (
     DenseCache,
@@ -322,17 +323,33 @@ class SparseAttention(nnx.Module):
         rows of this shard."""
         positions = context.positions(inp.shape[1], axis)
         x, q, k, v = self.project(inp)
+        # The kernels serve the compressed branch and the sliding window of a shard (causal); the
+        # rest, and the reference backend, run the reference for queries at positions.
+        kernels_here = self.backend.name == "pallas" and self.causal
+        tiles = self.kernel_settings.flash
         compressed = fine = sliding = None
         if self.has("compressed") or self.has("selected"):
             ck, cv = self.with_memory(*self.compress(context.gather(k, axis), context.gather(v, axis)))
-            compressed, values, indices = self._compressed_parts(q, ck, cv, positions, self.causal)
+            if kernels_here and self.has("compressed"):
+                compressed = shard_attention.compressed_attention_shard(
+                    q, ck, cv, positions, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                    scale=self.scale, tiles=tiles)
+            elif self.has("compressed"):
+                compressed = self.backend.compressed_attention(
+                    q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                    causal=self.causal, scale=self.scale, q_positions=positions)
+            if self.has("selected"):
+                values, indices = self.select(q, ck, positions)
         if self.has("selected") or self.has("sliding"):
-            q_rot = apply_rotary(q, positions)
-            k_rot, v_all = context.gather(apply_rotary(k, positions), axis), context.gather(v, axis)
+            q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
         if self.has("selected"):
-            fine = self.fine(q_rot, k_rot, v_all, values, indices, positions)
+            fine = self.fine(q_rot, context.gather(k_rot, axis), context.gather(v, axis), values, indices, positions)
         if self.has("sliding"):
-            sliding = self.sliding(q_rot, k_rot, v_all, positions)
+            if kernels_here:
+                sliding = shard_attention.sliding_window_shard(
+                    q_rot, k_rot, v, window=self.sliding_window_size, axis=axis, scale=self.scale, tiles=tiles)
+            else:
+                sliding = self.sliding(q_rot, context.gather(k_rot, axis), context.gather(v, axis), positions)
         return self.combine(x, compressed, fine, sliding)
 
     # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
@@ -343,16 +360,12 @@ class SparseAttention(nnx.Module):
         """Compressed branch and selection for queries at `positions` (memory always visible);
         None for what a branch that is off would need. (The caches keep the compressed
         entries whatever the branches, so that their layout never changes.)"""
-        return self._compressed_parts(q, *self.with_memory(cache.ck, cache.cv), positions, True)
-
-    def _compressed_parts(self, q: jax.Array, ck: jax.Array, cv: jax.Array, positions: jax.Array, causal: bool):
-        """(compressed branch, selection probabilities, indices) for queries at `positions`
-        against compressed keys with memory; None for what a branch that is off would need."""
+        ck, cv = self.with_memory(cache.ck, cache.cv)
         compressed = values = indices = None
         if self.has("compressed"):
             compressed = self.backend.compressed_attention(
                 q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-                causal=causal, scale=self.scale, q_positions=positions)
+                causal=True, scale=self.scale, q_positions=positions)
         if self.has("selected"):
             values, indices = self.select(q, ck, positions)
         return compressed, values, indices

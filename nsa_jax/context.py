@@ -8,11 +8,13 @@ whose transpose in the backward pass, a reduce-scatter, returns each shard the g
 own keys and values). Every branch then reads the same keys as on one device, so the result is
 the one-device forward's, shard by shard.
 
-This first form gathers whole keys and values per layer and runs the branches on the pure-JAX
-reference for queries at positions (as cached decoding does); per device it holds the whole
-sequence's keys and values and the [n / c, n] logits of the sliding window. What the issue
-asks next: compress locally and gather only the compressed keys, a halo exchange for the sliding
-window, the selected blocks fetched from their shards, and a zig-zag split for causal balance.
+With the Pallas backend the compressed branch and the causal sliding window of a shard run
+through the kernels (`kernels/shard_attention.py`; the window takes only a halo of the previous
+shard's keys); selection and the selected blocks, and everything on the reference backend, run
+the pure-JAX reference for queries at positions (as cached decoding does), whose selected
+branch holds the shard's [n / c, n] logits. What the issue asks next: selection and selected
+attention through the kernels, compress per shard and gather only the compressed keys, the
+selected blocks fetched from their shards, and a zig-zag split for causal balance.
 """
 
 from __future__ import annotations

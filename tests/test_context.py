@@ -31,10 +31,12 @@ COMMON = textwrap.dedent('''
                            sliding_window_size=8, compress_block_size=8, compress_block_sliding_stride=4,
                            selection_block_size=8, num_selected_blocks=2, **changes)
 
-    def trainer(cfg, devices, context, optimizer=None, remat="none"):
-        # SGD after clipping: parameters move linearly in the gradient (as in test_sharding)
+    def trainer(cfg, devices, context, optimizer=None, remat="none", use_pallas_nsa=None):
+        # SGD after clipping: parameters move linearly in the gradient (as in test_sharding).
+        # use_pallas_nsa: the kernels (interpreted on the CPU); None: the reference here
         optimizer = optimizer or optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.5))
-        return Trainer(cfg.build(nnx.Rngs(0), remat=remat), optimizer, sharding.make_mesh(devices, context))
+        model = cfg.build(nnx.Rngs(0), remat=remat, use_pallas_nsa=use_pallas_nsa)
+        return Trainer(model, optimizer, sharding.make_mesh(devices, context))
 
     def run(t, batches, state=None):
         state, losses = state or t.init_state(), []
@@ -51,26 +53,32 @@ COMMON = textwrap.dedent('''
 
 QUICK_SCRIPT = COMMON + textwrap.dedent('''
     # data 2 x context 2: each device holds half of each of its sequences; a loss mask that
-    # counts unevenly across the shards; evaluation too
+    # counts unevenly across the shards. The kernels' shard forms
+    # (kernels/shard_attention.py: compressed branch, sliding window with its halo).
     cfg = config(depth=1)
     tokens = rng.integers(0, 256, (1, 4, 65), dtype=np.int32)
     batch = dict(tokens=tokens, loss_mask=rng.random((1, 4, 65)) < np.linspace(0.1, 0.9, 65))
-    one, split = trainer(cfg, jax.devices()[:1], 1), trainer(cfg, jax.devices(), 2)
+    one, split = (trainer(cfg, devices, context, use_pallas_nsa=True)
+                  for devices, context in ((jax.devices()[:1], 1), (jax.devices(), 2)))
     assert sharding.describe(split.mesh) == "mesh: 4 devices (data=2, context=2)"
     (s1, l1), (s2, l2) = run(one, [batch]), run(split, [batch])
     same(s1, s2, l1, l2)
-    evals = [float(t.eval_step(s.params, t.eval_batch(tokens[0]))) for t, s in ((one, s1), (split, s2))]
-    np.testing.assert_allclose(evals[1], evals[0], rtol=1e-5)
     print("ok")
 ''')
 
 SLOW_SCRIPT = COMMON + textwrap.dedent('''
     batches = [rng.integers(0, 256, (2, 4, 65), dtype=np.int32) for _ in range(3)]
-    for cfg, remat in ((config(), "none"), (config(use_sparse_attn=False), "none"), (config(), "block")):
-        state1, losses1 = run(trainer(cfg, jax.devices()[:1], 1, remat=remat), batches)
+    cases = ((config(), "none", None), (config(use_sparse_attn=False), "none", None), (config(), "block", None),
+             (config(), "none", True))  # the last: the kernels, the sliding window's halo from every shard
+    for cfg, remat, pallas in cases:
+        one = trainer(cfg, jax.devices()[:1], 1, remat=remat, use_pallas_nsa=pallas)
+        state1, losses1 = run(one, batches)
         for context in (4, 2):  # context 4; data 2 x context 2
-            state, losses = run(trainer(cfg, jax.devices(), context, remat=remat), batches)
+            split = trainer(cfg, jax.devices(), context, remat=remat, use_pallas_nsa=pallas)
+            state, losses = run(split, batches)
             same(state1, state, losses1, losses)
+        evals = [float(t.eval_step(s.params, t.eval_batch(batches[0][0]))) for t, s in ((split, state), (one, state1))]
+        np.testing.assert_allclose(evals[0], evals[1], rtol=1e-5)
 
     # Adam; save split over context 4, restore on 1 device and on data 2 x context 2: the next step
     # is the same everywhere
@@ -103,8 +111,8 @@ def test_context_parallel_step_equals_one_device():
 
 @pytest.mark.slow
 def test_context_parallel_training_and_checkpoints_across_splits(tmp_path):
-    """NSA, dense and NSA with remat, context 4 and data 2 x context 2, three steps each, equal
-    one device's; a checkpoint saved at context 4 continues identically on 1 device, 2 x 2 and 4."""
+    """NSA (reference and kernels), dense and NSA with remat, context 4 and data 2 x context 2,
+    three steps each, equal one device's; a checkpoint saved at context 4 continues identically on 1 device, 2 x 2 and 4."""
     run_script(SLOW_SCRIPT, str(tmp_path / "ckpt"))
 
 
@@ -123,3 +131,8 @@ def test_train_py_context_parallelism(tmp_path):
                          text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: --context_parallelism (3) must divide the number of devices (4)"), bad.stderr[-2000:]
+    wide = subprocess.run([*common, "--num_batches=4", "--context_parallelism=4", "--sliding_window_size=16"],
+                          env=FOUR, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert wide.returncode == 2 and wide.stderr.strip() == (
+        "error: --sliding_window_size (16) must fit in one sequence shard (--seq_len / --context_parallelism = 8): "
+        "use a smaller --context_parallelism"), wide.stderr[-2000:]
