@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from kernels._common import interpret_mode
 from kernels._flash import Visibility, banded_attention
 from kernels.settings import Tiles
+from nsa_jax import context
 
 
 def compressed_attention_shard(
@@ -64,9 +65,7 @@ def sliding_window_shard(
     if window > n:
         raise ValueError(f"the sliding window ({window}) must fit in one sequence shard ({n} tokens): "
                          "use a smaller --context_parallelism")
-    shards = jax.lax.axis_size(axis)
-    to_next = [(i, i + 1) for i in range(shards - 1)]  # the first shard receives zeros
-    halo = lambda x: jax.lax.ppermute(x[:, n - window:], axis, to_next)  # noqa: E731
+    halo = lambda x: context.shift_from_previous(x[:, n - window:], axis)  # noqa: E731  (shard 0: zeros)
     k_ext = jnp.concatenate([halo(k), k], axis=1)  # [b, window + n, kh, d]
     v_ext = jnp.concatenate([halo(v), v], axis=1)
     q_ext = jnp.concatenate([jnp.zeros((b, window, h, d), q.dtype), q], axis=1)

@@ -329,7 +329,7 @@ class SparseAttention(nnx.Module):
         tiles = self.kernel_settings.flash
         compressed = fine = sliding = None
         if self.has("compressed") or self.has("selected"):
-            ck, cv = self.with_memory(*self.compress(context.gather(k, axis), context.gather(v, axis)))
+            ck, cv = self.with_memory(*self._compress_shard(k, v, axis))
             if kernels_here and self.has("compressed"):
                 compressed = shard_attention.compressed_attention_shard(
                     q, ck, cv, positions, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
@@ -351,6 +351,18 @@ class SparseAttention(nnx.Module):
             else:
                 sliding = self.sliding(q_rot, context.gather(k_rot, axis), context.gather(v, axis), positions)
         return self.combine(x, compressed, fine, sliding)
+
+    def _compress_shard(self, k: jax.Array, v: jax.Array, axis: str) -> tuple[jax.Array, jax.Array]:
+        """The whole sequence's compressed keys and values (no memory), each shard compressing its
+        own windows, then all-gathered; when the shard is not a whole number of windows (or
+        shorter than their overlap), compressed from the all-gathered keys and values."""
+        cb, cs = self.compress_block_size, self.compress_block_sliding_stride
+        n = k.shape[1]
+        if n % cs or cb - cs > n:
+            return self.compress(context.gather(k, axis), context.gather(v, axis))
+        windows = lambda x: context.compression_windows(x, cb, cs, axis)  # noqa: E731
+        ck, cv = self.compress_windows(windows(k), windows(v))
+        return context.gather(ck, axis), context.gather(cv, axis)
 
     # -- cached generation (caches: nsa_jax.cache; the loop: nsa_jax.sampling) ---------------
     # The branches take queries at `q_positions` against fixed-length caches; every backend

@@ -8,13 +8,15 @@ whose transpose in the backward pass, a reduce-scatter, returns each shard the g
 own keys and values). Every branch then reads the same keys as on one device, so the result is
 the one-device forward's, shard by shard.
 
-With the Pallas backend the compressed branch and the causal sliding window of a shard run
-through the kernels (`kernels/shard_attention.py`; the window takes only a halo of the previous
-shard's keys); selection and the selected blocks, and everything on the reference backend, run
-the pure-JAX reference for queries at positions (as cached decoding does), whose selected
-branch holds the shard's [n / c, n] logits. What the issue asks next: selection and selected
-attention through the kernels, compress per shard and gather only the compressed keys, the
-selected blocks fetched from their shards, and a zig-zag split for causal balance.
+The compressed keys are computed per shard (its windows, with a halo of the previous shard's
+last tokens where windows overlap: `compression_windows`) and only they are all-gathered, for
+the compressed branch and selection. With the Pallas backend the compressed branch and the
+causal sliding window of a shard run through the kernels (`kernels/shard_attention.py`; the
+window takes only a halo of the previous shard's keys); selection and the selected blocks, and
+everything on the reference backend, run the pure-JAX reference for queries at positions (as
+cached decoding does), whose selected branch holds the shard's [n / c, n] logits. What the issue asks next: selection and selected
+attention through the kernels, the selected blocks fetched from their shards, and a zig-zag
+split for causal balance.
 """
 
 from __future__ import annotations
@@ -31,3 +33,24 @@ def positions(n_local: int, axis: str) -> jax.Array:  # [n_local] int32
 def gather(x: jax.Array, axis: str) -> jax.Array:  # [b, n_local, ...] -> [b, n, ...]
     """The whole sequence from every shard's part along axis 1, in shard order."""
     return jax.lax.all_gather(x, axis, axis=1, tiled=True)
+
+
+def shift_from_previous(x: jax.Array, axis: str) -> jax.Array:  # [b, m, ...] -> [b, m, ...]
+    """Each shard receives the previous shard's x; the first shard receives zeros."""
+    shards = jax.lax.axis_size(axis)
+    return jax.lax.ppermute(x, axis, [(i, i + 1) for i in range(shards - 1)])
+
+
+def compression_windows(x: jax.Array, block_size: int, stride: int, axis: str) -> jax.Array:
+    """`nsa_jax.reference.compression_windows` of the whole sequence, restricted to this shard's
+    windows: x [b, n, kh, d] (the shard; n a multiple of stride, block_size - stride <= n) ->
+    [b, kh, n // stride, block_size, d]. A window reaches block_size - stride tokens back, into
+    the previous shard: those arrive as a halo; the first shard's halo is zeros, the one-device
+    left padding."""
+    b, n, kh, d = x.shape
+    halo = block_size - stride
+    if halo:
+        x = jnp.concatenate([shift_from_previous(x[:, n - halo:], axis), x], axis=1)
+    idx = jnp.arange(n // stride)[:, None] * stride + jnp.arange(block_size)[None, :]
+    return x[:, idx].transpose(0, 3, 1, 2, 4)  # [b, w, cb, kh, d] -> [b, kh, w, cb, d]
+
