@@ -97,8 +97,9 @@ class Trainer:
     """Holds the model's static graph, the device mesh and the compiled steps.
 
     The state lives on `mesh` (replicated, split FSDP-style, or the optimizer state alone split:
-    `shard_optimizer`); batches are split over its `data` axis. On one device this is plain
-    single-device training.
+    `shard_optimizer`); batches are split over its `data` axis, and each sequence along its
+    length over its `context` axis when that has more than one device (`nsa_jax.context`). On
+    one device this is plain single-device training.
     """
 
     def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation,
@@ -268,9 +269,9 @@ class Trainer:
     # -- context parallelism: each sequence split over the `context` axis (nsa_jax.context) ------
 
     def _context_grads(self, params: Stacked, batches: Batch, with_grads: bool = True):
-        """(gradient, loss), or the loss alone without with_grads: each the mean over the micro-batches [accum, b, n + 1]: every
-        device takes its batch slice's part of each sequence (inputs and their shifted targets,
-        split in order over `context`)."""
+        """(gradient, loss), or without with_grads the loss alone: each the mean over the
+        micro-batches [accum, b, n + 1]. Every device takes its batch slice's part of each
+        sequence (inputs and their shifted targets, split in order over `context`)."""
         tokens, segment_ids, loss_mask = batch_parts(batches)
         if segment_ids is not None:
             raise ValueError("context parallelism does not take packed documents (segment ids) yet")

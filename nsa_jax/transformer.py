@@ -165,10 +165,11 @@ class Transformer(nnx.Module):
                 x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
 
-    def token_losses(self, ids: jax.Array, labels: jax.Array, *, context_axis: str | None = None) -> jax.Array:
+    def token_losses(self, ids: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None, *,
+                     context_axis: str | None = None) -> jax.Array:
         """ids, labels [b, n] -> next-token cross entropies [b, n] (float32) of ids predicting
         labels (the targets, already shifted). With context_axis, both are one sequence shard."""
-        x = self.hidden(ids, context_axis=context_axis)
+        x = self.hidden(ids, segment_ids, context_axis=context_axis)
         with jax.named_scope("logits"):
             logits = self.to_logits(self.norm(x))
             return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
@@ -187,21 +188,15 @@ class Transformer(nnx.Module):
         for name, extra in (("segment_ids", segment_ids), ("loss_mask", loss_mask)):
             if extra is not None and jnp.shape(extra) != ids.shape:
                 raise ValueError(f"{name} must have the shape of ids {list(ids.shape)}, got {list(jnp.shape(extra))}")
-        counted = None
-        if return_loss:
-            ids, labels = ids[:, :-1], ids[:, 1:]
-            counted = counted_targets(segment_ids, loss_mask)
-            if segment_ids is not None:
-                segment_ids = segment_ids[:, :-1]
-        x = self.hidden(ids, segment_ids)
-        with jax.named_scope("logits"):
-            logits = self.to_logits(self.norm(x))
-            if not return_loss:
-                return logits
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-            if counted is None:
-                return losses.mean()
-            return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
+        if not return_loss:
+            x = self.hidden(ids, segment_ids)
+            with jax.named_scope("logits"):
+                return self.to_logits(self.norm(x))
+        counted = counted_targets(segment_ids, loss_mask)
+        losses = self.token_losses(ids[:, :-1], ids[:, 1:], None if segment_ids is None else segment_ids[:, :-1])
+        if counted is None:
+            return losses.mean()
+        return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
     def sample(
         self,
