@@ -71,7 +71,8 @@ def sliding_window_shard(
     q_ext = jnp.concatenate([jnp.zeros((b, window, h, d), q.dtype), q], axis=1)
     rows = jnp.arange(window + n)
     first = jnp.where((jax.lax.axis_index(axis) == 0) & (rows >= window), window, 0)  # no halo on shard 0
-    bounds = (jnp.broadcast_to(first, (b, window + n)).astype(jnp.int32), jnp.full((b, window + n), window + n, jnp.int32))
+    rows_shape = (b, window + n)
+    bounds = (jnp.broadcast_to(first, rows_shape).astype(jnp.int32), jnp.full(rows_shape, window + n, jnp.int32))
     vis = Visibility("window", causal=True, num_keys=window + n, window=window, packed=True)
     out = banded_attention(q_ext, k_ext, v_ext, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
                            bounds=bounds)

@@ -342,14 +342,16 @@ class SparseAttention(nnx.Module):
                 values, indices = self.select(q, ck, positions)
         if self.has("selected") or self.has("sliding"):
             q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
+        if self.has("selected") or (self.has("sliding") and not kernels_here):  # the whole sequence's, once
+            k_all, v_all = context.gather(k_rot, axis), context.gather(v, axis)
         if self.has("selected"):
-            fine = self.fine(q_rot, context.gather(k_rot, axis), context.gather(v, axis), values, indices, positions)
+            fine = self.fine(q_rot, k_all, v_all, values, indices, positions)
         if self.has("sliding"):
             if kernels_here:
                 sliding = shard_attention.sliding_window_shard(
                     q_rot, k_rot, v, window=self.sliding_window_size, axis=axis, scale=self.scale, tiles=tiles)
             else:
-                sliding = self.sliding(q_rot, context.gather(k_rot, axis), context.gather(v, axis), positions)
+                sliding = self.sliding(q_rot, k_all, v_all, positions)
         return self.combine(x, compressed, fine, sliding)
 
     def _compress_shard(self, k: jax.Array, v: jax.Array, axis: str) -> tuple[jax.Array, jax.Array]:

@@ -14,15 +14,17 @@ the compressed branch and selection. With the Pallas backend the compressed bran
 causal sliding window of a shard run through the kernels (`kernels/shard_attention.py`; the
 window takes only a halo of the previous shard's keys); selection and the selected blocks, and
 everything on the reference backend, run the pure-JAX reference for queries at positions (as
-cached decoding does), whose selected branch holds the shard's [n / c, n] logits. What the issue asks next: selection and selected
-attention through the kernels, the selected blocks fetched from their shards, and a zig-zag
-split for causal balance.
+cached decoding does), whose selected branch holds the shard's [n / c, n] logits. What the
+issue asks next: selection and selected attention through the kernels, the selected blocks
+fetched from their shards, and a zig-zag split for causal balance.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from nsa_jax import reference
 
 
 def positions(n_local: int, axis: str) -> jax.Array:  # [n_local] int32
@@ -47,10 +49,7 @@ def compression_windows(x: jax.Array, block_size: int, stride: int, axis: str) -
     [b, kh, n // stride, block_size, d]. A window reaches block_size - stride tokens back, into
     the previous shard: those arrive as a halo; the first shard's halo is zeros, the one-device
     left padding."""
-    b, n, kh, d = x.shape
-    halo = block_size - stride
+    n, halo = x.shape[1], block_size - stride
     if halo:
         x = jnp.concatenate([shift_from_previous(x[:, n - halo:], axis), x], axis=1)
-    idx = jnp.arange(n // stride)[:, None] * stride + jnp.arange(block_size)[None, :]
-    return x[:, idx].transpose(0, 3, 1, 2, 4)  # [b, w, cb, kh, d] -> [b, kh, w, cb, d]
-
+    return reference.windows_after(x, block_size, stride)

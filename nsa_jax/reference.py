@@ -104,7 +104,15 @@ def compression_windows(x: jax.Array, block_size: int, stride: int,
         windows = jnp.where(keep.reshape(b, -1, 1, 1), gathered, 0).reshape(b, num_windows, block_size, kh, d)
         return windows.transpose(0, 3, 1, 2, 4)
     x = x[:, : num_windows * stride]
-    x = jnp.pad(x, ((0, 0), (block_size - stride, 0), (0, 0), (0, 0)))
+    return windows_after(jnp.pad(x, ((0, 0), (block_size - stride, 0), (0, 0), (0, 0))), block_size, stride)
+
+
+def windows_after(x: jax.Array, block_size: int, stride: int) -> jax.Array:
+    """x [b, (block_size - stride) + w * stride, kh, d], the w windows' tokens after what the first
+    window reaches back to (zeros at the sequence start; a context shard's halo) -> windows
+    [b, kh, w, block_size, d], window i = x[i * stride : i * stride + block_size]."""
+    b, n, kh, d = x.shape
+    num_windows = (n - (block_size - stride)) // stride
     if block_size % stride == 0:  # windows of whole stride chunks: slices, no gather (nor its scatter-add gradient)
         m = block_size // stride
         chunks = x.reshape(b, num_windows + m - 1, stride, kh, d)

@@ -277,7 +277,8 @@ class Trainer:
             raise ValueError("context parallelism does not take packed documents (segment ids) yet")
         n = tokens.shape[-1] - 1
         if n % self.context:
-            raise ValueError(f"the sequence length ({n}) must be a multiple of the context parallelism ({self.context})")
+            raise ValueError(f"the sequence length ({n}) must be a multiple of the context parallelism "
+                             f"({self.context})")
         counted = (jnp.ones(tokens[..., 1:].shape, jnp.float32) if loss_mask is None
                    else loss_mask[..., 1:].astype(jnp.float32))
         split = P(None, sharding.DATA, sharding.CONTEXT)

@@ -77,7 +77,8 @@ SLOW_SCRIPT = COMMON + textwrap.dedent('''
             split = trainer(cfg, jax.devices(), context, remat=remat, use_pallas_nsa=pallas)
             state, losses = run(split, batches)
             same(state1, state, losses1, losses)
-        evals = [float(t.eval_step(s.params, t.eval_batch(batches[0][0]))) for t, s in ((split, state), (one, state1))]
+        evals = [float(t.eval_step(s.params, t.eval_batch(batches[0][0])))
+                 for t, s in ((split, state), (one, state1))]
         np.testing.assert_allclose(evals[0], evals[1], rtol=1e-5)
 
     # Adam; save split over context 4, restore on 1 device and on data 2 x context 2: the next step
@@ -112,7 +113,8 @@ def test_context_parallel_step_equals_one_device():
 @pytest.mark.slow
 def test_context_parallel_training_and_checkpoints_across_splits(tmp_path):
     """NSA (reference and kernels), dense and NSA with remat, context 4 and data 2 x context 2,
-    three steps each, equal one device's; a checkpoint saved at context 4 continues identically on 1 device, 2 x 2 and 4."""
+    three steps each, equal one device's; a checkpoint saved at context 4 continues identically
+    on 1 device, 2 x 2 and 4."""
     run_script(SLOW_SCRIPT, str(tmp_path / "ckpt"))
 
 
