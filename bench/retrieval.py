@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cosine: linear warm-up over --warmup_steps, then down to a tenth at --steps "
                              "(constant is what the published runs used)")
     parser.add_argument("--warmup_steps", type=int, default=100)
+    parser.add_argument("--final_lr", type=float, default=0.1,
+                        help="with --schedule cosine: the learning rate it decays to, as a fraction of the peak")
+    parser.add_argument("--mix_lengths", action="store_true",
+                        help="each step at a length drawn evenly from the curriculum's lengths so far, not only the "
+                             "current one (same bytes per step: more, shorter examples on average)")
     parser.add_argument("--eval_lengths", default="4096,16384,65536", help="comma list of lengths to test")
     parser.add_argument("--depths", type=int, default=10, help="key depths per length, evenly from 0 to 1")
     parser.add_argument("--examples", type=int, default=8, help="examples per (length, depth) cell")
@@ -109,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--digits is the key's length, at least 1, got {args.digits}")
     if not 0.0 < args.advance_at <= 1.0:
         parser.error(f"--advance_at is an exact-match rate in (0, 1], got {args.advance_at}")
+    if not 0.0 <= args.final_lr <= 1.0:
+        parser.error(f"--final_lr is a fraction of the peak learning rate in [0, 1], got {args.final_lr}")
     if args.smoke:
         args.start_len, args.train_len, args.steps, args.batch_size, args.examples = 120, 160, 4, 2, 2
         args.eval_lengths, args.depths, args.eval_every, args.dtype = [160, 320], 3, 2, "float32"
@@ -136,7 +143,7 @@ def learning_rate(args) -> float | optax.Schedule:
         return args.learning_rate
     warmup = min(args.warmup_steps, max(args.steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, warmup, max(args.steps, warmup + 1),
-                                              end_value=args.learning_rate / 10)
+                                              end_value=args.learning_rate * args.final_lr)
 
 
 def dense_flash(dtype: str) -> bool:
@@ -271,6 +278,16 @@ def selection_found(hits_fn, found_fn, params, task: passkey.PasskeyTask, rng, l
                 exact_match_where_none_found=float(hits[missed].mean()) if missed.any() else None)
 
 
+def step_length(rng, start_len: int, length: int) -> int:
+    """--mix_lengths: one of the curriculum's lengths so far (start_len, 2 start_len, ..., length),
+    evenly. Reading the key does not depend on how far away it is, finding it does: the shorter
+    examples give more answers per step at the same bytes, the longest keeps the distance trained."""
+    lengths = [start_len]
+    while lengths[-1] < length:
+        lengths.append(min(2 * lengths[-1], length))
+    return int(lengths[rng.integers(len(lengths))])
+
+
 def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> dict:
     """Train one variant and score its grid. report(partial result): called after training and
     after each evaluated length, so a run cut short (a time limit) keeps what it measured."""
@@ -284,8 +301,9 @@ def run_variant(variant: str, args, task: passkey.PasskeyTask, report=None) -> d
     trained_len = length  # the length of the last training step (the curriculum may move on after it)
     for step in range(1, args.steps + 1):
         trained_len = length
-        size = max(1, args.batch_size * args.train_len // length)  # the same bytes per step at every length
-        batch = task.batch(rng, size, length + 1)
+        n = step_length(rng, args.start_len, length) if args.mix_lengths else length
+        size = max(1, args.batch_size * args.train_len // n)  # the same bytes per step at every length
+        batch = task.batch(rng, size, n + 1)
         host = dict(tokens=batch.tokens[None], loss_mask=batch.loss_mask[None])  # [accum = 1, b, n + 1]
         state, metrics = trainer.train_step(state, trainer.train_batches(host))
         if step % args.eval_every == 0 or step == args.steps:

@@ -445,9 +445,26 @@ def test_retrieval_flags_and_table():
     peak = retrieval.parse_args([]).learning_rate
     assert float(schedule(0)) == 0.0 and float(schedule(100)) == pytest.approx(peak)
     assert float(schedule(1000)) == pytest.approx(peak / 10)
+    low = retrieval.learning_rate(retrieval.parse_args(["--schedule", "cosine", "--steps", "1000", "--final_lr", "0.01"]))
+    assert float(low(1000)) == pytest.approx(peak / 100)
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(["--final_lr", "2"])  # a fraction of the peak
     text = retrieval.table([dict(variant="nsa", trained_len=4096, grid={"4096": [1.0, 0.5], "8192": "OOM"})],
                            [4096, 8192])
     assert "| nsa | T=4096 | 75% (worst 50%) | error |" in text
+
+
+def test_mixed_lengths_draw_every_curriculum_length_so_far():
+    import numpy as np
+
+    from bench import retrieval
+
+    rng = np.random.default_rng(0)
+    drawn = [retrieval.step_length(rng, 256, 2048) for _ in range(400)]
+    counts = {n: drawn.count(n) for n in set(drawn)}
+    assert set(counts) == {256, 512, 1024, 2048} and min(counts.values()) > 60, counts
+    assert {retrieval.step_length(rng, 256, 256) for _ in range(20)} == {256}
+    assert {retrieval.step_length(rng, 120, 160) for _ in range(50)} == {120, 160}  # the last step capped
 
 
 def test_retrieval_selection_diagnostic_finds_the_key_only_where_it_is():
