@@ -418,6 +418,7 @@ def test_retrieval_task_is_learnable():
 
     args = retrieval.parse_args(["--smoke", "--variants", "dense"])
     args.steps, args.eval_every, args.learning_rate, args.batch_size, args.advance_at = 4000, 250, 1e-3, 8, 0.5
+    args.schedule, args.mix_lengths = "constant", False  # the task alone, not the recipe
     args.eval_lengths, args.depths, args.examples = [160], 3, 8
     partials = []
     result = retrieval.run_variant("dense", args, passkey.PasskeyTask(), report=partials.append)
@@ -440,13 +441,15 @@ def test_retrieval_flags_and_table():
         retrieval.parse_args(["--digits", "0"])
     args = retrieval.parse_args(["--eval_lengths", "4096,8192"])
     assert args.eval_lengths == [4096, 8192] and args.variants.split(",") == list(retrieval.VARIANTS)
-    assert retrieval.learning_rate(args) == args.learning_rate  # constant by default
-    schedule = retrieval.learning_rate(retrieval.parse_args(["--schedule", "cosine", "--steps", "1000"]))
+    assert args.mix_lengths and not retrieval.parse_args(["--no-mix_lengths"]).mix_lengths
+    constant = retrieval.parse_args(["--schedule", "constant"])
+    assert retrieval.learning_rate(constant) == constant.learning_rate
+    schedule = retrieval.learning_rate(retrieval.parse_args(["--steps", "1000"]))  # cosine by default
     peak = retrieval.parse_args([]).learning_rate
-    assert float(schedule(0)) == 0.0 and float(schedule(100)) == pytest.approx(peak)
-    assert float(schedule(1000)) == pytest.approx(peak / 10)
-    low = retrieval.learning_rate(retrieval.parse_args(["--schedule", "cosine", "--steps", "1000", "--final_lr", "0.01"]))
-    assert float(low(1000)) == pytest.approx(peak / 100)
+    assert float(schedule(0)) == 0.0 and float(schedule(200)) == pytest.approx(peak)
+    assert float(schedule(1000)) == pytest.approx(peak / 100)
+    tenth = retrieval.learning_rate(retrieval.parse_args(["--steps", "1000", "--final_lr", "0.1"]))
+    assert float(tenth(1000)) == pytest.approx(peak / 10)
     with pytest.raises(SystemExit):
         retrieval.parse_args(["--final_lr", "2"])  # a fraction of the peak
     text = retrieval.table([dict(variant="nsa", trained_len=4096, grid={"4096": [1.0, 0.5], "8192": "OOM"})],
