@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels._common import F32, MIN_DOT, cdiv, in_xla, interpret_mode, next_pow2, pad_axis
-from kernels._selected_common import packed_inputs, slot_indices
+from kernels._selected_common import Packed, packed_inputs, slot_indices
 from kernels.selected_query import QueryConfig, query_selected
 from kernels.selected_tiled import tiled_selected_attention
 from kernels.settings import SelectedSettings
@@ -96,6 +96,25 @@ def selected_attention(
         return in_xla(lambda q, k, v, indices, valid, gates, segments: reference.selected_attention(
             q, k, v, indices, valid, gates, block_size=block_size, causal=causal, scale=scale, segments=segments),
             q, k, v, indices, valid, gates, segments)
+    lay = layout(q.shape, k.shape, indices.shape, block_size=block_size, settings=settings)
+    packed = None
+    if segments is not None:
+        packed = packed_inputs(segments, sb=block_size, sbp=lay.sbp, nb=lay.nb, nk_alloc=packed_keys(lay, block_size),
+                               causal=causal)
+        indices = slot_indices(indices, segments, block_size)
+    return run_kernels(q, k, v, indices, valid, gates, packed, block_size=block_size, causal=causal, scale=scale,
+                       settings=settings)
+
+
+def packed_keys(lay: Layout, block_size: int) -> int:
+    """Keys allocated when blocks are slots that start anywhere: every [token, + sbp) load in bounds."""
+    return lay.nb * block_size + lay.sbp
+
+
+def run_kernels(q, k, v, indices, valid, gates, packed: Packed | None, *, block_size: int, causal: bool,
+                scale: float | None, settings: SelectedSettings) -> jax.Array:
+    """`selected_attention` with its inputs laid out: unpacked, or packed (indices are block
+    slots, `packed` their table and the queries' bounds, sized by `packed_keys`)."""
     b, nq, h, d = q.shape
     kh = k.shape[2]
     g = h // kh
@@ -107,12 +126,8 @@ def selected_attention(
     # [b, nq, h, d] -> [b, nq, groups, rows, d_pad]; shared groups padded to a power of two.
     qg = q.astype(dtype).reshape(b, nq, kh, g, d)
     qg = pad_axis(pad_axis(qg, 4, lay.d_pad), 3, lay.rows * lay.groups_per_kv).reshape(b, nq, sh, lay.rows, lay.d_pad)
-    nk_alloc = lay.nb * block_size + (lay.sbp - block_size)  # every [blk * sb, + sbp) load in bounds
-    packed = None
-    if segments is not None:  # blocks start anywhere: every [token, + sbp) load in bounds
-        nk_alloc = lay.nb * block_size + lay.sbp
-        packed = packed_inputs(segments, sb=block_size, sbp=lay.sbp, nb=lay.nb, nk_alloc=nk_alloc, causal=causal)
-        indices = slot_indices(indices, segments, block_size)
+    # every [blk * sb, + sbp) load in bounds
+    nk_alloc = packed_keys(lay, block_size) if packed is not None else lay.nb * block_size + (lay.sbp - block_size)
     kp_, vp_ = (pad_axis(pad_axis(x.astype(dtype), 3, lay.d_pad), 1, nk_alloc) for x in (k, v))
     if num_sel == 0:
         idx = jnp.zeros((b, nq, sh, lay.kp), jnp.int32)

@@ -248,6 +248,27 @@ def _packed_layout(cfg: _Config, segments: seg.Segments, blocks: seg.Slots) -> _
                    i32(pad_rows(blo, 0)), i32(pad_rows(blo + num_blocks, 0)), i32(pad_rows(own, -1)))
 
 
+def _shard_layout(cfg: _Config, b: int, q_offset: jax.Array) -> _Layout:
+    """Queries at positions q_offset + [0, n) of a longer sequence (one shard under context
+    parallelism, `nsa_jax.context`): the one-sequence schedule with the rows' positions moved by
+    q_offset, through the packed path's per-row bounds (every block exists; the own block is the
+    one holding the row's position), so the kernels need no offset of their own."""
+    big = np.iinfo(np.int32).max
+    fv = _first_visible(cfg)  # [nb_pad] global positions (padding: never)
+    off = jnp.asarray(q_offset, jnp.int32)
+    fv_rows = jnp.where(fv == big, big, jnp.asarray(fv) - off)  # in the shard's row coordinates
+    last = off + np.minimum(np.arange(1, cfg.n_pad // cfg.block_q + 1) * cfg.block_q, cfg.n) - 1
+    visible = jnp.searchsorted(jnp.asarray(fv[: cfg.nb]), last, side="right")
+    chunk_hi = jnp.maximum(1, -(-visible // cfg.block_k))
+    tile_lo = jnp.clip(fv_rows[:: cfg.block_k_dbk], 0, cfg.n_pad) // cfg.block_q_dbk
+    rows = off + jnp.arange(cfg.n_pad, dtype=jnp.int32)
+    own = rows // cfg.sb if cfg.own_block else jnp.full_like(rows, -1)
+    per_batch = lambda x: jnp.broadcast_to(jnp.asarray(x).astype(jnp.int32), (b, *jnp.shape(x)))  # noqa: E731
+    return _Layout(per_batch(fv_rows), per_batch(jnp.zeros_like(chunk_hi)), per_batch(chunk_hi), per_batch(tile_lo),
+                   per_batch(jnp.full_like(tile_lo, cfg.n_pad // cfg.block_q_dbk)), per_batch(jnp.zeros_like(rows)),
+                   per_batch(jnp.full_like(rows, cfg.nb)), per_batch(own))
+
+
 def _row_bounds(tokens, gs: int, column: bool):
     """The packed rows' (blo, bhi, own) from their tokens' values [BQ], shaped [R, 1] (column)
     or [1, R]."""
@@ -589,6 +610,7 @@ def select_blocks(
     ck: jax.Array,  # [b, m + nc, kh, d]
     segments: seg.Segments | None = None,  # packed documents
     *,
+    q_offset: jax.Array | int | None = None,
     num_mem: int,
     stride: int,
     causal: bool,
@@ -602,12 +624,18 @@ def select_blocks(
     """`nsa_jax.reference.select_blocks` for the parallel forward (no `q_positions`):
     (probabilities, indices), each [b, n, sh, k'] (float32, int32); linear memory in n.
     Differentiable in q and ck through the probabilities (diff top-k). With segments, as the
-    reference: indices within the query's document, NO_PICK past its own k'."""
+    reference: indices within the query's document, NO_PICK past its own k'. q_offset (int
+    scalar, may be traced): the queries sit at positions q_offset + [0, n) of the sequence whose
+    compressed keys ck are (one shard under context parallelism), as the reference's
+    q_positions gives them."""
+    if q_offset is not None and segments is not None:
+        raise ValueError("select_blocks: q_offset (a sequence shard) does not take packed documents (segments)")
     if settings.impl == "xla":
-        return in_xla(lambda q, ck, segments: reference.select_blocks(
+        positions = None if q_offset is None else q_offset + jnp.arange(q.shape[1])
+        return in_xla(lambda q, ck, segments, positions: reference.select_blocks(
             q, ck, num_mem=num_mem, stride=stride, causal=causal, share_heads=share_heads, num_selected=num_selected,
-            selection_block_size=selection_block_size, interpolated=interpolated, scale=scale, segments=segments),
-            q, ck, segments)
+            selection_block_size=selection_block_size, interpolated=interpolated, scale=scale, segments=segments,
+            q_positions=positions), q, ck, segments, positions)
     b, n, h, d = q.shape
     kh = ck.shape[2]
     g = h // kh
@@ -624,13 +652,13 @@ def select_blocks(
     gs = 1 if share_heads else g
     d_pad = max(MIN_DOT, next_pow2(d))
     cfg = _config(n, nc, nb, gs, k, d_pad, kh, b, stride=stride, sb=sb, causal=causal, interpolated=interpolated,
-                  scale=scale, settings=settings, packed=segments is not None)
+                  scale=scale, settings=settings, packed=segments is not None or q_offset is not None)
     qs = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
         qs = qs.mean(axis=3, keepdims=True)  # [b, n, kh, 1, d]
     qs = pad_axis(pad_axis(qs, 4, d_pad), 1, cfg.n_pad)
     if segments is None:
-        layout = _static_layout(cfg, b)
+        layout = _static_layout(cfg, b) if q_offset is None else _shard_layout(cfg, b, q_offset)
         bk = _block_keys(ck[:, num_mem:], nc, stride, sb, interpolated)  # [b, nb, kh, d]
     else:
         blocks = seg.block_slots(segments, stride, sb, interpolated, nb)

@@ -13,6 +13,7 @@ from flax import nnx
 
 import kernels
 from kernels import shard_attention
+from kernels.selection import select_blocks as select_blocks_kernel
 from nsa_jax import context, reference
 from nsa_jax.cache import (
     DenseCache,
@@ -250,8 +251,17 @@ class SparseAttention(nnx.Module):
         """Whether `branch` ("compressed", "selected" or "sliding") is on."""
         return branch in self.branches
 
-    def select(self, q: jax.Array, ck: jax.Array, q_positions=None, segments=None) -> tuple[jax.Array, jax.Array]:
-        """Top-k selection blocks from the compressed keys (with memory): (probabilities, indices)."""
+    def select(self, q: jax.Array, ck: jax.Array, q_positions=None, segments=None,
+               q_offset=None) -> tuple[jax.Array, jax.Array]:
+        """Top-k selection blocks from the compressed keys (with memory): (probabilities, indices).
+        q_offset: the kernels' form of consecutive q_positions (a sequence shard's, from q_offset)."""
+        if q_offset is not None:
+            return select_blocks_kernel(
+                q, ck, q_offset=q_offset, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                causal=self.causal, share_heads=self.query_heads_share_selected_kv,
+                num_selected=self.num_selected_blocks, selection_block_size=self.selection_block_size,
+                interpolated=self.interpolated_importance_score, scale=self.scale,
+                settings=self.kernel_settings.selection)
         return self.backend.select_blocks(
             q, ck, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
             causal=self.causal, share_heads=self.query_heads_share_selected_kv,
@@ -323,8 +333,9 @@ class SparseAttention(nnx.Module):
         rows of this shard."""
         positions = context.positions(inp.shape[1], axis)
         x, q, k, v = self.project(inp)
-        # The kernels serve the compressed branch and the sliding window of a shard (causal); the
-        # rest, and the reference backend, run the reference for queries at positions.
+        # The kernels serve every branch of a causal shard (selected attention when the shard is a
+        # whole number of selection blocks); the reference backend runs the reference for
+        # queries at positions.
         kernels_here = self.backend.name == "pallas" and self.causal
         tiles = self.kernel_settings.flash
         compressed = fine = sliding = None
@@ -339,12 +350,18 @@ class SparseAttention(nnx.Module):
                     q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
                     causal=self.causal, scale=self.scale, q_positions=positions)
             if self.has("selected"):
-                values, indices = self.select(q, ck, positions)
+                values, indices = (self.select(q, ck, q_offset=positions[0]) if kernels_here
+                                   else self.select(q, ck, positions))
         if self.has("selected") or self.has("sliding"):
             q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
         if self.has("selected") or (self.has("sliding") and not kernels_here):  # the whole sequence's, once
             k_all, v_all = context.gather(k_rot, axis), context.gather(v, axis)
-        if self.has("selected"):
+        if self.has("selected") and kernels_here and inp.shape[1] % self.selection_block_size == 0:
+            gates = reference.straight_through_gates(values) if self.use_diff_topk else None
+            fine = shard_attention.selected_attention_shard(
+                q_rot, k_rot, v, k_all, v_all, indices, reference.valid_selection(values), gates,
+                block_size=self.selection_block_size, scale=self.scale, settings=self.kernel_settings.selected)
+        elif self.has("selected"):
             fine = self.fine(q_rot, k_all, v_all, values, indices, positions)
         if self.has("sliding"):
             if kernels_here:

@@ -10,13 +10,15 @@ the one-device forward's, shard by shard.
 
 The compressed keys are computed per shard (its windows, with a halo of the previous shard's
 last tokens where windows overlap: `compression_windows`) and only they are all-gathered, for
-the compressed branch and selection. With the Pallas backend the compressed branch and the
-causal sliding window of a shard run through the kernels (`kernels/shard_attention.py`; the
-window takes only a halo of the previous shard's keys); selection and the selected blocks, and
-everything on the reference backend, run the pure-JAX reference for queries at positions (as
-cached decoding does), whose selected branch holds the shard's [n / c, n] logits. What the
-issue asks next: selection and selected attention through the kernels, the selected blocks
-fetched from their shards, and a zig-zag split for causal balance.
+the compressed branch and selection. With the Pallas backend every branch of a causal shard
+runs through the kernels (`kernels/shard_attention.py`, `kernels.selection.select_blocks`'s
+q_offset): the compressed branch over the gathered compressed keys, selection at the shard's
+positions, selected attention over [the shard's keys | the whole sequence's], and the sliding
+window with only a halo of the previous shard's keys; memory per device is linear in the
+sequence. The reference backend runs the reference for queries at positions (as cached
+decoding does), whose selected branch holds the shard's [n / c, n] logits. What the issue asks
+next: the selected blocks fetched from their shards instead of all keys gathered, and a zig-zag
+split for causal balance.
 """
 
 from __future__ import annotations

@@ -319,3 +319,40 @@ def test_selected_attention_xla_matches_reference(case, dtype):
     """impl="xla": the reference's dense masked attention, its backward recomputing the logits."""
     q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31, 0.6 if not case.causal else 0.8)
     check(case, dtype, q, k, v, indices, valid, gates, key, SelectedSettings(impl="xla"), "selected xla")
+
+
+SHARD_CASES = {  # (case, shards): the tiled family (the seed's 2 heads per kv head), the query family (16)
+    "tiled": (Case(128, 8, 4, 64, 16, 4, True), 2),
+    "query": (Case(256, 32, 2, 64, 32, 3, True), 4),
+}
+
+
+@pytest.mark.parametrize("impl", ["tiled", pytest.param("query", marks=pytest.mark.slow)])
+def test_sequence_shard_attends_as_its_rows_of_the_whole(impl):
+    """Context parallelism (`kernels.shard_attention.selected_attention_shard`): each shard's
+    queries, with its own keys and the whole sequence's, give the reference's output for
+    queries at their positions, and the same gradients in q, the whole sequence's k and v, and
+    the gates. Picks as causal selection makes them: only blocks before the query's own are
+    valid."""
+    from kernels.shard_attention import selected_attention_shard
+
+    case, shards = SHARD_CASES[impl]
+    settings = SelectedSettings(impl=impl)
+    q, k, v, indices, valid, gates, key = inputs(case, jnp.float32, 11, 0.8)
+    blocks = jnp.arange(case.n)[None, :, None, None] // case.block
+    valid = valid & (indices < blocks)
+    n = case.n // shards
+    for shard in (0, shards - 1):
+        rows = slice(shard * n, (shard + 1) * n)
+        idx, ok = indices[:, rows], valid[:, rows]
+
+        def fn(q, k, v, g):
+            return selected_attention_shard(q, k[:, rows], v[:, rows], k, v, idx, ok, g, block_size=case.block,
+                                            scale=case.dim_head**-0.5, settings=settings)
+
+        def ref(q, k, v, g):
+            return reference.selected_attention(q, k, v, idx, ok, g, block_size=case.block, causal=True,
+                                                q_positions=shard * n + jnp.arange(n))
+
+        check_vjp(f"selected {impl} shard", fn, ref, (q[:, rows], k, v, gates[:, rows]), ("q", "k", "v", "gates"),
+                  jnp.float32, key, case=str(case), shard=shard)

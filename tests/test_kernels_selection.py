@@ -195,3 +195,39 @@ def test_exact_ties_break_toward_the_lower_block_as_lax_top_k(shared):
     np.testing.assert_array_equal(np.asarray(reference.valid_selection(values)), valid)
     np.testing.assert_array_equal(np.asarray(indices)[valid], np.asarray(ref_indices)[valid])
     np.testing.assert_allclose(np.asarray(values)[valid], np.asarray(ref_values)[valid], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,offset,tiles", [
+    ("seed_like", 112, "small_tiles"), ("interpolated_block6", 48, "default"),
+    pytest.param("block_is_stride", 20, "default", marks=pytest.mark.slow),
+    pytest.param("per_head_two_mem", 64, "small_tiles", marks=pytest.mark.slow),
+    pytest.param("seed_like", 0, "default", marks=pytest.mark.slow)])
+def test_sequence_shard_selects_as_its_rows_of_the_whole(name, offset, tiles):
+    """Context parallelism: the queries of one sequence shard at positions offset + [0, m) (the
+    offset traced), against the whole sequence's compressed keys, pick as the reference's
+    queries at those positions, with the same gradients."""
+    case = CASES[name]
+    m = case.n - offset if offset else case.n // 2
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = randn(keys[0], (2, m, case.heads, case.dim_head), jnp.float32)
+    ck = randn(keys[1], (2, case.num_mem + case.n // case.stride, case.kv_heads, case.dim_head), jnp.float32)
+    kw = dict(num_mem=case.num_mem, stride=case.stride, causal=case.causal, share_heads=case.shared,
+              num_selected=case.num_selected, selection_block_size=case.block, interpolated=case.interpolated)
+    shard = jax.jit(lambda q, ck, off: select_blocks(q, ck, q_offset=off, settings=SETTINGS[tiles], **kw))
+    positions = offset + jnp.arange(m)
+    ref = functools.partial(reference.select_blocks, q_positions=positions, **kw)
+    values, indices = shard(q, ck, jnp.int32(offset))
+    with jax.default_matmul_precision("highest"):
+        ref_values, ref_indices = jax.jit(ref)(q, ck)
+    got, want = valid_picks(values, indices), valid_picks(ref_values, ref_indices)
+    assert [sorted(p) for p in got] == [sorted(p) for p in want], "different valid blocks"
+    assert sum(map(len, want)) > m, "too few valid picks to test"
+    gp = np.array([p[i] for p in got for i in sorted(p)])
+    wp = np.array([p[i] for p in want for i in sorted(p)])
+    assert_close("selection", "probabilities", gp, wp, jnp.float32, case=name)
+    weights = randn(keys[2], values.shape) * reference.valid_selection(ref_values)
+    grads = jax.jit(jax.grad(lambda q, ck: jnp.sum(shard(q, ck, jnp.int32(offset))[0] * weights), (0, 1)))(q, ck)
+    with jax.default_matmul_precision("highest"):
+        ref_grads = jax.jit(jax.grad(lambda q, ck: jnp.sum(ref(q, ck)[0] * weights), (0, 1)))(q, ck)
+    for label, g, r in zip(("q", "ck"), grads, ref_grads):
+        assert_close("selection", f"d{label}", g, r, jnp.float32, case=name)
