@@ -106,8 +106,8 @@ flags.DEFINE_boolean("shard_optimizer", False, "keep parameters replicated and s
 flags.register_multi_flags_validator(
     ["fsdp", "shard_optimizer"], lambda f: not (f["fsdp"] and f["shard_optimizer"]),
     "--fsdp already splits the optimizer state (and the parameters): pass --fsdp or --shard_optimizer, not both")
-flags.DEFINE_integer("context_parallelism", 1, "split each sequence over this many devices, the batch over the rest "
-                     "(exact; a first form, not yet faster or leaner than one device: README, 'Several GPUs')")
+flags.DEFINE_integer("context_parallelism", 1, "split each sequence over this many devices (zig-zag: two chunks each), "
+                     "the batch over the rest (exact; not yet measured on GPUs: README, 'Several GPUs')")
 flags.DEFINE_string("coordinator_address", None, "multi-host: address of process 0, host:port")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -250,11 +250,13 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     context = FLAGS.context_parallelism
     if context < 1 or jax.device_count() % context:
         fail(f"--context_parallelism ({context}) must divide the number of devices ({jax.device_count()})")
-    if context > 1 and cfg.seq_len % context:
-        fail(f"--seq_len ({cfg.seq_len}) must be a multiple of --context_parallelism ({context})")
-    if context > 1 and model_config.use_sparse_attn and model_config.sliding_window_size > cfg.seq_len // context:
-        fail(f"--sliding_window_size ({model_config.sliding_window_size}) must fit in one sequence shard "
-             f"(--seq_len / --context_parallelism = {cfg.seq_len // context}): use a smaller --context_parallelism")
+    # Each device holds two chunks of every sequence (the zig-zag split of nsa_jax/context.py).
+    if context > 1 and cfg.seq_len % (2 * context):
+        fail(f"--seq_len ({cfg.seq_len}) must be a multiple of twice --context_parallelism ({2 * context})")
+    chunk = cfg.seq_len // (2 * context)
+    if context > 1 and model_config.use_sparse_attn and model_config.sliding_window_size > chunk:
+        fail(f"--sliding_window_size ({model_config.sliding_window_size}) must fit in one chunk of a sequence "
+             f"(--seq_len / (2 x --context_parallelism) = {chunk}): use a smaller --context_parallelism")
     if context > 1 and (FLAGS.fsdp or FLAGS.shard_optimizer or FLAGS.pack_documents):
         fail("--context_parallelism does not combine with --fsdp, --shard_optimizer or --pack_documents yet")
     mesh = sharding.make_mesh(context=context)

@@ -289,7 +289,7 @@ class SparseAttention(nnx.Module):
         """inp [b, n, dim] -> [b, n, dim]. segment_ids [b, n] (int): packed documents, runs of
         equal ids; every token then gets what its document alone would give it (positions
         restarting at 0, `nsa_jax.segments`). context_axis: inside `jax.shard_map`, inp is one
-        shard of the sequence, split in order over this mesh axis (`nsa_jax.context`)."""
+        shard of the sequence over this mesh axis (the zig-zag split of `nsa_jax.context`)."""
         if context_axis is not None:
             _check(segment_ids is None, "context parallelism does not take packed documents (segment_ids) yet")
             return self._context_forward(inp, context_axis)
@@ -327,57 +327,70 @@ class SparseAttention(nnx.Module):
 
     def _context_forward(self, inp: jax.Array, axis: str) -> jax.Array:
         """The parallel forward of one sequence shard inp [b, n / c, dim] (shard i of c over mesh
-        axis `axis`, inside `jax.shard_map`): its queries at their global positions against the
-        whole sequence's keys and values, all-gathered (`nsa_jax.context`). Every branch reads the
-        gathered keys as the one-device forward reads its own, so the outputs are that forward's
-        rows of this shard."""
+        axis `axis`, inside `jax.shard_map`; the zig-zag split of `nsa_jax.context`): its queries
+        at their global positions against the whole sequence's keys and values, all-gathered.
+        Every branch reads the gathered keys as the one-device forward reads its own, so the
+        outputs are that forward's rows of this shard."""
         positions = context.positions(inp.shape[1], axis)
         x, q, k, v = self.project(inp)
-        # The kernels serve every branch of a causal shard (selected attention when the shard is a
-        # whole number of selection blocks); the reference backend runs the reference for
-        # queries at positions.
+        # The kernels serve every branch of a causal shard, chunk by chunk (each a run of
+        # consecutive positions; selected attention when a chunk is a whole number of selection
+        # blocks); the reference backend runs the reference for queries at positions.
         kernels_here = self.backend.name == "pallas" and self.causal
+        per_chunk = lambda fn, *xs: jnp.concatenate(  # noqa: E731  fn over each chunk's part of xs, joined
+            [fn(*part) for part in zip(*(context.halves(x) for x in xs))], axis=1)
         tiles = self.kernel_settings.flash
+        rows = positions[None]  # [1, n / c]: halves() splits axis 1
         compressed = fine = sliding = None
         if self.has("compressed") or self.has("selected"):
             ck, cv = self.with_memory(*self._compress_shard(k, v, axis))
             if kernels_here and self.has("compressed"):
-                compressed = shard_attention.compressed_attention_shard(
-                    q, ck, cv, positions, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-                    scale=self.scale, tiles=tiles)
+                compressed = per_chunk(lambda q, pos: shard_attention.compressed_attention_shard(
+                    q, ck, cv, pos[0], num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                    scale=self.scale, tiles=tiles), q, rows)
             elif self.has("compressed"):
                 compressed = self.backend.compressed_attention(
                     q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
                     causal=self.causal, scale=self.scale, q_positions=positions)
-            if self.has("selected"):
-                values, indices = (self.select(q, ck, q_offset=positions[0]) if kernels_here
-                                   else self.select(q, ck, positions))
+            if self.has("selected") and kernels_here:
+                picks = [self.select(q_, ck, q_offset=pos[0, 0]) for q_, pos in zip(context.halves(q),
+                                                                                    context.halves(rows))]
+                values, indices = (jnp.concatenate(p, axis=1) for p in zip(*picks))
+            elif self.has("selected"):
+                values, indices = self.select(q, ck, positions)
         if self.has("selected") or self.has("sliding"):
             q_rot, k_rot = apply_rotary(q, positions), apply_rotary(k, positions)
         if self.has("selected") or (self.has("sliding") and not kernels_here):  # the whole sequence's, once
             k_all, v_all = context.gather(k_rot, axis), context.gather(v, axis)
-        if self.has("selected") and kernels_here and inp.shape[1] % self.selection_block_size == 0:
-            gates = reference.straight_through_gates(values) if self.use_diff_topk else None
-            fine = shard_attention.selected_attention_shard(
-                q_rot, k_rot, v, k_all, v_all, indices, reference.valid_selection(values), gates,
-                block_size=self.selection_block_size, scale=self.scale, settings=self.kernel_settings.selected)
+        if self.has("selected") and kernels_here and (inp.shape[1] // 2) % self.selection_block_size == 0:
+            gates = reference.straight_through_gates(values) if self.use_diff_topk else jnp.ones_like(values)
+            fine = per_chunk(lambda q, k, v, idx, ok, g: shard_attention.selected_attention_shard(
+                q, k, v, k_all, v_all, idx, ok, g if self.use_diff_topk else None,
+                block_size=self.selection_block_size, scale=self.scale, settings=self.kernel_settings.selected),
+                q_rot, k_rot, v, indices, reference.valid_selection(values), gates)
         elif self.has("selected"):
             fine = self.fine(q_rot, k_all, v_all, values, indices, positions)
         if self.has("sliding"):
             if kernels_here:
-                sliding = shard_attention.sliding_window_shard(
-                    q_rot, k_rot, v, window=self.sliding_window_size, axis=axis, scale=self.scale, tiles=tiles)
+                w = self.sliding_window_size
+                halos_k, halos_v = context.halos(k_rot, w, axis), context.halos(v, w, axis)
+                starts = (jax.lax.axis_index(axis) > 0, True)  # only shard 0's early chunk starts the sequence
+                sliding = jnp.concatenate([
+                    shard_attention.sliding_window_shard(q_, k_, v_, hk, hv, has, window=w, scale=self.scale,
+                                                         tiles=tiles)
+                    for q_, k_, v_, hk, hv, has in zip(context.halves(q_rot), context.halves(k_rot),
+                                                       context.halves(v), halos_k, halos_v, starts)], axis=1)
             else:
                 sliding = self.sliding(q_rot, k_all, v_all, positions)
         return self.combine(x, compressed, fine, sliding)
 
     def _compress_shard(self, k: jax.Array, v: jax.Array, axis: str) -> tuple[jax.Array, jax.Array]:
         """The whole sequence's compressed keys and values (no memory), each shard compressing its
-        own windows, then all-gathered; when the shard is not a whole number of windows (or
+        chunks' windows, then all-gathered; when a chunk is not a whole number of windows (or
         shorter than their overlap), compressed from the all-gathered keys and values."""
         cb, cs = self.compress_block_size, self.compress_block_sliding_stride
-        n = k.shape[1]
-        if n % cs or cb - cs > n:
+        m = k.shape[1] // 2
+        if m % cs or cb - cs > m:
             return self.compress(context.gather(k, axis), context.gather(v, axis))
         windows = lambda x: context.compression_windows(x, cb, cs, axis)  # noqa: E731
         ck, cv = self.compress_windows(windows(k), windows(v))

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from nsa_jax import sharding
+from nsa_jax import context, sharding
 from nsa_jax.stacking import LayerStack, Stacked
 from nsa_jax.transformer import counted_targets
 
@@ -271,21 +271,18 @@ class Trainer:
     def _context_grads(self, params: Stacked, batches: Batch, with_grads: bool = True):
         """(gradient, loss), or without with_grads the loss alone: each the mean over the
         micro-batches [accum, b, n + 1]. Every device takes its batch slice's part of each
-        sequence (inputs and their shifted targets, split in order over `context`)."""
+        sequence (inputs and their shifted targets, in the zig-zag split of `nsa_jax.context`)."""
         tokens, segment_ids, loss_mask = batch_parts(batches)
         if segment_ids is not None:
             raise ValueError("context parallelism does not take packed documents (segment ids) yet")
-        n = tokens.shape[-1] - 1
-        if n % self.context:
-            raise ValueError(f"the sequence length ({n}) must be a multiple of the context parallelism "
-                             f"({self.context})")
+        zigzag = context.order(tokens.shape[-1] - 1, self.context)  # each device: an early and a late chunk
         counted = (jnp.ones(tokens[..., 1:].shape, jnp.float32) if loss_mask is None
                    else loss_mask[..., 1:].astype(jnp.float32))
         split = P(None, sharding.DATA, sharding.CONTEXT)
         per_device = jax.shard_map(functools.partial(self._context_device_grads, with_grads=with_grads),
                                    in_specs=(P(), split, split, split), out_specs=(P(), P()) if with_grads else P(),
                                    check_vma=False)
-        return per_device(params, tokens[..., :-1], tokens[..., 1:], counted)
+        return per_device(params, *(x[..., zigzag] for x in (tokens[..., :-1], tokens[..., 1:], counted)))
 
     def _context_device_grads(self, params: Stacked, inputs: jax.Array, labels: jax.Array, counted: jax.Array,
                               with_grads: bool):

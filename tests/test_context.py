@@ -133,8 +133,19 @@ def test_train_py_context_parallelism(tmp_path):
                          text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: --context_parallelism (3) must divide the number of devices (4)"), bad.stderr[-2000:]
-    wide = subprocess.run([*common, "--num_batches=4", "--context_parallelism=4", "--sliding_window_size=16"],
+    wide = subprocess.run([*common, "--num_batches=4", "--context_parallelism=4", "--sliding_window_size=8"],
                           env=FOUR, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert wide.returncode == 2 and wide.stderr.strip() == (
-        "error: --sliding_window_size (16) must fit in one sequence shard (--seq_len / --context_parallelism = 8): "
-        "use a smaller --context_parallelism"), wide.stderr[-2000:]
+        "error: --sliding_window_size (8) must fit in one chunk of a sequence "
+        "(--seq_len / (2 x --context_parallelism) = 4): use a smaller --context_parallelism"), wide.stderr[-2000:]
+
+
+def test_zigzag_order_pairs_an_early_chunk_with_a_late_one():
+    import numpy as np
+
+    from nsa_jax import context
+
+    np.testing.assert_array_equal(context.order(16, 2), [*range(0, 4), *range(12, 16), *range(4, 8), *range(8, 12)])
+    assert sorted(context.order(48, 4)) == list(range(48))
+    with pytest.raises(ValueError, match="multiple of twice the context parallelism"):
+        context.order(12, 4)
