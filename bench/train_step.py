@@ -2,6 +2,8 @@
 
     python -m bench.train_step                       # all variants this machine runs
     python -m bench.train_step --variants reference,dense --seq_lens 512,4096
+    python -m bench.train_step --variants pallas --dtype bfloat16 --seq_lens 262144 --batch_size 1 \\
+        --grad_accum_every 1 --devices 1,4 --context 4 --remat block    # one sequence over 4 GPUs
 
 Prints a table (ms per step, steps/s, tokens/s) and writes bench/results/train_step-<date>.json.
 Each variant is timed after warm-up (compilation excluded): median of --repeats runs, each
@@ -38,17 +40,19 @@ VARIANTS = {  # name -> (use_sparse_attn, use_pallas_nsa)
 
 def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str,
                  devices: int = 1, kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False,
-                 shard_optimizer: bool = False) -> dict:
-    """batch_size is per device: the global batch is batch_size * devices, split over a `data` mesh
-    of the first `devices` devices."""
+                 shard_optimizer: bool = False, context: int = 1, remat: str = "none") -> dict:
+    """batch_size is per data shard: the global batch is batch_size * devices / context, split over
+    the `data` axis of a mesh of the first `devices` devices, each sequence over its `context`
+    axis (context parallelism, `nsa_jax.context`)."""
     sparse, pallas = VARIANTS[name]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
-    mesh = sharding.make_mesh(jax.devices()[:devices])
-    model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings)
+    mesh = sharding.make_mesh(jax.devices()[:devices], context)
+    model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings,
+                         remat=remat)
     trainer = Trainer(model, make_optimizer(1e-4, flat=flat_optimizer), mesh, shard_optimizer=shard_optimizer)
     state = trainer.init_state()
     rng = np.random.default_rng(0)
-    global_batch = batch_size * devices
+    global_batch = batch_size * (devices // context)
     batches = [trainer.train_batches(rng.integers(0, 256, (accum, global_batch, seq_len + 1), dtype=np.int32))
                for _ in range(3)]
     for i in range(3):  # warm-up: compile, then settle
@@ -69,11 +73,19 @@ def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: 
     jax.block_until_ready(metrics)
     pipelined_ms = 1e3 * (time.perf_counter() - start) / repeats
     tokens = accum * global_batch * seq_len
-    return dict(variant=name, seq_len=seq_len, batch_size=batch_size, devices=devices, global_batch=global_batch,
-                grad_accum_every=accum, dtype=dtype,
+    return dict(variant=name, seq_len=seq_len, batch_size=batch_size, devices=devices, context=context,
+                global_batch=global_batch, grad_accum_every=accum, dtype=dtype, remat=remat,
+                peak_gib_per_device=peak_memory_gib(mesh),
                 optimizer="flat" if flat_optimizer else "zero1" if shard_optimizer else "tree",
                 ms_per_step=ms, steps_per_s=1e3 / ms, tokens_per_s=tokens / (ms / 1e3), pipelined_ms_per_step=pipelined_ms,
                 loss=float(metrics["loss"]), repeats=repeats)
+
+
+def peak_memory_gib(mesh) -> float | None:
+    """The largest peak of memory in use over the mesh's devices (GiB), where the platform counts it
+    (GPUs; None on the CPU). The peak is the process's so far: time the smaller runs first."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
+    return max(peaks) / 2**30 if all(p is not None for p in peaks) else None
 
 
 def main() -> None:
@@ -84,7 +96,12 @@ def main() -> None:
     parser.add_argument("--grad_accum_every", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per device)")
+    parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per data "
+                        "shard: per device without --context)")
+    parser.add_argument("--context", type=int, default=1,
+                        help="context parallelism for the device counts it divides (>= it): each sequence split over "
+                             "this many devices (1: data parallel only)")
+    parser.add_argument("--remat", default="none", choices=["none", "block"], help="recompute each block in the backward")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default=None, help="JSON file stem (default train_step-<date>)")
     parser.add_argument("--optimizers", default="tree", help="optimizer layouts to time, comma-separated: tree (per "
@@ -92,6 +109,8 @@ def main() -> None:
                         "(tree, its state split over the devices: Trainer(shard_optimizer=True))")
     add_kernel_flags(parser)
     args = parser.parse_args()
+    if args.context < 1:
+        parser.error(f"--context is a device count, at least 1; got {args.context}")
     kernel_settings = kernel_settings_from(args)
     layouts = args.optimizers.split(",")
     if not set(layouts) <= {"tree", "flat", "zero1"}:
@@ -106,23 +125,26 @@ def main() -> None:
         for name in args.variants.split(","):
             for count, layout in ((c, o) for c in counts for o in layouts):
                 try:
+                    context = args.context if count % args.context == 0 else 1
                     results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
-                                                args.dtype, count, kernel_settings, layout == "flat", layout == "zero1"))
+                                                args.dtype, count, kernel_settings, layout == "flat", layout == "zero1",
+                                                context, args.remat))
                 except NotImplementedError as e:  # a backend this version does not have
                     print(f"skipped {name}: {e}")
                 except Exception as e:  # e.g. out of memory: report it and go on with the other variants
                     print(f"failed {name} at T={seq_len}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     print(f"\nseed model train step on {device.device_kind} ({jax.__version__}), {args.dtype}, "
-          f"batch {args.batch_size} x accum {args.grad_accum_every}")
-    print(f"{'variant':<10} {'opt':>5} {'T':>6} {'devices':>7} {'batch':>6} {'ms/step':>9} {'steps/s':>8} "
-          f"{'tokens/s':>10} {'scaling':>8} {'back-to-back ms':>15}")
+          f"batch {args.batch_size} per data shard x accum {args.grad_accum_every}, remat {args.remat}")
+    print(f"{'variant':<10} {'opt':>5} {'T':>8} {'devices':>7} {'context':>7} {'batch':>6} {'ms/step':>9} "
+          f"{'steps/s':>8} {'tokens/s':>10} {'scaling':>8} {'back-to-back ms':>15} {'peak GiB':>8}")
     for r in results:
         one = next((o for o in results if o["variant"] == r["variant"] and o["seq_len"] == r["seq_len"]
                     and o["optimizer"] == r["optimizer"] and o["devices"] == 1), None)
         scaling = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
-        print(f"{r['variant']:<10} {r['optimizer']:>5} {r['seq_len']:>6} {r['devices']:>7} {r['global_batch']:>6} "
-              f"{r['ms_per_step']:>9.2f} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} {scaling:>8} "
-              f"{r['pipelined_ms_per_step']:>15.2f}")
+        peak = "-" if r["peak_gib_per_device"] is None else f"{r['peak_gib_per_device']:.2f}"
+        print(f"{r['variant']:<10} {r['optimizer']:>5} {r['seq_len']:>8} {r['devices']:>7} {r['context']:>7} "
+              f"{r['global_batch']:>6} {r['ms_per_step']:>9.2f} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} "
+              f"{scaling:>8} {r['pipelined_ms_per_step']:>15.2f} {peak:>8}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()

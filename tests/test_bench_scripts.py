@@ -7,6 +7,7 @@ The ones that train or time models are in the slow tier.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,24 @@ def test_train_step_bench_runs(tmp_path):
         (v, o) for v in ("reference", "dense") for o in ("tree", "flat", "zero1")}
     assert "impl='tiled', tile_rows=32" in saved["kernel_settings"]
     assert all(r["pipelined_ms_per_step"] > 0 for r in saved["results"])
+
+
+@pytest.mark.slow
+def test_train_step_bench_times_context_parallelism(tmp_path):
+    """--context 4 on 4 simulated devices: one sequence split 4 ways against one device, the same
+    data; both runs take the same steps, so their losses agree."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=reference", "--seq_lens=512",
+                          "--batch_size=1", "--grad_accum_every=1", "--repeats=1", "--devices=1,4", "--context=4",
+                          "--remat=block", f"--out={tmp_path}"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = tmp_path.glob("train_step-*.json")
+    one, split = json.loads(result.read_text())["results"]
+    assert (one["devices"], one["context"], split["devices"], split["context"]) == (1, 1, 4, 4)
+    assert one["global_batch"] == split["global_batch"] == 1 and split["remat"] == "block"
+    assert split["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert "   4       4 " in run.stdout
 
 
 @pytest.mark.slow

@@ -327,7 +327,8 @@ SHARD_CASES = {  # (case, shards): the tiled family (the seed's 2 heads per kv h
 }
 
 
-@pytest.mark.parametrize("impl", ["tiled", pytest.param("query", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the quick tier runs the tiled path in tests/test_context.py's train step
+@pytest.mark.parametrize("impl", ["tiled", "query"])
 def test_sequence_shard_attends_as_its_rows_of_the_whole(impl):
     """Context parallelism (`kernels.shard_attention.selected_attention_shard`): each shard's
     queries, with its own keys and the whole sequence's, give the reference's output for

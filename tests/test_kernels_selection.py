@@ -197,11 +197,10 @@ def test_exact_ties_break_toward_the_lower_block_as_lax_top_k(shared):
     np.testing.assert_allclose(np.asarray(values)[valid], np.asarray(ref_values)[valid], rtol=1e-5)
 
 
+@pytest.mark.slow  # the quick tier runs this path in tests/test_context.py's train step
 @pytest.mark.parametrize("name,offset,tiles", [
-    ("seed_like", 112, "small_tiles"), ("interpolated_block6", 48, "default"),
-    pytest.param("block_is_stride", 20, "default", marks=pytest.mark.slow),
-    pytest.param("per_head_two_mem", 64, "small_tiles", marks=pytest.mark.slow),
-    pytest.param("seed_like", 0, "default", marks=pytest.mark.slow)])
+    ("seed_like", 112, "small_tiles"), ("interpolated_block6", 48, "default"), ("block_is_stride", 20, "default"),
+    ("per_head_two_mem", 64, "small_tiles"), ("seed_like", 0, "default")])
 def test_sequence_shard_selects_as_its_rows_of_the_whole(name, offset, tiles):
     """Context parallelism: the queries of one sequence shard at positions offset + [0, m) (the
     offset traced), against the whole sequence's compressed keys, pick as the reference's
