@@ -47,6 +47,7 @@ def test_the_measurement_sees_the_reference_quadratic_memory():
     assert min(b / a for a, b in zip(temp, temp[1:])) >= 3.0, [t >> 20 for t in temp]  # x3.25 at 4k on a GPU
 
 
+@pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_block_remat_same_gradients_less_memory():
     """Transformer(remat="block") keeps one array per layer: the same loss and gradients as
     remat="none" (float32, CPU: the same arithmetic, recomputed), less compiled temp memory."""

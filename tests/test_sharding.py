@@ -146,6 +146,7 @@ PALLAS_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_pallas_kernels_run_per_batch_shard(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", PALLAS_SCRIPT], cwd=ROOT, env=env,

@@ -499,6 +499,7 @@ def test_trainer_keeps_one_copy_of_the_parameters():
     assert state_size <= held < state_size + params_size // 2, (held, state_size, params_size)
 
 
+@pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_checkpoint_of_per_layer_parameters_is_converted_on_restore(tmp_path):
     """A checkpoint saved before the state layout was recorded (per-layer parameters and Adam
     moments, no "state_layout" in its metadata) restores into the stacked layout with the same
