@@ -489,6 +489,7 @@ def test_mixed_lengths_draw_every_curriculum_length_so_far():
     assert {retrieval.step_length(rng, 120, 160) for _ in range(50)} == {120, 160}  # the last step capped
 
 
+@pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_retrieval_selection_diagnostic_finds_the_key_only_where_it_is():
     """With every block selected, each layer has picked the key's block at the answer; asked
     about bytes after the answer (causally invisible), none has."""
@@ -515,6 +516,7 @@ def test_retrieval_selection_diagnostic_finds_the_key_only_where_it_is():
     assert not bool(found_fn(params, batch.tokens[:, :-1], batch.answer_start, after).any())
 
 
+@pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_retrieval_reading_leaves_out_each_branch_as_a_model_built_without_it():
     """`answers_fn(..., branches)` on the whole model's parameters gives what a model built with
     only those branches gives (same parameters), and differs from the whole model: the ablation
