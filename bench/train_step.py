@@ -40,7 +40,7 @@ VARIANTS = {  # name -> (use_sparse_attn, use_pallas_nsa)
 
 def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: int, dtype: str,
                  devices: int = 1, kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False,
-                 shard_optimizer: bool = False, context: int = 1, remat: str = "none") -> dict:
+                 shard_optimizer: bool = False, context: int = 1, remat: str = "none", warmup: int = 3) -> dict:
     """batch_size is per data shard: the global batch is batch_size * devices / context, split over
     the `data` axis of a mesh of the first `devices` devices, each sequence over its `context`
     axis (context parallelism, `nsa_jax.context`)."""
@@ -55,7 +55,7 @@ def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: 
     global_batch = batch_size * (devices // context)
     batches = [trainer.train_batches(rng.integers(0, 256, (accum, global_batch, seq_len + 1), dtype=np.int32))
                for _ in range(3)]
-    for i in range(3):  # warm-up: compile, then settle
+    for i in range(warmup):  # warm-up: compile, then settle
         state, metrics = trainer.train_step(state, batches[i % 3])
     jax.block_until_ready(metrics)
     times = []
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--grad_accum_every", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="steps before timing (the first compiles); at least 1")
     parser.add_argument("--devices", default="1", help="device counts to time, e.g. 1,2 (--batch_size is per data "
                         "shard: per device without --context)")
     parser.add_argument("--context", type=int, default=1,
@@ -109,6 +110,8 @@ def main() -> None:
                         "(tree, its state split over the devices: Trainer(shard_optimizer=True))")
     add_kernel_flags(parser)
     args = parser.parse_args()
+    if args.warmup < 1 or args.repeats < 1:
+        parser.error(f"--warmup and --repeats are step counts, at least 1; got {args.warmup} and {args.repeats}")
     if args.context < 1:
         parser.error(f"--context is a device count, at least 1; got {args.context}")
     kernel_settings = kernel_settings_from(args)
@@ -128,7 +131,7 @@ def main() -> None:
                     context = args.context if count % args.context == 0 else 1
                     results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
                                                 args.dtype, count, kernel_settings, layout == "flat", layout == "zero1",
-                                                context, args.remat))
+                                                context, args.remat, args.warmup))
                 except NotImplementedError as e:  # a backend this version does not have
                     print(f"skipped {name}: {e}")
                 except Exception as e:  # e.g. out of memory: report it and go on with the other variants

@@ -13,9 +13,14 @@ import functools
 from typing import Callable, NamedTuple
 
 import jax
+import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 from jax.sharding import PartitionSpec as P
 
 from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings, Tiles
+
+# Importing Pallas's fuser registers a flag that is part of jit's cache key. Pallas imports it lazily,
+# while lowering the first kernel; a jitted train step compiled before that import then misses the
+# cache on its second call and compiles again (minutes at long context). Imported here, up front.
 
 BACKENDS = ("reference", "pallas")
 
