@@ -41,7 +41,7 @@ def kernel_ms(fn, args, steps: int = 3) -> dict[str, float]:
         for _ in range(steps):
             jax.block_until_ready(fn(*args))
     per_kernel: dict[str, float] = collections.defaultdict(float)
-    for name, _, us in device_events(trace_dir):
+    for name, _, us, _ in device_events(trace_dir):
         per_kernel[name] += us / steps / 1e3
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 

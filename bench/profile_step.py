@@ -1,6 +1,7 @@
 """Where does a train step's GPU time go? Profile the seed model's jitted step and rank kernels.
 
     python -m bench.profile_step --variant pallas --seq_len 4096 --batch_size 1 --grad_accum_every 1
+    python -m bench.profile_step --seq_len 262144 --batch_size 1 --dtype bfloat16 --context 2   # one sequence, 2 GPUs
 
 Runs a few steps under `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData`
 and sums the device time of every GPU kernel by name (Pallas kernels are named `nsa_*`; XLA's
@@ -8,7 +9,9 @@ fusions keep their HLO names, with the JAX op that produced them where the trace
 Prints the top kernels per step, the share of the Pallas kernels, and GPU busy time against the
 step's wall time (the gap is launch overhead and host work), and the kernels per named scope of
 the model (attention/selection, feedforward, optimizer, ...; forward and backward apart), read from
-the compiled step's HLO: where the kernels of a step come from. Writes JSON with --json.
+the compiled step's HLO: where the kernels of a step come from. With --context N, each sequence is
+split over N GPUs (context parallelism) and the kernels are those of the first GPU. Writes JSON
+with --json.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flax import nnx
 
 from bench.kernel_flags import add_kernel_flags, kernel_settings_from
 from kernels import KernelSettings
+from nsa_jax import sharding
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import Trainer, make_optimizer
 
@@ -38,13 +42,14 @@ OP_STATS = ("tf_op", "long_name", "hlo_op")  # the first one present names the k
 
 
 def build(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str,
-          kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False):
+          kernel_settings: KernelSettings | None = None, flat_optimizer: bool = False, context: int = 1):
+    """The trainer and one batch; context > 1: each sequence split over the first `context` devices."""
     sparse, pallas = VARIANTS[variant]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
     model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings)
-    trainer = Trainer(model, make_optimizer(1e-4, flat=flat_optimizer))
+    trainer = Trainer(model, make_optimizer(1e-4, flat=flat_optimizer), sharding.make_mesh(jax.devices()[:context], context))
     rng = np.random.default_rng(0)
-    batch = jax.device_put(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
+    batch = trainer.train_batches(rng.integers(0, 256, (accum, batch_size, seq_len + 1), dtype=np.int32))
     return trainer, batch
 
 
@@ -73,15 +78,15 @@ def scope_of(op_name: str) -> str:
     return f"{direction} {'/'.join(path) or '(no scope)'}"
 
 
-def device_events(trace_dir: str) -> list[tuple[str, str, float, str]]:
+def device_events(trace_dir: str, first_gpu_only: bool = False) -> list[tuple[str, str, float, str]]:
     """(kernel name, source op, microseconds, HLO instruction or "") of every event on a GPU
-    plane's stream lines."""
+    plane's stream lines (first_gpu_only: GPU 0's)."""
     from jax.profiler import ProfileData
 
     events = []
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
+            if not plane.name.startswith("/device:GPU") or (first_gpu_only and plane.name != "/device:GPU:0"):
                 continue
             for line in plane.lines:
                 if "stream" not in line.name.lower():
@@ -139,11 +144,12 @@ def main() -> None:
     add_step_flags(parser)
     parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--context", type=int, default=1, help="split each sequence over this many GPUs")
     add_kernel_flags(parser)
     args = parser.parse_args()
 
     trainer, batch = build(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype,
-                           kernel_settings_from(args), args.flat_optimizer)
+                           kernel_settings_from(args), args.flat_optimizer, args.context)
     state = trainer.init_state()
     # Compiled once, ahead of time: the steps below run this executable, whose HLO names their kernels' scopes.
     step = trainer.lower_train_step(state, batch).compile()
@@ -177,11 +183,12 @@ def main() -> None:
             for _ in range(args.steps):
                 state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
-        events = device_events(trace_dir)
+        events = device_events(trace_dir, first_gpu_only=args.context > 1)
     op_names = hlo_op_names(step.as_text())
     summary = summarise(events, args.steps, args.top, op_names)
 
     shape = f"{args.batch_size}x{args.grad_accum_every}x{args.seq_len}" + (" flat optimizer" if args.flat_optimizer else "")
+    shape += f", context {args.context} (GPU 0's kernels)" if args.context > 1 else ""
     print(f"{args.variant} {shape} {args.dtype} on {jax.devices()[0].device_kind}: wall {wall_us / 1e3:.2f} ms/step, "
           f"GPU busy {summary['gpu_us_per_step'] / 1e3:.2f} ms, Pallas kernels {summary['pallas_us_per_step'] / 1e3:.2f} ms, "
           f"{summary['kernels_per_step']:.0f} kernels/step; dispatch {dispatch_us / 1e3:.2f} ms, "

@@ -52,6 +52,9 @@ class Visibility:
     phantom: each query also counts some zero keys (logit 0, value 0; an input of the
         kernels): the zero padding its document alone would have (the package's non-causal
         sliding-window quirk).
+    offset: the queries are a run of a longer sequence, row t at position off + t (off an
+        input of the kernels, traced: a sequence shard under context parallelism); the rules
+        above apply to the positions. Not with packed or phantom.
     """
 
     kind: str
@@ -62,6 +65,7 @@ class Visibility:
     window: int = 0
     packed: bool = False
     phantom: bool = False
+    offset: bool = False
 
     def mask(self, t: jax.Array, j: jax.Array, bounds=None) -> jax.Array:
         """t [R, 1] query positions, j [1, K] key indices (or transposed: [1, R], [K, 1]);
@@ -158,13 +162,15 @@ class _Config:
 class _Extras(NamedTuple):
     """The per-query inputs of packed documents (None when absent): key bounds lo, hi [b, n_pad]
     int32; phantom zero-key counts [b, n_pad] float32; per dk/dv key tile the queries that may
-    see it, q_lo, q_hi [b, key tiles] int32 (packed "compressed" only)."""
+    see it, q_lo, q_hi [b, key tiles] int32 (packed "compressed" only); the queries' first
+    position, offset [b, 1] int32 (`Visibility.offset`), the kernels' last input."""
 
     lo: jax.Array | None = None
     hi: jax.Array | None = None
     phantom: jax.Array | None = None
     q_lo: jax.Array | None = None
     q_hi: jax.Array | None = None
+    offset: jax.Array | None = None
 
 
 def _masked_around(first, end, plain: tuple, body, carry):
@@ -181,9 +187,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
     *extra, o_ref, lse_ref = refs
     block_q, block_k, g = cfg.block_q_fwd, cfg.block_k_fwd, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
-    t0 = pl.program_id(0) * block_q
+    t0 = pl.program_id(0) * block_q + (extra[-1][0] if cfg.vis.offset else 0)  # the tile's first position
     q = q_ref[...].reshape(rows, d)  # [R, d]
-    t = t0 + lax.div(iota(rows), g)  # [R] token of each row
+    t = t0 + lax.div(iota(rows), g)  # [R] position of each row
     bounds = (tokens_to_rows(extra[0][...], g), tokens_to_rows(extra[1][...], g)) if cfg.vis.packed else None
     row_bounds = None if bounds is None else (bounds[0][:, None], bounds[1][:, None])
 
@@ -213,7 +219,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
     *extra, dq_ref = refs
     block_q, block_k, g = cfg.block_q_dq, cfg.block_k_dq, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
-    t0 = pl.program_id(0) * block_q
+    t0 = pl.program_id(0) * block_q + (extra[-1][0] if cfg.vis.offset else 0)  # the tile's first position
     q = q_ref[...].reshape(rows, d)
     do = do_ref[...].reshape(rows, d)
     lse = lse_ref[...].reshape(rows)
@@ -255,10 +261,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
     k = k_ref[...]  # [BK, d]
     v = v_ref[...]
     j = j0 + iota(block_k)
+    shift = extra[-1][0] if cfg.vis.offset else 0  # the first query's position
     if cfg.vis.packed and cfg.vis.kind == "compressed":
         lo, hi = extra[2][0], extra[3][0]  # the queries that may see this key tile
     else:
-        lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
+        lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, shift + cfg.n_pad)  # positions
+        lo, hi = jnp.maximum(lo - shift, 0), jnp.maximum(hi - shift, 0)  # rows
     lo, hi = lax.div(lo, block_q), div_up(hi, block_q)  # query tiles
     per_split = div_up(jnp.maximum(hi - lo, 0), cfg.dkv_splits)
     lo, hi = lo + split * per_split, jnp.minimum(hi, lo + (split + 1) * per_split)
@@ -270,12 +278,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
         do = do_ref[t, head, :]
         lse = lse_ref[t, head]  # [R]
         delta = delta_ref[t, head]
+        pos = t + shift  # [R] each row's position
         bounds = None
         if cfg.vis.packed:
             tokens = pl.ds(qt * block_q, block_q)
             bounds = (tokens_to_rows(extra[0][tokens], g)[None, :], tokens_to_rows(extra[1][tokens], g)[None, :])
         s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
-        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
+        p_t = jnp.where(cfg.vis.mask(pos[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
         dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]
         dp_t = mm(v, do, trans_b=True)  # [BK, R]
         ds_t = p_t * (dp_t - delta[None, :])
@@ -297,16 +306,18 @@ def _forward(cfg: _Config, q, k, v, extras: _Extras):
     kv_spec = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     token_spec = pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i))
     rows = [x for x in (extras.lo, extras.hi, extras.phantom) if x is not None]
+    offset = [extras.offset] if extras.offset is not None else []
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
-        in_specs=[q_spec, kv_spec, kv_spec] + [token_spec] * len(rows),
+        in_specs=[q_spec, kv_spec, kv_spec] + [token_spec] * len(rows)
+                 + [pl.BlockSpec((None, 1), lambda i, bi, hi: (bi, 0))] * len(offset),
         out_specs=[q_spec, pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n_pad, kh, g), F32)],
         compiler_params=compiler_params(cfg.num_warps_fwd, cfg.num_stages),
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_fwd",
-    )(q, k, v, *rows)
+    )(q, k, v, *rows, *offset)
 
 
 def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
@@ -315,6 +326,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
     delta = softmax_delta(o, do)  # [b, n_pad, kh, g]
     params = compiler_params(cfg.num_warps, cfg.num_stages)
     bounds = [x for x in (extras.lo, extras.hi) if x is not None]
+    offset = [extras.offset] if extras.offset is not None else []
 
     bq = cfg.block_q_dq
     q_tile = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
@@ -324,13 +336,14 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
-        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile] + [token_tile] * len(bounds),
+        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile] + [token_tile] * len(bounds)
+                 + [pl.BlockSpec((None, 1), lambda i, bi, hi: (bi, 0))] * len(offset),
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dq",
-    )(q, k, v, do, lse, delta, *bounds)
+    )(q, k, v, do, lse, delta, *bounds, *offset)
 
     bk, splits = cfg.block_k_dkv, cfg.dkv_splits
     q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, sp, bi, hi: (bi, 0, hi, 0, 0))
@@ -345,13 +358,14 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
         functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(nk_pad // bk, splits, b, kh),
         in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full]
-                 + [tokens_full] * len(bounds) + [key_tile] * len(tile_ranges),
+                 + [tokens_full] * len(bounds) + [key_tile] * len(tile_ranges)
+                 + [pl.BlockSpec((None, 1), lambda j, sp, bi, hi: (bi, 0))] * len(offset),
         out_specs=[out_tile, out_tile],
         out_shape=[jax.ShapeDtypeStruct((splits, *k.shape), out_dtype)] * 2,
         compiler_params=params,
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dkdv",
-    )(q, k, v, do, lse, delta, *bounds, *tile_ranges)
+    )(q, k, v, do, lse, delta, *bounds, *tile_ranges, *offset)
     return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
 
 
@@ -392,6 +406,7 @@ def banded_attention(
     bounds: tuple[jax.Array, jax.Array] | None = None,  # vis.packed: each query's keys [lo, hi), [b, n] each
     phantom: jax.Array | None = None,  # vis.phantom: each query's zero keys, [b, n]
     key_queries: tuple[jax.Array, jax.Array] | None = None,  # packed compressed: the queries [lo, hi) of each key, [b, nk]
+    offset: jax.Array | int | None = None,  # vis.offset: the first query's position (int scalar, may be traced)
 ) -> jax.Array:  # [b, n, h, d]
     """Softmax attention of each query over the keys `vis` lets it see (GQA, any n, d).
 
@@ -436,5 +451,9 @@ def banded_attention(
                                      q_hi=q_hi.reshape(b, -1, bk_dkv).max(axis=2))
     if vis.phantom:
         extras = extras._replace(phantom=jnp.pad(phantom.astype(F32), ((0, 0), (0, n_pad - n))))
+    if vis.offset:
+        if vis.packed or vis.phantom or offset is None:
+            raise ValueError("Visibility.offset takes an offset, and no packed or phantom inputs")
+        extras = extras._replace(offset=jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (b, 1)))
     o = _flash(cfg, qp, kp, vp, extras)  # [b, n_pad, kh, g, d_pad]
     return o.reshape(b, n_pad, h, d_pad)[:, :n, :, :d].astype(q.dtype)

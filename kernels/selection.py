@@ -252,7 +252,8 @@ def _shard_layout(cfg: _Config, b: int, q_offset: jax.Array) -> _Layout:
     """Queries at positions q_offset + [0, n) of a longer sequence (one shard under context
     parallelism, `nsa_jax.context`): the one-sequence schedule with the rows' positions moved by
     q_offset, through the packed path's per-row bounds (every block exists; the own block is the
-    one holding the row's position), so the kernels need no offset of their own."""
+    one holding the row's position), so the kernels need no offset of their own. Without own
+    blocks (cfg.packed false) the rows' positions enter through the first visible positions alone."""
     big = np.iinfo(np.int32).max
     fv = _first_visible(cfg)  # [nb_pad] global positions (padding: never)
     off = jnp.asarray(q_offset, jnp.int32)
@@ -264,9 +265,12 @@ def _shard_layout(cfg: _Config, b: int, q_offset: jax.Array) -> _Layout:
     rows = off + jnp.arange(cfg.n_pad, dtype=jnp.int32)
     own = rows // cfg.sb if cfg.own_block else jnp.full_like(rows, -1)
     per_batch = lambda x: jnp.broadcast_to(jnp.asarray(x).astype(jnp.int32), (b, *jnp.shape(x)))  # noqa: E731
-    return _Layout(per_batch(fv_rows), per_batch(jnp.zeros_like(chunk_hi)), per_batch(chunk_hi), per_batch(tile_lo),
-                   per_batch(jnp.full_like(tile_lo, cfg.n_pad // cfg.block_q_dbk)), per_batch(jnp.zeros_like(rows)),
-                   per_batch(jnp.full_like(rows, cfg.nb)), per_batch(own))
+    layout = _Layout(per_batch(fv_rows), per_batch(jnp.zeros_like(chunk_hi)), per_batch(chunk_hi), per_batch(tile_lo),
+                     per_batch(jnp.full_like(tile_lo, cfg.n_pad // cfg.block_q_dbk)))
+    if not cfg.packed:
+        return layout
+    return layout._replace(blo=per_batch(jnp.zeros_like(rows)), bhi=per_batch(jnp.full_like(rows, cfg.nb)),
+                           own=per_batch(own))
 
 
 def _row_bounds(tokens, gs: int, column: bool):
@@ -558,7 +562,9 @@ _select.defvjp(_select_fwd, _select_bwd)
 
 def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: int, *, stride: int, sb: int,
             causal: bool, interpolated: bool, scale: float, settings: SelectionSettings,
-            packed: bool = False) -> _Config:
+            packed: bool = False, active_blocks: int | None = None) -> _Config:
+    """active_blocks: the blocks whose dbk programs have work when fewer than nb (a sequence
+    shard's first chunk sees only its own), to size the dbk split."""
     kp = next_pow2(k)
     block_q = max(1, settings.rows // gs, cdiv(MIN_DOT, gs))
     block_q_dbk = max(1, settings.rows_dbk // gs, cdiv(MIN_DOT, gs))
@@ -570,7 +576,7 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
     n_pad = round_up(n, max(block_q, block_q_dbk))
     nb_pad = round_up(nb, max(block_k, block_k_dbk))
     # dbk: split a chunk's queries over programs until about `dbk_target_programs` run.
-    programs = (nb_pad // block_k_dbk) * b * kh
+    programs = cdiv(min(nb_pad, active_blocks or nb_pad), block_k_dbk) * b * kh
     tiles = n_pad // block_q_dbk
     splits = min(settings.max_dbk_splits, cdiv(settings.dbk_target_programs, programs),
                  max(1, tiles // settings.min_dbk_tiles_per_split))
@@ -651,8 +657,10 @@ def select_blocks(
 
     gs = 1 if share_heads else g
     d_pad = max(MIN_DOT, next_pow2(d))
+    # A shard's rows need the packed path's per-row bounds only for their own block (sb != stride).
     cfg = _config(n, nc, nb, gs, k, d_pad, kh, b, stride=stride, sb=sb, causal=causal, interpolated=interpolated,
-                  scale=scale, settings=settings, packed=segments is not None or q_offset is not None)
+                  scale=scale, settings=settings, packed=segments is not None or (q_offset is not None and sb != stride),
+                  active_blocks=None if q_offset is None else cdiv(n, sb))
     qs = q.astype(F32).reshape(b, n, kh, g, d)
     if share_heads:
         qs = qs.mean(axis=3, keepdims=True)  # [b, n, kh, 1, d]

@@ -3,20 +3,20 @@ sequence shard under context parallelism.
 
 Inside `jax.shard_map`, a device holds two chunks of a longer sequence (`nsa_jax.context`), each
 a run of queries [off, off + n) that these functions serve. The compressed branch and the
-sliding window are the banded flash kernel of `_flash.py` in its packed form, whose per-query
-key bounds say what each row sees, so no kernel changes:
-- compressed: the whole sequence's compressed keys (with memory); query t (global) sees
-  memory and entries c < t // stride: bounds [num_mem, num_mem + t // stride), and entry c is
-  seen by the run's rows from (c + 1) * stride - off on;
-- sliding window: the `window` keys before the run arrive as a halo (`nsa_jax.context.halos`)
+sliding window are the banded flash kernel of `_flash.py`:
+- compressed: the whole sequence's compressed keys (with memory), the rows at their positions
+  (the kernel's `Visibility.offset`): as one sequence's, tiles fully visible go unmasked;
+- sliding window, in the kernel's packed form (per-query key bounds): the `window` keys before
+  the run arrive as a halo (`nsa_jax.context.halos`)
   and go in front of its own; `window` zero query rows go in front of the queries, so that row
   and key indices line up as in a one-device call. At the sequence start the halo does not
   exist: the real rows' bounds start after it (the padding rows see the halo, and are dropped).
-- selected attention: the selected kernels' packed-documents form, with no kernel change. The
-  keys are the run's own, then the whole sequence's (all-gathered): [own | all]. Every query
-  is in one "document", the run, so its own block and the causal mask fall among the own keys
-  at the row's index. The picks, blocks of the whole sequence, become the slots after the own
-  blocks, so an own block is never mistaken for a pick.
+- selected attention: the selected kernels as for one sequence, with no kernel change. The
+  keys are the run's own, then the whole sequence's (all-gathered): [own | all], so a query's
+  own block and the causal mask fall among the own keys at the row's index, as when queries
+  and keys are one sequence. The picks, blocks of the whole sequence, become the blocks after
+  the own ones, so an own block is never mistaken for a pick; key blocks past the queries hold
+  no query's own block, which the kernels' own-block loops already skip.
 Memory per device: linear in the sequence (the gathered keys) and the shard; no [n, n] logits.
 """
 
@@ -27,8 +27,7 @@ import jax.numpy as jnp
 
 from kernels._common import interpret_mode
 from kernels._flash import Visibility, banded_attention
-from kernels._selected_common import Packed
-from kernels.selected_attention import layout, packed_keys, run_kernels
+from kernels.selected_attention import run_kernels
 from kernels.settings import SelectedSettings, Tiles
 
 
@@ -43,18 +42,11 @@ def compressed_attention_shard(
     scale: float,
     tiles: Tiles = Tiles(),
 ) -> jax.Array:  # [b, n, h, d]
-    """Causal compressed attention of the run's queries (as the one-device forward's rows)."""
-    b, n = q.shape[:2]
-    nk = ck.shape[1]
-    lo = jnp.full((b, n), num_mem, jnp.int32)
-    hi = jnp.broadcast_to(jnp.minimum(num_mem + positions // stride, nk).astype(jnp.int32), (b, n))
-    entry = jnp.arange(nk - num_mem)
-    sees_from = jnp.clip((entry + 1) * stride - positions[0], 0, n)  # the first row that sees entry c
-    q_lo = jnp.concatenate([jnp.zeros((num_mem,), jnp.int32), sees_from.astype(jnp.int32)])
-    key_queries = (jnp.broadcast_to(q_lo, (b, nk)), jnp.full((b, nk), n, jnp.int32))
-    vis = Visibility("compressed", causal=True, num_keys=nk, num_mem=num_mem, stride=stride, packed=True)
+    """Causal compressed attention of the run's queries (as the one-device forward's rows): the
+    one-sequence kernel with the rows at their positions (`Visibility.offset`)."""
+    vis = Visibility("compressed", causal=True, num_keys=ck.shape[1], num_mem=num_mem, stride=stride, offset=True)
     return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
-                            bounds=(lo, hi), key_queries=key_queries)
+                            offset=positions[0])
 
 
 def sliding_window_shard(
@@ -109,16 +101,6 @@ def selected_attention_shard(
     if n % sb or k_all.shape[1] % sb:
         raise ValueError(f"a run of queries ({n} tokens) must be a whole number of selection blocks ({sb})")
     keys, values = jnp.concatenate([k, k_all], axis=1), jnp.concatenate([v, v_all], axis=1)  # [own | all]
-    lay = layout(q.shape, keys.shape, indices.shape, block_size=sb, settings=settings)
-    own_blocks, nk_alloc = n // sb, packed_keys(lay, sb)
-    u = jnp.arange(nk_alloc, dtype=jnp.int32)
-    slot = jnp.arange(lay.nb, dtype=jnp.int32)  # own blocks, then the sequence's: slot j starts at key j * sb
-    own = slot < own_blocks  # the queries with keys of slot j in their own block: its own tokens
-    own_queries = jnp.stack([jnp.where(own, slot * sb, n), jnp.where(own, slot * sb + sb, 0)], axis=-1)
-    per_batch = lambda x: jnp.broadcast_to(x.astype(jnp.int32), (b, *x.shape))  # noqa: E731
-    packed = Packed(start=per_batch(jnp.zeros(n, jnp.int32)), end=per_batch(jnp.full(n, n, jnp.int32)),
-                    slot_start=per_batch(slot * sb),
-                    key_source=per_batch(jnp.where(u < keys.shape[1], (u // sb) * lay.sbp + u % sb, -1)),
-                    own_queries=per_batch(own_queries))
-    return run_kernels(q, keys, values, (indices + own_blocks).astype(jnp.int32), valid, gates, packed,
+    own_blocks = n // sb
+    return run_kernels(q, keys, values, (indices + own_blocks).astype(jnp.int32), valid, gates, None,
                        block_size=sb, causal=True, scale=scale, settings=settings)

@@ -140,6 +140,26 @@ def test_unmasked_key_tiles_are_exactly_the_fully_visible_ones(vis):
                 assert not whole(tile), (t0, tile, a, b)
 
 
+@pytest.mark.parametrize("offset,m", [(0, 48), (64, 48), (200, 100), (37, 21)])
+def test_sequence_shard_attends_as_its_rows_of_the_whole(offset, m):
+    """Context parallelism (`kernels.shard_attention.compressed_attention_shard`): m queries at
+    positions offset + [0, m) of a longer sequence (the offset traced; a multiple of the stride
+    or not), against the whole sequence's compressed keys, in small tiles (masked and unmasked
+    key tiles, dk/dv split): the reference's rows at those positions, and its gradients."""
+    from kernels.shard_attention import compressed_attention_shard
+
+    case = Case(300, 8, 4, 32, 4, 1, True)
+    q, ck, cv, key = inputs(case, jnp.float32, offset)
+    rows = slice(offset, offset + m)
+    positions = offset + jnp.arange(m)
+    tiles = Tiles(rows_fwd=16, rows_dq=16, rows_dkv=16, block_k_fwd=16, block_k_dq=16, block_k_dkv=16,
+                  dkv_tiles_per_program=2)
+    kw = dict(num_mem=case.num_mem, stride=case.stride, scale=case.dim_head**-0.5)
+    check_vjp("compressed shard", lambda q, ck, cv: compressed_attention_shard(q, ck, cv, positions, tiles=tiles, **kw),
+              lambda q, ck, cv: reference.compressed_attention(q, ck, cv, causal=True, q_positions=positions, **kw),
+              (q[:, rows], ck, cv), ("q", "ck", "cv"), jnp.float32, key, case=f"offset {offset}")
+
+
 @pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g4_noncausal_mem3")}, {}))
 def test_compressed_attention_xla_matches_reference(case, dtype):
     """impl="xla": the reference's masked attention, its backward recomputing the logits."""
