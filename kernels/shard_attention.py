@@ -81,8 +81,8 @@ def sliding_window_shard(
 
 
 def selected_attention_shard(
-    q: jax.Array,  # [b, n, h, d]: the run's queries, rotated
-    k: jax.Array,  # [b, n, kh, d]: the run's keys, rotated
+    q: jax.Array,  # [b, n, h, d]: the shard's queries, rotated
+    k: jax.Array,  # [b, n, kh, d]: the shard's keys, rotated
     v: jax.Array,  # [b, n, kh, d]
     k_all: jax.Array,  # [b, N, kh, d]: the whole sequence's keys, rotated (all-gathered)
     v_all: jax.Array,  # [b, N, kh, d]
@@ -94,8 +94,9 @@ def selected_attention_shard(
     scale: float,
     settings: SelectedSettings = SelectedSettings(),
 ) -> jax.Array:  # [b, n, h, d]
-    """Causal selected attention of a run of consecutive queries (a whole number of selection
-    blocks, starting at a multiple of one), as the one-device forward's rows."""
+    """Causal selected attention of a sequence shard's queries, as the one-device forward's rows:
+    runs of consecutive queries (a shard's chunks), each a whole number of selection blocks
+    starting at a multiple of one, with their own keys k, v row for row."""
     b, n = q.shape[:2]
     sb = block_size
     if n % sb or k_all.shape[1] % sb:
