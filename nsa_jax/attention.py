@@ -363,12 +363,12 @@ class SparseAttention(nnx.Module):
         if self.has("selected") or (self.has("sliding") and not kernels_here):  # the whole sequence's, once
             k_all, v_all = context.gather(k_rot, axis), context.gather(v, axis)
         if self.has("selected") and kernels_here and (inp.shape[1] // 2) % self.selection_block_size == 0:
-            gates = reference.straight_through_gates(values) if self.use_diff_topk else jnp.ones_like(values)
+            gates = reference.straight_through_gates(values) if self.use_diff_topk else None
             # One call for both chunks: each row's own block is among the shard's own keys at its
             # index, whichever chunk it is in (the whole sequence's keys are walked once, not twice).
             fine = shard_attention.selected_attention_shard(
-                q_rot, k_rot, v, k_all, v_all, indices, reference.valid_selection(values),
-                gates if self.use_diff_topk else None, block_size=self.selection_block_size, scale=self.scale,
+                q_rot, k_rot, v, k_all, v_all, indices, reference.valid_selection(values), gates,
+                block_size=self.selection_block_size, scale=self.scale,
                 settings=self.kernel_settings.selected)
         elif self.has("selected"):
             fine = self.fine(q_rot, k_all, v_all, values, indices, positions)

@@ -13,11 +13,11 @@ device, so the result is the one-device forward's, shard by shard.
 The compressed keys are computed per shard (each half's windows, with a halo of the tokens
 before it where windows overlap: `compression_windows`, `halos`) and only they are all-gathered,
 for the compressed branch and selection. With the Pallas backend every branch of a causal shard
-runs through the kernels, half by half (each half is a run of consecutive positions;
-`kernels/shard_attention.py`, `kernels.selection.select_blocks`'s q_offset): the compressed branch
-over the gathered compressed keys, selection at the half's positions, selected attention over
-[the half's keys | the whole sequence's], and the sliding window with only a halo of the keys
-before the half; memory per device is linear in the sequence. The reference backend runs the
+runs through the kernels (`kernels/shard_attention.py`, `kernels.selection.select_blocks`'s
+q_offset): the compressed branch over the gathered compressed keys and selection, half by half
+at the half's positions (each half is a run of consecutive positions); selected attention over
+[the shard's keys | the whole sequence's], both halves in one call; the sliding window, half by
+half, with only a halo of the keys before the half. Memory per device is linear in the sequence. The reference backend runs the
 reference for queries at positions (as cached decoding does), whose selected branch holds the
 shard's [n / c, n] logits. What the issue asks next: the selected blocks fetched from their
 shards instead of all keys gathered.
