@@ -445,6 +445,8 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
     b, nq, groups, rows, d = qg.shape
     assert sbp >= MIN_DOT and k.shape[1] >= nb * sb + sbp - sb, (sbp, k.shape, nb, sb)
     bq, nq_pad, dkv_splits = tile_layout(nq, rows, settings)
+    split_bytes = 2 * 4 * b * groups * nb * sbp * d  # one split's float32 dk and dv partials
+    dkv_splits = max(1, min(dkv_splits, settings.dkv_partial_bytes // split_bytes))
     cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
                       num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,

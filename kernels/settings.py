@@ -89,6 +89,11 @@ class SelectedSettings:
     # per query and kv head in the inputs' dtype (8x the size of q at the paper's configuration).
     store_dlogits: bool = True
     max_dkv_splits: int = 8  # either dk/dv kernel: programs sharing one key block at most
+    # Tiled dk/dv: each split writes float32 partials of every key block (dk and dv), summed after;
+    # fewer splits where they would pass this many bytes. Measured (H200, 2026-11-30, seed model,
+    # T = 256k over 2 GPUs, 24k key blocks per shard): 8 splits 538.5 ms per step, 25.7 GiB; 2 splits
+    # 516.9 ms, 21.2 GiB; 1 split 521.7 ms, 20.3 GiB. At 64k on one GPU (4k blocks) all 8 stay.
+    dkv_partial_bytes: int = 2**31
     # Per-query dk/dv, from this many key blocks on: a block's list splits by query range, so the
     # programs that run together gather q and dO from one range that L2 holds (fla config, H200: T =
     # 64k, dk/dv 13.71 -> 13.23 ms); below, by equal counts: fewer programs, and the range splits'
@@ -101,7 +106,7 @@ class SelectedSettings:
         _check(self.impl in SELECTED_IMPLS, f"impl must be one of {', '.join(SELECTED_IMPLS)}, got {self.impl!r}")
         for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
                      "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dq_num_warps",
-                     "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks"):
+                     "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks", "dkv_partial_bytes"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
 
