@@ -427,7 +427,8 @@ def banded_attention(
     dkv_tiles = cdiv(vis.max_query_span(bk[2], n_pad), bq[2]) + 1
     programs = cdiv(nk_pad, bk[2]) * b * kh  # dk/dv programs per split
     fill = min(cdiv(tiles.dkv_target_programs, programs), dkv_tiles // tiles.min_dkv_tiles_per_program)
-    dkv_splits = max(1, min(tiles.max_dkv_splits, max(dkv_tiles // tiles.dkv_tiles_per_program, fill)))
+    dkv_splits = max(1, min(tiles.max_dkv_splits, max(dkv_tiles // tiles.dkv_tiles_per_program, fill),
+                            tiles.dkv_partial_bytes // (2 * 4 * nk_pad * b * kh * d_pad)))
     cfg = _Config(
         vis=vis, scale=float(scale), g=g, n_pad=n_pad,
         block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],

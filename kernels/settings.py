@@ -47,6 +47,10 @@ class Tiles:
     # T = 4096 make 5) the unsplit grid left most SMs idle.
     dkv_target_programs: int = PROGRAMS_PER_SM * H100_SMS
     min_dkv_tiles_per_program: int = 8
+    # ... but no more splits than keep their float32 partials (dk and dv of every key, per split)
+    # within this many bytes: 64 splits of a 4M-token sequence's 256k compressed keys, over 4 GPUs,
+    # would write 34 GB per call.
+    dkv_partial_bytes: int = 2**31
 
 
 SELECTED_IMPLS = ("auto", "query", "tiled", "xla")
