@@ -140,7 +140,8 @@ def test_unmasked_key_tiles_are_exactly_the_fully_visible_ones(vis):
                 assert not whole(tile), (t0, tile, a, b)
 
 
-@pytest.mark.parametrize("offset,m", [(0, 48), (64, 48), (200, 100), (37, 21)])
+@pytest.mark.parametrize("offset,m", [pytest.param(0, 48, marks=pytest.mark.slow),
+                                      pytest.param(64, 48, marks=pytest.mark.slow), (200, 100), (37, 21)])
 def test_sequence_shard_attends_as_its_rows_of_the_whole(offset, m):
     """Context parallelism (`kernels.shard_attention.compressed_attention_shard`): m queries at
     positions offset + [0, m) of a longer sequence (the offset traced; a multiple of the stride
