@@ -55,6 +55,10 @@ QUICK_SCRIPT = COMMON + textwrap.dedent('''
     # data 2 x context 2: each device holds half of each of its sequences; a loss mask that
     # counts unevenly across the shards. The kernels' shard forms
     # (kernels/shard_attention.py: compressed branch, sliding window with its halo).
+    compiles = []  # backend compilations, counted to check that a second step compiles nothing
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
     cfg = config(depth=1)
     tokens = rng.integers(0, 256, (1, 4, 65), dtype=np.int32)
     batch = dict(tokens=tokens, loss_mask=rng.random((1, 4, 65)) < np.linspace(0.1, 0.9, 65))
@@ -63,6 +67,11 @@ QUICK_SCRIPT = COMMON + textwrap.dedent('''
     assert sharding.describe(split.mesh) == "mesh: 4 devices (data=2, context=2)"
     (s1, l1), (s2, l2) = run(one, [batch]), run(split, [batch])
     same(s1, s2, l1, l2)
+    # The kernels' train step compiled twice when Pallas imported its fuser (a jit-key flag)
+    # lazily, during the first lowering: the one-device step's second call missed the cache.
+    before = len(compiles)
+    run(one, [batch], s1)
+    assert len(compiles) == before, f"the second step compiled {len(compiles) - before} more time(s)"
     print("ok")
 ''')
 

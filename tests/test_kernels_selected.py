@@ -198,7 +198,8 @@ def test_dkdv_split_bounds_are_query_ranges(causal, packed):
     np.testing.assert_array_equal(counts, want)
 
 
-@pytest.mark.parametrize("store_dlogits", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the quick tier runs the unpacked query kernels in test_query_dkdv_chunk_sizes
+@pytest.mark.parametrize("store_dlogits", [True, False])
 def test_query_kernel_without_gates(store_dlogits):
     """No diff-top-k gates (gates=None, as `nsa_jax.ops` and use_diff_topk=False call it): the dq
     kernels skip the dgate sums; q, k, v gradients unchanged, on both dq paths."""

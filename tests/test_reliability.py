@@ -181,34 +181,3 @@ def test_same_seed_same_losses(tmp_path, corpus):
     losses = [[line for line in (r.stdout + r.stderr).splitlines() if "validation loss" in line] for r in runs]
     assert len(losses[0]) == 3 and losses[0] == losses[1] and losses[0] != losses[2]
 
-
-COMPILES_ONCE = '''
-import jax, numpy as np
-from flax import nnx
-from nsa_jax.config import ModelConfig
-from nsa_jax.training import Trainer, make_optimizer
-
-compiles = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
-cfg = ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=8,
-                  compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=2)
-trainer = Trainer(cfg.build(nnx.Rngs(0), use_pallas_nsa=True), make_optimizer(1e-3))
-state = trainer.init_state()
-batch = trainer.train_batches(np.random.default_rng(0).integers(0, 256, (1, 2, 65), dtype=np.int32))
-state, metrics = trainer.train_step(state, batch)
-jax.block_until_ready(metrics)
-first = len(compiles)
-for _ in range(2):
-    state, metrics = trainer.train_step(state, batch)
-jax.block_until_ready(metrics)
-print("compiles after the first step:", len(compiles) - first)
-'''
-
-
-def test_the_kernel_train_step_compiles_once():
-    """A fresh process (Pallas's lazy imports happen once per process): the second step reuses the
-    first's executable. It compiled twice when Pallas registered a jit-key flag mid-lowering."""
-    run = subprocess.run([sys.executable, "-c", COMPILES_ONCE], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("compiles after the first step: 0"), run.stdout
