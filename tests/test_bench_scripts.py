@@ -113,6 +113,22 @@ def test_train_step_bench_times_context_parallelism(tmp_path):
 
 
 @pytest.mark.slow
+def test_context_parity_bench_compares_a_split_run_with_one_device(tmp_path):
+    """bench.context_parity on 2 simulated devices (the reference backend): the table, the JSON,
+    and a split run whose losses agree with one device's."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "bench.context_parity", "--seq_len=256", "--steps=2", "--splits=2x1",
+                          "--backend=reference", f"--out={tmp_path}"], capture_output=True, text=True, timeout=900,
+                         cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = tmp_path.glob("context_parity-*.json")
+    (row,) = json.loads(result.read_text())["results"]
+    assert (row["context"], row["data"], len(row["losses_split"])) == (2, 1, 2)
+    assert row["loss_rel_diff"] < 1e-5 and row["loss_rel_diff_one_device_again"] == 0.0
+    assert "2c x 1d" in run.stdout
+
+
+@pytest.mark.slow
 def test_core_bench_runs_on_cpu(tmp_path):
     """bench.core on tiny lengths (interpreted kernels; cuDNN rows are recorded as errors on CPU)."""
     out = tmp_path / "core.json"
