@@ -1,5 +1,5 @@
-"""The branches of NSA for a run of consecutive queries of a longer sequence: one chunk of a
-sequence shard under context parallelism.
+"""The branches of NSA for the queries of one sequence shard under context parallelism: runs of
+consecutive queries of a longer sequence.
 
 Inside `jax.shard_map`, a device holds two chunks of a longer sequence (`nsa_jax.context`), each
 a run of queries [off, off + n) that these functions serve. The compressed branch and the
@@ -35,7 +35,7 @@ def compressed_attention_shard(
     q: jax.Array,  # [b, n, h, d]: the run's queries, not rotated
     ck: jax.Array,  # [b, m + nc, kh, d]: memory, then the whole sequence's compressed keys
     cv: jax.Array,  # [b, m + nc, kh, d]
-    positions: jax.Array,  # [n] int: the queries' global positions, consecutive
+    q_offset: jax.Array | int,  # the first query's position in the sequence (may be traced)
     *,
     num_mem: int,
     stride: int,
@@ -46,7 +46,7 @@ def compressed_attention_shard(
     one-sequence kernel with the rows at their positions (`Visibility.offset`)."""
     vis = Visibility("compressed", causal=True, num_keys=ck.shape[1], num_mem=num_mem, stride=stride, offset=True)
     return banded_attention(q, ck, cv, vis, scale=scale, tiles=tiles, interpret=interpret_mode(),
-                            offset=positions[0])
+                            offset=q_offset)
 
 
 def sliding_window_shard(

@@ -333,28 +333,26 @@ class SparseAttention(nnx.Module):
         outputs are that forward's rows of this shard."""
         positions = context.positions(inp.shape[1], axis)
         x, q, k, v = self.project(inp)
-        # The kernels serve every branch of a causal shard, chunk by chunk (each a run of
-        # consecutive positions; selected attention when a chunk is a whole number of selection
-        # blocks); the reference backend runs the reference for queries at positions.
+        # The kernels serve every branch of a causal shard: chunk by chunk (each a run of
+        # consecutive positions), selected attention for both chunks at once (when a chunk is a
+        # whole number of selection blocks); the reference backend runs the reference for queries
+        # at positions.
         kernels_here = self.backend.name == "pallas" and self.causal
-        per_chunk = lambda fn, *xs: jnp.concatenate(  # noqa: E731  fn over each chunk's part of xs, joined
-            [fn(*part) for part in zip(*(context.halves(x) for x in xs))], axis=1)
         tiles = self.kernel_settings.flash
-        rows = positions[None]  # [1, n / c]: halves() splits axis 1
+        offsets = (positions[0], positions[inp.shape[1] // 2])  # each chunk's first position
         compressed = fine = sliding = None
         if self.has("compressed") or self.has("selected"):
             ck, cv = self.with_memory(*self._compress_shard(k, v, axis))
             if kernels_here and self.has("compressed"):
-                compressed = per_chunk(lambda q, pos: shard_attention.compressed_attention_shard(
-                    q, ck, cv, pos[0], num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
-                    scale=self.scale, tiles=tiles), q, rows)
+                compressed = jnp.concatenate([shard_attention.compressed_attention_shard(
+                    q_, ck, cv, off, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+                    scale=self.scale, tiles=tiles) for q_, off in zip(context.halves(q), offsets)], axis=1)
             elif self.has("compressed"):
                 compressed = self.backend.compressed_attention(
                     q, ck, cv, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
                     causal=self.causal, scale=self.scale, q_positions=positions)
             if self.has("selected") and kernels_here:
-                picks = [self.select(q_, ck, q_offset=pos[0, 0]) for q_, pos in zip(context.halves(q),
-                                                                                    context.halves(rows))]
+                picks = [self.select(q_, ck, q_offset=off) for q_, off in zip(context.halves(q), offsets)]
                 values, indices = (jnp.concatenate(p, axis=1) for p in zip(*picks))
             elif self.has("selected"):
                 values, indices = self.select(q, ck, positions)

@@ -17,9 +17,9 @@ runs through the kernels (`kernels/shard_attention.py`, `kernels.selection.selec
 q_offset): the compressed branch over the gathered compressed keys and selection, half by half
 at the half's positions (each half is a run of consecutive positions); selected attention over
 [the shard's keys | the whole sequence's], both halves in one call; the sliding window, half by
-half, with only a halo of the keys before the half. Memory per device is linear in the sequence. The reference backend runs the
-reference for queries at positions (as cached decoding does), whose selected branch holds the
-shard's [n / c, n] logits. What the issue asks next: the selected blocks fetched from their
+half, with only a halo of the keys before the half. Memory per device is linear in the sequence.
+The reference backend runs the reference for queries at positions (as cached decoding does),
+whose selected branch holds the shard's [n / c, n] logits. What the issue asks next: the selected blocks fetched from their
 shards instead of all keys gathered.
 """
 

@@ -156,7 +156,8 @@ def test_sequence_shard_attends_as_its_rows_of_the_whole(offset, m):
     tiles = Tiles(rows_fwd=16, rows_dq=16, rows_dkv=16, block_k_fwd=16, block_k_dq=16, block_k_dkv=16,
                   dkv_tiles_per_program=2)
     kw = dict(num_mem=case.num_mem, stride=case.stride, scale=case.dim_head**-0.5)
-    check_vjp("compressed shard", lambda q, ck, cv: compressed_attention_shard(q, ck, cv, positions, tiles=tiles, **kw),
+    check_vjp("compressed shard", lambda q, ck, cv: compressed_attention_shard(q, ck, cv, positions[0], tiles=tiles,
+                                                                               **kw),
               lambda q, ck, cv: reference.compressed_attention(q, ck, cv, causal=True, q_positions=positions, **kw),
               (q[:, rows], ck, cv), ("q", "ck", "cv"), jnp.float32, key, case=f"offset {offset}")
 
