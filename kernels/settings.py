@@ -72,7 +72,10 @@ class SelectedSettings:
     """
 
     impl: str = "auto"
-    tile_rows: int = 64  # tiled: rows per tile (queries per tile = tile_rows // group rows)
+    # tiled: rows per tile (queries per tile = tile_rows // group rows). Fewer queries per tile walk a
+    # smaller union of picked blocks: the seed model (g = 2, bf16, H200, 2026-11-30) fwd+bwd 16 / 32 / 64
+    # rows: 0.62 / 0.64 / 0.63 ms at T = 2048, 0.79 / 1.00 / 0.85 at 4096, 2.49 / 3.16 / 2.77 at 16384.
+    tile_rows: int = 16
     tiles_per_dkv_split: int = 16  # tiled dk/dv: one more program per block per this many tiles
     dkv_entries_per_program: int = 256  # per-query dk/dv: one more program per block per this many entries
     dkv_chunk: int = 4  # per-query dk/dv: entries of a block's query list gathered into one step's tile
