@@ -239,21 +239,19 @@ def selection_hits_fn(trainer: Trainer, digits: int):
     def run(params, tokens, answer_start, key_starts):
         model = trainer.model(params)
         rows = jnp.arange(tokens.shape[0])
-        x = model.token_emb(tokens, dtype=model.dtype)
         found = []
-        for layer in model.layers:
-            attn = layer.attn
-            if isinstance(attn, SparseAttention) and attn.has("selected"):
-                _, q, k, v = attn.project(x)
-                values, indices = attn.select(q, attn.with_memory(*attn.compress(k, v))[0])  # [b, n, sh, k]
-                picked, valid = indices[rows, answer_start - 1], values[rows, answer_start - 1]  # [b, sh, k]
-                lo, hi = picked * attn.selection_block_size, (picked + 1) * attn.selection_block_size
-                covers = jnp.zeros(picked.shape, bool)
-                for occurrence in range(key_starts.shape[1]):
-                    start = key_starts[:, occurrence, None, None]
-                    covers |= (lo < start + digits) & (hi > start)
-                found.append(jnp.any(covers & (valid > reference.SELECTION_THRESHOLD), axis=(1, 2)))
-            x = layer(x)
+        for layer, picks in zip(model.layers, model.selections(tokens)):
+            if picks is None:
+                continue
+            values, indices = picks  # [b, n, sh, k]
+            picked, valid = indices[rows, answer_start - 1], values[rows, answer_start - 1]  # [b, sh, k]
+            block = layer.attn.selection_block_size
+            lo, hi = picked * block, (picked + 1) * block
+            covers = jnp.zeros(picked.shape, bool)
+            for occurrence in range(key_starts.shape[1]):
+                start = key_starts[:, occurrence, None, None]
+                covers |= (lo < start + digits) & (hi > start)
+            found.append(jnp.any(covers & (valid > reference.SELECTION_THRESHOLD), axis=(1, 2)))
         return jnp.stack(found) if found else jnp.zeros((0, tokens.shape[0]), bool)
 
     return jax.jit(run)

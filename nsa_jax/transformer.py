@@ -165,6 +165,23 @@ class Transformer(nnx.Module):
                 x = _call_block(layer, x, segment_ids) if self.remat == "block" else layer(x, segment_ids=segment_ids)
         return x
 
+    def selections(self, ids: jax.Array) -> list[tuple[jax.Array, jax.Array] | None]:
+        """ids [b, n] -> per layer, the blocks each query selected: (probabilities, indices), both
+        [b, n, selection heads, num_selected] (`SparseAttention.select`; picks with probability >
+        `reference.SELECTION_THRESHOLD` are valid), or None for a layer without the selected
+        branch. One forward pass, for analysis (which blocks selection reads, and from where)."""
+        x = self.token_emb(ids, dtype=self.dtype)
+        picks = []
+        for layer in self.layers:
+            attn = layer.attn
+            if isinstance(attn, SparseAttention) and attn.has("selected"):
+                _, q, k, v = attn.project(x)
+                picks.append(attn.select(q, attn.with_memory(*attn.compress(k, v))[0]))
+            else:
+                picks.append(None)
+            x = layer(x)
+        return picks
+
     def token_losses(self, ids: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None, *,
                      context_axis: str | None = None) -> jax.Array:
         """ids, labels [b, n] -> next-token cross entropies [b, n] (float32) of ids predicting

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,44 @@ def test_context_parity_bench_compares_a_split_run_with_one_device(tmp_path):
     assert (row["context"], row["data"], len(row["losses_split"])) == (2, 1, 2)
     assert row["loss_rel_diff"] < 1e-5 and row["loss_rel_diff_one_device_again"] == 0.0
     assert "2c x 1d" in run.stdout
+
+
+def test_context_fetch_counts_the_other_shards_picked_blocks():
+    """remote_picks on hand-made picks: 64 tokens over 2 shards (chunks of 16: shard 0 holds tokens
+    0-15 and 48-63, shard 1 tokens 16-47), blocks of 8, 4 selection heads on 2 kv heads. Repeated
+    picks count once, own blocks and invalid picks not at all."""
+    from bench.context_fetch import remote_picks, zigzag_shard
+
+    assert zigzag_shard(64, 2)[[0, 15, 16, 47, 48, 63]].tolist() == [0, 0, 1, 1, 0, 0]
+    indices = np.zeros((64, 4, 2), np.int32)
+    valid = np.zeros((64, 4, 2), bool)
+    picks = [(50, 0, [2, 4]), (60, 1, [2, 0]), (50, 2, [2, 6]), (20, 3, [0, 3]), (40, 3, [1, 5])]
+    for query, head, blocks in picks:  # heads 0, 1 -> kv head 0; heads 2, 3 -> kv head 1
+        indices[query, head], valid[query, head] = blocks, True
+    indices[55, 0], valid[55, 0] = [5, 7], [False, True]  # block 5 invalid; block 7 shard 0's own
+    # shard 0: kv head 0 blocks {2, 4}, kv head 1 block {2} (6 is its own); shard 1: kv head 1 blocks {0, 1}
+    assert remote_picks(indices, valid, shards=2, block=8, kv_heads=2).tolist() == [3, 2]
+
+
+@pytest.mark.slow
+def test_context_fetch_bench_trains_then_counts(tmp_path):
+    """bench.context_fetch on CPU (reference backend): two training steps on a text, then one row
+    per layer with shares in [0, 1] and the all-gather's megabytes."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"".join(sorted(p.read_bytes() for p in (ROOT / "nsa_jax").glob("*.py"))))
+    run = subprocess.run([sys.executable, "-m", "bench.context_fetch", "--seq_lens=256,512", "--contexts=2,4",
+                          f"--text={text}", "--train_steps=2", "--train_len=64", "--batch_size=2",
+                          "--backend=reference", "--dtype=float32", f"--out={tmp_path}", "--name=cf"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "cf.json").read_text())["layers"]
+    assert [(r["seq_len"], r["context"]) for r in rows[::6]] == [(256, 2), (256, 4), (512, 2), (512, 4)]
+    assert [r["layer"] for r in rows] == list(range(6)) * 4
+    for r in rows:
+        other = 4 * (r["seq_len"] // 16) * (r["context"] - 1) // r["context"]  # kv heads x the other shards' blocks
+        assert 0.0 <= r["mean_share"] <= r["worst_share"] <= 1.0 and r["other_blocks"] == other
+        assert r["allgather_mb"] == pytest.approx(other * 16 * 64 * 2 * 4 / 2**20)
+    assert "train step 2/2" in run.stdout and "| 512 | 4 | 5 |" in run.stdout
 
 
 @pytest.mark.slow
@@ -378,7 +417,6 @@ def test_kernel_flags_take_any_setting_and_named_flags_override_it():
 def test_profile_step_names_each_kernels_scope():
     """The named scopes reach the compiled train step's HLO, where bench.profile_step maps kernels to
     them: forward and backward of each attention phase, the feedforward, the logits and the optimizer."""
-    import numpy as np
     from flax import nnx
 
     from bench.profile_step import hlo_op_names, scope_of
@@ -493,7 +531,6 @@ def test_retrieval_flags_and_table():
 
 
 def test_mixed_lengths_draw_every_curriculum_length_so_far():
-    import numpy as np
 
     from bench import retrieval
 
@@ -511,7 +548,6 @@ def test_retrieval_selection_diagnostic_finds_the_key_only_where_it_is():
     about bytes after the answer (causally invisible), none has."""
     import dataclasses
 
-    import numpy as np
     from flax import nnx
 
     from bench import retrieval
@@ -540,7 +576,6 @@ def test_retrieval_reading_leaves_out_each_branch_as_a_model_built_without_it():
     import dataclasses
 
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from bench import retrieval
