@@ -19,8 +19,10 @@ at the half's positions (each half is a run of consecutive positions); selected 
 [the shard's keys | the whole sequence's], both halves in one call; the sliding window, half by
 half, with only a halo of the keys before the half. Memory per device is linear in the sequence.
 The reference backend runs the reference for queries at positions (as cached decoding does),
-whose selected branch holds the shard's [n / c, n] logits. What the issue asks next: the selected blocks fetched from their
-shards instead of all keys gathered.
+whose selected branch holds the shard's [n / c, n] logits. Fetching only the blocks a shard's
+queries selected would move far less (`bench/context_fetch.py`: 0.2-0.9% of the other shards'
+blocks for a trained model at 1M tokens over 4 shards), but the all-gather and its reduce-scatter
+take ~3% of a step (BENCHMARKS.md, "Context parallelism"), so the keys are gathered whole.
 """
 
 from __future__ import annotations
