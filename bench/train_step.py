@@ -4,11 +4,15 @@
     python -m bench.train_step --variants reference,dense --seq_lens 512,4096
     python -m bench.train_step --variants pallas --dtype bfloat16 --seq_lens 262144 --batch_size 1 \\
         --grad_accum_every 1 --devices 1,4 --context 4 --remat block    # one sequence over 4 GPUs
+    python -m bench.train_step --variants pallas,dense --seq_lens 2048,4096 --batch_size 1 --grad_accum_every 1 \
+        --settings "default;selected.tile_rows=64" --rounds 2    # an A/B of kernel settings, in turn
 
 Prints a table (ms per step, steps/s, tokens/s) and writes bench/results/train_step-<date>.json.
 Each variant is timed after warm-up (compilation excluded): median of --repeats runs, each
 ended by block_until_ready; then --repeats steps issued back to back, as train.py issues them
-(the host's dispatch overlapping the GPU's work), whose mean is the last column.
+(the host's dispatch overlapping the GPU's work), whose mean is the last column. --settings
+times the Pallas variant under several kernel settings and --rounds repeats the whole grid, so
+that an A/B alternates within one process instead of comparing separate runs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bench.kernel_flags import add_kernel_flags, kernel_settings_from
+from bench.kernel_flags import add_kernel_flags, kernel_settings_from, parse_variant
 from kernels import KernelSettings
 from nsa_jax import sharding
 from nsa_jax.config import ModelConfig
@@ -81,6 +85,14 @@ def time_variant(name: str, seq_len: int, batch_size: int, accum: int, repeats: 
                 loss=float(metrics["loss"]), repeats=repeats)
 
 
+def timing_grid(seq_lens: str, variants: str, settings: list[tuple[str, KernelSettings]]) -> list[tuple]:
+    """(seq_len, variant, settings label, settings) in timing order: the pallas variant under each
+    of `settings`, the others (whose steps run no kernel settings) once, under the first."""
+    return [(seq_len, name, label if name == "pallas" else "-", kernel_settings)
+            for seq_len in map(int, seq_lens.split(",")) for name in variants.split(",")
+            for label, kernel_settings in (settings if name == "pallas" else settings[:1])]
+
+
 def peak_memory_gib(mesh) -> float | None:
     """The largest peak of memory in use over the mesh's devices (GiB), where the platform counts it
     (GPUs; None on the CPU). The peak is the process's so far: time the smaller runs first."""
@@ -108,13 +120,20 @@ def main() -> None:
     parser.add_argument("--optimizers", default="tree", help="optimizer layouts to time, comma-separated: tree (per "
                         "parameter array), flat (one vector: nsa_jax.training.make_optimizer(flat=True)), zero1 "
                         "(tree, its state split over the devices: Trainer(shard_optimizer=True))")
+    parser.add_argument("--settings", default="default", metavar='"default;GROUP.FIELD=VALUE,...;..."',
+                        help="kernel settings to time the pallas variant under, ';'-separated (each on top of the "
+                             "kernel flags below; 'default': the flags' settings alone)")
+    parser.add_argument("--rounds", type=int, default=1, help="time the whole grid this many times, in turn")
     add_kernel_flags(parser)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds is a count, at least 1; got {args.rounds}")
     if args.warmup < 1 or args.repeats < 1:
         parser.error(f"--warmup and --repeats are step counts, at least 1; got {args.warmup} and {args.repeats}")
     if args.context < 1:
         parser.error(f"--context is a device count, at least 1; got {args.context}")
-    kernel_settings = kernel_settings_from(args)
+    base_settings = kernel_settings_from(args)
+    settings = [(label.strip() or "default", parse_variant(label, base_settings)) for label in args.settings.split(";")]
     layouts = args.optimizers.split(",")
     if not set(layouts) <= {"tree", "flat", "zero1"}:
         parser.error(f"--optimizers takes a comma-separated list of tree, flat and zero1; got {args.optimizers!r}")
@@ -124,14 +143,15 @@ def main() -> None:
     counts = [int(c) for c in args.devices.split(",")]
     if max(counts) > jax.device_count():
         raise SystemExit(f"error: --devices asks for {max(counts)} devices, this machine has {jax.device_count()}")
-    for seq_len in map(int, args.seq_lens.split(",")):
-        for name in args.variants.split(","):
+    for round_ in range(args.rounds):
+        for seq_len, name, label, kernel_settings in timing_grid(args.seq_lens, args.variants, settings):
             for count, layout in ((c, o) for c in counts for o in layouts):
                 try:
                     context = args.context if count % args.context == 0 else 1
-                    results.append(time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
-                                                args.dtype, count, kernel_settings, layout == "flat", layout == "zero1",
-                                                context, args.remat, args.warmup))
+                    row = time_variant(name, seq_len, args.batch_size, args.grad_accum_every, args.repeats,
+                                       args.dtype, count, kernel_settings, layout == "flat", layout == "zero1",
+                                       context, args.remat, args.warmup)
+                    results.append(dict(row, settings=label, round=round_))
                 except NotImplementedError as e:  # a backend this version does not have
                     print(f"skipped {name}: {e}")
                 except Exception as e:  # e.g. out of memory: report it and go on with the other variants
@@ -139,21 +159,23 @@ def main() -> None:
     print(f"\nseed model train step on {device.device_kind} ({jax.__version__}), {args.dtype}, "
           f"batch {args.batch_size} per data shard x accum {args.grad_accum_every}, remat {args.remat}")
     print(f"{'variant':<10} {'opt':>5} {'T':>8} {'devices':>7} {'context':>7} {'batch':>6} {'ms/step':>9} "
-          f"{'steps/s':>8} {'tokens/s':>10} {'scaling':>8} {'back-to-back ms':>15} {'peak GiB':>8}")
+          f"{'steps/s':>8} {'tokens/s':>10} {'scaling':>8} {'back-to-back ms':>15} {'peak GiB':>8}  round  settings")
     for r in results:
         one = next((o for o in results if o["variant"] == r["variant"] and o["seq_len"] == r["seq_len"]
-                    and o["optimizer"] == r["optimizer"] and o["devices"] == 1), None)
+                    and o["optimizer"] == r["optimizer"] and o["settings"] == r["settings"]
+                    and o["round"] == r["round"] and o["devices"] == 1), None)
         scaling = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
         peak = "-" if r["peak_gib_per_device"] is None else f"{r['peak_gib_per_device']:.2f}"
         print(f"{r['variant']:<10} {r['optimizer']:>5} {r['seq_len']:>8} {r['devices']:>7} {r['context']:>7} "
               f"{r['global_batch']:>6} {r['ms_per_step']:>9.2f} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} "
-              f"{scaling:>8} {r['pipelined_ms_per_step']:>15.2f} {peak:>8}")
+              f"{scaling:>8} {r['pipelined_ms_per_step']:>15.2f} {peak:>8}  {r['round']:>5}  {r['settings']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
     path = out / f"{args.name or 'train_step-' + stamp}.json"
     path.write_text(json.dumps(dict(device=device.device_kind, jax=jax.__version__, date=stamp,
-                                    kernel_settings=repr(kernel_settings), results=results), indent=2))
+                                    kernel_settings=repr(base_settings),
+                                    settings={label: repr(ks) for label, ks in settings}, results=results), indent=2))
     print(f"wrote {path}")
 
 

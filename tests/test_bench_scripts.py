@@ -95,6 +95,34 @@ def test_train_step_bench_runs(tmp_path):
     assert all(r["pipelined_ms_per_step"] > 0 for r in saved["results"])
 
 
+def test_train_step_bench_times_pallas_under_each_setting():
+    """timing_grid: the Pallas step once per kernel setting, dense and the reference once (they run no kernels)."""
+    from bench.kernel_flags import parse_variant
+    from bench.train_step import timing_grid
+
+    settings = [(label, parse_variant(label)) for label in ("default", "selected.tile_rows=32")]
+    grid = timing_grid("512,2048", "pallas,dense", settings)
+    assert [(n, v, label) for n, v, label, _ in grid] == [
+        (n, v, label) for n in (512, 2048) for v, label in (("pallas", "default"), ("pallas", "selected.tile_rows=32"),
+                                                           ("dense", "-"))]
+    assert [ks.selected.tile_rows for _, v, _, ks in grid if v == "pallas"] == [16, 32, 16, 32]
+
+
+@pytest.mark.slow
+def test_train_step_bench_repeats_its_grid_in_rounds(tmp_path):
+    """--rounds repeats the whole grid in turn (an A/B within one process); --settings are recorded."""
+    run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=dense", "--seq_lens=32,64",
+                          "--batch_size=1", "--grad_accum_every=1", "--repeats=1", "--warmup=1",
+                          "--settings=default;selected.tile_rows=32", "--rounds=2", f"--out={tmp_path}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = tmp_path.glob("train_step-*.json")
+    saved = json.loads(result.read_text())
+    assert [(r["round"], r["seq_len"]) for r in saved["results"]] == [(0, 32), (0, 64), (1, 32), (1, 64)]
+    assert "tile_rows=32" in saved["settings"]["selected.tile_rows=32"]
+    assert "      1  -" in run.stdout
+
+
 @pytest.mark.slow
 def test_train_step_bench_times_context_parallelism(tmp_path):
     """--context 4 on 4 simulated devices: one sequence split 4 ways against one device, the same
