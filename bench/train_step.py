@@ -4,7 +4,7 @@
     python -m bench.train_step --variants reference,dense --seq_lens 512,4096
     python -m bench.train_step --variants pallas --dtype bfloat16 --seq_lens 262144 --batch_size 1 \\
         --grad_accum_every 1 --devices 1,4 --context 4 --remat block    # one sequence over 4 GPUs
-    python -m bench.train_step --variants pallas,dense --seq_lens 2048,4096 --batch_size 1 --grad_accum_every 1 \
+    python -m bench.train_step --variants pallas,dense --seq_lens 2048,4096 --batch_size 1 --grad_accum_every 1 \\
         --settings "default;selected.tile_rows=64" --rounds 2    # an A/B of kernel settings, in turn
 
 Prints a table (ms per step, steps/s, tokens/s) and writes bench/results/train_step-<date>.json.

@@ -74,7 +74,8 @@ class SelectedSettings:
     impl: str = "auto"
     # tiled: rows per tile (queries per tile = tile_rows // group rows). Fewer queries per tile walk a
     # smaller union of picked blocks: the seed model (g = 2, bf16, H200, 2026-11-30) fwd+bwd 16 / 32 / 64
-    # rows: 0.62 / 0.64 / 0.63 ms at T = 2048, 0.79 / 1.00 / 0.85 at 4096, 2.49 / 3.16 / 2.77 at 16384.
+    # rows: 0.62 / 0.64 / 0.63 ms at T = 2048, 0.79 / 1.00 / 0.85 at 4096, 2.49 / 3.16 / 2.77 at 16384;
+    # its float32 train step, 16 / 64 rows: 8.5-8.8 / 9.0-9.6 ms at T = 2048, 13.4-13.6 / 14.8-15.1 at 4096.
     tile_rows: int = 16
     tiles_per_dkv_split: int = 16  # tiled dk/dv: one more program per block per this many tiles
     dkv_entries_per_program: int = 256  # per-query dk/dv: one more program per block per this many entries
