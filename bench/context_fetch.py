@@ -123,8 +123,11 @@ def main() -> None:
     pallas = args.backend == "pallas"
     if args.train_steps:
         print(f"training {args.train_steps} steps on {args.text} ({args.batch_size} x {args.train_len} bytes)", flush=True)
-        model = train(config, train_data, args.train_steps, args.train_len, args.batch_size, args.learning_rate,
-                      args.dtype, pallas)
+        try:
+            model = train(config, train_data, args.train_steps, args.train_len, args.batch_size, args.learning_rate,
+                          args.dtype, pallas)
+        except DataError as e:  # a --train_len longer than the text
+            fail(str(e))
     else:
         model = config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=args.dtype)
 
