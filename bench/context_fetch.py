@@ -33,18 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax import reference
+from nsa_jax import context, reference
 from nsa_jax.config import ModelConfig
 from nsa_jax.data import CropSampler, DataError, load_corpus
 from nsa_jax.training import Trainer, make_optimizer
 
 
 def zigzag_shard(n: int, shards: int) -> np.ndarray:  # [n] int
-    """The shard that holds each token under `nsa_jax.context`'s split: chunk j of 2c, shard
-    min(j, 2c - 1 - j)."""
-    m = n // (2 * shards)
-    chunk = np.arange(n) // m
-    return np.minimum(chunk, 2 * shards - 1 - chunk)
+    """The shard that holds each token under `nsa_jax.context`'s split (`context.order` split in
+    equal parts, in order)."""
+    owner = np.empty(n, np.int64)
+    owner[context.order(n, shards)] = np.arange(n) // (n // shards)
+    return owner
 
 
 def remote_picks(indices: np.ndarray, valid: np.ndarray, shards: int, block: int, kv_heads: int) -> np.ndarray:
@@ -145,7 +145,7 @@ def main() -> None:
     rows = []
     for n in lengths:
         picks = selections(params, jnp.asarray(whole[:n], jnp.int32)[None])
-        picks = [None if p is None else (np.asarray(p[0][0]) > reference.SELECTION_THRESHOLD, np.asarray(p[1][0]))
+        picks = [None if p is None else (np.asarray(reference.valid_selection(p[0][0])), np.asarray(p[1][0]))
                  for p in picks]
         nb = n // block
         for c in contexts:

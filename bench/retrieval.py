@@ -244,14 +244,14 @@ def selection_hits_fn(trainer: Trainer, digits: int):
             if picks is None:
                 continue
             values, indices = picks  # [b, n, sh, k]
-            picked, valid = indices[rows, answer_start - 1], values[rows, answer_start - 1]  # [b, sh, k]
+            picked, probs = indices[rows, answer_start - 1], values[rows, answer_start - 1]  # [b, sh, k]
             block = layer.attn.selection_block_size
             lo, hi = picked * block, (picked + 1) * block
             covers = jnp.zeros(picked.shape, bool)
             for occurrence in range(key_starts.shape[1]):
                 start = key_starts[:, occurrence, None, None]
                 covers |= (lo < start + digits) & (hi > start)
-            found.append(jnp.any(covers & (valid > reference.SELECTION_THRESHOLD), axis=(1, 2)))
+            found.append(jnp.any(covers & reference.valid_selection(probs), axis=(1, 2)))
         return jnp.stack(found) if found else jnp.zeros((0, tokens.shape[0]), bool)
 
     return jax.jit(run)

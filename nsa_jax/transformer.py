@@ -167,8 +167,8 @@ class Transformer(nnx.Module):
 
     def selections(self, ids: jax.Array) -> list[tuple[jax.Array, jax.Array] | None]:
         """ids [b, n] -> per layer, the blocks each query selected: (probabilities, indices), both
-        [b, n, selection heads, num_selected] (`SparseAttention.select`; picks with probability >
-        `reference.SELECTION_THRESHOLD` are valid), or None for a layer without the selected
+        [b, n, selection heads, num_selected] (`SparseAttention.select`; `reference.valid_selection`
+        of the probabilities marks the valid picks), or None for a layer without the selected
         branch. One forward pass, for analysis (which blocks selection reads, and from where)."""
         x = self.token_emb(ids, dtype=self.dtype)
         picks = []
