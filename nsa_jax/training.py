@@ -180,10 +180,13 @@ class Trainer:
         return jax.device_put(stacked, self.state_sharding)
 
     def _loss(self, params: Stacked, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
+        return self._layer_loss(self.layers.unstack(params), batch)
+
+    def _layer_loss(self, params: nnx.State, batch: Batch) -> jax.Array:
         tokens, segment_ids, loss_mask = batch_parts(batch)
         # only the parts the batch has: a model of plain tokens need not take the keywords
         extras = {k: v for k, v in (("segment_ids", segment_ids), ("loss_mask", loss_mask)) if v is not None}
-        return self.model(params)(tokens, return_loss=True, **extras)
+        return nnx.merge(self.graphdef, params, self.rest)(tokens, return_loss=True, **extras)
 
     def _train_step(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """batches [accum, b, n + 1] (or tokens and segment ids): the gradient is the mean over
@@ -213,12 +216,18 @@ class Trainer:
     def _summed_grads(self, params: Stacked, batches: Batch, shares: jax.Array | None = None
                       ) -> tuple[Stacked, jax.Array]:
         """(gradient, loss), each summed over the micro-batches (a `lax.scan`). shares [accum]:
-        weigh each micro-batch's loss and gradient (this device's share of the micro-batch)."""
-        grad_fn = jax.value_and_grad(self._loss)
+        weigh each micro-batch's loss and gradient (this device's share of the micro-batch).
+
+        The stacked arrays are sliced into layers once, before the loop: sliced inside it, XLA
+        copied every layer's compress-network weights (16 MiB each) once per micro-batch, 1.0 ms
+        of a 25 ms seed step (B=4 x 4, H200); once per step saves 0.5 ms back to back."""
+        layer_params = self.layers.unstack(params)
+        grad_fn = jax.value_and_grad(self._layer_loss)
 
         def micro_step(grad_sum, xs):
             batch, share = xs
-            loss, grads = grad_fn(params, batch)
+            loss, grads = grad_fn(layer_params, batch)
+            grads = self.layers.stack(grads)  # then summed stacked: one fusion per kind of array
             if share is None:
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
             return jax.tree.map(lambda s, g: s + share * g, grad_sum, grads), share * loss

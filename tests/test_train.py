@@ -476,6 +476,42 @@ def test_flat_optimizer_gives_the_tree_optimizers_update():
         assert not np.allclose(np.asarray(p_tree["a"]), np.asarray(params["a"]))  # the steps moved them
 
 
+def test_accumulation_loop_reads_per_layer_parameters():
+    """The micro-batch loop takes the parameters already sliced into layers (done once per step):
+    given the stacked arrays, XLA copied each layer's slice in every micro-batch (1.0 ms of the
+    seed step on an H200)."""
+    from flax import nnx
+
+    def equations(jaxpr):  # every equation, those of nested jaxprs (calls, custom rules) included
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from equations(sub)
+
+    cfg = ModelConfig(dim=32, depth=3, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=4,
+                      compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2)
+    trainer = Trainer(cfg.build(nnx.Rngs(0)), make_optimizer(1e-3))
+    state = trainer.init_state()
+    batches = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 2, 17)), jnp.int32)
+    jaxpr = jax.make_jaxpr(trainer._train_step)(state, batches).jaxpr
+    scans = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert len(scans) == 1
+    stacked = {v.shape for k, v in state.params.items() if k.startswith("layers.*.")}
+    assert stacked
+    slicing = {"slice", "dynamic_slice", "gather", "squeeze"}
+    body = list(equations(scans[0].params["jaxpr"].jaxpr))
+    assert any(eqn.primitive.name == "pallas_call" or eqn.primitive.name == "dot_general" for eqn in body)
+    sliced = [(eqn.primitive.name, v.aval.shape) for eqn in body if eqn.primitive.name in slicing
+              for v in eqn.invars if getattr(v.aval, "shape", None) in stacked]
+    assert not sliced, f"the micro-batch loop slices stacked parameters: {sliced[:3]}"
+    outside = [eqn for eqn in equations(jaxpr) if eqn.primitive.name in slicing
+               and any(getattr(v.aval, "shape", None) in stacked for v in eqn.invars)]
+    assert len(outside) >= cfg.depth  # the slices are there, before the loop
+
+
 def test_trainer_keeps_one_copy_of_the_parameters():
     """Once the model that built it is gone, the trainer's device arrays are its state alone: the
     stacked parameters and Adam's moments, no second per-layer copy of the parameters."""
