@@ -161,7 +161,11 @@ class Trainer:
 
     def model(self, params: Stacked) -> nnx.Module:
         """A module view of `params` (for sampling and inspection)."""
-        return nnx.merge(self.graphdef, self.layers.unstack(params), self.rest)
+        return self._module(self.layers.unstack(params))
+
+    def _module(self, layer_params: nnx.State) -> nnx.Module:
+        """The module over parameters already sliced into layers (`LayerStack.unstack`)."""
+        return nnx.merge(self.graphdef, layer_params, self.rest)
 
     def per_layer_state(self) -> TrainState:
         """The state's shapes (`jax.ShapeDtypeStruct`) in the layout before `STATE_LAYOUT`
@@ -186,7 +190,7 @@ class Trainer:
         tokens, segment_ids, loss_mask = batch_parts(batch)
         # only the parts the batch has: a model of plain tokens need not take the keywords
         extras = {k: v for k, v in (("segment_ids", segment_ids), ("loss_mask", loss_mask)) if v is not None}
-        return nnx.merge(self.graphdef, params, self.rest)(tokens, return_loss=True, **extras)
+        return self._module(params)(tokens, return_loss=True, **extras)
 
     def _train_step(self, state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """batches [accum, b, n + 1] (or tokens and segment ids): the gradient is the mean over
