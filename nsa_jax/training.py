@@ -258,7 +258,9 @@ class Trainer:
         whose optimizer state is split, with shard_optimizer). (Under plain SPMD, XLA reduced the
         whole gradient inside the accumulation loop, once per micro-batch: 2 GPUs 1.68x one GPU's
         tokens/s at B=4x4 T=512 on H200s, 1.81x with this. Reducing each layer's gradient in the
-        last micro-batch's backward, to overlap the transfers, measured no faster.) Each device's
+        last micro-batch's backward, to overlap the transfers, measured no faster on 2026-11-30 and
+        slower on 2026-12-01: 1.66x/1.70x, XLA running the per-layer all-reduces one at a time
+        between the backward's kernels; BENCHMARKS.md, session 24.) Each device's
         loss is weighed by its share of the micro-batch's counted targets, so the result is the mean
         over the whole micro-batch, as on one device (packed documents and loss masks count unevenly)."""
         accum = jax.tree.leaves(batches)[0].shape[0]
