@@ -25,11 +25,14 @@ from nsa_jax.transformer import counted_targets
 
 LN2 = math.log(2.0)
 
-# XLA options of the compiled train and eval steps. Command buffers (CUDA graphs) off: the step
-# runs ~1,000 small kernels, and with them on, issuing the step took longer than the GPU took to
-# run it (measured on an H100: BENCHMARKS.md, "What blocks the targets"). Decoding keeps XLA's
-# default, under which it is faster (nsa_jax/sampling.py).
-STEP_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+# XLA options of the compiled train and eval steps: XLA's defaults, command buffers (CUDA graphs)
+# on. They were off while the step ran ~1,400 small kernels (issuing it then took longer than the
+# GPU took to run it, on an H100). With ~760 kernels they are faster for NSA and dense alike (H200,
+# 2026-12-01, alternating processes, synced / back to back: B=4 T=512 7.00-7.01 / 6.22-6.24 ms off,
+# 6.91-7.04 / 5.97 on; B=1 T=2048 8.29-8.51 / 7.35-7.36 off, 8.10-8.23 / 7.04-7.06 on; B=4x4
+# T=512 24.95-25.48 / 23.64-23.71 off, 23.50-23.68 / 22.45-22.49 on; BENCHMARKS.md,
+# session 25). Options set here override XLA's.
+STEP_COMPILER_OPTIONS: dict[str, str] = {}
 
 
 # tokens [.., n + 1]; or tokens and their segment ids (packed documents); or a dict of "tokens"
