@@ -25,13 +25,9 @@ from nsa_jax.transformer import counted_targets
 
 LN2 = math.log(2.0)
 
-# XLA options of the compiled train and eval steps: XLA's defaults, command buffers (CUDA graphs)
-# on. They were off while the step ran ~1,400 small kernels (issuing it then took longer than the
-# GPU took to run it, on an H100). With ~760 kernels they are faster for NSA and dense alike (H200,
-# 2026-12-01, alternating processes, synced / back to back: B=4 T=512 7.00-7.01 / 6.22-6.24 ms off,
-# 6.91-7.04 / 5.97 on; B=1 T=2048 8.29-8.51 / 7.35-7.36 off, 8.10-8.23 / 7.04-7.06 on; B=4x4
-# T=512 24.95-25.48 / 23.64-23.71 off, 23.50-23.68 / 22.45-22.49 on; BENCHMARKS.md,
-# session 25). Options set here override XLA's.
+# XLA options of the compiled train and eval steps (set here, they override XLA's). Empty: XLA's
+# defaults, command buffers (CUDA graphs) on. They were off while the step ran ~1,400 small kernels;
+# at ~760 they are faster for NSA and dense alike (H200, 2026-12-01: BENCHMARKS.md, session 25).
 STEP_COMPILER_OPTIONS: dict[str, str] = {}
 
 
