@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     try:
         newest = checkpointer.restore_newest(trainer.init_state(), config,
                                              warn=lambda m: print(f"warning: {m}", file=sys.stderr),
-                                             layout=STATE_LAYOUT, convert=(trainer.per_layer_state(), trainer.from_per_layer))
+                                             layout=STATE_LAYOUT, convert=trainer.layout_converters())
     except CheckpointError as e:
         fail(str(e))
     step, state, _ = newest

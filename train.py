@@ -295,7 +295,7 @@ def setup(model_config: ModelConfig, cfg: TrainConfig, run_name: str) -> Run:
     start_step = 0
     try:
         newest = checkpointer.restore_newest(state, model_config, warn=lambda m: print(f"warning: {m}"),
-                                             layout=STATE_LAYOUT, convert=(trainer.per_layer_state(), trainer.from_per_layer))
+                                             layout=STATE_LAYOUT, convert=trainer.layout_converters())
     except CheckpointError as e:
         fail(str(e))
     if newest is not None:

@@ -19,6 +19,10 @@ import orbax.checkpoint as ocp
 
 from nsa_jax.config import ModelConfig
 
+# {saved layout: (the state's structure in it, its conversion into the current layout)}, or one
+# such pair for checkpoints that record no layout.
+Converters = dict[str | None, tuple[Any, Callable[[Any], Any]]] | tuple[Any, Callable[[Any], Any]]
+
 
 class CheckpointError(Exception):
     """A checkpoint directory that cannot be used; the message is one line for the user."""
@@ -73,12 +77,15 @@ class Checkpointer:
         return restored.state, restored.meta
 
     def _restore_as(self, step: int, like: Any, saved_layout: str | None, layout: str | None,
-                    convert: tuple[Any, Callable[[Any], Any]] | None) -> tuple[Any, dict[str, Any]]:
+                    convert: Converters | None) -> tuple[Any, dict[str, Any]]:
         if saved_layout == layout:
             return self.restore(step, like)
-        if saved_layout is None and convert is not None:
-            state, meta = self.restore(step, convert[0])
-            return convert[1](state), meta
+        if isinstance(convert, tuple):  # (like, fn): for checkpoints that record no layout
+            convert = {None: convert}
+        if convert is not None and saved_layout in convert:
+            saved_like, into_layout = convert[saved_layout]
+            state, meta = self.restore(step, saved_like)
+            return into_layout(state), meta
         raise CheckpointError(f"checkpoint step {step} in {self.directory} holds its state as {saved_layout!r}, "
                               f"this version reads {layout!r}; use the nsa-jax version that wrote it")
 
@@ -87,7 +94,7 @@ class Checkpointer:
 
     def restore_newest(self, like: Any, model_config: ModelConfig, warn: Callable[[str], None] = print, *,
                        layout: str | None = None,
-                       convert: tuple[Any, Callable[[Any], Any]] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
+                       convert: Converters | None = None) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, meta) of the newest readable checkpoint, or None when there is none.
 
         An unreadable newest checkpoint (truncated, corrupted, or non-finite) is reported,
@@ -96,8 +103,9 @@ class Checkpointer:
         (naming the differences) or when no checkpoint is readable (nothing is moved then).
 
         `layout`: the state layout `like` has (metadata "state_layout", `training.STATE_LAYOUT`).
-        A checkpoint that records none was saved before layouts were recorded: it is restored
-        into `convert[0]`'s structure and returned through `convert[1]`.
+        A checkpoint saved with another layout L (None: saved before layouts were recorded) is
+        restored into `convert[L][0]`'s structure and returned through `convert[L][1]`
+        (`Trainer.layout_converters`); a bare pair stands for {None: pair}.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         bad = []

@@ -63,15 +63,24 @@ class GroupedMLP(nnx.Module):
     def pair(first: "GroupedMLP", second: "GroupedMLP", kv1: jax.Array, kv2: jax.Array) -> jax.Array:
         """Both networks: kv1 [b, h1, w, n, d], kv2 [b, h2, w, n, d] -> [b, h1 + h2, w, d].
 
-        The large input layers run apart, each reading its own weights in place (joined, their
-        weights would be copied together in every layer, forward and backward, and the copy kept
-        for the backward pass: 32 MiB a layer in the seed model); the small output layers as one.
+        As the train step hands them (`nsa_jax.stacking.JOINED`), `first` holds both networks'
+        parameters, each one array [h1 + h2, ...], and `second` empty ones: both networks run as
+        one. Otherwise the small output layers run as one and the large input layers apart, each
+        reading its own weights in place (joined here, they would be copied together in every
+        layer, forward and backward, and the copy kept for the backward: 32 MiB a layer in the
+        seed model).
         """
         dt = kv1.dtype
-        hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...]),
-                                  _input_layer(kv2, second.kernel_in[...], second.bias_in[...])], axis=1)
-        cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0).astype(dt)  # noqa: E731
-        return _output_layer(hidden, cat(first.kernel_out, second.kernel_out), cat(first.bias_out, second.bias_out))
+        heads = first.heads + second.heads
+        joined = first.kernel_in[...].shape[0] == heads
+        both = lambda a, b: a[...] if joined else jnp.concatenate([a[...], b[...]], axis=0)  # noqa: E731
+        if joined:
+            hidden = _input_layer(jnp.concatenate([kv1, kv2], axis=1), first.kernel_in[...], first.bias_in[...])
+        else:
+            hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...]),
+                                      _input_layer(kv2, second.kernel_in[...], second.bias_in[...])], axis=1)
+        return _output_layer(hidden, both(first.kernel_out, second.kernel_out).astype(dt),
+                             both(first.bias_out, second.bias_out).astype(dt))
 
 
 def _grouped_mlp(kv, kernel_in, bias_in, kernel_out, bias_out):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +42,10 @@ class TrainState(NamedTuple):
 
 
 # How a TrainState holds the parameters; checkpoints record it (train.py) so that one saved with
-# another layout can be converted when restored. None: checkpoints from before it was recorded,
-# with the per-layer parameter state.
-STATE_LAYOUT = "layers stacked"
+# another layout can be converted when restored (`Trainer.layout_converters`). None: checkpoints
+# from before it was recorded, with the per-layer parameter state; "layers stacked": before the
+# parameters of the keys' and values' compress networks were joined (`nsa_jax.stacking.JOINED`).
+STATE_LAYOUT = "layers stacked, compress networks joined"
 
 
 def make_optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float = 0.5, *,
@@ -167,8 +168,8 @@ class Trainer:
         return nnx.merge(self.graphdef, layer_params, self.rest)
 
     def per_layer_state(self) -> TrainState:
-        """The state's shapes (`jax.ShapeDtypeStruct`) in the layout before `STATE_LAYOUT`
-        (per-layer parameters): what to restore such a checkpoint into, then `from_per_layer`."""
+        """The state's shapes (`jax.ShapeDtypeStruct`) in the first layout (per-layer parameters,
+        checkpoints that record none): what to restore such a checkpoint into, then `from_per_layer`."""
         def per_layer(stacked):
             params = self.layers.unstack(stacked)
             return TrainState(params, self.optimizer.init(params))
@@ -182,8 +183,25 @@ class Trainer:
         stacked = TrainState(self.layers.stack(state.params), self.layers.stack_tree(state.opt_state))
         return jax.device_put(stacked, self.state_sharding)
 
+    def stacked_apart_state(self) -> TrainState:
+        """The state's shapes in the "layers stacked" layout (the keys' and values' compress
+        networks apart): what to restore such a checkpoint into, then `from_stacked_apart`."""
+        shapes = jax.eval_shape(self.layers.split_tree, self._init_state)
+        shardings = self._state_sharding(shapes)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+    def from_stacked_apart(self, state: TrainState) -> TrainState:
+        """A TrainState in the "layers stacked" layout -> this layout, on this mesh."""
+        return jax.device_put(self.layers.join_tree(state), self.state_sharding)
+
+    def layout_converters(self) -> dict[str | None, tuple[TrainState, Callable[[TrainState], TrainState]]]:
+        """{earlier `STATE_LAYOUT`: (its state's shapes, its conversion into this layout)}, as
+        `Checkpointer.restore_newest` takes them."""
+        return {None: (self.per_layer_state(), self.from_per_layer),
+                "layers stacked": (self.stacked_apart_state(), self.from_stacked_apart)}
+
     def _loss(self, params: Stacked, batch: Batch) -> jax.Array:  # batch [b, n + 1], or with segment ids
-        return self._layer_loss(self.layers.unstack(params), batch)
+        return self._layer_loss(self.layers.unstack(params, joined=True), batch)
 
     def _layer_loss(self, params: nnx.State, batch: Batch) -> jax.Array:
         tokens, segment_ids, loss_mask = batch_parts(batch)
@@ -224,13 +242,13 @@ class Trainer:
         The stacked arrays are sliced into layers once, before the loop: sliced inside it, XLA
         copied every layer's compress-network weights (16 MiB each) once per micro-batch, 1.0 ms
         of a 25 ms seed step (B=4 x 4, H200); once per step saves 0.5 ms back to back."""
-        layer_params = self.layers.unstack(params)
+        layer_params = self.layers.unstack(params, joined=True)
         grad_fn = jax.value_and_grad(self._layer_loss)
 
         def micro_step(grad_sum, xs):
             batch, share = xs
             loss, grads = grad_fn(layer_params, batch)
-            grads = self.layers.stack(grads)  # then summed stacked: one fusion per kind of array
+            grads = self.layers.stack(grads, joined=True)  # then summed stacked: one fusion per kind of array
             if share is None:
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
             return jax.tree.map(lambda s, g: s + share * g, grad_sum, grads), share * loss
@@ -306,7 +324,8 @@ class Trainer:
         totals = jnp.maximum(jax.lax.psum(jnp.sum(counted, axis=(1, 2)), axes), 1.0)  # [accum]
 
         def loss(params, ids, targets, weights, total):
-            losses = self.model(params).token_losses(ids, targets, context_axis=sharding.CONTEXT)
+            losses = self._module(self.layers.unstack(params, joined=True)).token_losses(
+                ids, targets, context_axis=sharding.CONTEXT)
             return jnp.sum(losses * weights) / total
 
         def micro_step(grad_sum, xs):

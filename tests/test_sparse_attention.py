@@ -307,6 +307,42 @@ def test_grouped_mlp_pair_equals_the_two_networks():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_mlp_pair_takes_both_networks_joined():
+    """As the train step hands them (`nsa_jax.stacking.JOINED`): the keys' network holding both
+    networks' parameters, each one array [h1 + h2, ...], the values' empty arrays. Same output as
+    apart, and each joined parameter's gradient is the two networks' gradients, keys' first."""
+    from nsa_jax import GroupedMLP
+
+    names = ("kernel_in", "bias_in", "kernel_out", "bias_out")
+    k_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(1))
+    v_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(2))
+    perturb(k_net, 3)
+    perturb(v_net, 4)
+    kw, vw = jax.random.normal(jax.random.key(5), (2, 3, 2, 5, 4, 8))  # [b, h, w, n, d] each
+    k_params = {name: getattr(k_net, name)[...] for name in names}
+    v_params = {name: getattr(v_net, name)[...] for name in names}
+
+    def with_params(net, values):
+        graphdef, state = nnx.split(net)
+        for name, value in values.items():
+            state[name] = state[name].replace(value)
+        return nnx.merge(graphdef, state)
+
+    def loss(k_values, v_values):
+        out = GroupedMLP.pair(with_params(k_net, k_values), with_params(v_net, v_values), kw, vw)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+    joined = {name: jnp.concatenate([k_params[name], v_params[name]]) for name in names}
+    empty = {name: jnp.zeros((0,), x.dtype) for name, x in v_params.items()}
+    (_, joined_out), joined_grads = jax.value_and_grad(loss, has_aux=True)(joined, empty)
+    (_, apart_out), (k_grads, v_grads) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(k_params, v_params)
+    np.testing.assert_allclose(np.asarray(joined_out), np.asarray(apart_out), rtol=1e-5, atol=1e-6)
+    for name in names:
+        np.testing.assert_allclose(np.asarray(joined_grads[name]),
+                                   np.asarray(jnp.concatenate([k_grads[name], v_grads[name]])), rtol=1e-5, atol=1e-6)
+        assert float(jnp.abs(v_grads[name]).max()) > 0
+
+
 # -- branch ablations (`branches`): a branch that is off has gate 0, the others' gates unchanged --
 
 ALL_BRANCHES = ("compressed", "selected", "sliding")

@@ -571,3 +571,85 @@ def test_checkpoint_of_per_layer_parameters_is_converted_on_restore(tmp_path):
         Checkpointer(tmp_path / "other").restore_newest(trainer.init_state(), cfg, layout=STATE_LAYOUT,
                                                         convert=(trainer.per_layer_state(), trainer.from_per_layer))
     assert (tmp_path / "other" / "3").is_dir()
+
+
+def _small_trainer(monkeypatch=None, joined=True):
+    from flax import nnx
+
+    from nsa_jax import stacking
+
+    if not joined:
+        monkeypatch.setattr(stacking, "JOINED", ())
+    cfg = ModelConfig(dim=32, depth=2, heads=4, kv_heads=2, dim_head=8, sliding_window_size=8, compress_block_size=4,
+                      compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2)
+    return cfg, Trainer(cfg.build(nnx.Rngs(0)), make_optimizer(1e-3))
+
+
+def test_compress_networks_are_joined_and_split_back():
+    """The train state holds each of the keys' and values' GroupedMLP parameters as one array
+    (keys' heads first); `unstack` gives each network its own, and `split_tree` / `join_tree`
+    convert a whole state between that layout and the one before ("layers stacked")."""
+    _, trainer = _small_trainer()
+    state = trainer.init_state()
+    rng = np.random.default_rng(7)  # the two networks start as clones: fresh values tell them apart
+    state = state._replace(params=jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype),
+                                               state.params))
+    joined = state.params["layers.*.attn.{k,v}_compress.kernel_in"]
+    assert joined.shape == (2, 4, 32, 32) and not any(".k_compress." in key for key in state.params)
+    layers = trainer.layers.unstack(state.params)
+    for i in range(2):
+        attn = layers["layers"][i]["attn"]
+        np.testing.assert_array_equal(np.asarray(attn["k_compress"]["kernel_in"].get_value()), np.asarray(joined[i, :2]))
+        np.testing.assert_array_equal(np.asarray(attn["v_compress"]["kernel_in"].get_value()), np.asarray(joined[i, 2:]))
+    restacked = trainer.layers.stack(layers)
+    for key, value in state.params.items():
+        np.testing.assert_array_equal(np.asarray(restacked[key]), np.asarray(value))
+    apart = trainer.layers.split_tree(state)
+    assert apart.params["layers.*.attn.v_compress.kernel_in"].shape == (2, 2, 32, 32)
+    assert jax.tree.structure(apart.opt_state) != jax.tree.structure(state.opt_state)
+    back = trainer.layers.join_tree(apart)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_joined_compress_networks_give_the_step_of_separate_ones(monkeypatch):
+    """Two train steps with the compress networks' parameters joined (keys' and values' networks
+    run as one) update every parameter as with them apart."""
+    batches = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 2, 17)), jnp.int32)
+    results = []
+    for joined in (True, False):
+        _, trainer = _small_trainer(monkeypatch, joined)
+        state = trainer.init_state()
+        for _ in range(2):
+            state, metrics = trainer.train_step(state, batches)
+        results.append((trainer.layers.unstack(state.params), float(metrics["loss"])))
+    (got, loss), (want, want_loss) = results
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_separate_compress_networks_is_converted_on_restore(tmp_path):
+    """A checkpoint in the "layers stacked" layout (keys' and values' compress network parameters
+    and their Adam moments apart) restores into the joined layout with the same values."""
+    from nsa_jax.training import STATE_LAYOUT
+
+    cfg, trainer = _small_trainer()
+    state = trainer.init_state()
+    rng = np.random.default_rng(6)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), state.params)
+    _, moments = trainer.optimizer.update(grads, state.opt_state, state.params)
+    state = state._replace(opt_state=moments)
+    checkpointer = Checkpointer(tmp_path / "old")
+    checkpointer.save(9, trainer.layers.split_tree(state), dict(model_config=cfg.to_dict(), state_layout="layers stacked"))
+    checkpointer.wait()
+    step, restored, _ = Checkpointer(tmp_path / "old").restore_newest(
+        trainer.init_state(), cfg, layout=STATE_LAYOUT, convert=trainer.layout_converters())
+    assert step == 9 and jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    mu = restored.opt_state[1][0].mu["layers.*.attn.{k,v}_compress.kernel_in"]
+    assert np.abs(np.asarray(mu)).min() > 0  # both halves came back, not zeros
