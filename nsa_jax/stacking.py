@@ -118,6 +118,7 @@ class LayerStack:
         pair's joined slice [2 x heads, ...] and the second an empty array, which
         `GroupedMLP.pair` recognises (any other use of those modules needs joined=False)."""
         empty = lambda x: jnp.zeros((0,), x.dtype)  # noqa: E731
+        # joined: both keys of a pair see the whole array here; the second's leaves become empty below
         apart = self.split(stacked, (lambda x, half: (x, x)) if joined else
                            (lambda x, half: (x[:, :half], x[:, half:])))
         seconds = {b for _, b in self._joined.values()}
