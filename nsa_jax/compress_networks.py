@@ -70,17 +70,13 @@ class GroupedMLP(nnx.Module):
         layer, forward and backward, and the copy kept for the backward: 32 MiB a layer in the
         seed model).
         """
-        dt = kv1.dtype
-        heads = first.heads + second.heads
-        joined = first.kernel_in[...].shape[0] == heads
-        both = lambda a, b: a[...] if joined else jnp.concatenate([a[...], b[...]], axis=0)  # noqa: E731
-        if joined:
-            hidden = _input_layer(jnp.concatenate([kv1, kv2], axis=1), first.kernel_in[...], first.bias_in[...])
-        else:
-            hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...]),
-                                      _input_layer(kv2, second.kernel_in[...], second.bias_in[...])], axis=1)
-        return _output_layer(hidden, both(first.kernel_out, second.kernel_out).astype(dt),
-                             both(first.bias_out, second.bias_out).astype(dt))
+        if first.kernel_in[...].shape[0] == first.heads + second.heads:  # joined
+            return _grouped_mlp(jnp.concatenate([kv1, kv2], axis=1), first.kernel_in[...], first.bias_in[...],
+                                first.kernel_out[...], first.bias_out[...])
+        hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...]),
+                                  _input_layer(kv2, second.kernel_in[...], second.bias_in[...])], axis=1)
+        cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0).astype(kv1.dtype)  # noqa: E731
+        return _output_layer(hidden, cat(first.kernel_out, second.kernel_out), cat(first.bias_out, second.bias_out))
 
 
 def _grouped_mlp(kv, kernel_in, bias_in, kernel_out, bias_out):

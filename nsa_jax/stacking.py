@@ -33,6 +33,14 @@ JOINED = tuple((f"attn.k_compress.{name}", f"attn.v_compress.{name}")
                for name in ("kernel_in", "bias_in", "kernel_out", "bias_out"))
 
 
+def _concat_heads(a, b):  # a pair -> its joined array
+    return jnp.concatenate([a, b], axis=1)
+
+
+def _halves(x, half: int):  # a joined array -> its pair
+    return x[:, :half], x[:, half:]
+
+
 def _joined_key(first: str, second: str) -> str:
     """'layers.*.attn.k_compress.kernel_in', '...v_compress...' -> 'layers.*.attn.{k,v}_compress.kernel_in'."""
     i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
@@ -74,7 +82,7 @@ class LayerStack:
     def keys(self) -> list[str]:
         return list(self.join({key: key for key in self._groups}, lambda a, b: a))
 
-    def join(self, stacked: dict[str, Any], combine=lambda a, b: jnp.concatenate([a, b], axis=1)) -> dict[str, Any]:
+    def join(self, stacked: dict[str, Any], combine=_concat_heads) -> dict[str, Any]:
         """{key: array} with each `JOINED` pair apart -> the pair as one array (`combine`), in the
         first one's place."""
         out: dict[str, Any] = {}
@@ -88,7 +96,7 @@ class LayerStack:
                 out[key] = value
         return out
 
-    def split(self, stacked: dict[str, Any], part=lambda x, half: (x[:, :half], x[:, half:])) -> dict[str, Any]:
+    def split(self, stacked: dict[str, Any], part=_halves) -> dict[str, Any]:
         """The inverse of `join`: each joined array -> its pair (`part` of it and the number of
         the first one's rows on axis 1)."""
         out: dict[str, Any] = {}
@@ -109,7 +117,7 @@ class LayerStack:
             raise ValueError(f"expected a state of {len(self._paths)} parameters, got {len(leaves)}")
         apart = {key: jnp.stack([leaves[i] for i in members]) if "*" in key else leaves[members[0]]
                  for key, members in self._groups.items()}
-        return self.join(apart, (lambda a, b: a) if joined else (lambda a, b: jnp.concatenate([a, b], axis=1)))
+        return self.join(apart, lambda a, b: a) if joined else self.join(apart)
 
     def unstack(self, stacked: Stacked, joined: bool = False) -> nnx.State:
         """{key: array} -> the `nnx.State` of the model's parameters (what `nnx.merge` takes).
@@ -117,17 +125,15 @@ class LayerStack:
         joined: for the train step's loss. Each `JOINED` pair's first parameter holds the
         pair's joined slice [2 x heads, ...] and the second an empty array, which
         `GroupedMLP.pair` recognises (any other use of those modules needs joined=False)."""
-        empty = lambda x: jnp.zeros((0,), x.dtype)  # noqa: E731
-        # joined: both keys of a pair see the whole array here; the second's leaves become empty below
-        apart = self.split(stacked, (lambda x, half: (x, x)) if joined else
-                           (lambda x, half: (x[:, :half], x[:, half:])))
-        seconds = {b for _, b in self._joined.values()}
+        apart = self.split(stacked, (lambda x, half: (x, None)) if joined else _halves)  # None: an empty second
         leaves: list[Any] = [None] * len(self._paths)
         for key, members in self._groups.items():
             value = apart[key]
             for layer, i in enumerate(members):
-                leaf = value[layer] if "*" in key else value
-                leaves[i] = empty(leaf) if joined and key in seconds else leaf
+                if value is None:
+                    leaves[i] = jnp.zeros((0,), self._variables[i].dtype)
+                else:
+                    leaves[i] = value[layer] if "*" in key else value
         return nnx.from_flat_state([(path, variable.replace(leaf)) for path, variable, leaf
                                     in zip(self._paths, self._variables, leaves)])
 
