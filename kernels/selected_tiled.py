@@ -40,6 +40,7 @@ from kernels.settings import SelectedSettings
 class TiledConfig(SelectedConfig):
     bq: int  # queries per tile
     dkv_splits: int = 1  # programs sharing one key block's tile list in the dk/dv kernel
+    dkv_num_warps: int = 2  # the dk/dv kernel's (num_warps: the forward's and dq's)
 
     @property
     def tile_rows(self) -> int:
@@ -383,7 +384,7 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
                       per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)] + packed_full,
             out_specs=[out, out],
             out_shape=[jax.ShapeDtypeStruct((splits, b, groups, cfg.nb, cfg.sbp, d), F32)] * 2,
-            compiler_params=params,
+            compiler_params=compiler_params(cfg.dkv_num_warps, cfg.num_stages),
             interpret=cfg.interpret,
             name=f"nsa_selected_tiled_dkdv_{part}",
         )(q, k, v, idx, valid, gate, do, lse, delta, tile_ids, offsets, *packed, *own_queries)
@@ -450,7 +451,7 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
     cfg = TiledConfig(sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, bq=bq,
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
                       num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,
-                      gate_grad=gate_grad, dkv_splits=dkv_splits)
+                      gate_grad=gate_grad, dkv_splits=dkv_splits, dkv_num_warps=settings.tiled_dkv_num_warps)
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

@@ -107,14 +107,21 @@ class SelectedSettings:
     # 64k, dk/dv 13.71 -> 13.23 ms); below, by equal counts: fewer programs, and the range splits'
     # longest one (the densest range, next to the block) sets the time (T = 8k: 1.89 against 2.14).
     dkv_range_split_blocks: int = 1024
-    num_warps: int = 4  # tiled kernels
+    # Tiled kernels: a 16-row tile ([16, 16] logits) has work for one or two warps; more split it
+    # finer and leave fewer programs resident per SM. The float32 train step (seed model, H200,
+    # 2026-12-01, us per step for forward / dq / dk/dv, 4 -> 2 -> 1 warps): T = 16384 3117 -> 2044 ->
+    # 1620 / 5085 -> 3497 -> 3413 / 8259 -> 7050 -> 6922; T = 2048 374 -> 247 -> 231 / 544 -> 501 -> 408
+    # / 796 -> 662 -> 722; B = 4, T = 512 268 -> 198 -> 191 / 407 -> 317 -> 335 / 500 -> 406 -> 412.
+    num_warps: int = 1  # tiled forward and dq kernels
+    tiled_dkv_num_warps: int = 2  # tiled dk/dv kernel
     num_stages: int = 2  # tiled kernels
 
     def __post_init__(self):
         _check(self.impl in SELECTED_IMPLS, f"impl must be one of {', '.join(SELECTED_IMPLS)}, got {self.impl!r}")
         for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
                      "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dq_num_warps",
-                     "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks", "dkv_partial_bytes"):
+                     "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks", "dkv_partial_bytes",
+                     "tiled_dkv_num_warps"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
 

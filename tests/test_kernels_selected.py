@@ -299,6 +299,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     (lambda: SelectionSettings(impl="kernel"), "impl must be one of pallas, xla"),
     (lambda: SelectedSettings(dq_num_stages=0), "dq_num_stages must be >= 1"),
     (lambda: SelectedSettings(dq_num_warps=0), "dq_num_warps must be >= 1"),
+    (lambda: SelectedSettings(tiled_dkv_num_warps=0), "tiled_dkv_num_warps must be >= 1"),
 ])
 def test_kernel_settings_reject_unknown_values(make, message):
     with pytest.raises(ValueError, match=message):
