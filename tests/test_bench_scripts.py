@@ -127,7 +127,8 @@ def test_train_step_bench_repeats_its_grid_in_rounds(tmp_path):
 def test_train_step_bench_times_context_parallelism(tmp_path):
     """--context 4 on 4 simulated devices: one sequence split 4 ways against one device, the same
     data; both runs take the same steps, so their losses agree."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=reference", "--seq_lens=512",
                           "--batch_size=1", "--grad_accum_every=1", "--repeats=1", "--devices=1,4", "--context=4",
                           "--remat=block", f"--out={tmp_path}"], capture_output=True, text=True, timeout=900, cwd=ROOT,
@@ -145,7 +146,8 @@ def test_train_step_bench_times_context_parallelism(tmp_path):
 def test_context_parity_bench_compares_a_split_run_with_one_device(tmp_path):
     """bench.context_parity on 2 simulated devices (the reference backend): the table, the JSON,
     and a split run whose losses agree with one device's."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
     run = subprocess.run([sys.executable, "-m", "bench.context_parity", "--seq_len=256", "--steps=2", "--splits=2x1",
                           "--backend=reference", f"--out={tmp_path}"], capture_output=True, text=True, timeout=900,
                          cwd=ROOT, env=env)

@@ -90,7 +90,8 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_four_devices_equal_one_and_checkpoints_cross_device_counts(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
@@ -102,7 +103,8 @@ def test_train_py_resumes_across_device_counts(tmp_path):
     from test_train import tiny_run_command
 
     common = tiny_run_command(tmp_path, batch_size=4)
-    four = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    four = dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     first = subprocess.run([*common, "--num_batches=4", "--fsdp"], env=four, capture_output=True, text=True,
                            timeout=600, cwd=tmp_path)
     assert first.returncode == 0 and "mesh: 4 devices (data=4)" in first.stdout, first.stderr[-2000:]
@@ -148,7 +150,8 @@ PALLAS_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_pallas_kernels_run_per_batch_shard(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     run = subprocess.run([sys.executable, "-c", PALLAS_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
@@ -202,7 +205,8 @@ UNEVEN_SCRIPT = textwrap.dedent('''
 def test_gradient_reduced_once_and_weighed_by_counted_targets():
     """Per-device gradients summed over the micro-batches, then one all-reduce; loss masks and
     packed documents that split unevenly over the devices still give the one-device result."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     run = subprocess.run([sys.executable, "-c", UNEVEN_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
