@@ -32,7 +32,7 @@ from kernels._common import F32, MIN_DOT, cdiv, in_xla, interpret_mode, next_pow
 from kernels._selected_common import Packed, packed_inputs, slot_indices
 from kernels.selected_query import QueryConfig, query_selected
 from kernels.selected_tiled import tiled_selected_attention
-from kernels.settings import SelectedSettings
+from kernels.settings import SelectedSettings, query_dkv_splits
 from nsa_jax import reference
 from nsa_jax import segments as seg
 
@@ -64,10 +64,7 @@ def layout(q_shape, k_shape, indices_shape, *, block_size: int, settings: Select
     if rows >= MIN_DOT or impl == "tiled":  # matrix-unit tiles: every dimension >= MIN_DOT
         sbp = max(sbp, MIN_DOT)
     nb = cdiv(nk, block_size)
-    # Split a key block's query list when blocks are selected by many queries on average
-    # (early blocks get several times the mean under causal selection).
-    entries_per_block = (nq * num_sel * upk) // nb
-    dkv_splits = max(1, min(settings.max_dkv_splits, entries_per_block // settings.dkv_entries_per_program))
+    dkv_splits = query_dkv_splits(settings, nq, num_sel, upk, nb)
     return Layout(impl=impl, rows=rows, groups_per_kv=upk, d_pad=max(MIN_DOT, next_pow2(d)), sbp=sbp, nb=nb,
                   kp=next_pow2(max(num_sel, 1)), dkv_splits=dkv_splits)
 

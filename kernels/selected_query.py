@@ -468,13 +468,22 @@ def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own)
 
 
 def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, o, lse, do):
-    b, nq, groups, rows, d = q.shape
-    kh = k.shape[2]
-    upk = cfg.groups_per_kv
     delta = softmax_delta(o, do)  # [b, nq, groups, G]
     if not cfg.stored_ds:
         dq, dgate = _dq_recomputed(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
+    dk, dv, order, stored_out = query_dkdv(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
+    if cfg.stored_ds:
+        dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, gate, order, *stored_out)
+    return dq, dk, dv, dgate
 
+
+def query_dkdv(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None, lse, do, delta):
+    """dk, dv [b, nk_alloc, kh, d] by the kernel over each key block's query list (the inverted
+    index), and that index's entry order and (stored_ds) the dlogits dq reads. q, do [b, nq,
+    groups, G, d]; lse, delta [b, nq, groups, G]; idx / valid / gate [b, nq, groups, kp]."""
+    b, nq, groups, rows, d = q.shape
+    kh = k.shape[2]
+    upk = cfg.groups_per_kv
     order, offsets = _inverted_index(cfg, idx, valid)
     gate_flat = gate.transpose(0, 2, 1, 3).reshape(b, groups, nq * cfg.kp)
     sorted_gate = jnp.take_along_axis(gate_flat, order, axis=-1)
@@ -516,8 +525,6 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
         interpret=cfg.interpret,
         name="nsa_selected_dkdv",
     )(*inputs)
-    if cfg.stored_ds:
-        dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, gate, order, *stored_out)
 
     def blocks_to_keys(x):  # [b, nb, sbp, kh, d] -> [b, nk_alloc, kh, d] (zeros past nb * sb)
         x = x[:, :, : cfg.sb].reshape(b, cfg.nb * cfg.sb, kh, d)
@@ -528,7 +535,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
     else:  # selected blocks are document slots (gathered back to their keys); own blocks aligned (last split)
         dk, dv = ((slot_tiles_to_keys(x[:-1].sum(axis=0), packed.key_source) + blocks_to_keys(x[-1])).astype(k.dtype)
                   for x in (dk, dv))
-    return dq, dk, dv, dgate
+    return dk, dv, order, stored_out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

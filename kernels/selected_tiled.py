@@ -33,7 +33,8 @@ from kernels._common import (
 from kernels._selected_common import (
     Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
 )
-from kernels.settings import SelectedSettings
+from kernels.selected_query import QueryConfig, query_dkdv
+from kernels.settings import SelectedSettings, query_dkv_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ class TiledConfig(SelectedConfig):
     bq: int  # queries per tile
     dkv_splits: int = 1  # programs sharing one key block's tile list in the dk/dv kernel
     dkv_num_warps: int = 2  # the dk/dv kernel's (num_warps: the forward's and dq's)
+    by_query: QueryConfig | None = None  # dk/dv by the per-query family's kernel (unpacked only)
 
     @property
     def tile_rows(self) -> int:
@@ -367,6 +369,10 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
         name="nsa_selected_tiled_dq",
     )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta, *packed)
 
+    if cfg.by_query is not None and not packed:
+        dk, dv = _dkdv_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
+        return dq, dk, dv, dgate
+
     tile_ids, offsets = inverted_tiles(cfg, cand, meta)
     full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
     upk = cfg.groups_per_kv
@@ -402,6 +408,18 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
         dk, dv = ((slot_tiles_to_keys(per_kv_head(s_), key_source) + blocks_to_keys(per_kv_head(o_))).astype(k.dtype)
                   for s_, o_ in zip(dkv("selected", cfg.dkv_splits), dkv("own", 1)))
     return dq, dk, dv, dgate
+
+
+def _dkdv_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, delta):
+    """dk, dv through `kernels.selected_query`'s kernel: the tiles' row layout [b, groups, nq_pad *
+    rows, ...] back to its per-query one [b, nq, groups, rows, ...] (padding queries dropped)."""
+    b, groups, nr, d = q.shape
+    nq_pad = nr // cfg.rows
+    per_query = lambda x: jnp.swapaxes(x.reshape(b, groups, nq_pad, cfg.rows, *x.shape[3:]), 1, 2)[:, :cfg.nq]  # noqa: E731
+    first_row = lambda x: jnp.swapaxes(x[:, :, ::cfg.rows], 1, 2)[:, :cfg.nq]  # noqa: E731  [b, nq, groups, kp]
+    dk, dv, _, _ = query_dkdv(cfg.by_query, per_query(q), k, v, first_row(idx), first_row(valid), first_row(gate),
+                              None, per_query(lse), per_query(do), per_query(delta))
+    return dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -452,6 +470,14 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
                       groups_per_kv=upk, causal=causal, scale=scale, num_warps=settings.num_warps,
                       num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,
                       gate_grad=gate_grad, dkv_splits=dkv_splits, dkv_num_warps=settings.tiled_dkv_num_warps)
+    if settings.tiled_dkv == "queries" and packed is None:
+        cfg = dataclasses.replace(cfg, by_query=QueryConfig(
+            sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, groups_per_kv=upk, causal=causal,
+            scale=scale, num_warps=settings.query_num_warps, num_stages=settings.query_num_stages,
+            interpret=cfg.interpret, packed=False, gate_grad=gate_grad,
+            dkv_splits=query_dkv_splits(settings, nq, num_sel, upk, nb),
+            dkv_chunk=max(settings.dkv_chunk, MIN_DOT // rows), dkv_num_warps=settings.dkv_num_warps,
+            dkv_num_stages=settings.dkv_num_stages, split_by_range=nb >= settings.dkv_range_split_blocks))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

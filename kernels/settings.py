@@ -114,6 +114,13 @@ class SelectedSettings:
     # / 796 -> 662 -> 722; B = 4, T = 512 268 -> 198 -> 191 / 407 -> 317 -> 335 / 500 -> 406 -> 412.
     num_warps: int = 1  # tiled forward and dq kernels
     tiled_dkv_num_warps: int = 2  # tiled dk/dv kernel
+    # Tiled family, unpacked: dk/dv from "tiles" (each key block walks the query tiles whose union
+    # holds it, every row of the tile through the matrix unit) or "queries" (the per-query family's
+    # kernel: each key block gathers just the queries that picked it, dkv_chunk * G >= 16 rows a step).
+    # With random picks a tile's rows rarely share a block, so "tiles" computes mostly masked rows;
+    # "queries" gathers rows one query at a time instead. Not yet timed on a GPU (2026-12-01): "tiles"
+    # stays the default until it is.
+    tiled_dkv: str = "tiles"
     num_stages: int = 2  # tiled kernels
 
     def __post_init__(self):
@@ -124,6 +131,15 @@ class SelectedSettings:
                      "tiled_dkv_num_warps"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
+        _check(self.tiled_dkv in ("tiles", "queries"), f"tiled_dkv must be tiles or queries, got {self.tiled_dkv!r}")
+
+
+def query_dkv_splits(settings: SelectedSettings, nq: int, num_sel: int, groups_per_kv: int, nb: int) -> int:
+    """Per-query dk/dv kernel: programs sharing one key block's query list. Split when blocks are
+    selected by many queries on average (early blocks get several times the mean under causal
+    selection)."""
+    entries_per_block = (nq * num_sel * groups_per_kv) // nb
+    return max(1, min(settings.max_dkv_splits, entries_per_block // settings.dkv_entries_per_program))
 
 
 SELECTION_IMPLS = ("pallas", "xla")

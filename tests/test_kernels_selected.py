@@ -240,6 +240,15 @@ def test_tiled_kernel_split_dkdv(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled split")
 
 
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g2_noncausal_nogates", "g1_block4",
+                                                                    "per_head_block6", "k0")}, {"g2_seed": F32_ONLY}))
+def test_tiled_kernels_with_dkdv_by_query(case, dtype):
+    """The tiled forward and dq with dk/dv from the per-query family's kernel (tiled_dkv="queries")."""
+    settings = SelectedSettings(impl="tiled", tiled_dkv="queries")
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 5, 0.7)
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled, dk/dv by query")
+
+
 # Selections as the module makes them (top-k of the compressed scores; causal: past blocks
 # only), with diff-top-k gates.
 PIPELINE_CASES = {
@@ -300,6 +309,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     (lambda: SelectedSettings(dq_num_stages=0), "dq_num_stages must be >= 1"),
     (lambda: SelectedSettings(dq_num_warps=0), "dq_num_warps must be >= 1"),
     (lambda: SelectedSettings(tiled_dkv_num_warps=0), "tiled_dkv_num_warps must be >= 1"),
+    (lambda: SelectedSettings(tiled_dkv="atomic"), "tiled_dkv must be tiles or queries"),
 ])
 def test_kernel_settings_reject_unknown_values(make, message):
     with pytest.raises(ValueError, match=message):
