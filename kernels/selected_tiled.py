@@ -9,7 +9,9 @@ rows that did not select the block are masked. The own (diagonal) blocks of the 
 Forward and dq kernels share this walk. dk/dv: a third kernel, one program per (key block,
 split, batch, group), walks the transpose of the candidate lists (the tiles that walked the
 block, sorted in XLA, heavily selected blocks split over programs) and then the tiles holding
-the block's own queries: no atomics, deterministic.
+the block's own queries: no atomics, deterministic. Opt-in (`SelectedSettings.tiled_dkv="queries"`,
+unpacked): dk/dv from `kernels.selected_query`'s kernel instead, over the queries that picked
+each block rather than the tiles that walked it.
 
 Same contract and numerics as `nsa_jax.reference.selected_attention`, provided the valid
 indices of a query are distinct (selections made by top-k are). The default for selection
