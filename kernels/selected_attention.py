@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._common import F32, MIN_DOT, cdiv, in_xla, interpret_mode, next_pow2, pad_axis
+from kernels._common import F32, MIN_DOT, cdiv, in_xla, next_pow2, pad_axis
 from kernels._selected_common import Packed, packed_inputs, slot_indices
 from kernels.selected_query import QueryConfig, query_selected
 from kernels.selected_tiled import tiled_selected_attention
@@ -141,14 +141,10 @@ def run_kernels(q, k, v, indices, valid, gates, packed: Packed | None, *, block_
                                      num_sel=num_sel, kp=lay.kp, upk=lay.groups_per_kv, causal=causal, scale=scale,
                                      settings=settings, gate_grad=gate_grad)
     else:
-        cfg = QueryConfig(sb=block_size, sbp=lay.sbp, nb=lay.nb, nq=nq, num_sel=num_sel, kp=lay.kp, rows=lay.rows,
-                          groups_per_kv=lay.groups_per_kv, dkv_splits=lay.dkv_splits, dkv_chunk=settings.dkv_chunk,
-                          dkv_num_warps=settings.dkv_num_warps, dkv_num_stages=settings.dkv_num_stages,
-                          stored_ds=settings.store_dlogits and packed is None, dq_num_stages=settings.dq_num_stages,
-                          dq_num_warps=settings.dq_num_warps,
-                          causal=causal, scale=scale, num_warps=settings.query_num_warps, gate_grad=gate_grad,
-                          num_stages=settings.query_num_stages, interpret=interpret_mode(), packed=packed is not None,
-                          split_by_range=lay.nb >= settings.dkv_range_split_blocks)
+        cfg = QueryConfig.from_settings(settings, packed=packed is not None, sb=block_size, sbp=lay.sbp, nb=lay.nb,
+                                        nq=nq, num_sel=num_sel, kp=lay.kp, rows=lay.rows,
+                                        groups_per_kv=lay.groups_per_kv, causal=causal, scale=scale,
+                                        gate_grad=gate_grad)
         o = query_selected(cfg, qg, kp_, vp_, idx, val, gate, packed)  # [b, nq, sh, rows, d_pad]
     o = o.reshape(b, nq, kh, lay.groups_per_kv * lay.rows, lay.d_pad)[:, :, :, :g, :d]
     return o.reshape(b, nq, h, d).astype(q.dtype)

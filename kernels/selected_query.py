@@ -51,12 +51,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._common import (
-    F32, LOG2E, MASK_VALUE, add_phantom_keys, compiler_params, iota, mm, online_softmax_step, pad_axis,
-    softmax_delta, softmax_finish, softmax_init,
+    F32, LOG2E, MASK_VALUE, add_phantom_keys, compiler_params, interpret_mode, iota, mm, online_softmax_step,
+    pad_axis, softmax_delta, softmax_finish, softmax_init,
 )
 from kernels._selected_common import (
     Packed, SelectedConfig, own_attended, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
 )
+from kernels.settings import SelectedSettings, query_dkv_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,19 @@ class QueryConfig(SelectedConfig):
     dq_num_stages: int = 2  # that dq kernel's pipeline stages
     dq_num_warps: int = 1  # that dq kernel's warps
     split_by_range: bool = True  # dk/dv splits: query ranges (else equal counts of a block's list)
+
+    @classmethod
+    def from_settings(cls, settings: SelectedSettings, *, packed: bool, **shape) -> QueryConfig:
+        """The configuration of a call with this static shape (`SelectedConfig`'s fields sb .. scale
+        and gate_grad) under `settings`."""
+        return cls(**shape, packed=packed, num_warps=settings.query_num_warps, num_stages=settings.query_num_stages,
+                   interpret=interpret_mode(),
+                   dkv_splits=query_dkv_splits(settings, shape["nq"], shape["num_sel"], shape["groups_per_kv"],
+                                               shape["nb"]),
+                   dkv_chunk=settings.dkv_chunk, dkv_num_warps=settings.dkv_num_warps,
+                   dkv_num_stages=settings.dkv_num_stages, stored_ds=settings.store_dlogits and not packed,
+                   dq_num_stages=settings.dq_num_stages, dq_num_warps=settings.dq_num_warps,
+                   split_by_range=shape["nb"] >= settings.dkv_range_split_blocks)
 
 
 def _usable(cfg: QueryConfig, blk, ok, zero_row):

@@ -36,7 +36,7 @@ from kernels._selected_common import (
     Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
 )
 from kernels.selected_query import QueryConfig, query_dkdv
-from kernels.settings import SelectedSettings, query_dkv_splits
+from kernels.settings import SelectedSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,13 +473,12 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
                       num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,
                       gate_grad=gate_grad, dkv_splits=dkv_splits, dkv_num_warps=settings.tiled_dkv_num_warps)
     if settings.tiled_dkv == "queries" and packed is None:
-        cfg = dataclasses.replace(cfg, by_query=QueryConfig(
-            sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel, kp=kp, rows=rows, groups_per_kv=upk, causal=causal,
-            scale=scale, num_warps=settings.query_num_warps, num_stages=settings.query_num_stages,
-            interpret=cfg.interpret, packed=False, gate_grad=gate_grad,
-            dkv_splits=query_dkv_splits(settings, nq, num_sel, upk, nb),
-            dkv_chunk=max(settings.dkv_chunk, MIN_DOT // rows), dkv_num_warps=settings.dkv_num_warps,
-            dkv_num_stages=settings.dkv_num_stages, split_by_range=nb >= settings.dkv_range_split_blocks))
+        by_query = QueryConfig.from_settings(settings, packed=False, sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel,
+                                             kp=kp, rows=rows, groups_per_kv=upk, causal=causal, scale=scale,
+                                             gate_grad=gate_grad)
+        # dk/dv alone (dq comes from the tiled kernel); chunks of at least the matrix unit's 16 rows
+        cfg = dataclasses.replace(cfg, by_query=dataclasses.replace(
+            by_query, stored_ds=False, dkv_chunk=max(settings.dkv_chunk, MIN_DOT // rows)))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

@@ -7,13 +7,14 @@ The ones that train or time models are in the slow tier.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from simulated_devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,8 +128,7 @@ def test_train_step_bench_repeats_its_grid_in_rounds(tmp_path):
 def test_train_step_bench_times_context_parallelism(tmp_path):
     """--context 4 on 4 simulated devices: one sequence split 4 ways against one device, the same
     data; both runs take the same steps, so their losses agree."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    env = cpu_devices_env(4)
     run = subprocess.run([sys.executable, "-m", "bench.train_step", "--variants=reference", "--seq_lens=512",
                           "--batch_size=1", "--grad_accum_every=1", "--repeats=1", "--devices=1,4", "--context=4",
                           "--remat=block", f"--out={tmp_path}"], capture_output=True, text=True, timeout=900, cwd=ROOT,
@@ -146,8 +146,7 @@ def test_train_step_bench_times_context_parallelism(tmp_path):
 def test_context_parity_bench_compares_a_split_run_with_one_device(tmp_path):
     """bench.context_parity on 2 simulated devices (the reference backend): the table, the JSON,
     and a split run whose losses agree with one device's."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
+    env = cpu_devices_env(2)
     run = subprocess.run([sys.executable, "-m", "bench.context_parity", "--seq_len=256", "--steps=2", "--splits=2x1",
                           "--backend=reference", f"--out={tmp_path}"], capture_output=True, text=True, timeout=900,
                          cwd=ROOT, env=env)

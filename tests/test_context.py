@@ -3,7 +3,6 @@ trains exactly as on one device; checkpoints move across splits; train.py's flag
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from simulated_devices import cpu_devices_env
+
 ROOT = Path(__file__).resolve().parents[1]
-FOUR = dict(os.environ, JAX_PLATFORMS="cpu",
-            XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+FOUR = cpu_devices_env(4)
 
 COMMON = textwrap.dedent('''
     import sys

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from simulated_devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +91,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_four_devices_equal_one_and_checkpoints_cross_device_counts(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    env = cpu_devices_env(4)
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
@@ -103,8 +103,7 @@ def test_train_py_resumes_across_device_counts(tmp_path):
     from test_train import tiny_run_command
 
     common = tiny_run_command(tmp_path, batch_size=4)
-    four = dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    four = cpu_devices_env(4)
     first = subprocess.run([*common, "--num_batches=4", "--fsdp"], env=four, capture_output=True, text=True,
                            timeout=600, cwd=tmp_path)
     assert first.returncode == 0 and "mesh: 4 devices (data=4)" in first.stdout, first.stderr[-2000:]
@@ -150,8 +149,7 @@ PALLAS_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow  # moved from the quick tier to keep it under 5 minutes
 def test_pallas_kernels_run_per_batch_shard(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    env = cpu_devices_env(4)
     run = subprocess.run([sys.executable, "-c", PALLAS_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
@@ -205,8 +203,7 @@ UNEVEN_SCRIPT = textwrap.dedent('''
 def test_gradient_reduced_once_and_weighed_by_counted_targets():
     """Per-device gradients summed over the micro-batches, then one all-reduce; loss masks and
     packed documents that split unevenly over the devices still give the one-device result."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    env = cpu_devices_env(4)
     run = subprocess.run([sys.executable, "-c", UNEVEN_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
