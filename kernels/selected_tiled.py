@@ -9,9 +9,9 @@ rows that did not select the block are masked. The own (diagonal) blocks of the 
 Forward and dq kernels share this walk. dk/dv: a third kernel, one program per (key block,
 split, batch, group), walks the transpose of the candidate lists (the tiles that walked the
 block, sorted in XLA, heavily selected blocks split over programs) and then the tiles holding
-the block's own queries: no atomics, deterministic. Opt-in (`SelectedSettings.tiled_dkv="queries"`,
-unpacked): dk/dv from `kernels.selected_query`'s kernel instead, over the queries that picked
-each block rather than the tiles that walked it.
+the block's own queries: no atomics, deterministic. That kernel serves packed sequences; unpacked,
+dk/dv comes by default from `kernels.selected_query`'s kernel instead, over the queries that
+picked each block rather than the tiles that walked it (`SelectedSettings.tiled_dkv`).
 
 Same contract and numerics as `nsa_jax.reference.selected_attention`, provided the valid
 indices of a query are distinct (selections made by top-k are). The default for selection
@@ -478,7 +478,7 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
                                              gate_grad=gate_grad)
         # dk/dv alone (dq comes from the tiled kernel); chunks of at least the matrix unit's 16 rows
         cfg = dataclasses.replace(cfg, by_query=dataclasses.replace(
-            by_query, stored_ds=False, dkv_chunk=max(settings.dkv_chunk, MIN_DOT // rows)))
+            by_query, stored_ds=False, dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

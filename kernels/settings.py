@@ -114,13 +114,17 @@ class SelectedSettings:
     # / 796 -> 662 -> 722; B = 4, T = 512 268 -> 198 -> 191 / 407 -> 317 -> 335 / 500 -> 406 -> 412.
     num_warps: int = 1  # tiled forward and dq kernels
     tiled_dkv_num_warps: int = 2  # tiled dk/dv kernel
-    # Tiled family, unpacked: dk/dv from "tiles" (each key block walks the query tiles whose union
-    # holds it, every row of the tile through the matrix unit) or "queries" (the per-query family's
-    # kernel: each key block gathers just the queries that picked it, dkv_chunk * G >= 16 rows a step).
-    # With random picks a tile's rows rarely share a block, so "tiles" computes mostly masked rows;
-    # "queries" gathers rows one query at a time instead. Not yet timed on a GPU (2026-12-01): "tiles"
-    # stays the default until it is.
-    tiled_dkv: str = "tiles"
+    # Tiled family, unpacked: dk/dv from "queries" (the per-query family's kernel: each key block
+    # gathers just the queries that picked it, tiled_dkv_chunk of them a step, at least the matrix
+    # unit's 16 rows) or "tiles" (each key block walks the query tiles whose union holds it, every row
+    # of the tile through the matrix unit; with random picks a tile's rows rarely share a block, so
+    # most of them are masked). Packed sequences always take "tiles". The seed model's float32 train
+    # step (H200, 2026-12-01, ms synced / back to back): tiles / queries (chunk 8) / queries (chunk 16)
+    # at B = 1, T = 16384: 40.32 / 36.87 / 35.81 and 38.77 / 35.81 / 34.65; T = 2048: 8.14 / 7.74 /
+    # 7.72 and 6.68 / 6.73 / 6.45; B = 4, T = 512: 7.02 / 6.84 / 7.06 and 5.81 / 5.74 / 5.64. Its dk/dv
+    # kernel at T = 16384: 6.92 ms (tiles) -> 6.16 (queries, chunk 8).
+    tiled_dkv: str = "queries"
+    tiled_dkv_chunk: int = 16  # tiled_dkv="queries": queries gathered per step (a power of two)
     num_stages: int = 2  # tiled kernels
 
     def __post_init__(self):
@@ -128,9 +132,11 @@ class SelectedSettings:
         for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
                      "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dq_num_warps",
                      "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks", "dkv_partial_bytes",
-                     "tiled_dkv_num_warps"):
+                     "tiled_dkv_num_warps", "tiled_dkv_chunk"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.dkv_chunk & (self.dkv_chunk - 1) == 0, f"dkv_chunk must be a power of two, got {self.dkv_chunk}")
+        for name in ("dkv_chunk", "tiled_dkv_chunk"):
+            value = getattr(self, name)
+            _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")
         _check(self.tiled_dkv in ("tiles", "queries"), f"tiled_dkv must be tiles or queries, got {self.tiled_dkv!r}")
 
 

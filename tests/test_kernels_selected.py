@@ -225,8 +225,8 @@ TILED_CASES = {n: CASES[n] for n in ("g1_block4", "g1_block4_noncausal", "per_he
 @pytest.mark.parametrize("tile_rows", [64, 128])
 @pytest.mark.parametrize("case,dtype", grid(TILED_CASES, dtypes=[jnp.float32]))
 def test_tiled_kernel_tile_sizes(case, dtype, tile_rows):
-    """Tiles larger than the default 16 rows (many own blocks per tile)."""
-    settings = SelectedSettings(impl="tiled", tile_rows=tile_rows)
+    """Tiles larger than the default 16 rows (many own blocks per tile), dk/dv over the tiles too."""
+    settings = SelectedSettings(impl="tiled", tile_rows=tile_rows, tiled_dkv="tiles")
     q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 2, 0.7)
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled")
 
@@ -234,7 +234,7 @@ def test_tiled_kernel_tile_sizes(case, dtype, tile_rows):
 @pytest.mark.parametrize("case,dtype", grid({n: TILED_CASES[n] for n in ("g1_block4", "per_head_block6")}))
 def test_tiled_kernel_split_dkdv(case, dtype):
     """The tiled dk/dv kernel with each block's tile list split over several programs."""
-    settings = SelectedSettings(impl="tiled", tile_rows=16, tiles_per_dkv_split=1)
+    settings = SelectedSettings(impl="tiled", tile_rows=16, tiles_per_dkv_split=1, tiled_dkv="tiles")
     assert tile_layout(case.n, case.group_rows, settings)[2] > 1
     q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 3, 0.7)
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled split")
@@ -242,11 +242,23 @@ def test_tiled_kernel_split_dkdv(case, dtype):
 
 @pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g2_noncausal_nogates", "g1_block4",
                                                                     "per_head_block6", "k0")}, {"g2_seed": F32_ONLY}))
-def test_tiled_kernels_with_dkdv_by_query(case, dtype):
-    """The tiled forward and dq with dk/dv from the per-query family's kernel (tiled_dkv="queries")."""
-    settings = SelectedSettings(impl="tiled", tiled_dkv="queries")
+def test_tiled_kernels_with_dkdv_by_tiles(case, dtype):
+    """The tiled family's own dk/dv kernel (tiled_dkv="tiles": what packed sequences take; the
+    grid above runs the default, dk/dv from the per-query family's kernel)."""
+    settings = SelectedSettings(impl="tiled", tiled_dkv="tiles")
     q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 5, 0.7)
-    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled, dk/dv by query")
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled, dk/dv by tiles")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_tiled_dkdv_by_query_chunks(chunk):
+    """tiled_dkv="queries" with fewer queries a step than the matrix unit's rows (raised to 16
+    rows) and with more than most blocks' lists hold."""
+    case = CASES["g2_seed"]
+    settings = SelectedSettings(impl="tiled", tiled_dkv_chunk=chunk)
+    q, k, v, indices, valid, gates, key = inputs(case, jnp.float32, 2000 + chunk, 0.7)
+    check(case, jnp.float32, q, k, v, indices, valid, gates, key, settings, f"selected tiled, query chunk {chunk}")
 
 
 # Selections as the module makes them (top-k of the compressed scores; causal: past blocks
@@ -310,6 +322,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     (lambda: SelectedSettings(dq_num_warps=0), "dq_num_warps must be >= 1"),
     (lambda: SelectedSettings(tiled_dkv_num_warps=0), "tiled_dkv_num_warps must be >= 1"),
     (lambda: SelectedSettings(tiled_dkv="atomic"), "tiled_dkv must be tiles or queries"),
+    (lambda: SelectedSettings(tiled_dkv_chunk=12), "tiled_dkv_chunk must be a power of two"),
 ])
 def test_kernel_settings_reject_unknown_values(make, message):
     with pytest.raises(ValueError, match=message):
