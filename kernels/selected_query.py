@@ -455,7 +455,7 @@ def _dq_recomputed(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed |
     )(q, k, v, idx, valid, gate, do, lse, delta, *_packed_args(packed, False))
 
 
-def _dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own):
+def query_dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds_own):
     """dq and dgate from the dk/dv kernel's stored dlogits (`cfg.stored_ds`).
 
     order [b, groups, e] sorts the entries (query * kp + slot) by block; ds [b, kh, upk, e + 1,
@@ -487,7 +487,7 @@ def _backward(cfg: QueryConfig, q, k, v, idx, valid, gate, packed: Packed | None
         dq, dgate = _dq_recomputed(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
     dk, dv, order, stored_out = query_dkdv(cfg, q, k, v, idx, valid, gate, packed, lse, do, delta)
     if cfg.stored_ds:
-        dq, dgate = _dq_from_stored(cfg, q, k, idx, valid, gate, order, *stored_out)
+        dq, dgate = query_dq_from_stored(cfg, q, k, idx, valid, gate, order, *stored_out)
     return dq, dk, dv, dgate
 
 

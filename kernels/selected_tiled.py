@@ -9,9 +9,10 @@ rows that did not select the block are masked. The own (diagonal) blocks of the 
 Forward and dq kernels share this walk. dk/dv: a third kernel, one program per (key block,
 split, batch, group), walks the transpose of the candidate lists (the tiles that walked the
 block, sorted in XLA, heavily selected blocks split over programs) and then the tiles holding
-the block's own queries: no atomics, deterministic. That kernel serves packed sequences; unpacked,
-dk/dv comes by default from `kernels.selected_query`'s kernel instead, over the queries that
-picked each block rather than the tiles that walked it (`SelectedSettings.tiled_dkv`).
+the block's own queries: no atomics, deterministic. Those kernels serve packed sequences;
+unpacked, the backward comes by default from `kernels.selected_query`'s kernels instead: dk/dv
+over the queries that picked each block rather than the tiles that walked it, storing the
+dlogits from which dq then reads K alone (`SelectedSettings.tiled_dkv`, `tiled_dq`).
 
 Same contract and numerics as `nsa_jax.reference.selected_attention`, provided the valid
 indices of a query are distinct (selections made by top-k are). The default for selection
@@ -35,7 +36,7 @@ from kernels._common import (
 from kernels._selected_common import (
     Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
 )
-from kernels.selected_query import QueryConfig, query_dkdv
+from kernels.selected_query import QueryConfig, query_dkdv, query_dq_from_stored
 from kernels.settings import SelectedSettings
 
 
@@ -358,6 +359,8 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
     sp = _specs(cfg, d, nk_alloc)
     params = compiler_params(cfg.num_warps, cfg.num_stages)
     delta = softmax_delta(o, do)
+    if cfg.by_query is not None and cfg.by_query.stored_ds and not packed:  # dq too from the per-query family
+        return _backward_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
     packed_specs = [sp["row"], sp["row"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
     dq, dgate = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
@@ -372,7 +375,7 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
     )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta, *packed)
 
     if cfg.by_query is not None and not packed:
-        dk, dv = _dkdv_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
+        _, dk, dv, _ = _backward_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
         return dq, dk, dv, dgate
 
     tile_ids, offsets = inverted_tiles(cfg, cand, meta)
@@ -412,16 +415,26 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
     return dq, dk, dv, dgate
 
 
-def _dkdv_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, delta):
-    """dk, dv through `kernels.selected_query`'s kernel: the tiles' row layout [b, groups, nq_pad *
-    rows, ...] back to its per-query one [b, nq, groups, rows, ...] (padding queries dropped)."""
+def _backward_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, delta):
+    """dk, dv through `kernels.selected_query`'s kernel, and with its stored dlogits
+    (`cfg.by_query.stored_ds`) dq and dgate through that family's dq kernel (else None, None):
+    the tiles' row layout [b, groups, nq_pad * rows, ...] to its per-query one [b, nq, groups,
+    rows, ...] (padding queries dropped) and back."""
     b, groups, nr, d = q.shape
     nq_pad = nr // cfg.rows
     per_query = lambda x: jnp.swapaxes(x.reshape(b, groups, nq_pad, cfg.rows, *x.shape[3:]), 1, 2)[:, :cfg.nq]  # noqa: E731
     first_row = lambda x: jnp.swapaxes(x[:, :, ::cfg.rows], 1, 2)[:, :cfg.nq]  # noqa: E731  [b, nq, groups, kp]
-    dk, dv, _, _ = query_dkdv(cfg.by_query, per_query(q), k, v, first_row(idx), first_row(valid), first_row(gate),
-                              None, per_query(lse), per_query(do), per_query(delta))
-    return dk, dv
+    qq, sel = per_query(q), (first_row(idx), first_row(valid), first_row(gate))
+    dk, dv, order, stored = query_dkdv(cfg.by_query, qq, k, v, *sel, None, per_query(lse), per_query(do),
+                                       per_query(delta))
+    if not cfg.by_query.stored_ds:
+        return None, dk, dv, None
+    dq, dgate = query_dq_from_stored(cfg.by_query, qq, k, *sel, order, *stored)
+    dq = pad_axis(jnp.swapaxes(dq, 1, 2), 2, nq_pad).reshape(q.shape)  # [b, nq, groups, rows, d] -> rows
+    # dgate per query -> per row (the caller's repeat over a query's rows sums them back): first rows only
+    dgate = pad_axis(jnp.swapaxes(dgate, 1, 2)[:, :, :, None], 2, nq_pad)  # [b, groups, nq_pad, 1, kp]
+    dgate = jnp.concatenate([dgate, jnp.zeros((*dgate.shape[:3], cfg.rows - 1, cfg.kp), dgate.dtype)], axis=3)
+    return dq, dk, dv, dgate.reshape(idx.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -478,7 +491,7 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
                                              gate_grad=gate_grad)
         # dk/dv alone (dq comes from the tiled kernel); chunks of at least the matrix unit's 16 rows
         cfg = dataclasses.replace(cfg, by_query=dataclasses.replace(
-            by_query, stored_ds=False, dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))
+            by_query, stored_ds=settings.tiled_dq == "stored", dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]

@@ -125,6 +125,15 @@ class SelectedSettings:
     # kernel at T = 16384: 6.92 ms (tiles) -> 6.16 (queries, chunk 8).
     tiled_dkv: str = "queries"
     tiled_dkv_chunk: int = 16  # tiled_dkv="queries": queries gathered per step (a power of two)
+    # Tiled family, tiled_dkv="queries": dq from "stored" (that dk/dv kernel also stores the dlogits
+    # of every (query, selected block) pair and the per-query family's dq kernel reads them with K
+    # alone: work in proportion to the picks, not to the tile's union of them) or "tiles" (the tiled
+    # dq kernel, recomputing each walked block's logits for every row of the tile; what tiled_dkv=
+    # "tiles" and packed sequences always take). The seed model's float32 train step (H200,
+    # 2026-12-01, ms synced / back to back, tiles -> stored): T = 16384 35.63 / 34.27 -> 33.93 / 32.61
+    # (dq 3.40 -> 1.48 ms, dk/dv 3.72 -> 4.05); T = 2048 7.31 / 6.39 -> 7.52 / 6.33; B = 4, T = 512
+    # 6.49 / 5.56 -> 6.48 / 5.45; peak memory unchanged.
+    tiled_dq: str = "stored"
     num_stages: int = 2  # tiled kernels
 
     def __post_init__(self):
@@ -138,6 +147,7 @@ class SelectedSettings:
             value = getattr(self, name)
             _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")
         _check(self.tiled_dkv in ("tiles", "queries"), f"tiled_dkv must be tiles or queries, got {self.tiled_dkv!r}")
+        _check(self.tiled_dq in ("tiles", "stored"), f"tiled_dq must be tiles or stored, got {self.tiled_dq!r}")
 
 
 def query_dkv_splits(settings: SelectedSettings, nq: int, num_sel: int, groups_per_kv: int, nb: int) -> int:

@@ -250,6 +250,16 @@ def test_tiled_kernels_with_dkdv_by_tiles(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled, dk/dv by tiles")
 
 
+@pytest.mark.parametrize("case,dtype", grid({n: CASES[n] for n in ("g2_seed", "g2_noncausal_nogates", "g1_block4",
+                                                                    "per_head_block6", "k0")}, {"g2_seed": F32_ONLY}))
+def test_tiled_kernels_with_dq_by_tiles(case, dtype):
+    """dk/dv from the per-query family's kernel, dq from the tiled dq kernel (tiled_dq="tiles";
+    the grid above runs the default, dq from the dlogits that dk/dv kernel stores)."""
+    settings = SelectedSettings(impl="tiled", tiled_dq="tiles")
+    q, k, v, indices, valid, gates, key = inputs(case, dtype, hash(case) % 2**31 + 6, 0.7)
+    check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected tiled, dq by tiles")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 64])
 def test_tiled_dkdv_by_query_chunks(chunk):
@@ -323,6 +333,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     (lambda: SelectedSettings(tiled_dkv_num_warps=0), "tiled_dkv_num_warps must be >= 1"),
     (lambda: SelectedSettings(tiled_dkv="atomic"), "tiled_dkv must be tiles or queries"),
     (lambda: SelectedSettings(tiled_dkv_chunk=12), "tiled_dkv_chunk must be a power of two"),
+    (lambda: SelectedSettings(tiled_dq="fused"), "tiled_dq must be tiles or stored"),
 ])
 def test_kernel_settings_reject_unknown_values(make, message):
     with pytest.raises(ValueError, match=message):
