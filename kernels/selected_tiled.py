@@ -489,7 +489,7 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
         by_query = QueryConfig.from_settings(settings, packed=False, sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel,
                                              kp=kp, rows=rows, groups_per_kv=upk, causal=causal, scale=scale,
                                              gate_grad=gate_grad)
-        # dk/dv alone (dq comes from the tiled kernel); chunks of at least the matrix unit's 16 rows
+        # dk/dv (and with tiled_dq="stored" dq from its stored dlogits); chunks of at least the matrix unit's 16 rows
         cfg = dataclasses.replace(cfg, by_query=dataclasses.replace(
             by_query, stored_ds=settings.tiled_dq == "stored", dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
