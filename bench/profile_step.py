@@ -66,6 +66,23 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in map(_HLO_OP.match, hlo_text.splitlines()) if m}
 
 
+_PALLAS_OP = re.compile(r"/(nsa_\w+)/pallas_call")
+
+
+def kernel_op_name(op_names: dict[str, str], kernel: str, hlo_op: str = "") -> str | None:
+    """The op_name of a traced kernel. The trace names its HLO instruction (`hlo_op`) only when the
+    kernel ran outside a command buffer; otherwise its name leads there: XLA names a fusion's kernel
+    after the instruction with "_N" for ".N" (`loop_select_fusion_6` runs `loop_select_fusion.6`), and
+    a Pallas kernel after its pallas_call's name (`nsa_selected_dkdv`; every layer's call has the same
+    scopes). Library kernels (cuBLAS, cuDNN) carry neither: None."""
+    for name in (hlo_op, kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
+        if name and name in op_names:
+            return op_names[name]
+    if kernel.startswith("nsa_"):
+        return next((op for op in op_names.values() if (m := _PALLAS_OP.search(op)) and m.group(1) == kernel), None)
+    return None
+
+
 def scope_of(op_name: str) -> str:
     """op_name -> "fwd|bwd scope/scope": the model's named scopes in it (outermost first), and
     bwd where it comes from a transposed (backward) computation."""
@@ -110,8 +127,8 @@ def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = No
         calls[name] += 1
         ops.setdefault(name, op)
         if op_names is not None:
-            op_name = op_names.get(hlo_op) or op_names.get(name)
-            entry = scopes[scope_of(op_name) if op_name is not None else "(not in the HLO)"]
+            op_name = kernel_op_name(op_names, name, hlo_op)
+            entry = scopes[scope_of(op_name) if op_name is not None else "(library kernels, copies)"]
             entry[0] += 1 / steps
             entry[1] += us / steps
     total = sum(by_name.values())

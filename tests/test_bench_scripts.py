@@ -466,6 +466,26 @@ def test_profile_step_names_each_kernels_scope():
     assert scope_of('jit(f)/transpose(jvp(attention/compress))/attention/compress/mul') == "bwd attention/compress"
 
 
+def test_profile_step_finds_kernels_scopes_by_name():
+    """Under command buffers the trace names no HLO instruction: bench.profile_step finds a fusion by
+    XLA's kernel naming ("_N" for ".N") and a Pallas kernel by its pallas_call's name."""
+    from bench.profile_step import hlo_op_names, kernel_op_name, scope_of
+
+    hlo = "\n".join([
+        '  %loop_select_fusion.6 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, '
+        'metadata={op_name="jit(_train_step)/transpose(jvp(feedforward))/erfc"}',
+        '  %pallas_call.3 = f32[8]{0} custom-call(%p), '
+        'metadata={op_name="jit(_train_step)/transpose(jvp(attention))/selected_attention/nsa_selected_dkdv/pallas_call"}',
+        '  ROOT %fusion = f32[8]{0} fusion(%p), metadata={op_name="jit(_train_step)/optimizer/add"}',
+    ])
+    names = hlo_op_names(hlo)
+    assert scope_of(kernel_op_name(names, "loop_select_fusion_6")) == "bwd feedforward"
+    assert scope_of(kernel_op_name(names, "nsa_selected_dkdv")) == "bwd attention/selected_attention"
+    assert scope_of(kernel_op_name(names, "whatever", hlo_op="fusion")) == "optimizer"
+    assert kernel_op_name(names, "sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n") is None
+    assert kernel_op_name(names, "nsa_selected_fwd") is None
+
+
 def test_count_kernels_expands_loops_and_names_scopes():
     """bench.count_kernels counts a compiled module's device work: a while body once per iteration
     of its known trip count, each launch under the named scope it was traced in."""
