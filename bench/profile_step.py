@@ -122,13 +122,16 @@ def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = No
     calls: dict[str, int] = collections.Counter()
     ops: dict[str, str] = {}
     scopes: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])  # scope -> [kernels, us] per step
+    scope_cache: dict[tuple[str, str], str] = {}  # (kernel, hlo_op) -> scope: each looked up once, not per event
     for name, op, us, hlo_op in events:
         by_name[name] += us / steps
         calls[name] += 1
         ops.setdefault(name, op)
         if op_names is not None:
-            op_name = kernel_op_name(op_names, name, hlo_op)
-            entry = scopes[scope_of(op_name) if op_name is not None else "(library kernels, copies)"]
+            if (name, hlo_op) not in scope_cache:
+                op_name = kernel_op_name(op_names, name, hlo_op)
+                scope_cache[name, hlo_op] = scope_of(op_name) if op_name is not None else "(library kernels, copies)"
+            entry = scopes[scope_cache[name, hlo_op]]
             entry[0] += 1 / steps
             entry[1] += us / steps
     total = sum(by_name.values())

@@ -351,32 +351,36 @@ def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tu
     )(q, k, v, idx, valid, gate, cand, meta, *packed)
 
 
-def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, key_source, o, lse, do):
-    """packed: () or (row document starts, ends, slot table, own queries [b, nb, 2])."""
-    packed, own_queries = packed[:3], packed[3:]
+def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, lse, do, delta):
+    """dq and dgate by the tiled dq kernel (recomputes each walked block's logits for the tile's rows)."""
     b, groups, nr, d = q.shape
-    nk_alloc, kh = k.shape[1], k.shape[2]
-    sp = _specs(cfg, d, nk_alloc)
-    params = compiler_params(cfg.num_warps, cfg.num_stages)
-    delta = softmax_delta(o, do)
-    if cfg.by_query is not None and cfg.by_query.stored_ds and not packed:  # dq too from the per-query family
-        return _backward_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
+    sp = _specs(cfg, d, k.shape[1])
     packed_specs = [sp["row"], sp["row"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
-    dq, dgate = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
         in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
                   sp["row_d"], sp["row"], sp["row"]] + packed_specs,
         out_specs=[sp["row_d"], sp["row_kp"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
-        compiler_params=params,
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_tiled_dq",
     )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta, *packed)
 
-    if cfg.by_query is not None and not packed:
-        _, dk, dv, _ = _backward_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
+
+def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, key_source, o, lse, do):
+    """packed: () or (row document starts, ends, slot table, own queries [b, nb, 2])."""
+    packed, own_queries = packed[:3], packed[3:]
+    b, groups, nr, d = q.shape
+    nk_alloc, kh = k.shape[1], k.shape[2]
+    delta = softmax_delta(o, do)
+    if cfg.by_query is not None and not packed:  # dk/dv (and with stored dlogits dq) from the per-query family
+        dq, dk, dv, dgate = _backward_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
+        if dq is None:
+            dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, meta, packed, lse, do, delta)
         return dq, dk, dv, dgate
+    dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, meta, packed, lse, do, delta)
 
     tile_ids, offsets = inverted_tiles(cfg, cand, meta)
     full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
@@ -433,8 +437,7 @@ def _backward_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, del
     dq = pad_axis(jnp.swapaxes(dq, 1, 2), 2, nq_pad).reshape(q.shape)  # [b, nq, groups, rows, d] -> rows
     # dgate per query -> per row (the caller's repeat over a query's rows sums them back): first rows only
     dgate = pad_axis(jnp.swapaxes(dgate, 1, 2)[:, :, :, None], 2, nq_pad)  # [b, groups, nq_pad, 1, kp]
-    dgate = jnp.concatenate([dgate, jnp.zeros((*dgate.shape[:3], cfg.rows - 1, cfg.kp), dgate.dtype)], axis=3)
-    return dq, dk, dv, dgate.reshape(idx.shape)
+    return dq, dk, dv, pad_axis(dgate, 3, cfg.rows).reshape(idx.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
