@@ -489,9 +489,10 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
                       num_stages=settings.num_stages, interpret=interpret_mode(), packed=packed is not None,
                       gate_grad=gate_grad, dkv_splits=dkv_splits, dkv_num_warps=settings.tiled_dkv_num_warps)
     if settings.tiled_dkv == "queries" and packed is None:
-        by_query = QueryConfig.from_settings(settings, packed=False, sb=sb, sbp=sbp, nb=nb, nq=nq, num_sel=num_sel,
-                                             kp=kp, rows=rows, groups_per_kv=upk, causal=causal, scale=scale,
-                                             gate_grad=gate_grad)
+        query_settings = dataclasses.replace(settings, dkv_entries_per_program=settings.tiled_dkv_entries_per_program)
+        by_query = QueryConfig.from_settings(query_settings, packed=False, sb=sb, sbp=sbp, nb=nb, nq=nq,
+                                             num_sel=num_sel, kp=kp, rows=rows, groups_per_kv=upk, causal=causal,
+                                             scale=scale, gate_grad=gate_grad)
         # dk/dv (and with tiled_dq="stored" dq from its stored dlogits); chunks of at least the matrix unit's 16 rows
         cfg = dataclasses.replace(cfg, by_query=dataclasses.replace(
             by_query, stored_ds=settings.tiled_dq == "stored", dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))

@@ -44,9 +44,12 @@ class Tiles:
     dkv_tiles_per_program: int = 256
     # ... and split further, down to min_dkv_tiles_per_program query tiles per program, until
     # about this many programs run: with few key tiles (the seed's 257 compressed keys at
-    # T = 4096 make 5) the unsplit grid left most SMs idle.
+    # T = 4096 make 5) the unsplit grid left most SMs idle. 2 rather than 8: at short lengths the
+    # splits' programs all run at once and the longest query range sets the time (seed model,
+    # float32 train step, H200, 2026-12-01, B = 4, T = 512, us per step: compressed dk/dv 225 -> 69,
+    # sliding-window dk/dv 116 -> 98; 1 tile: 68 and 141). Long sequences reach the target first.
     dkv_target_programs: int = PROGRAMS_PER_SM * H100_SMS
-    min_dkv_tiles_per_program: int = 8
+    min_dkv_tiles_per_program: int = 2
     # ... but no more splits than keep their float32 partials (dk and dv of every key, per split)
     # within this many bytes: 64 splits of a 4M-token sequence's 256k compressed keys, over 4 GPUs,
     # would write 34 GB per call.
@@ -125,6 +128,12 @@ class SelectedSettings:
     # kernel at T = 16384: 6.92 ms (tiles) -> 6.16 (queries, chunk 8).
     tiled_dkv: str = "queries"
     tiled_dkv_chunk: int = 16  # tiled_dkv="queries": queries gathered per step (a power of two)
+    # tiled_dkv="queries": one more program per key block per this many (query, block) entries on
+    # average (the per-query family's dkv_entries_per_program, at most max_dkv_splits programs). The
+    # seed's picks average 64 entries a block, but the earliest blocks get several times that: 4
+    # programs a block instead of 1 cut its dk/dv 303 -> 227 us per step at B = 4, T = 512 (H200,
+    # 2026-12-01; 8 programs: 277); no change at T = 16384.
+    tiled_dkv_entries_per_program: int = 16
     # Tiled family, tiled_dkv="queries": dq from "stored" (that dk/dv kernel also stores the dlogits
     # of every (query, selected block) pair and the per-query family's dq kernel reads them with K
     # alone: work in proportion to the picks, not to the tile's union of them) or "tiles" (the tiled
@@ -141,7 +150,7 @@ class SelectedSettings:
         for name in ("tile_rows", "tiles_per_dkv_split", "dkv_entries_per_program", "dkv_chunk", "max_dkv_splits",
                      "num_warps", "num_stages", "query_num_warps", "query_num_stages", "dq_num_stages", "dq_num_warps",
                      "dkv_num_warps", "dkv_num_stages", "dkv_range_split_blocks", "dkv_partial_bytes",
-                     "tiled_dkv_num_warps", "tiled_dkv_chunk"):
+                     "tiled_dkv_num_warps", "tiled_dkv_chunk", "tiled_dkv_entries_per_program"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("dkv_chunk", "tiled_dkv_chunk"):
             value = getattr(self, name)
@@ -182,7 +191,9 @@ class SelectionSettings:
     block_keys_dbk: int = 128
     max_dbk_splits: int = 16
     dbk_target_programs: int = PROGRAMS_PER_SM * H100_SMS
-    min_dbk_tiles_per_split: int = 8
+    # 2 rather than 8: the seed model's float32 train step (H200, 2026-12-01, B = 4, T = 512): the
+    # d(block keys) kernel 133 -> 46 us per step (its 16 programs got 8 query tiles each).
+    min_dbk_tiles_per_split: int = 2
     num_warps: int = 4
     num_warps_dbk: int | None = None
     num_stages: int = 2

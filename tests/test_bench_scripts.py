@@ -435,9 +435,9 @@ def test_kernel_flags_take_any_setting_and_named_flags_override_it():
     parser = argparse.ArgumentParser()
     add_kernel_flags(parser)
     got = kernel_settings_from(parser.parse_args(
-        ["--kernel_settings", "flash.min_dkv_tiles_per_program=2,selected.tile_rows=32,selected.dkv_chunk=8",
+        ["--kernel_settings", "flash.min_dkv_tiles_per_program=4,selected.tile_rows=32,selected.dkv_chunk=8",
          "--tile_rows", "16", "--sliding_impl", "pallas"]))
-    assert got.flash.min_dkv_tiles_per_program == 2 and got.selected.dkv_chunk == 8
+    assert got.flash.min_dkv_tiles_per_program == 4 and got.selected.dkv_chunk == 8
     assert got.selected.tile_rows == 16 and got.sliding_impl == "pallas"
     assert kernel_settings_from(parser.parse_args([])) == KernelSettings()
 
