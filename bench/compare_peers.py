@@ -2,6 +2,8 @@
 
     python -m bench.compare_peers                      # everything (peers need torch + wheels)
     python -m bench.compare_peers --skip_peers --quick # ours only, few lengths
+    python -m bench.compare_peers --what train,memory --train_shapes 1x16384 --skip_highest
+                                                       # one train shape, both sides, within a GPU call
 
 Rows (the performance issue's table):
   seed model train step (fwd + bwd + clip + Adam), B=4 T=512, B=1 T=4096, B=1 T=16384
@@ -15,6 +17,7 @@ Rows (the performance issue's table):
   the card's measured peaks (bf16 and float32 matmul TFLOP/s, copy bandwidth) and, per row, the
       floor: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) from the analytic counts below
 
+Our train rows are saved as each finishes: a run stopped part way keeps them.
 The peers run first, in a child process (`bench/peers_torch.py`), so that the two frameworks
 never hold GPU memory at the same time; without torch they are skipped with a message.
 Prints one table; writes JSON to bench/results/compare_peers-<date>.json (or --json).
@@ -151,27 +154,51 @@ def measure_memory() -> dict:
     return dict(peak_gib=gib(peak), resident_before_step_gib=gib(resident), compiled_temp_gib=gib(temp))
 
 
-def measure_train(shapes, repeats: int, variants=("pallas", "reference")) -> list[dict]:
+def measure_train(shapes, repeats: int, variants=("pallas", "reference"), highest: bool = True,
+                  rows: list | None = None, on_row=None) -> list[dict]:
+    """Our train-step rows, appended to `rows` (a new list by default); `on_row()` after each row
+    (the caller saves its JSON then, so that a run stopped part way keeps the rows it finished)."""
     from bench.train_step import time_variant
 
     import jax
 
-    rows = []
-    batch, n = shapes[0]
-    with jax.default_matmul_precision("highest"):  # torch's float32 matmul default: no TF32
-        row = time_variant("pallas", n, batch, 1, repeats, "float32")
-    rows.append(dict(row, variant="pallas, highest precision"))
-    print(f"ours train pallas (highest precision) B={batch} T={n}: {row['ms_per_step']:.2f} ms", flush=True)
+    rows = [] if rows is None else rows
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row()
+
+    if highest:
+        batch, n = shapes[0]
+        with jax.default_matmul_precision("highest"):  # torch's float32 matmul default: no TF32
+            row = time_variant("pallas", n, batch, 1, repeats, "float32")
+        add(dict(row, variant="pallas, highest precision"))
+        print(f"ours train pallas (highest precision) B={batch} T={n}: {row['ms_per_step']:.2f} ms", flush=True)
     for batch, n in shapes:
         for variant in variants:
             try:
                 row = time_variant(variant, n, batch, 1, repeats, "float32")
             except Exception as exc:  # e.g. the reference's dense masks out of memory at long T
                 row = dict(variant=variant, seq_len=n, batch_size=batch, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            rows.append(row)
+            add(row)
             print(f"ours train {variant} B={batch} T={n}: "
                   f"{row.get('ms_per_step', float('nan')):.2f} ms {row.get('error', '')}", flush=True)
     return rows
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"4x512,1x4096" -> [(4, 512), (1, 4096)] (batch x length); ValueError naming the bad item."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            batch, n = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--train_shapes takes BxT items such as 4x512, got {item!r}") from None
+        if batch < 1 or n < 2:
+            raise ValueError(f"--train_shapes needs a batch of at least 1 and a length of at least 2, got {item!r}")
+        shapes.append((batch, n))
+    return shapes
 
 
 def measure_core(lengths, reps: int, budget_s: float, configs=("fla",)) -> list[dict]:
@@ -405,6 +432,10 @@ def main() -> None:
                              "(torch's default) or high (TF32, as JAX's default precision on the GPU)")
     parser.add_argument("--train_variants", default="pallas,reference",
                         help="our train-step variants timed at each shape (pallas, reference)")
+    parser.add_argument("--train_shapes", default=",".join(f"{b}x{n}" for b, n in TRAIN_SHAPES), metavar="BxT,...",
+                        help="train-step shapes, ours and the peers' (default: the performance issue's three)")
+    parser.add_argument("--skip_highest", action="store_true",
+                        help="skip our IEEE float32 row (torch's default precision; one more compile)")
     parser.add_argument("--peer_log", default=os.path.join(tempfile.gettempdir(), "peers_torch.log"))
     parser.add_argument("--report", default=None, metavar="JSON[,JSON...]",
                         help="print the table of an earlier run's JSON (with --peers_json: merge those peer rows "
@@ -415,7 +446,10 @@ def main() -> None:
     parser.add_argument("--core_configs", default="fla", help="bench/core.py configurations for the core rows "
                         "(fla; add paper for the paper's own, which bench/core.py also times)")
     args = parser.parse_args()
-    args.shapes = TRAIN_SHAPES
+    try:
+        args.shapes = parse_shapes(args.train_shapes)
+    except ValueError as e:
+        parser.error(str(e))
     args.lengths = [4096, 16384] if args.quick else FLA_LENGTHS
     if args.core_lengths:
         try:
@@ -462,7 +496,8 @@ def main() -> None:
 
     result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
     steps = [("memory", measure_memory, ()), ("peaks", measure_peaks, ()),
-             ("train", measure_train, (args.shapes, args.repeats, args.train_variants.split(","))),
+             ("train", measure_train, (args.shapes, args.repeats, args.train_variants.split(","),
+                                       not args.skip_highest, result["train"], save)),
              ("decode", measure_decode, (5,)),
              ("core", measure_core, (args.lengths, args.repeats, args.budget_s, args.core_configs.split(",")))]
     for name, fn, fn_args in steps:

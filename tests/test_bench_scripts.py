@@ -336,6 +336,27 @@ def test_compare_peers_says_why_the_peer_columns_are_empty(tmp_path, monkeypatch
     assert compare_peers.run_peers(args) == dict(status=f"exit 1, no rows written (log: {tmp_path / 'peers.log'})")
 
 
+def test_compare_peers_saves_each_train_row_and_parses_shapes(monkeypatch):
+    """Each train row is handed on as it finishes (a run stopped at the device's time limit keeps
+    the rows it timed); --train_shapes items are BxT, a bad one named in the error."""
+    from bench import compare_peers
+    from bench import train_step
+
+    timed = []
+    monkeypatch.setattr(train_step, "time_variant", lambda variant, n, batch, *a: timed.append((variant, batch, n))
+                        or dict(variant=variant, seq_len=n, batch_size=batch, ms_per_step=float(n)))
+    rows, saved = [], []
+    out = compare_peers.measure_train([(4, 512), (1, 4096)], 2, ["pallas"], highest=False, rows=rows,
+                                      on_row=lambda: saved.append(len(rows)))
+    assert out is rows and saved == [1, 2] and timed == [("pallas", 4, 512), ("pallas", 1, 4096)]
+    assert [r["ms_per_step"] for r in rows] == [512.0, 4096.0]
+    assert compare_peers.parse_shapes("4x512,1X16384") == [(4, 512), (1, 16384)]
+    with pytest.raises(ValueError, match="'4-512'"):
+        compare_peers.parse_shapes("4x512,4-512")
+    with pytest.raises(ValueError, match="at least"):
+        compare_peers.parse_shapes("0x512")
+
+
 def test_compare_peers_times_dense_attention_once_per_shape(monkeypatch):
     """fla and fla_nodiff share their dense attention: timed once, the row repeated for the second."""
     from bench import compare_peers
