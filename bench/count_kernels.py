@@ -2,6 +2,7 @@
 
     python -m bench.count_kernels                               # on a GPU machine
     python -m bench.count_kernels --target h200 --flat_optimizer  # on a machine without one
+    python -m bench.count_kernels --target h200 --kernel_settings compress_split_k=4  # other settings
 
 Compiles the seed model's jitted train step (`nsa_jax.training.Trainer`, the Pallas kernels) and
 counts the kernels its compiled HLO launches: every top-level instruction that runs on the device
@@ -45,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bench.kernel_flags import add_kernel_flags, kernel_settings_from
 from bench.profile_step import VARIANTS, add_step_flags, hlo_op_names, scope_of
 from nsa_jax.config import ModelConfig
 from nsa_jax.training import STEP_COMPILER_OPTIONS, Trainer, make_optimizer
@@ -143,7 +145,7 @@ def pretend_gpu() -> None:
 
 
 def compiled_step(variant: str, seq_len: int, batch_size: int, accum: int, dtype: str, flat_optimizer: bool,
-                  target: str | None) -> str:
+                  target: str | None, kernel_settings=None) -> str:
     """The compiled HLO text of the seed model's train step."""
     if target is not None:
         from jax.experimental import topologies
@@ -155,7 +157,7 @@ def compiled_step(variant: str, seq_len: int, batch_size: int, accum: int, dtype
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sparse, pallas = VARIANTS[variant]
     config = dataclasses.replace(ModelConfig(), use_sparse_attn=sparse)
-    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype),
+    trainer = Trainer(config.build(nnx.Rngs(0), use_pallas_nsa=pallas, dtype=dtype, kernel_settings=kernel_settings),
                       make_optimizer(1e-4, flat=flat_optimizer))  # its state on this host: only its shapes matter
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
                          trainer.init_state())
@@ -168,6 +170,7 @@ def compiled_step(variant: str, seq_len: int, batch_size: int, accum: int, dtype
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_flags(parser)
+    add_kernel_flags(parser)
     parser.add_argument("--target", default=None, choices=list(TARGETS),
                         help="compile for this card without a GPU (needs jax's CUDA plugin)")
     parser.add_argument("--hlo", default=None, help="also write the compiled HLO text here")
@@ -177,7 +180,7 @@ def main() -> None:
         raise SystemExit("error: no GPU here: pass --target h200 (or h100) to compile for one without it")
     try:
         text = compiled_step(args.variant, args.seq_len, args.batch_size, args.grad_accum_every, args.dtype,
-                             args.flat_optimizer, args.target)
+                             args.flat_optimizer, args.target, kernel_settings_from(args))
     except (RuntimeError, NotImplementedError) as e:
         if args.target is None:
             raise

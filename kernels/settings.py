@@ -223,8 +223,15 @@ class KernelSettings:
     flash: Tiles = Tiles()  # compressed attention and the Pallas sliding window
     sliding_impl: str = "auto"  # see kernels.sliding_window
     compressed_impl: str = "auto"  # see kernels.compressed_attention
+    # The grouped compress networks' input layers (`GroupedMLP.pair`, any backend): their contraction
+    # as this many partial products summed after (a power of two). Not yet measured on a GPU: 1 (one
+    # matmul) until it is. At the seed's B=4 T=512 XLA runs each layer's [8 heads x 128 windows x
+    # 1024] x [1024 x 1024] product on 64 tiles, ~5x its weights' bandwidth floor (H200, 2026-12-01).
+    compress_split_k: int = 1
 
     def __post_init__(self):
+        _check(self.compress_split_k >= 1 and self.compress_split_k & (self.compress_split_k - 1) == 0,
+               f"compress_split_k must be a power of two, got {self.compress_split_k}")
         _check(self.sliding_impl in SLIDING_IMPLS,
                f"sliding_impl must be one of {', '.join(SLIDING_IMPLS)}, got {self.sliding_impl!r}")
         _check(self.compressed_impl in COMPRESSED_IMPLS,

@@ -215,7 +215,7 @@ class SparseAttention(nnx.Module):
         kw = kw + self.k_intrablock_positions[...].astype(kw.dtype)[:, None]
         vw = vw + self.v_intrablock_positions[...].astype(vw.dtype)[:, None]
         if isinstance(self.k_compress, GroupedMLP) and isinstance(self.v_compress, GroupedMLP):
-            both = GroupedMLP.pair(self.k_compress, self.v_compress, kw, vw)
+            both = GroupedMLP.pair(self.k_compress, self.v_compress, kw, vw, self.kernel_settings.compress_split_k)
             ck, cv = jnp.split(both.transpose(0, 2, 1, 3), 2, axis=2)
             return ck, cv
         ck = self.k_compress(kw).transpose(0, 2, 1, 3)  # [b, kh, w, d] -> [b, w, kh, d]

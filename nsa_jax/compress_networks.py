@@ -8,6 +8,8 @@ pass one of the names in `COMPRESS_NETWORKS` to have the module build it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -60,7 +62,8 @@ class GroupedMLP(nnx.Module):
         return _grouped_mlp(kv, self.kernel_in[...], self.bias_in[...], self.kernel_out[...], self.bias_out[...])
 
     @staticmethod
-    def pair(first: "GroupedMLP", second: "GroupedMLP", kv1: jax.Array, kv2: jax.Array) -> jax.Array:
+    def pair(first: "GroupedMLP", second: "GroupedMLP", kv1: jax.Array, kv2: jax.Array,
+             split_k: int = 1) -> jax.Array:
         """Both networks: kv1 [b, h1, w, n, d], kv2 [b, h2, w, n, d] -> [b, h1 + h2, w, d].
 
         As the train step hands them (`nsa_jax.stacking.JOINED`), `first` holds both networks'
@@ -69,24 +72,58 @@ class GroupedMLP(nnx.Module):
         reading its own weights in place (joined here, they would be copied together in every
         layer, forward and backward, and the copy kept for the backward: 32 MiB a layer in the
         seed model).
+        `split_k` > 1 splits the input layers' contraction (window x head dim) into that many
+        partial products summed after (`_input_layer`): a speed setting, the same sums reassociated.
         """
         if first.kernel_in[...].shape[0] == first.heads + second.heads:  # joined
             return _grouped_mlp(jnp.concatenate([kv1, kv2], axis=1), first.kernel_in[...], first.bias_in[...],
-                                first.kernel_out[...], first.bias_out[...])
-        hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...]),
-                                  _input_layer(kv2, second.kernel_in[...], second.bias_in[...])], axis=1)
+                                first.kernel_out[...], first.bias_out[...], split_k)
+        hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...], split_k),
+                                  _input_layer(kv2, second.kernel_in[...], second.bias_in[...], split_k)], axis=1)
         cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0).astype(kv1.dtype)  # noqa: E731
         return _output_layer(hidden, cat(first.kernel_out, second.kernel_out), cat(first.bias_out, second.bias_out))
 
 
-def _grouped_mlp(kv, kernel_in, bias_in, kernel_out, bias_out):
-    return _output_layer(_input_layer(kv, kernel_in, bias_in), kernel_out.astype(kv.dtype), bias_out.astype(kv.dtype))
+def _grouped_mlp(kv, kernel_in, bias_in, kernel_out, bias_out, split_k: int = 1):
+    return _output_layer(_input_layer(kv, kernel_in, bias_in, split_k), kernel_out.astype(kv.dtype),
+                         bias_out.astype(kv.dtype))
 
 
-def _input_layer(kv, kernel, bias):  # [b, h, w, n, d] -> [b, h, w, hidden], before the ReLU
+def _input_layer(kv, kernel, bias, split_k: int = 1):  # [b, h, w, n, d] -> [b, h, w, hidden], before the ReLU
     dt = kv.dtype
     x = kv.reshape(*kv.shape[:3], kv.shape[3] * kv.shape[4])
-    return jnp.einsum("bhwi,hio->bhwo", x, kernel.astype(dt)) + bias.astype(dt)[:, None]
+    if split_k == 1:
+        return jnp.einsum("bhwi,hio->bhwo", x, kernel.astype(dt)) + bias.astype(dt)[:, None]
+    if x.shape[-1] % split_k or kernel.shape[-1] % split_k:
+        raise ValueError(f"compress_split_k={split_k} must divide the compress window's size x head dim "
+                         f"({x.shape[-1]}) and the hidden size ({kernel.shape[-1]})")
+    return _split_matmul(x, kernel.astype(dt), split_k) + bias.astype(dt)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _split_matmul(x: jax.Array, kernel: jax.Array, split_k: int) -> jax.Array:
+    """x [b, h, w, i] @ kernel [h, i, o] per head, the contraction as split_k partial products (a
+    batch axis of the matmul) summed after; its backward splits dx's contraction (o) the same way.
+    With few windows (B=4, T=512: 128 rows per head against 1024 x 1024 weights) the one matmul
+    is short and wide, and XLA tiles it into fewer blocks than the GPU has SMs."""
+    xs = x.reshape(*x.shape[:3], split_k, x.shape[-1] // split_k)
+    ks = kernel.reshape(kernel.shape[0], split_k, kernel.shape[1] // split_k, kernel.shape[2])
+    return jnp.einsum("bhwsi,hsio->bhswo", xs, ks).sum(axis=2)
+
+
+def _split_matmul_fwd(x, kernel, split_k):
+    return _split_matmul(x, kernel, split_k), (x, kernel)
+
+
+def _split_matmul_bwd(split_k, res, dy):  # dy [b, h, w, o]
+    x, kernel = res
+    dys = dy.reshape(*dy.shape[:3], split_k, dy.shape[-1] // split_k)
+    ks = kernel.reshape(*kernel.shape[:2], split_k, kernel.shape[2] // split_k)
+    dx = jnp.einsum("bhwso,hiso->bhswi", dys, ks).sum(axis=2)
+    return dx, jnp.einsum("bhwi,bhwo->hio", x, dy)
+
+
+_split_matmul.defvjp(_split_matmul_fwd, _split_matmul_bwd)
 
 
 def _output_layer(hidden, kernel, bias):  # [b, h, w, hidden] -> [b, h, w, d]

@@ -307,6 +307,49 @@ def test_grouped_mlp_pair_equals_the_two_networks():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split_k", [2, pytest.param(8, marks=pytest.mark.slow)])
+def test_grouped_mlp_split_contraction_equals_one_matmul(split_k):
+    """`compress_split_k`: the input layers' contraction as partial products summed after gives the
+    one-matmul outputs and gradients (windows and weights), on fresh random inputs."""
+    from kernels import KernelSettings
+    from nsa_jax import GroupedMLP
+
+    k_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(1))
+    v_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(2))
+    perturb(k_net, 3)
+    perturb(v_net, 4)
+    kw, vw = jax.random.normal(jax.random.key(6), (2, 3, 2, 5, 4, 8))  # [b, h, w, n, d] each
+
+    def loss(nets, kw, vw, split):
+        out = GroupedMLP.pair(*nets, kw, vw, split)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(GroupedMLP.pair(k_net, v_net, kw, vw, split_k)),
+                                   np.asarray(GroupedMLP.pair(k_net, v_net, kw, vw)), rtol=1e-5, atol=1e-5)
+        got = jax.grad(loss, (1, 2))((k_net, v_net), kw, vw, split_k)
+        want = jax.grad(loss, (1, 2))((k_net, v_net), kw, vw, 1)
+        got_w = nnx.grad(lambda nets: loss(nets, kw, vw, split_k))((k_net, v_net))
+        want_w = nnx.grad(lambda nets: loss(nets, kw, vw, 1))((k_net, v_net))
+    for g, w in zip(jax.tree.leaves((got, got_w)), jax.tree.leaves((want, want_w)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must divide"):
+        GroupedMLP.pair(k_net, v_net, kw, vw, 64)  # 4 x 8 = 32 inputs
+    # SparseAttention hands its kernel settings' split to its grouped compress networks
+    x = jax.random.normal(jax.random.key(7), (2, 16, DIM))
+    one, split = (make(3, compress_mlp="grouped_mlp", kernel_settings=KernelSettings(compress_split_k=n))
+                  for n in (1, split_k))
+    k, v = jax.random.normal(jax.random.key(8), (2, 2, 16, 2, DIM_HEAD))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(split.compress(k, v)[0]), np.asarray(one.compress(k, v)[0]),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(run(split, x)), np.asarray(run(one, x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must divide"):  # the setting does reach the networks
+        make(3, compress_mlp="grouped_mlp", kernel_settings=KernelSettings(compress_split_k=128)).compress(k, v)
+    with pytest.raises(ValueError, match="power of two"):
+        KernelSettings(compress_split_k=3)
+
+
 def test_grouped_mlp_pair_takes_both_networks_joined():
     """As the train step hands them (`nsa_jax.stacking.JOINED`): the keys' network holding both
     networks' parameters, each one array [h1 + h2, ...], the values' empty arrays. Same output as
