@@ -192,7 +192,7 @@ class SelectionSettings:
     max_dbk_splits: int = 16
     dbk_target_programs: int = PROGRAMS_PER_SM * H100_SMS
     # 2 rather than 8: the seed model's float32 train step (H200, 2026-12-01, B = 4, T = 512): the
-    # d(block keys) kernel 133 -> 46 us per step (its 16 programs got 8 query tiles each).
+    # d(block keys) kernel 133 -> 46 us per step (16 query tiles at T = 512: 2 splits of 8 before, 8 of 2 now).
     min_dbk_tiles_per_split: int = 2
     num_warps: int = 4
     num_warps_dbk: int | None = None
