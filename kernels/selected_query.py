@@ -433,7 +433,8 @@ def _split_bounds(cfg: QueryConfig, qid, offsets, programs: int):
         return jnp.where(right, mid + 1, lo), jnp.where(right | (lo >= hi), hi, mid)
 
     shape = (rows, cfg.nb, programs + 1)
-    lo, _ = lax.fori_loop(0, e.bit_length(), halve, (jnp.broadcast_to(start, shape), jnp.broadcast_to(end, shape)))
+    lo, _ = lax.fori_loop(0, e.bit_length(), halve, (jnp.broadcast_to(start, shape), jnp.broadcast_to(end, shape)),
+                          unroll=True)
     return lo.astype(jnp.int32)
 
 
