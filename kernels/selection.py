@@ -259,7 +259,8 @@ def _shard_layout(cfg: _Config, b: int, q_offset: jax.Array) -> _Layout:
     off = jnp.asarray(q_offset, jnp.int32)
     fv_rows = jnp.where(fv == big, big, jnp.asarray(fv) - off)  # in the shard's row coordinates
     last = off + np.minimum(np.arange(1, cfg.n_pad // cfg.block_q + 1) * cfg.block_q, cfg.n) - 1
-    visible = jnp.searchsorted(jnp.asarray(fv[: cfg.nb]), last, side="right")
+    # unrolled: the default ("scan") is a while loop, a few kernels per step of log2(nb), per layer
+    visible = jnp.searchsorted(jnp.asarray(fv[: cfg.nb]), last, side="right", method="scan_unrolled")
     chunk_hi = jnp.maximum(1, -(-visible // cfg.block_k))
     tile_lo = jnp.clip(fv_rows[:: cfg.block_k_dbk], 0, cfg.n_pad) // cfg.block_q_dbk
     rows = off + jnp.arange(cfg.n_pad, dtype=jnp.int32)
