@@ -94,3 +94,24 @@ def check_vjp(kernel: str, fn_kernel, fn_reference, diff_args, names, dtype, key
     for name, got, ref in zip(names, vjp(ct), vjp_ref(ct)):
         assert got.dtype == dict(zip(names, diff_args))[name].dtype
         assert_close(kernel, f"d{name}", got, ref, dtype, **case)
+
+
+def loops_outside_kernels(jaxpr) -> list[str]:
+    """Loops XLA would run as while loops (a scan not fully unrolled, a while), outside Pallas kernels."""
+    from jax._src import source_info_util
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        length, unroll = eqn.params.get("length"), eqn.params.get("unroll")
+        unrolled = unroll is True or unroll == length  # (not `in (True, length)`: 1 == True)
+        if eqn.primitive.name == "while" or (eqn.primitive.name == "scan" and not unrolled):
+            found.append(f"{eqn.primitive.name} at {source_info_util.summarize(eqn.source_info)}")
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += loops_outside_kernels(inner)
+    return found
+

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, randn
+from kernel_testing import BOTH, F32_ONLY, check_vjp, grid, loops_outside_kernels, randn
 from kernels import _selected_common
 from kernels._selected_common import sort_by_block
 from kernels.selected_attention import layout, selected_attention
@@ -393,3 +393,24 @@ def test_sequence_shard_attends_as_its_rows_of_the_whole(impl):
 
         check_vjp(f"selected {impl} shard", fn, ref, (q[:, rows], k, v, gates[:, rows]), ("q", "k", "v", "gates"),
                   jnp.float32, key, case=str(case), shard=shard)
+
+
+@pytest.mark.parametrize("config", ["seed", "fla"])
+def test_no_while_loop_outside_the_kernels(config):
+    """The core's forward and backward run no XLA while loop (each costs a few kernels per step and
+    may wait on the host): the dk/dv range splits' binary search, forced on here (in the seed's
+    step it ran 17 steps x 4 kernels per layer at T = 16384), is unrolled. Traced only."""
+    from bench.core import CONFIGS, branch_fns
+
+    cfg = CONFIGS[config]
+    settings = KernelSettings(selected=SelectedSettings(dkv_range_split_blocks=1, dkv_entries_per_program=1,
+                                                        tiled_dkv_entries_per_program=1))
+    n, h, kh, d, cs = 1024, cfg["heads"], cfg["kv_heads"], cfg["dim_head"], cfg["stride"]
+    shapes = [(1, n, h, d), (1, n, kh, d), (1, n, kh, d), (1, 1 + n // cs, kh, d), (1, 1 + n // cs, kh, d)]
+    inputs = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    core = branch_fns(cfg, settings)["core"]
+    grad = jax.grad(lambda *a: jnp.sum(core(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))
+    jaxpr = jax.make_jaxpr(grad)(*inputs).jaxpr
+    assert not loops_outside_kernels(jaxpr)
+    calls = str(jaxpr).count("pallas_call")
+    assert calls >= 4, f"expected the Pallas kernels in the traced core, found {calls} pallas_call"

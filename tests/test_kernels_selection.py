@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_testing import BOTH, F32_ONLY, assert_close, grid, randn, relative_error
+from kernel_testing import BOTH, F32_ONLY, assert_close, grid, loops_outside_kernels, randn, relative_error
 from kernels import KernelSettings, get_backend
 from kernels.selection import select_blocks
 from kernels.settings import SelectionSettings
@@ -230,3 +230,18 @@ def test_sequence_shard_selects_as_its_rows_of_the_whole(name, offset, tiles):
         ref_grads = jax.jit(jax.grad(lambda q, ck: jnp.sum(ref(q, ck)[0] * weights), (0, 1)))(q, ck)
     for label, g, r in zip(("q", "ck"), grads, ref_grads):
         assert_close("selection", f"d{label}", g, r, jnp.float32, case=name)
+
+
+def test_shard_offset_runs_no_while_loop():
+    """A traced shard offset (context parallelism) needs the blocks visible at each query tile's end:
+    an unrolled search, not a while loop of log2(blocks) steps per layer. Traced only."""
+    q = jax.ShapeDtypeStruct((1, 256, 4, 16), jnp.float32)
+    ck = jax.ShapeDtypeStruct((1, 1 + 256 // 16, 2, 16), jnp.float32)
+
+    def fn(q, ck, off):
+        return select_blocks(q, ck, q_offset=off, num_mem=1, stride=16, causal=True, share_heads=True,
+                             num_selected=2, selection_block_size=16)
+
+    jaxpr = jax.make_jaxpr(fn)(q, ck, jax.ShapeDtypeStruct((), jnp.int32)).jaxpr
+    assert not loops_outside_kernels(jaxpr)
+    assert "pallas_call" in str(jaxpr)
