@@ -94,16 +94,21 @@ class FeedForward(nnx.Module):
         self.proj_out = Linear(dim_hidden, dim, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
-        h = self.proj_in(self.norm(x))
-        bias = self.proj_out.bias[...] if self.proj_out.bias is not None else None
-        return _gelu_linear(h, self.proj_out.kernel[...], bias)
+        xn = self.norm(x)
+        h = jnp.matmul(xn, self.proj_in.kernel[...].astype(xn.dtype))  # proj_in without its bias: added below
+        bias = lambda linear: linear.bias[...] if linear.bias is not None else None  # noqa: E731
+        return _gelu_linear(h, bias(self.proj_in), self.proj_out.kernel[...], bias(self.proj_out))
 
 
 @jax.checkpoint
-def _gelu_linear(h: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    # gelu(h) @ kernel + bias, whose backward keeps only h and recomputes gelu(h) from it:
-    # without the checkpoint, autodiff keeps gelu(h) and four intermediates of erf, each
-    # [b, n, dim * 4] per layer, the largest activation memory of the model.
+def _gelu_linear(h: jax.Array, bias_in: jax.Array | None, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    # gelu(h + bias_in) @ kernel + bias, whose backward keeps only h and recomputes gelu from it:
+    # without the checkpoint, autodiff keeps gelu's output and four intermediates of erf, each
+    # [b, n, dim * 4] per layer, the largest activation memory of the model. h is proj_in's
+    # matmul itself, so the forward writes no second copy of it with the bias added (the
+    # residual kept), only gelu's output for the next matmul.
+    if bias_in is not None:
+        h = h + bias_in.astype(h.dtype)
     y = jnp.matmul(gelu(h), kernel.astype(h.dtype))
     return y if bias is None else y + bias.astype(h.dtype)
 
