@@ -278,17 +278,26 @@ def test_invalid_settings_raise_clear_errors(bad, message):
         make(0, **bad)
 
 
-@pytest.mark.slow
-def test_grouped_mlp_pair_equals_the_two_networks():
-    """`GroupedMLP.pair` (keys' and values' networks together) gives each network's own output
-    and gradients, on fresh random windows and weights."""
+def grouped_pair(window_seed: int):
+    """Keys' and values' `GroupedMLP` (2 heads, window 4, head dim 8) moved off their init, and fresh
+    random windows for each [b, h, w, n, d]."""
     from nsa_jax import GroupedMLP
 
     k_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(1))
     v_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(2))
     perturb(k_net, 3)
     perturb(v_net, 4)
-    kw, vw = jax.random.normal(jax.random.key(5), (2, 3, 2, 5, 4, 8))  # [b, h, w, n, d] each
+    kw, vw = jax.random.normal(jax.random.key(window_seed), (2, 3, 2, 5, 4, 8))
+    return k_net, v_net, kw, vw
+
+
+@pytest.mark.slow
+def test_grouped_mlp_pair_equals_the_two_networks():
+    """`GroupedMLP.pair` (keys' and values' networks together) gives each network's own output
+    and gradients, on fresh random windows and weights."""
+    from nsa_jax import GroupedMLP
+
+    k_net, v_net, kw, vw = grouped_pair(5)
 
     def loss(nets, kw, vw, paired):
         out = GroupedMLP.pair(*nets, kw, vw) if paired else jnp.concatenate([nets[0](kw), nets[1](vw)], axis=1)
@@ -314,11 +323,7 @@ def test_grouped_mlp_split_contraction_equals_one_matmul(split_k):
     from kernels import KernelSettings
     from nsa_jax import GroupedMLP
 
-    k_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(1))
-    v_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(2))
-    perturb(k_net, 3)
-    perturb(v_net, 4)
-    kw, vw = jax.random.normal(jax.random.key(6), (2, 3, 2, 5, 4, 8))  # [b, h, w, n, d] each
+    k_net, v_net, kw, vw = grouped_pair(6)
 
     def loss(nets, kw, vw, split):
         out = GroupedMLP.pair(*nets, kw, vw, split)
@@ -357,11 +362,7 @@ def test_grouped_mlp_pair_takes_both_networks_joined():
     from nsa_jax import GroupedMLP
 
     names = ("kernel_in", "bias_in", "kernel_out", "bias_out")
-    k_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(1))
-    v_net = GroupedMLP(dim_head=8, compress_window_size=4, heads=2, rngs=nnx.Rngs(2))
-    perturb(k_net, 3)
-    perturb(v_net, 4)
-    kw, vw = jax.random.normal(jax.random.key(5), (2, 3, 2, 5, 4, 8))  # [b, h, w, n, d] each
+    k_net, v_net, kw, vw = grouped_pair(5)
     k_params = {name: getattr(k_net, name)[...] for name in names}
     v_params = {name: getattr(v_net, name)[...] for name in names}
 
