@@ -54,11 +54,11 @@ CONFIGS["fla_nodiff"] = dict(CONFIGS["fla"], diff_topk=False)
 LENGTHS = [4096, 8192, 16384, 32768, 65536]
 
 
-def make_inputs(cfg: dict, n: int, seed: int = 0):
+def make_inputs(cfg: dict, n: int, seed: int = 0, dtype=jnp.bfloat16):
     h, kh, d, cs = cfg["heads"], cfg["kv_heads"], cfg["dim_head"], cfg["stride"]
     keys = jax.random.split(jax.random.key(seed), 6)
     shapes = [(1, n, h, d), (1, n, kh, d), (1, n, kh, d), (1, 1 + n // cs, kh, d), (1, 1 + n // cs, kh, d)]
-    return [jax.random.normal(key, s, jnp.float32).astype(jnp.bfloat16) for key, s in zip(keys, shapes)]
+    return [jax.random.normal(key, s, jnp.float32).astype(dtype) for key, s in zip(keys, shapes)]
 
 
 def branch_fns(cfg: dict, settings: kernels.KernelSettings = kernels.KernelSettings()):

@@ -24,6 +24,7 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 from bench.core import CONFIGS, branch_fns, fwd_and_bwd, make_inputs, measure_grid, timed
 from bench.kernel_flags import parse_variant  # noqa: F401  (re-exported)
@@ -47,9 +48,9 @@ def kernel_ms(fn, args, steps: int = 3) -> dict[str, float]:
 
 
 def measure(name: str, n: int, branch: str, label: str, settings: KernelSettings, reps: int, budget_s: float,
-            profile: bool) -> dict:
+            profile: bool, dtype: str = "bfloat16") -> dict:
     cfg = CONFIGS[name]
-    inputs = make_inputs(cfg, n)
+    inputs = make_inputs(cfg, n, dtype=jnp.dtype(dtype))
     fwd, grad, ct = fwd_and_bwd(branch_fns(cfg, settings)[branch], inputs)
     row = dict(config=name, T=n, branch=branch, variant=label,
                fwd_ms=timed(fwd, inputs, reps, budget_s), fwd_bwd_ms=timed(grad, (inputs, ct), reps, budget_s))
@@ -67,6 +68,8 @@ def main() -> None:
                         choices=["core", "compressed", "selection", "selected", "selected_tiled", "sliding"])
     parser.add_argument("--lengths", default="65536", help="comma list of T")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help='";"-separated, e.g. "default;flash.num_warps=8"')
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="q, k, v (float32: the seed's train step, its matmuls in TF32 on the GPU)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--budget_s", type=float, default=2.0, help="stop repeating after this long (>= 3 runs)")
     parser.add_argument("--no_profile", action="store_true", help="skip the per-kernel profile")
@@ -77,17 +80,17 @@ def main() -> None:
     device = jax.devices()[0]
     profile = not args.no_profile and device.platform == "gpu"
     meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__, batch=1,
-                dtype="bfloat16", branch=args.branch, configs={k: CONFIGS[k] for k in args.configs})
+                dtype=args.dtype, branch=args.branch, configs={k: CONFIGS[k] for k in args.configs})
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_variants-{meta['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     rows = measure_grid(args.configs, [int(x) for x in args.lengths.split(",")], variants,
                         lambda name, n, label, settings: measure(name, n, args.branch, label, settings, args.reps,
-                                                                 args.budget_s, profile),
+                                                                 args.budget_s, profile, args.dtype),
                         out, meta, branch=args.branch)
 
     fmt = lambda r, key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
-    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.branch}, batch 1, bf16, causal (ms, median)")
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.branch}, batch 1, {args.dtype}, causal (ms, median)")
     print("| config | T | variant | fwd | fwd+bwd | Pallas kernels (GPU ms, fwd+bwd) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
