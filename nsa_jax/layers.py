@@ -12,6 +12,7 @@ import math
 from typing import Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 from flax import nnx
@@ -105,32 +106,37 @@ class FeedForward(nnx.Module):
 
 @jax.custom_vjp
 def _gelu_linear(h: jax.Array, bias_in: jax.Array | None, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    # gelu(h + bias_in) @ kernel + bias, with a hand-written backward that keeps h (proj_in's matmul
-    # output, written anyway) and gelu's output g (written anyway, for this matmul): the backward
-    # then reads h and dg once and writes dh, instead of recomputing g and erf's intermediates from
-    # h (autodiff's residuals: g and four [b, n, dim * 4] intermediates of erf; under a checkpoint:
-    # three more passes over that size per layer, ~0.9 GB of traffic per layer at T = 16384).
+    # gelu(h + bias_in) @ kernel + bias, keeping only h (proj_in's matmul output) for the backward, as
+    # a checkpoint would: autodiff would keep GELU's output and four intermediates of erf, each
+    # [b, n, dim * 4] per layer, the model's largest activations at long context. Written by hand
+    # because the checkpoint's backward took three passes more over that size per layer (it wrote
+    # erf's term, then GELU's output and dh from it): here one fusion reads h and dg and writes GELU's
+    # output (for kernel's gradient) and dh.
     return _gelu_linear_fwd(h, bias_in, kernel, bias)[0]
 
 
 def _gelu_linear_fwd(h, bias_in, kernel, bias):
-    g = gelu(h if bias_in is None else h + bias_in)
-    y = jnp.matmul(g, kernel)
-    return (y if bias is None else y + bias), (h, bias_in, g, kernel, bias)
+    y = jnp.matmul(gelu(h if bias_in is None else h + bias_in), kernel)
+    return (y if bias is None else y + bias), (h, bias_in, kernel, bias)
 
 
 def _gelu_linear_bwd(res, dy):  # dy [..., dim]
-    h, bias_in, g, kernel, bias = res
-    # The barrier keeps XLA from sharing erf(h) with the forward (common subexpressions: that would
-    # write it out there and read it back here, 2 more passes over [b, n, dim * 4] per layer), and
-    # bias's gradient (a column sum of dy) out of the fusion that adds dy to the residual stream's
-    # gradient: fused there it took 45 us per layer at B=4 T=512 (H200), ~5x its own kernel.
-    h, dy = lax.optimization_barrier((h, dy))
-    dg = jnp.matmul(dy, kernel.T)  # [..., dim * 4]
+    h, bias_in, kernel, bias = res
+    # The barrier keeps XLA from sharing GELU with the forward (common subexpressions: it would then
+    # keep the forward's output alive instead of recomputing it), and bias's gradient (a column sum of
+    # dy) out of the fusion that adds dy to the residual stream's gradient: fused there it took
+    # 45 us per layer at B=4 T=512 (H200), several times its own kernel. h twice: GELU and its
+    # derivative each compute erf, so that XLA fuses both into the kernel that reads dg rather than
+    # writing erf's term out as an array of its own (compiled for an H200 offline).
+    h, h_again, dy = lax.optimization_barrier((h, h, dy))
+    a = h if bias_in is None else h + bias_in
+    g = gelu(a)
+    a = h_again if bias_in is None else h_again + bias_in
+    cdf = 0.5 * lax.erfc(-a * np.sqrt(0.5).astype(a.dtype))  # GELU = a * cdf, as jax.nn.gelu computes it
+    pdf = jnp.exp(-0.5 * jnp.square(a)) * (1 / np.sqrt(2 * np.pi)).astype(a.dtype)
+    dh = jnp.matmul(dy, kernel.T) * (cdf + a * pdf)  # [..., dim * 4]; GELU' = cdf + a * pdf
     dkernel = jnp.einsum("...i,...o->io", g, dy)
-    dbias = dy.reshape(-1, dy.shape[-1]).sum(axis=0) if bias is not None else None
-    _, gelu_vjp = jax.vjp(gelu, h if bias_in is None else h + bias_in)
-    dh = gelu_vjp(dg)[0]
+    dbias = None if bias is None else dy.reshape(-1, dy.shape[-1]).sum(axis=0)
     dbias_in = None if bias_in is None else dh.reshape(-1, dh.shape[-1]).sum(axis=0)
     return dh, dbias_in, dkernel, dbias
 
