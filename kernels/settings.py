@@ -224,9 +224,11 @@ class KernelSettings:
     sliding_impl: str = "auto"  # see kernels.sliding_window
     compressed_impl: str = "auto"  # see kernels.compressed_attention
     # The grouped compress networks' input layers (`GroupedMLP.pair`, any backend): their contraction
-    # as this many partial products summed after (a power of two). Not yet measured on a GPU: 1 (one
-    # matmul) until it is. At the seed's B=4 T=512 XLA runs each layer's [8 heads x 128 windows x
-    # 1024] x [1024 x 1024] product on 64 tiles, ~5x its weights' bandwidth floor (H200, 2026-12-01).
+    # as this many partial products summed after (a power of two). At the seed's B=4 T=512 XLA runs
+    # each layer's [8 heads x 128 windows x 1024] x [1024 x 1024] product on 64 tiles, ~5x its
+    # weights' bandwidth floor; splitting it did not help: the float32 train step (H200, 2026-12-01,
+    # ms back to back) 5.18 (1) / 5.31 / 5.34 / 5.45 (2 / 4 / 8 splits), 5.18 / 5.30 / 5.33 / 5.44 in a
+    # second round. Hence 1 (one matmul).
     compress_split_k: int = 1
 
     def __post_init__(self):
