@@ -6,8 +6,8 @@
 
 A variant is a comma list of `group.field=value` (group: selected, selection, flash; or
 sliding_impl=...), variants separated by ";", "default" the library's settings. Per variant,
-configuration (`bench.core.CONFIGS`, batch 1, bf16, causal) and length: the branch's forward
-and forward+backward (`bench.core.branch_fns`; medians of --reps calls after a warm-up,
+configuration (`bench.core.CONFIGS`, batch 1, bf16 or `--dtype float32`, causal) and length: the
+branch's forward and forward+backward (`bench.core.branch_fns`; medians of --reps calls after a warm-up,
 compilation excluded, ended by block_until_ready), then one more profiled forward+backward
 whose GPU kernels (`jax.profiler`; Pallas kernels are named nsa_*) give the per-kernel
 milliseconds (on a GPU only). Prints a table and writes
@@ -90,7 +90,8 @@ def main() -> None:
                         out, meta, branch=args.branch)
 
     fmt = lambda r, key: f"{r[key]:.2f}" if key in r else "n/a"  # noqa: E731
-    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.branch}, batch 1, {args.dtype}, causal (ms, median)")
+    print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: {args.branch}, batch 1, {args.dtype}, causal "
+          "(ms, median)")
     print("| config | T | variant | fwd | fwd+bwd | Pallas kernels (GPU ms, fwd+bwd) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

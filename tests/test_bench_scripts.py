@@ -435,6 +435,19 @@ def test_kernel_variants_bench_runs_on_cpu(tmp_path):
     assert "| seed | 256 | default |" in run.stdout
 
 
+@pytest.mark.slow
+def test_kernel_variants_bench_float32_inputs(tmp_path):
+    out = tmp_path / "kv.json"
+    run = subprocess.run([sys.executable, "-m", "bench.kernel_variants", "--configs", "seed", "--lengths", "256",
+                          "--branch", "compressed", "--dtype", "float32", "--variants", "default",
+                          "--reps", "3", "--budget_s", "0.5", f"--out={out}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["dtype"] == "float32" and report["rows"][0]["fwd_bwd_ms"] > 0, report
+    assert "batch 1, float32, causal" in run.stdout
+
+
 def test_kernel_variants_parse_variant():
     from bench.kernel_variants import parse_variant
     from kernels.settings import KernelSettings
