@@ -12,10 +12,10 @@ import math
 from typing import Callable
 
 import jax
-import numpy as np
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 from flax import nnx
+from jax import lax
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -98,10 +98,8 @@ class FeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [b, n, dim]
         xn = self.norm(x)
         h = jnp.matmul(xn, self.proj_in.kernel[...].astype(xn.dtype))  # proj_in without its bias: added below
-        bias = lambda linear: linear.bias[...] if linear.bias is not None else None  # noqa: E731
-        cast = lambda x: None if x is None else x.astype(h.dtype)  # noqa: E731
-        return _gelu_linear(h, cast(bias(self.proj_in)), self.proj_out.kernel[...].astype(h.dtype),
-                            cast(bias(self.proj_out)))
+        bias = lambda linear: None if linear.bias is None else linear.bias[...].astype(h.dtype)  # noqa: E731
+        return _gelu_linear(h, bias(self.proj_in), self.proj_out.kernel[...].astype(h.dtype), bias(self.proj_out))
 
 
 @jax.custom_vjp

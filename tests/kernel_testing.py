@@ -114,4 +114,3 @@ def loops_outside_kernels(jaxpr) -> list[str]:
                 if hasattr(inner, "eqns"):
                     found += loops_outside_kernels(inner)
     return found
-
