@@ -130,7 +130,7 @@ def _gelu_linear_bwd(res, dy):  # dy [..., dim]
     a = h if bias_in is None else h + bias_in
     g = gelu(a)
     a = h_again if bias_in is None else h_again + bias_in
-    cdf = 0.5 * lax.erfc(-a * np.sqrt(0.5).astype(a.dtype))  # GELU = a * cdf, as jax.nn.gelu computes it
+    cdf = _normal_cdf(a)  # GELU = a * cdf
     pdf = jnp.exp(-0.5 * jnp.square(a)) * (1 / np.sqrt(2 * np.pi)).astype(a.dtype)
     dh = jnp.matmul(dy, kernel.T) * (cdf + a * pdf)  # [..., dim * 4]; GELU' = cdf + a * pdf
     dkernel = jnp.einsum("...i,...o->io", g, dy)
@@ -143,5 +143,14 @@ _gelu_linear.defvjp(_gelu_linear_fwd, _gelu_linear_bwd)
 
 
 def gelu(h: jax.Array) -> jax.Array:
-    """Exact GELU (PyTorch's default)."""
-    return jax.nn.gelu(h, approximate=False)
+    """Exact GELU (PyTorch's default), as PyTorch computes it: h * (1 + erf(h / sqrt(2))) / 2.
+
+    Not `jax.nn.gelu(approximate=False)`, whose erfc evaluates two branches of rational
+    approximations and an exp for every element: at T = 16384 its forward fusion took twice
+    its memory traffic's time (H200). erf is one short rational approximation."""
+    return h * _normal_cdf(h)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    """The standard normal's CDF, (1 + erf(x / sqrt(2))) / 2."""
+    return 0.5 * (1 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
