@@ -48,7 +48,12 @@ class Tiles:
     # splits' programs all run at once and the longest query range sets the time (seed model,
     # float32 train step, H200, 2026-12-01, B = 4, T = 512, us per step: compressed dk/dv 225 -> 69,
     # sliding-window dk/dv 116 -> 98; 1 tile: 68 and 141). Long sequences reach the target first.
-    dkv_target_programs: int = PROGRAMS_PER_SM * H100_SMS
+    # 8 programs per SM rather than 4: at T = 16384 (68 compressed key-tile programs per split) 16
+    # splits instead of 8 even out the key tiles' unequal query ranges (H200, 2026-12-02, seed model,
+    # float32: the compressed dk/dv kernel 0.55 -> 0.47 ms per layer, 2 programs per SM 0.72; the
+    # train step 30.74 / 30.74 -> 30.40 / 30.42 ms back to back in two rounds; T = 4096 8.67 / 8.69 ->
+    # 8.69 / 8.68; B = 4, T = 512 unchanged, its split count capped by min_dkv_tiles_per_program).
+    dkv_target_programs: int = 2 * PROGRAMS_PER_SM * H100_SMS
     min_dkv_tiles_per_program: int = 2
     # ... but no more splits than keep their float32 partials (dk and dv of every key, per split)
     # within this many bytes: 64 splits of a 4M-token sequence's 256k compressed keys, over 4 GPUs,
