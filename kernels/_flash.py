@@ -153,6 +153,7 @@ class _Config:
     block_q_dkv: int
     block_k_dkv: int
     dkv_splits: int
+    fused_bwd: bool  # the sliding window's dq in its dk/dv kernel (`_dkdvq_kernel`)
     num_warps: int  # backward kernels
     num_warps_fwd: int
     num_stages: int
@@ -297,6 +298,89 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _dkdvq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+    """The sliding window's whole backward for one key tile: its dk, dv as `_dkdv_kernel` computes
+    them, and each visited query tile's share of dq, ds @ k, stored in the slot of this key tile among
+    the key tiles that query tile sees (dq_ref [slots, n_pad, g, d]; XLA sums the slots). The logits
+    are computed once, not once more by a dq kernel. A window spans few key tiles, so the slots are
+    few; the first key tile of a query tile zeroes the slots past its last."""
+    *extra, dk_ref, dv_ref, dq_ref = refs
+    block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
+    rows, d = block_q * g, q_ref.shape[-1]
+    slots = dq_ref.shape[0]
+    head = lax.rem(iota(rows), g)  # [R]
+    kt = pl.program_id(0)
+    j0 = kt * block_k
+    k = k_ref[...]  # [BK, d]
+    v = v_ref[...]
+    j = j0 + iota(block_k)
+    lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
+    lo, hi = lax.div(lo, block_q), div_up(hi, block_q)  # query tiles
+
+    def body(qt, carry):
+        dk, dv = carry
+        t0 = qt * block_q
+        t = t0 + lax.div(iota(rows), g)  # [R] each row's token
+        q = q_ref[t, head, :]  # [R, d]
+        do = do_ref[t, head, :]
+        lse = lse_ref[t, head]  # [R]
+        delta = delta_ref[t, head]
+        tokens = pl.ds(t0, block_q)
+        bounds = None
+        if cfg.vis.packed:
+            bounds = (tokens_to_rows(extra[0][tokens], g)[None, :], tokens_to_rows(extra[1][tokens], g)[None, :])
+        s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
+        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
+        dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]
+        dp_t = mm(v, do, trans_b=True)  # [BK, R]
+        ds_t = (p_t * (dp_t - delta[None, :])).astype(q.dtype)
+        dk = dk + mm(ds_t, q)
+        dq = mm(ds_t, k, trans_a=True) * cfg.scale  # [R, d]
+        [(first, end)] = cfg.vis.key_tiles(t0, t0 + block_q - 1, block_k)
+        dq_ref[kt - first, tokens] = dq.reshape(block_q, g, d).astype(dq_ref.dtype)
+        for slot in range(1, slots):
+            @pl.when((kt == first) & (slot >= end - first))
+            def _zero():
+                dq_ref[slot, tokens] = jnp.zeros((block_q, g, d), dq_ref.dtype)
+
+        return dk, dv
+
+    zeros = jnp.zeros((block_k, d), F32)
+    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _window_slots(cfg: _Config) -> int:
+    """The most key tiles of `block_k_dkv` keys that one query tile's window spans."""
+    span = cfg.block_q_dkv + cfg.vis.window + (0 if cfg.vis.causal else cfg.vis.window)  # keys a tile may see
+    return cdiv(span - 1, cfg.block_k_dkv) + 1
+
+
+def _fused_backward(cfg: _Config, q, k, v, do, lse, delta, bounds: list):
+    """dq, dk, dv of the sliding window from `_dkdvq_kernel` (one program per key tile)."""
+    b, n_pad, kh, g, d = q.shape
+    nk_pad, bk = k.shape[1], cfg.block_k_dkv
+    slots = _window_slots(cfg)
+    q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, bi, hi: (bi, 0, hi, 0, 0))
+    row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, bi, hi: (bi, 0, hi, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))
+    dq_slots = pl.BlockSpec((slots, None, n_pad, None, g, d), lambda j, bi, hi: (0, bi, 0, hi, 0, 0))
+    tokens_full = pl.BlockSpec((None, n_pad), lambda j, bi, hi: (bi, 0))
+    dk, dv, dq = pl.pallas_call(
+        functools.partial(_dkdvq_kernel, cfg=cfg),
+        grid=(nk_pad // bk, b, kh),
+        in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full] + [tokens_full] * len(bounds),
+        out_specs=[kv_tile, kv_tile, dq_slots],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   jax.ShapeDtypeStruct((slots, *q.shape), F32)],
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_window_dkdvq",
+    )(q, k, v, do, lse, delta, *bounds)
+    return dq.sum(axis=0).astype(q.dtype), dk, dv
+
+
 def _forward(cfg: _Config, q, k, v, extras: _Extras):
     """q [b, n_pad, kh, g, d], k/v [b, nk_pad, kh, d] -> o like q, lse [b, n_pad, kh, g] (base 2)."""
     b, n_pad, kh, g, d = q.shape
@@ -326,6 +410,8 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
     delta = softmax_delta(o, do)  # [b, n_pad, kh, g]
     params = compiler_params(cfg.num_warps, cfg.num_stages)
     bounds = [x for x in (extras.lo, extras.hi) if x is not None]
+    if cfg.fused_bwd:
+        return _fused_backward(cfg, q, k, v, do, lse, delta, bounds)
     offset = [extras.offset] if extras.offset is not None else []
 
     bq = cfg.block_q_dq
@@ -433,6 +519,7 @@ def banded_attention(
         vis=vis, scale=float(scale), g=g, n_pad=n_pad,
         block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],
         block_q_dkv=bq[2], block_k_dkv=bk[2], dkv_splits=dkv_splits,
+        fused_bwd=tiles.window_bwd == "fused" and vis.kind == "window" and not vis.offset,
         num_warps=tiles.num_warps, num_warps_fwd=tiles.num_warps_fwd, num_stages=tiles.num_stages,
         interpret=interpret,
     )

@@ -59,6 +59,14 @@ class Tiles:
     # within this many bytes: 64 splits of a 4M-token sequence's 256k compressed keys, over 4 GPUs,
     # would write 34 GB per call.
     dkv_partial_bytes: int = 2**31
+    # The sliding window's backward: "split" (a dq kernel, then the dk/dv kernel, each computing the
+    # logits) or "fused" (the dk/dv kernel also writes each query tile's share of dq, ds @ k, to one of
+    # a few per-key-tile slots that XLA sums: the logits once). Not yet timed on a GPU: "split" stays
+    # the default until "fused" measures faster.
+    window_bwd: str = "split"
+
+    def __post_init__(self):
+        _check(self.window_bwd in ("split", "fused"), f"window_bwd must be split or fused, got {self.window_bwd!r}")
 
 
 SELECTED_IMPLS = ("auto", "query", "tiled", "xla")

@@ -13,6 +13,7 @@ import pytest
 
 from kernel_testing import F32_ONLY, assert_close, check_vjp, grid, randn
 from kernels.compressed_attention import compressed_attention
+from kernels.settings import Tiles
 from kernels.sliding_window import sliding_window_attention
 from nsa_jax import reference
 from nsa_jax import segments as seg
@@ -75,10 +76,12 @@ def test_compressed_attention_packed_matches_reference(case, dtype):
               (q, ck, cv), ("q", "ck", "cv"), dtype, keys[3], case=str(case))
 
 
-# impl "xla" (dense masked, recomputed in the backward): the slow tier.
+# impl "xla" (dense masked, recomputed in the backward): the slow tier. "fused": the Pallas kernel
+# with Tiles(window_bwd="fused").
 @pytest.mark.parametrize("case,dtype,impl", [
     pytest.param(*p.values, impl, id=f"{impl}-{p.id}", marks=p.marks)
-    for impl, quick in (("pallas", {"g2_noncausal_quirk_short": F32_ONLY}), ("xla", {}))
+    for impl, quick in (("pallas", {"g2_noncausal_quirk_short": F32_ONLY}), ("xla", {}),
+                        ("fused", {"g2_causal_many": F32_ONLY}))
     for p in grid(SLIDING, quick)])
 def test_sliding_window_packed_matches_reference(case, dtype, impl):
     segments = packed(case)
@@ -87,7 +90,8 @@ def test_sliding_window_packed_matches_reference(case, dtype, impl):
     q = randn(keys[0], (b, n, case.heads, case.dim_head), dtype)
     k, v = (randn(key, (b, n, case.kv_heads, case.dim_head), dtype) for key in keys[1:3])
     kw = dict(window=case.window, causal=case.causal, mask_padding=case.mask_padding)
-    check_vjp(f"sliding_packed_{impl}", lambda q, k, v: sliding_window_attention(q, k, v, segments, impl=impl, **kw),
+    how = dict(impl="pallas", tiles=Tiles(window_bwd="fused")) if impl == "fused" else dict(impl=impl)
+    check_vjp(f"sliding_packed_{impl}", lambda q, k, v: sliding_window_attention(q, k, v, segments, **how, **kw),
               lambda q, k, v: reference.sliding_window_attention(q, k, v, segments=segments, **kw),
               (q, k, v), ("q", "k", "v"), dtype, keys[3], case=str(case))
 
