@@ -63,7 +63,7 @@ def test_sliding_window_fused_backward_matches_reference(case, dtype):
 
 @pytest.mark.parametrize("window,causal", [(16, True), (40, True), (16, False)])
 def test_sliding_window_fused_backward_small_key_tiles(window, causal):
-    """Key tiles of 16 and query tiles of 8 tokens: a window spans up to 5 key tiles (slots), and the
+    """Key tiles of 16 and query tiles of 8 tokens: a window spans up to 4 key tiles (slots), and the
     query tiles near the sequence's start or end see fewer (the slots their first key tile zeroes)."""
     tiles = Tiles(rows_dkv=16, block_k_dkv=16, window_bwd="fused")
     case = Case(90, 4, 2, 32, window, causal)
