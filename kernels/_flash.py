@@ -153,7 +153,7 @@ class _Config:
     block_q_dkv: int
     block_k_dkv: int
     dkv_splits: int
-    fused_bwd: bool  # the sliding window's dq in its dk/dv kernel (`_dkdvq_kernel`)
+    fused_bwd: bool  # the sliding window's dq from its dk/dv kernel (one split; see `_dkdv_kernel`)
     num_warps: int  # backward kernels
     num_warps_fwd: int
     num_stages: int
@@ -252,12 +252,21 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
     """One key tile's dk, dv. Works on transposed scores [BK, R] (keys in the matmul M
     dimension, as the Triton tutorial does) so no tile is transposed in registers; q, do
     [n_pad, g, d] are read as row tiles [R, d] (row r: token r // g, head r % g) through
-    index arrays, so they need no transposed copy in XLA."""
+    index arrays, so they need no transposed copy in XLA.
+
+    cfg.fused_bwd (the sliding window, one split): also each visited query tile's share of dq,
+    ds @ k, stored in the slot of this key tile among the key tiles that query tile sees
+    (dq_ref [slots, n_pad, g, d]; XLA sums the slots), so that no dq kernel computes the logits
+    once more. A window spans few key tiles, so the slots are few; the first key tile of a query
+    tile zeroes the slots past its last."""
     *extra, dk_ref, dv_ref = refs
+    if cfg.fused_bwd:
+        *extra, dk_ref, dv_ref, dq_ref = refs
     block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
     rows, d = block_q * g, q_ref.shape[-1]
     head = lax.rem(iota(rows), g)  # [R]
-    j0 = pl.program_id(0) * block_k
+    kt = pl.program_id(0)
+    j0 = kt * block_k
     split = pl.program_id(1)
     k = k_ref[...]  # [BK, d]
     v = v_ref[...]
@@ -280,16 +289,25 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
         lse = lse_ref[t, head]  # [R]
         delta = delta_ref[t, head]
         pos = t + shift  # [R] each row's position
+        tokens = pl.ds(qt * block_q, block_q)
         bounds = None
         if cfg.vis.packed:
-            tokens = pl.ds(qt * block_q, block_q)
             bounds = (tokens_to_rows(extra[0][tokens], g)[None, :], tokens_to_rows(extra[1][tokens], g)[None, :])
         s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
         p_t = jnp.where(cfg.vis.mask(pos[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
         dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]
         dp_t = mm(v, do, trans_b=True)  # [BK, R]
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = dk + mm(ds_t.astype(q.dtype), q)
+        ds_t = (p_t * (dp_t - delta[None, :])).astype(q.dtype)
+        dk = dk + mm(ds_t, q)
+        if cfg.fused_bwd:
+            dq = mm(ds_t, k, trans_a=True) * cfg.scale  # [R, d]
+            [(first, end)] = cfg.vis.key_tiles(qt * block_q + shift, qt * block_q + shift + block_q - 1, block_k)
+            dq_ref[kt - first, tokens] = dq.reshape(block_q, g, d).astype(dq_ref.dtype)
+            for slot in range(1, dq_ref.shape[0]):
+                @pl.when((kt == first) & (slot >= end - first))
+                def _zero():
+                    dq_ref[slot, tokens] = jnp.zeros((block_q, g, d), dq_ref.dtype)
+
         return dk, dv
 
     zeros = jnp.zeros((block_k, d), F32)
@@ -298,87 +316,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkdvq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
-    """The sliding window's whole backward for one key tile: its dk, dv as `_dkdv_kernel` computes
-    them, and each visited query tile's share of dq, ds @ k, stored in the slot of this key tile among
-    the key tiles that query tile sees (dq_ref [slots, n_pad, g, d]; XLA sums the slots). The logits
-    are computed once, not once more by a dq kernel. A window spans few key tiles, so the slots are
-    few; the first key tile of a query tile zeroes the slots past its last."""
-    *extra, dk_ref, dv_ref, dq_ref = refs
-    block_q, block_k, g = cfg.block_q_dkv, cfg.block_k_dkv, cfg.g
-    rows, d = block_q * g, q_ref.shape[-1]
-    slots = dq_ref.shape[0]
-    head = lax.rem(iota(rows), g)  # [R]
-    kt = pl.program_id(0)
-    j0 = kt * block_k
-    k = k_ref[...]  # [BK, d]
-    v = v_ref[...]
-    j = j0 + iota(block_k)
-    lo, hi = cfg.vis.query_range(j0, j0 + block_k - 1, cfg.n_pad)
-    lo, hi = lax.div(lo, block_q), div_up(hi, block_q)  # query tiles
-
-    def body(qt, carry):
-        dk, dv = carry
-        t0 = qt * block_q
-        t = t0 + lax.div(iota(rows), g)  # [R] each row's token
-        q = q_ref[t, head, :]  # [R, d]
-        do = do_ref[t, head, :]
-        lse = lse_ref[t, head]  # [R]
-        delta = delta_ref[t, head]
-        tokens = pl.ds(t0, block_q)
-        bounds = None
-        if cfg.vis.packed:
-            bounds = (tokens_to_rows(extra[0][tokens], g)[None, :], tokens_to_rows(extra[1][tokens], g)[None, :])
-        s_t = mm(k, q, trans_b=True) * (cfg.scale * LOG2E)  # [BK, R]
-        p_t = jnp.where(cfg.vis.mask(t[None, :], j[:, None], bounds), jnp.exp2(s_t - lse[None, :]), 0.0)
-        dv = dv + mm(p_t.astype(do.dtype), do)  # [BK, d]
-        dp_t = mm(v, do, trans_b=True)  # [BK, R]
-        ds_t = (p_t * (dp_t - delta[None, :])).astype(q.dtype)
-        dk = dk + mm(ds_t, q)
-        dq = mm(ds_t, k, trans_a=True) * cfg.scale  # [R, d]
-        [(first, end)] = cfg.vis.key_tiles(t0, t0 + block_q - 1, block_k)
-        dq_ref[kt - first, tokens] = dq.reshape(block_q, g, d).astype(dq_ref.dtype)
-        for slot in range(1, slots):
-            @pl.when((kt == first) & (slot >= end - first))
-            def _zero():
-                dq_ref[slot, tokens] = jnp.zeros((block_q, g, d), dq_ref.dtype)
-
-        return dk, dv
-
-    zeros = jnp.zeros((block_k, d), F32)
-    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
-    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
 def _window_slots(cfg: _Config) -> int:
     """The most key tiles of `block_k_dkv` keys that one query tile's window spans."""
     span = cfg.block_q_dkv + cfg.vis.window + (0 if cfg.vis.causal else cfg.vis.window)  # keys a tile may see
     return cdiv(span - 1, cfg.block_k_dkv) + 1
-
-
-def _fused_backward(cfg: _Config, q, k, v, do, lse, delta, bounds: list):
-    """dq, dk, dv of the sliding window from `_dkdvq_kernel` (one program per key tile)."""
-    b, n_pad, kh, g, d = q.shape
-    nk_pad, bk = k.shape[1], cfg.block_k_dkv
-    slots = _window_slots(cfg)
-    q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, bi, hi: (bi, 0, hi, 0, 0))
-    row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, bi, hi: (bi, 0, hi, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))
-    dq_slots = pl.BlockSpec((slots, None, n_pad, None, g, d), lambda j, bi, hi: (0, bi, 0, hi, 0, 0))
-    tokens_full = pl.BlockSpec((None, n_pad), lambda j, bi, hi: (bi, 0))
-    dk, dv, dq = pl.pallas_call(
-        functools.partial(_dkdvq_kernel, cfg=cfg),
-        grid=(nk_pad // bk, b, kh),
-        in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full] + [tokens_full] * len(bounds),
-        out_specs=[kv_tile, kv_tile, dq_slots],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                   jax.ShapeDtypeStruct((slots, *q.shape), F32)],
-        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
-        interpret=cfg.interpret,
-        name="nsa_window_dkdvq",
-    )(q, k, v, do, lse, delta, *bounds)
-    return dq.sum(axis=0).astype(q.dtype), dk, dv
 
 
 def _forward(cfg: _Config, q, k, v, extras: _Extras):
@@ -405,32 +346,40 @@ def _forward(cfg: _Config, q, k, v, extras: _Extras):
 
 
 def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
+    delta = softmax_delta(o, do)  # [b, n_pad, kh, g]
+    bounds = [x for x in (extras.lo, extras.hi) if x is not None]
+    offset = [extras.offset] if extras.offset is not None else []
+    dq = None if cfg.fused_bwd else _dq(cfg, q, k, v, do, lse, delta, bounds, offset)
+    dk, dv, dq_fused = _dkdv(cfg, q, k, v, do, lse, delta, extras, bounds, offset)
+    return (dq_fused if cfg.fused_bwd else dq), dk, dv
+
+
+def _dq(cfg: _Config, q, k, v, do, lse, delta, bounds: list, offset: list):
+    """dq from `_dq_kernel`, one program per query tile."""
     b, n_pad, kh, g, d = q.shape
     nk_pad = k.shape[1]
-    delta = softmax_delta(o, do)  # [b, n_pad, kh, g]
-    params = compiler_params(cfg.num_warps, cfg.num_stages)
-    bounds = [x for x in (extras.lo, extras.hi) if x is not None]
-    if cfg.fused_bwd:
-        return _fused_backward(cfg, q, k, v, do, lse, delta, bounds)
-    offset = [extras.offset] if extras.offset is not None else []
-
     bq = cfg.block_q_dq
     q_tile = pl.BlockSpec((None, bq, None, g, d), lambda i, bi, hi: (bi, i, hi, 0, 0))
     row_tile = pl.BlockSpec((None, bq, None, g), lambda i, bi, hi: (bi, i, hi, 0))
     kv_full = pl.BlockSpec((None, nk_pad, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     token_tile = pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i))
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(n_pad // bq, b, kh),
         in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile] + [token_tile] * len(bounds)
                  + [pl.BlockSpec((None, 1), lambda i, bi, hi: (bi, 0))] * len(offset),
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params,
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name=f"nsa_{cfg.vis.kind}_dq",
     )(q, k, v, do, lse, delta, *bounds, *offset)
 
+
+def _dkdv(cfg: _Config, q, k, v, do, lse, delta, extras: _Extras, bounds: list, offset: list):
+    """dk, dv, and with cfg.fused_bwd also dq (else None)."""
+    b, n_pad, kh, g, d = q.shape
+    nk_pad = k.shape[1]
     bk, splits = cfg.block_k_dkv, cfg.dkv_splits
     q_full = pl.BlockSpec((None, n_pad, None, g, d), lambda j, sp, bi, hi: (bi, 0, hi, 0, 0))
     row_full = pl.BlockSpec((None, n_pad, None, g), lambda j, sp, bi, hi: (bi, 0, hi, 0))
@@ -440,19 +389,25 @@ def _backward(cfg: _Config, q, k, v, o, lse, do, extras: _Extras):
     key_tile = pl.BlockSpec((None, 1), lambda j, sp, bi, hi: (bi, j))
     tile_ranges = [x for x in (extras.q_lo, extras.q_hi) if x is not None]
     out_dtype = F32 if splits > 1 else k.dtype  # partial sums stay in f32
-    dk, dv = pl.pallas_call(
+    out_specs, out_shape = [out_tile, out_tile], [jax.ShapeDtypeStruct((splits, *k.shape), out_dtype)] * 2
+    if cfg.fused_bwd:  # dq's slots: float32, summed below
+        slots = _window_slots(cfg)
+        out_specs.append(pl.BlockSpec((slots, None, n_pad, None, g, d), lambda j, sp, bi, hi: (0, bi, 0, hi, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((slots, *q.shape), F32))
+    dk, dv, *dq = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(nk_pad // bk, splits, b, kh),
         in_specs=[q_full, kv_tile, kv_tile, q_full, row_full, row_full]
                  + [tokens_full] * len(bounds) + [key_tile] * len(tile_ranges)
                  + [pl.BlockSpec((None, 1), lambda j, sp, bi, hi: (bi, 0))] * len(offset),
-        out_specs=[out_tile, out_tile],
-        out_shape=[jax.ShapeDtypeStruct((splits, *k.shape), out_dtype)] * 2,
-        compiler_params=params,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
-        name=f"nsa_{cfg.vis.kind}_dkdv",
+        name=f"nsa_{cfg.vis.kind}_dkdvq" if cfg.fused_bwd else f"nsa_{cfg.vis.kind}_dkdv",
     )(q, k, v, do, lse, delta, *bounds, *tile_ranges, *offset)
-    return dq, dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype)
+    dq = dq[0].sum(axis=0).astype(q.dtype) if cfg.fused_bwd else None
+    return dk.sum(axis=0).astype(k.dtype), dv.sum(axis=0).astype(v.dtype), dq
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -515,11 +470,11 @@ def banded_attention(
     fill = min(cdiv(tiles.dkv_target_programs, programs), dkv_tiles // tiles.min_dkv_tiles_per_program)
     dkv_splits = max(1, min(tiles.max_dkv_splits, max(dkv_tiles // tiles.dkv_tiles_per_program, fill),
                             tiles.dkv_partial_bytes // (2 * 4 * nk_pad * b * kh * d_pad)))
+    fused_bwd = tiles.window_bwd == "fused" and vis.kind == "window" and not vis.offset
     cfg = _Config(
         vis=vis, scale=float(scale), g=g, n_pad=n_pad,
         block_q_fwd=bq[0], block_k_fwd=bk[0], block_q_dq=bq[1], block_k_dq=bk[1],
-        block_q_dkv=bq[2], block_k_dkv=bk[2], dkv_splits=dkv_splits,
-        fused_bwd=tiles.window_bwd == "fused" and vis.kind == "window" and not vis.offset,
+        block_q_dkv=bq[2], block_k_dkv=bk[2], dkv_splits=1 if fused_bwd else dkv_splits, fused_bwd=fused_bwd,
         num_warps=tiles.num_warps, num_warps_fwd=tiles.num_warps_fwd, num_stages=tiles.num_stages,
         interpret=interpret,
     )
