@@ -53,7 +53,10 @@ class Tiles:
     # float32: the compressed dk/dv kernel 0.55 -> 0.47 ms per layer, 2 programs per SM 0.72; the
     # train step 30.74 / 30.74 -> 30.40 / 30.42 ms back to back in two rounds; T = 4096 8.67 / 8.69 ->
     # 8.69 / 8.68; B = 4, T = 512 unchanged, its split count capped by min_dkv_tiles_per_program).
-    dkv_target_programs: int = 2 * PROGRAMS_PER_SM * H100_SMS
+    # 16 per SM rather than 8 (H200, 2026-12-02, same step, ms back to back in four rounds over two
+    # machines' starts: T = 16384 30.32 / 30.31 / 30.27 / 30.27 against 30.48 / 30.46 / 30.43 / 30.44;
+    # T = 4096 8.73 / 8.73 against 8.72 / 8.72 and B = 4, T = 512 5.13 / 5.13 against 5.14 / 5.14).
+    dkv_target_programs: int = 4 * PROGRAMS_PER_SM * H100_SMS
     min_dkv_tiles_per_program: int = 2
     # ... but no more splits than keep their float32 partials (dk and dv of every key, per split)
     # within this many bytes: 64 splits of a 4M-token sequence's 256k compressed keys, over 4 GPUs,
@@ -61,8 +64,10 @@ class Tiles:
     dkv_partial_bytes: int = 2**31
     # The sliding window's backward: "split" (a dq kernel, then the dk/dv kernel, each computing the
     # logits) or "fused" (the dk/dv kernel also writes each query tile's share of dq, ds @ k, to one of
-    # a few per-key-tile slots that XLA sums: the logits once). Not yet timed on a GPU: "split" stays
-    # the default until "fused" measures faster.
+    # a few per-key-tile slots that XLA sums: the logits once). "split" stays the default: "fused"
+    # measured no faster (H200, 2026-12-02, seed model, float32; the window's kernels at T = 16384
+    # 0.32 against 0.34 ms of GPU time per layer, but the train step 30.43 / 30.41 against 30.48 /
+    # 30.46 ms back to back at T = 16384, and 18.70 / 18.70 against 18.49 / 18.48 at B = 4 x 4, T = 512).
     window_bwd: str = "split"
 
     def __post_init__(self):
