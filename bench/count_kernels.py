@@ -126,7 +126,8 @@ def by_scope(hlo_text: str) -> dict[str, int]:
 
 def pretend_gpu() -> None:
     """Make the kernels take their GPU paths while tracing on a machine without a GPU (deviceless
-    compilation): not interpreted, cuDNN available, Pallas' Triton lowering for compute capability 9.0."""
+    compilation): not interpreted, cuDNN available, Pallas' Triton lowering and Mosaic GPU for compute
+    capability 9.0."""
     from jax._src.pallas.triton import pallas_call_registration
 
     pallas_call_registration.gpu_info_lib = types.SimpleNamespace(
@@ -135,11 +136,13 @@ def pretend_gpu() -> None:
     def cudnn_usable(q):
         return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
 
-    for name in ("_common", "_flash", "compressed_attention", "fla_selection", "selection", "selected_attention",
-                 "selected_query", "selected_tiled", "sliding_window"):
+    for name in ("_common", "_flash", "compressed_attention", "fla_selection", "mosaic_compressed", "selection",
+                 "selected_attention", "selected_query", "selected_tiled", "sliding_window"):
         module = importlib.import_module(f"kernels.{name}")
         if hasattr(module, "interpret_mode"):
             module.interpret_mode = lambda: False
+        if hasattr(module, "hopper_gpu"):
+            module.hopper_gpu = lambda: True
         if hasattr(module, "cudnn_flash_usable"):
             module.cudnn_flash_usable = cudnn_usable
 

@@ -23,7 +23,7 @@ def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compressed_impl", default=None, choices=COMPRESSED_IMPLS, help="compressed-branch kernel")
     group.add_argument("--kernel_settings", default="", metavar="GROUP.FIELD=VALUE,...",
                        help="any setting, e.g. flash.min_dkv_tiles_per_program=2 (groups: selected, "
-                            "selection, flash); the flags above override it")
+                            "selection, flash, mosaic); the flags above override it")
 
 
 def kernel_settings_from(args: argparse.Namespace) -> KernelSettings:
@@ -59,7 +59,7 @@ def replace_fields(settings, items: list[str]):
     return dataclasses.replace(settings, **changes)
 
 
-GROUPS = ("selected", "selection", "flash")
+GROUPS = ("selected", "selection", "flash", "mosaic")
 
 
 def parse_variant(text: str, settings: KernelSettings | None = None) -> KernelSettings:

@@ -16,7 +16,7 @@ import jax
 import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 from jax.sharding import PartitionSpec as P
 
-from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings, Tiles
+from kernels.settings import KernelSettings, MosaicTiles, SelectedSettings, SelectionSettings, Tiles
 
 # Importing Pallas's fuser registers a flag that is part of jit's cache key. Pallas imports it lazily,
 # while lowering the first kernel; a jitted train step compiled before that import then misses the
@@ -24,8 +24,8 @@ from kernels.settings import KernelSettings, SelectedSettings, SelectionSettings
 
 BACKENDS = ("reference", "pallas")
 
-__all__ = ["AttentionBackend", "BACKENDS", "KernelSettings", "SelectedSettings", "SelectionSettings", "Tiles",
-           "backend_name", "batch_parallel", "default_backend_name", "get_backend"]
+__all__ = ["AttentionBackend", "BACKENDS", "KernelSettings", "MosaicTiles", "SelectedSettings", "SelectionSettings",
+           "Tiles", "backend_name", "batch_parallel", "default_backend_name", "get_backend"]
 
 
 class AttentionBackend(NamedTuple):
@@ -83,7 +83,7 @@ def get_backend(name: str | None = None, settings: KernelSettings = KernelSettin
         return AttentionBackend(
             "pallas",
             kernel(compressed_attention, reference.compressed_attention, impl=settings.compressed_impl,
-                   tiles=settings.flash),
+                   tiles=settings.flash, mosaic_tiles=settings.mosaic),
             kernel(select_blocks, reference.select_blocks, settings=settings.selection),
             kernel(selected_attention, reference.selected_attention, settings=settings.selected),
             kernel(sliding_window_attention, reference.sliding_window_attention,

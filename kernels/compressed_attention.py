@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from kernels._common import cdiv, cudnn_flash_usable, in_xla, interpret_mode, pad_axis
 from kernels._flash import Visibility, banded_attention
-from kernels.settings import COMPRESSED_IMPLS, Tiles
+from kernels.mosaic_compressed import compressed_attention_mosaic, mosaic_pays, mosaic_usable
+from kernels.settings import COMPRESSED_IMPLS, MosaicTiles, Tiles
 from nsa_jax import reference
 from nsa_jax import segments as seg
 from nsa_jax.fla_reference import entry_bounds
@@ -44,8 +45,9 @@ def compressed_attention(
     stride: int,
     causal: bool,
     scale: float | None = None,
-    impl: str = "auto",  # "auto" | "pallas" | "cudnn" | "xla"
+    impl: str = "auto",  # "auto" | "pallas" | "mosaic" | "cudnn" | "xla"
     tiles: Tiles = Tiles(),
+    mosaic_tiles: MosaicTiles = MosaicTiles(),
 ) -> jax.Array:  # [b, n, h, d]
     """`nsa_jax.reference.compressed_attention` for the parallel forward (no `q_positions`).
 
@@ -64,6 +66,12 @@ def compressed_attention(
                                               segments=segments)
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
+    mosaic = mosaic_usable(q, ck, cv, num_mem=num_mem, causal=causal, packed=segments is not None)
+    if impl == "mosaic" and not mosaic:
+        raise ValueError("the Mosaic GPU compressed branch serves causal, unpacked float32 attention with memory "
+                         "entries, head dim 32 or 64, TF32 matmuls, on a Hopper GPU; use impl='pallas' or 'auto'")
+    if impl == "mosaic" or (impl == "auto" and mosaic and not interpret_mode() and mosaic_pays(q, ck, num_mem)):
+        return compressed_attention_mosaic(q, ck, cv, num_mem=num_mem, stride=stride, scale=scale, tiles=mosaic_tiles)
     block_causal = segments is None and causal and num_mem == 1 and ck.shape[1] >= cdiv(q.shape[1], stride)
     if impl == "cudnn" and not block_causal:
         raise ValueError("the cuDNN compressed branch serves causal attention with one memory entry, unpacked, "

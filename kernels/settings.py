@@ -229,8 +229,33 @@ class SelectionSettings:
             _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicTiles:
+    """Tiles of the Mosaic GPU compressed branch (`kernels.mosaic_compressed`), chosen on an H200
+    (seed config, float32, T = 16384, 2026-12-02).
+
+    block_q: query rows per compute warpgroup (wgmma's row group); block_kv: keys per step of the
+    forward and dq kernels (forward with its transposes, ms: 32 -> 0.150, 64 -> 0.131, 96 -> 0.130);
+    stages: shared-memory slots of the loads in flight (forward: 2 -> 0.131, 3 -> 0.135, 4 -> 0.134);
+    dkv_chunk: queries per dk/dv program, partial sums added in XLA (dk/dv kernel: 512 -> 0.188,
+    1024 -> 0.206, 2048 -> 0.262)."""
+
+    block_q: int = 64
+    block_kv: int = 64
+    stages: int = 2
+    dkv_chunk: int = 512
+
+    def __post_init__(self):
+        _check(self.block_q == 64, f"block_q must be 64 (one wgmma row group), got {self.block_q}")
+        _check(self.block_kv % 32 == 0 and 32 <= self.block_kv <= 128,
+               f"block_kv must be 32, 64, 96 or 128, got {self.block_kv}")
+        _check(self.stages >= 2, f"stages must be >= 2, got {self.stages}")
+        _check(self.dkv_chunk % 128 == 0 and self.dkv_chunk > 0,
+               f"dkv_chunk must be a positive multiple of 128, got {self.dkv_chunk}")
+
+
 SLIDING_IMPLS = ("auto", "pallas", "cudnn", "xla")
-COMPRESSED_IMPLS = ("auto", "pallas", "cudnn", "xla")
+COMPRESSED_IMPLS = ("auto", "pallas", "mosaic", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +267,7 @@ class KernelSettings:
     flash: Tiles = Tiles()  # compressed attention and the Pallas sliding window
     sliding_impl: str = "auto"  # see kernels.sliding_window
     compressed_impl: str = "auto"  # see kernels.compressed_attention
+    mosaic: MosaicTiles = MosaicTiles()  # the Mosaic GPU compressed branch (kernels.mosaic_compressed)
     # The grouped compress networks' input layers (`GroupedMLP.pair`, any backend): their contraction
     # as this many partial products summed after (a power of two). At the seed's B=4 T=512 XLA runs
     # each layer's [8 heads x 128 windows x 1024] x [1024 x 1024] product on 64 tiles, ~5x its

@@ -326,7 +326,7 @@ def test_sparse_attention_pallas_backend_matches_reference(causal, option):
     (lambda: SelectedSettings(dkv_chunk=3), "dkv_chunk must be a power of two"),
     (lambda: SelectionSettings(rows=48), "rows must be a power of two"),
     (lambda: KernelSettings(sliding_impl="flash"), "sliding_impl must be one of auto, pallas, cudnn, xla"),
-    (lambda: KernelSettings(compressed_impl="dense"), "compressed_impl must be one of auto, pallas, cudnn, xla"),
+    (lambda: KernelSettings(compressed_impl="dense"), "compressed_impl must be one of auto, pallas, mosaic, cudnn, xla"),
     (lambda: SelectionSettings(impl="kernel"), "impl must be one of pallas, xla"),
     (lambda: SelectedSettings(dq_num_stages=0), "dq_num_stages must be >= 1"),
     (lambda: SelectedSettings(dq_num_warps=0), "dq_num_warps must be >= 1"),
