@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels._common import LOG2E, interpret_mode, pad_axis, round_up
+from kernels._common import LOG2E, interpret_mode, pad_axis, round_up, softmax_delta
 from kernels.settings import MosaicTiles
 
 # f32 tiles in shared memory: 128-byte swizzled rows of 32 elements (what wgmma reads).
@@ -489,7 +489,7 @@ def _attention_bwd(num_mem, stride, scale, tiles, res, do):
     n = q.shape[1]
     n_pad, chunk = _padding(n, q.shape[2], ck.shape[2], tiles)
     qp, dop = pad_axis(q, 1, n_pad), pad_axis(do.astype(jnp.float32), 1, n_pad)
-    delta = jnp.einsum("bnhd,bnhd->bhn", o, dop)  # rowsum(o * dO); 0 on padding rows
+    delta = softmax_delta(o, dop).transpose(0, 2, 1)  # [b, h, n_pad]: rowsum(o * dO) in float32; 0 on padding
     kw = dict(num_mem=num_mem, stride=stride, scale=scale, tiles=tiles)
     dq = _dq(qp, ck, cv, dop, lse, delta, **kw)[:, :n]
     dk, dv = _dkdv(qp, ck, cv, dop, lse, delta, chunk=chunk, **kw)
