@@ -26,10 +26,10 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from kernels._common import LOG2E, interpret_mode, pad_axis, round_up, softmax_delta
+from kernels._common import LOG2E, div_up, interpret_mode, pad_axis, round_up, softmax_delta
+from kernels._flash import Visibility
 from kernels.settings import MosaicTiles
 
 # f32 tiles in shared memory: 128-byte swizzled rows of 32 elements (what wgmma reads).
@@ -70,15 +70,6 @@ def _interpret():
     return plgpu.InterpretGPUParams() if interpret_mode() else None
 
 
-def _visible(j, t, *, num_mem: int, stride: int, num_keys: int):
-    return (j < num_keys) & ((j < num_mem) | ((j - num_mem + 1) * stride <= t))
-
-
-def _last_key(t, num_mem: int, stride: int):
-    """The largest key index query t sees."""
-    return num_mem - 1 + lax.div(t, jnp.int32(stride))
-
-
 def _mma(a_smem, b_smem, shape, acc=None, interpret=None):
     """a @ b (+ acc) on the warpgroup's tensor cores, f32 accumulation. On the GPU an existing
     accumulator is updated in place; the interpreter has no `run_state`, so there it adds."""
@@ -103,11 +94,10 @@ class _Rows:
     heads of one kv head on the same rows (both read every K/V tile); otherwise consecutive
     row blocks of one head."""
 
-    def __init__(self, n: int, h: int, kh: int, block_q: int):
+    def __init__(self, h: int, kh: int, block_q: int):
         self.pair = h // kh == _COMPUTE_WGS
         self.rows = block_q if self.pair else _COMPUTE_WGS * block_q  # query rows per program
         self.grid_heads = kh if self.pair else h
-        self.n_pad = round_up(n, self.rows)
         self.block_q, self.g = block_q, h // kh
 
     def place(self, wg):
@@ -151,27 +141,24 @@ def _skip_tiles(first, steps, ready, free, stages: int):
 
 
 class _KeyTiles:
-    """The forward's and dq's key tiles: how many the queries up to t see, and how many need no mask."""
+    """The forward's and dq's key tiles, from `kernels._flash.Visibility` (the Triton kernels' rules)."""
 
-    def __init__(self, nk: int, block_kv: int, num_mem: int, stride: int):
-        self.nk, self.block_kv, self.num_mem, self.stride = nk, block_kv, num_mem, stride
-        self.padded = round_up(nk, block_kv)
+    def __init__(self, vis: Visibility, block_kv: int):
+        self.vis, self.block_kv = vis, block_kv
+        self.padded = round_up(vis.num_keys, block_kv)
 
     def steps(self, t_last):
         """Key tiles the queries up to t_last visit."""
-        end = jnp.minimum(_last_key(t_last, self.num_mem, self.stride) + 1, self.nk)
-        return jnp.minimum(lax.div(end + self.block_kv - 1, jnp.int32(self.block_kv)), self.padded // self.block_kv)
+        return div_up(self.vis.key_range(t_last, t_last)[1], self.block_kv)
 
-    def unmasked(self, t_first, steps):
+    def unmasked(self, t_first):
         """Leading tiles whose keys query t_first (hence every later one) sees."""
-        whole = lax.div(_last_key(t_first, self.num_mem, self.stride) + 1, jnp.int32(self.block_kv))
-        return jnp.minimum(jnp.minimum(whole, jnp.int32(self.nk // self.block_kv)), steps)
+        return self.vis.unmasked_key_tiles(t_first, t_first, self.block_kv)[1]
 
     def visible(self, s, q0, block_q: int):
         """The [block_q, block_kv] mask of key tile s for queries q0..."""
         shape = (block_q, self.block_kv)
-        return _visible(_iota(shape, 1, s * self.block_kv), _iota(shape, 0, q0), num_mem=self.num_mem,
-                        stride=self.stride, num_keys=self.nk)
+        return self.vis.mask(_iota(shape, 0, q0), _iota(shape, 1, s * self.block_kv))
 
 
 def _query_block_program(rows: _Rows, keys: _KeyTiles, stages: int, streams, tile_bars, free_bars, compute):
@@ -199,12 +186,11 @@ def _query_block_program(rows: _Rows, keys: _KeyTiles, stages: int, streams, til
 
 def _forward(q, ck, cv, *, num_mem: int, stride: int, scale: float, tiles: MosaicTiles):
     """(o [b, n_pad, h, d], lse [b, h, n_pad]: base-2 log-sum-exp of the scaled logits)."""
-    b, n, h, d = q.shape
+    b, n_pad, h, d = q.shape
     kh = ck.shape[2]
     bq, bk, stages = tiles.block_q, tiles.block_kv, tiles.stages
-    rows = _Rows(n, h, kh, bq)
-    keys = _KeyTiles(ck.shape[1], bk, num_mem, stride)
-    qp = pad_axis(q, 1, rows.n_pad)
+    rows = _Rows(h, kh, bq)
+    keys = _KeyTiles(_visibility(ck, num_mem, stride), bk)
     kp = pad_axis(ck, 1, keys.padded)
     vt = pad_axis(cv, 1, keys.padded).transpose(0, 2, 3, 1)  # [b, kh, d, nk_pad]
     qk_scale = scale * LOG2E
@@ -241,7 +227,7 @@ def _forward(q, ck, cv, *, num_mem: int, stride: int, scale: float, tiles: Mosai
                 plgpu.barrier_arrive(free_bars[1].at[slot])
                 return acc, m_new, l
 
-            full = keys.unmasked(q0, steps)
+            full = keys.unmasked(q0)
             carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
             acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
             q_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
@@ -264,13 +250,13 @@ def _forward(q, ck, cv, *, num_mem: int, stride: int, scale: float, tiles: Mosai
         (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),
     )
-    out_type = (jax.ShapeDtypeStruct(qp.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, rows.n_pad), jnp.float32))
+    out_type = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, n_pad), jnp.float32))
     return plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(rows.grid_heads, rows.n_pad // rows.rows, b),
+        kernel, out_type=out_type, scratch_types=scratch, grid=(rows.grid_heads, n_pad // rows.rows, b),
         grid_names=("heads", "q_seq", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret,
         kernel_name="nsa_mosaic_compressed_fwd",
-    )(qp, kp, vt)
+    )(q, kp, vt)
 
 
 def _dq(q, ck, cv, do, lse, delta, *, num_mem: int, stride: int, scale: float, tiles: MosaicTiles):
@@ -278,8 +264,8 @@ def _dq(q, ck, cv, do, lse, delta, *, num_mem: int, stride: int, scale: float, t
     b, n_pad, h, d = q.shape
     kh = ck.shape[2]
     bq, bk, stages = tiles.block_q, tiles.block_kv, tiles.stages
-    rows = _Rows(n_pad, h, kh, bq)
-    keys = _KeyTiles(ck.shape[1], bk, num_mem, stride)
+    rows = _Rows(h, kh, bq)
+    keys = _KeyTiles(_visibility(ck, num_mem, stride), bk)
     kp, vp = pad_axis(ck, 1, keys.padded), pad_axis(cv, 1, keys.padded)
     kt = kp.transpose(0, 2, 3, 1)  # [b, kh, d, nk_pad]
     qk_scale = scale * LOG2E
@@ -363,8 +349,7 @@ def _dkdv(q, ck, cv, do, lse, delta, *, num_mem: int, stride: int, scale: float,
     qk_scale = scale * LOG2E
     interpret = _interpret()
 
-    def first_query(j0):  # the first query that sees key j0 (memory: 0)
-        return jnp.maximum(j0 - num_mem + 1, 0) * stride
+    vis = _visibility(ck, num_mem, stride)
 
     def kernel(q_ref, qt_ref, do_ref, dot_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, smem, kv_bar):
         k_smem2, v_smem2, p_smem2 = smem
@@ -396,9 +381,7 @@ def _dkdv(q, ck, cv, do, lse, delta, *, num_mem: int, stride: int, scale: float,
             lse = plgpu.load(lse_s, layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_arrive(lse_c)
             pt = jnp.exp2(st * qk_scale - lax.broadcast_in_dim(lse, st.shape, [1]))
-            vis = _visible(_iota((bk, bq), 0, kb * kblock + wg * bk), _iota((bk, bq), 1, t0), num_mem=num_mem,
-                           stride=stride, num_keys=nk)
-            pt = jnp.where(vis, pt, 0.0)
+            pt = jnp.where(vis.mask(_iota((bk, bq), 1, t0), _iota((bk, bq), 0, kb * kblock + wg * bk)), pt, 0.0)
             dpt = _mma(v_smem, do_s.T, (bk, bq), interpret=interpret)
             plgpu.barrier_arrive(do_c)
             delta = plgpu.load(delta_s, layout=plgpu.Layout.WGMMA.reduce(0))
@@ -428,7 +411,7 @@ def _dkdv(q, ck, cv, do, lse, delta, *, num_mem: int, stride: int, scale: float,
                       plgpu.BlockSpec((sq, bq), vec),
                       plgpu.BlockSpec((sq, bq), vec)])
 
-        @pl.when((c + 1) * chunk > first_query(kb * kblock))
+        @pl.when((c + 1) * chunk > vis.query_range(kb * kblock, kb * kblock + kblock - 1, n_pad)[0])
         def _():
             pipeline(q_ref.at[bi, :, heads], qt_ref.at[bi, heads], do_ref.at[bi, :, heads], dot_ref.at[bi, heads],
                      lse_ref.at[bi, heads], delta_ref.at[bi, heads])
@@ -445,10 +428,15 @@ def _dkdv(q, ck, cv, do, lse, delta, *, num_mem: int, stride: int, scale: float,
         kernel_name="nsa_mosaic_compressed_dkdv",
     )(q, qt, do, dot, lse, delta, kp, vp)
     # Skipped programs never write their partial sums: select, do not multiply (garbage may be NaN).
-    first = np.maximum(np.arange(nkp // kblock) * kblock - num_mem + 1, 0) * stride
-    ran = np.repeat(np.arange(1, n_chunks + 1)[:, None] * chunk > first[None], kblock, axis=1)  # [chunks, nkp]
-    ran = jnp.asarray(ran)[:, None, :, None, None]
+    blocks = jnp.arange(0, nkp, kblock)
+    first = vis.query_range(blocks, blocks + kblock - 1, n_pad)[0]  # [key blocks]
+    ran = jnp.repeat(jnp.arange(1, n_chunks + 1)[:, None] * chunk > first[None], kblock, axis=1)  # [chunks, nkp]
+    ran = ran[:, None, :, None, None]
     return tuple(jnp.where(ran, x, 0.0).sum(0)[:, :nk] for x in (dk_p, dv_p))
+
+
+def _visibility(ck: jax.Array, num_mem: int, stride: int) -> Visibility:
+    return Visibility("compressed", causal=True, num_keys=ck.shape[1], num_mem=num_mem, stride=stride)
 
 
 def compressed_attention_mosaic(
@@ -467,7 +455,7 @@ def compressed_attention_mosaic(
 
 def _padding(n: int, h: int, kh: int, tiles: MosaicTiles) -> tuple[int, int]:
     """(padded length, dk/dv chunk): the chunk divides the padded length, a multiple of the rows."""
-    rows = _Rows(n, h, kh, tiles.block_q).rows
+    rows = _Rows(h, kh, tiles.block_q).rows
     chunk = min(tiles.dkv_chunk, round_up(n, max(rows, tiles.block_q * _COMPUTE_WGS)))
     return round_up(n, chunk), chunk
 
