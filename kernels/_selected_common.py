@@ -194,16 +194,26 @@ def sort_by_block(key: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
     return order, block_offsets(sorted_key, nb)
 
 
+# block_offsets counts with one comparison per (entry, block) up to this many of them (one kernel),
+# and scatters run starts above it (two kernels, linear in the entries)
+COMPARE_ALL_MAX = 1 << 25
+
+
 def block_offsets(sorted_key: jax.Array, nb: int) -> jax.Array:
     """sorted_key [rows, e] block ids in [0, nb], ascending per row -> [rows, nb + 1] int32: entries
     with a smaller id than j (block j's first entry).
 
-    Each run's first position is written to its block (one scatter whose targets never collide),
-    then a reverse cumulative minimum gives blocks without entries their successor's offset. Not
+    Small selections count the entries below each block in one reduction. Larger ones write each
+    run's first position to its block (one scatter whose targets never collide), then a reverse
+    cumulative minimum gives blocks without entries their successor's offset. Not
     `jnp.searchsorted`: a while loop of log2(e) steps, a few kernels and a host round trip each
-    (the seed model's T = 512 step: 72 iterations, ~150 kernels); not a scatter-add of counts,
-    whose atomics pile onto the blocks most queries pick (the first ones, under causal selection)."""
+    (the seed model's T = 512 step: 72 iterations, ~150 kernels), or four kernels unrolled; not a
+    scatter-add of counts, whose atomics pile onto the blocks most queries pick (the first ones,
+    under causal selection)."""
     rows, e = sorted_key.shape
+    if rows * e * (nb + 1) <= COMPARE_ALL_MAX:
+        below = sorted_key[:, None, :] < jnp.arange(nb + 1, dtype=sorted_key.dtype)[None, :, None]
+        return jnp.sum(below, axis=-1, dtype=jnp.int32)
     pos = lax.broadcasted_iota(jnp.int32, (rows, e), 1)
     run_start = jnp.concatenate([jnp.ones((rows, 1), bool), sorted_key[:, 1:] != sorted_key[:, :-1]], axis=1)
     target = jnp.where(run_start, sorted_key, nb + 1)  # past the end: dropped

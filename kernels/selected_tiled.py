@@ -3,7 +3,7 @@
 With few query heads per kv head (the seed model's g = 2), one program per query leaves the
 tensor cores idle (2-row tiles) and loads every selected K/V block once per query. Here one
 program takes BQ consecutive queries of one selection group (BQ * g rows) and walks the
-union of the blocks they selected (computed in XLA: sorted, deduplicated, with its count):
+union of the blocks they selected (deduplicated and sorted in XLA, counted by the kernel):
 each block's K/V is loaded once per tile, the [rows, keys] logits come from one matmul, and
 rows that did not select the block are masked. The own (diagonal) blocks of the tile follow.
 Forward and dq kernels share this walk. dk/dv: a third kernel, one program per (key block,
@@ -123,7 +123,7 @@ def _split_refs(cfg: TiledConfig, refs, outputs: int):
     return (packed[0], packed[1]), packed[2], (packed[3] if len(packed) > 3 else None), out
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, *refs, cfg: TiledConfig):
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, *refs, cfg: TiledConfig):
     bounds_refs, slot_ref, _, (o_ref, lse_ref) = _split_refs(cfg, refs, 2)
     q = q_ref[...]  # [R, d]
     c = cfg.scale * LOG2E
@@ -143,7 +143,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
             s = jnp.where(zero_row[:, None], 0.0, s)
         return online_softmax_step(carry, jnp.where(in_block & member[:, None], s, MASK_VALUE), vb)
 
-    carry = lax.fori_loop(0, meta_ref[0], body, softmax_init(*q.shape))
+    carry = lax.fori_loop(0, _walked(cfg, cand_ref), body, softmax_init(*q.shape))
     if cfg.own_block:
         first, last = _own_range(cfg, pl.program_id(0), t, bounds)
 
@@ -163,7 +163,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, met
     lse_ref[...] = lse
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta_ref, do_ref, lse_ref, delta_ref,
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_ref, lse_ref, delta_ref,
                *refs, cfg: TiledConfig):
     """dq and per-row dgates [R, kp]."""
     bounds_refs, slot_ref, _, (dq_ref, dgate_ref) = _split_refs(cfg, refs, 2)
@@ -201,7 +201,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, meta
         return dq, dgate
 
     rows, d = q.shape
-    dq, dgate = lax.fori_loop(0, meta_ref[0], body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
+    dq, dgate = lax.fori_loop(0, _walked(cfg, cand_ref), body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
     if cfg.own_block:
         first, last = _own_range(cfg, pl.program_id(0), t, bounds)
 
@@ -285,38 +285,41 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
     dv_ref[...] = dv
 
 
-def inverted_tiles(cfg: TiledConfig, cand, meta):
+def inverted_tiles(cfg: TiledConfig, cand):
     """The transpose of the candidate lists: per (batch, group), the tiles that walk each block.
 
-    cand [b, groups, tiles, mb], meta -> (tile ids [b, groups, tiles * mb] sorted by block,
-    offsets [b, groups, nb + 1]); unused entries sort last.
+    cand [b, groups, tiles, mb] -> (tile ids [b, groups, tiles * mb] sorted by block,
+    offsets [b, groups, nb + 1]); unused entries (nb) sort last.
     """
     b, groups, tiles, mb = cand.shape
-    key = jnp.where(jnp.arange(mb) < meta[..., :1], cand, cfg.nb).reshape(b * groups, tiles * mb)
+    key = cand.reshape(b * groups, tiles * mb)
     order, offsets = sort_by_block(key, cfg.nb)
     return (order // mb).astype(jnp.int32).reshape(b, groups, tiles * mb), offsets.reshape(b, groups, cfg.nb + 1)
 
 
 def candidates(cfg: TiledConfig, idx, valid):
-    """Per (batch, group, tile): the distinct blocks its queries attend, first, and their count.
+    """Per (batch, group, tile): the distinct blocks its queries attend, ascending, then `nb`.
 
-    idx, valid [b, groups, nq_pad, kp] -> cand [b, groups, tiles, bq * kp] (unused entries 0),
-    meta [b, groups, tiles, 2] (count, 0).
+    idx, valid [b, groups, nq_pad, kp] -> cand [b, groups, tiles, bq * kp]. An entry that repeats
+    an earlier one of its tile becomes nb (one fusion comparing the tile's bq * kp entries
+    pairwise), then one sort puts the distinct blocks first; the kernels count them themselves.
     """
     b, groups, nq_pad, kp = idx.shape
     used = (valid > 0) & (jnp.arange(kp) < cfg.num_sel)
     if cfg.zero_rows_possible:
         used = used | (~jnp.any(used, axis=-1, keepdims=True) & (jnp.arange(kp) < cfg.num_sel))
     used = used & (idx >= 0) & (idx < cfg.nb) & (jnp.arange(nq_pad) < cfg.nq)[:, None]
-    tiles = nq_pad // cfg.bq
-    key = jnp.where(used, idx, cfg.nb).reshape(b, groups, tiles, cfg.max_blocks)
-    key = jnp.sort(key, axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(key[..., :1], bool), key[..., 1:] == key[..., :-1]], axis=-1)
-    key = jnp.sort(jnp.where(dup, cfg.nb, key), axis=-1)  # distinct blocks first, then nb
-    count = jnp.sum(key < cfg.nb, axis=-1).astype(jnp.int32)
-    cand = jnp.where(key < cfg.nb, key, 0).astype(jnp.int32)
-    meta = jnp.stack([count, jnp.zeros_like(count)], axis=-1)
-    return cand, meta
+    mb = cfg.max_blocks
+    key = jnp.where(used, idx, cfg.nb).astype(jnp.int32).reshape(b, groups, nq_pad // cfg.bq, mb)
+    earlier = jnp.arange(mb)[None, :] < jnp.arange(mb)[:, None]  # [entry, other]: other comes first
+    repeat = (key[..., :, None] == key[..., None, :]) & earlier
+    key = jnp.max(jnp.where(repeat, cfg.nb, key[..., :, None]), axis=-1)  # one reduction, no select after it
+    return jnp.sort(key, axis=-1)
+
+
+def _walked(cfg: TiledConfig, cand_ref):
+    """How many distinct blocks this program's tile walks (its candidate list's entries < nb)."""
+    return jnp.sum(jnp.where(cand_ref[...] < cfg.nb, 1, 0))
 
 
 def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
@@ -328,11 +331,10 @@ def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
         row_kp=pl.BlockSpec((None, None, r, kp), lambda i, bi, s: (bi, s, i, 0)),
         kv=pl.BlockSpec((None, nk_alloc, None, d), lambda i, bi, s: (bi, 0, s // upk, 0)),
         cand=pl.BlockSpec((None, None, None, mb), lambda i, bi, s: (bi, s, i, 0)),
-        meta=pl.BlockSpec((None, None, None, 2), lambda i, bi, s: (bi, s, i, 0)),
     )
 
 
-def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple):
+def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple):
     """q [b, groups, nq_pad * rows, d]; idx/valid/gate per row [b, groups, nq_pad * rows, kp];
     packed: () or (row document starts, ends [b, groups, nq_pad * rows], slot table [b, nb])."""
     b, groups, nr, d = q.shape
@@ -341,17 +343,17 @@ def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tu
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
-        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"]]
+        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"]]
         + packed_specs,
         out_specs=[sp["row_d"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, groups, nr), F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_tiled_fwd",
-    )(q, k, v, idx, valid, gate, cand, meta, *packed)
+    )(q, k, v, idx, valid, gate, cand, *packed)
 
 
-def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, lse, do, delta):
+def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, lse, do, delta):
     """dq and dgate by the tiled dq kernel (recomputes each walked block's logits for the tile's rows)."""
     b, groups, nr, d = q.shape
     sp = _specs(cfg, d, k.shape[1])
@@ -359,17 +361,17 @@ def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
-        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"], sp["meta"],
+        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"],
                   sp["row_d"], sp["row"], sp["row"]] + packed_specs,
         out_specs=[sp["row_d"], sp["row_kp"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_tiled_dq",
-    )(q, k, v, idx, valid, gate, cand, meta, do, lse, delta, *packed)
+    )(q, k, v, idx, valid, gate, cand, do, lse, delta, *packed)
 
 
-def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, key_source, o, lse, do):
+def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, key_source, o, lse, do):
     """packed: () or (row document starts, ends, slot table, own queries [b, nb, 2])."""
     packed, own_queries = packed[:3], packed[3:]
     b, groups, nr, d = q.shape
@@ -378,11 +380,11 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: t
     if cfg.by_query is not None and not packed:  # dk/dv (and with stored dlogits dq) from the per-query family
         dq, dk, dv, dgate = _backward_by_query(cfg, q, k, v, idx, valid, gate, lse, do, delta)
         if dq is None:
-            dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, meta, packed, lse, do, delta)
+            dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, packed, lse, do, delta)
         return dq, dk, dv, dgate
-    dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, meta, packed, lse, do, delta)
+    dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, packed, lse, do, delta)
 
-    tile_ids, offsets = inverted_tiles(cfg, cand, meta)
+    tile_ids, offsets = inverted_tiles(cfg, cand)
     full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
     upk = cfg.groups_per_kv
     kv = pl.BlockSpec((None, nk_alloc, None, d), lambda j, p, bi, s: (bi, 0, s // upk, 0))
@@ -441,22 +443,22 @@ def _backward_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, del
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, meta, packed: tuple, key_source):
+def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, key_source):
     """q [b, groups, nq_pad * rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate per row
-    [b, groups, nq_pad * rows, kp]; cand, meta from `candidates`; packed () or (row document
+    [b, groups, nq_pad * rows, kp]; cand from `candidates`; packed () or (row document
     starts, ends, slot table, own queries) with key_source (`Packed`; else None) -> o like q."""
-    return _forward(cfg, q, k, v, idx, valid, gate, cand, meta, packed[:3])[0]
+    return _forward(cfg, q, k, v, idx, valid, gate, cand, packed[:3])[0]
 
 
-def _tiled_fwd(cfg, q, k, v, idx, valid, gate, cand, meta, packed, key_source):
-    o, lse = _forward(cfg, q, k, v, idx, valid, gate, cand, meta, packed[:3])
-    return o, (q, k, v, idx, valid, gate, cand, meta, packed, key_source, o, lse)
+def _tiled_fwd(cfg, q, k, v, idx, valid, gate, cand, packed, key_source):
+    o, lse = _forward(cfg, q, k, v, idx, valid, gate, cand, packed[:3])
+    return o, (q, k, v, idx, valid, gate, cand, packed, key_source, o, lse)
 
 
 def _tiled_bwd(cfg, res, do):
-    q, k, v, idx, valid, gate, cand, meta, packed, key_source, o, lse = res
-    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, cand, meta, packed, key_source, o, lse, do)
-    return dq, dk, dv, None, None, dgate, None, None, None, None
+    q, k, v, idx, valid, gate, cand, packed, key_source, o, lse = res
+    dq, dk, dv, dgate = _backward(cfg, q, k, v, idx, valid, gate, cand, packed, key_source, o, lse, do)
+    return dq, dk, dv, None, None, dgate, None, None, None
 
 
 tiled_selected.defvjp(_tiled_fwd, _tiled_bwd)
@@ -500,12 +502,12 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
 
     per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]
     per_row = lambda x: jnp.repeat(per_query(x), rows, axis=2)  # noqa: E731  [b, groups, nq_pad * rows, kp]
-    cand, meta = candidates(cfg, per_query(idx), per_query(val))
+    cand = candidates(cfg, per_query(idx), per_query(val))
     extra, key_source = (), None
     if packed is not None:  # per-row document bounds [b, groups, nq_pad * rows] and the slot table
         per_row_bound = lambda x: jnp.broadcast_to(  # noqa: E731
             jnp.repeat(pad_axis(x, 1, nq_pad), rows, axis=1)[:, None], (b, groups, nq_pad * rows))
         bounds = (per_row_bound(packed.start), per_row_bound(packed.end))
         extra, key_source = (*bounds, packed.slot_start, packed.own_queries), packed.key_source
-    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, meta, extra, key_source)
+    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, extra, key_source)
     return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)

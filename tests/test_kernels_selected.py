@@ -145,12 +145,13 @@ def test_query_dq_recomputed_without_stored_dlogits(case, dtype):
     check(case, dtype, q, k, v, indices, valid, gates, key, settings, "selected query recomputed dq")
 
 
-@pytest.mark.parametrize("flat", [True, False])
-def test_sort_by_block_is_a_stable_sort_per_row(flat, monkeypatch):
+@pytest.mark.parametrize("flat,counted", [(True, False), (False, False), (False, True)])
+def test_sort_by_block_is_a_stable_sort_per_row(flat, counted, monkeypatch):
     """The inverted index of the dk/dv kernels (all rows in one flat sort keyed by row and block, or
-    each row on its own) against numpy's stable argsort per row, with the unused key nb and blocks
-    nobody chose."""
+    each row on its own; the block offsets counted by comparisons or scattered from run starts)
+    against numpy's stable argsort per row, with the unused key nb and blocks nobody chose."""
     monkeypatch.setattr(_selected_common, "FLAT_SORT_MIN_ENTRIES", 0 if flat else 1 << 30)
+    monkeypatch.setattr(_selected_common, "COMPARE_ALL_MAX", 1 << 30 if counted else 0)
     rng = np.random.default_rng(5)
     keys = []
     for rows, e, nb in ((1, 10, 3), (4, 1000, 17), (3, 4096, 64)):
