@@ -56,13 +56,18 @@ class TiledConfig(SelectedConfig):
         return self.bq * self.kp
 
 
-def _row_state(cfg: TiledConfig, idx_ref, valid_ref, tile=None, rows=slice(None)):
-    """Per row of a tile (this program's, or `tile` with its `rows` of the refs): its query,
-    its selection [R, kp], validity and the zero-row flag."""
+def _to_rows(cfg: TiledConfig, x):
+    """[bq, ...] per query of a tile -> [R, ...] per row (a query's rows are consecutive)."""
+    return jnp.broadcast_to(x[:, None], (cfg.bq, cfg.rows, *x.shape[1:])).reshape(cfg.tile_rows, *x.shape[1:])
+
+
+def _row_state(cfg: TiledConfig, idx_ref, valid_ref, tile=None, queries=slice(None)):
+    """Per row of a tile (this program's, or `tile` with its `queries` of the refs, which hold
+    one entry per query): its query, its selection [R, kp], validity and the zero-row flag."""
     tile = pl.program_id(0) if tile is None else tile
     t = tile * cfg.bq + lax.div(iota(cfg.tile_rows), cfg.rows)  # [R] query of each row
-    idx = idx_ref[rows, :]  # [R, kp]
-    valid = (valid_ref[rows, :] > 0) & (iota(cfg.kp) < cfg.num_sel)[None, :]
+    idx = _to_rows(cfg, idx_ref[queries, :])  # [R, kp]
+    valid = (_to_rows(cfg, valid_ref[queries, :]) > 0) & (iota(cfg.kp) < cfg.num_sel)[None, :]
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid, 1, 0), axis=1) > 0)  # [R]
     return t, idx, valid, zero_row
 
@@ -129,7 +134,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, *re
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
     bounds = None if bounds_refs is None else (bounds_refs[0][...], bounds_refs[1][...])
-    gate = gate_ref[...]
+    gate = _to_rows(cfg, gate_ref[...])
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def body(i, carry):
@@ -165,7 +170,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, *re
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_ref, lse_ref, delta_ref,
                *refs, cfg: TiledConfig):
-    """dq and per-row dgates [R, kp]."""
+    """dq and the dgates of the tile's queries [bq, kp] (a query's rows summed)."""
     bounds_refs, slot_ref, _, (dq_ref, dgate_ref) = _split_refs(cfg, refs, 2)
     q = q_ref[...]
     do = do_ref[...]
@@ -174,7 +179,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_r
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
     bounds = None if bounds_refs is None else (bounds_refs[0][...], bounds_refs[1][...])
-    gate = gate_ref[...]
+    gate = _to_rows(cfg, gate_ref[...])
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def dlogits(vb, s, mask):
@@ -213,7 +218,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_r
 
         dq = lax.fori_loop(first, last + 1, own, dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-    dgate_ref[...] = dgate
+    dgate_ref[...] = dgate.reshape(cfg.bq, cfg.rows, cfg.kp).sum(axis=1)  # a query's rows summed
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, tile_ref, off_ref,
@@ -234,12 +239,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def tile_terms(tile):
-        rows = pl.ds(tile * r, r)
+        rows, queries = pl.ds(tile * r, r), pl.ds(tile * cfg.bq, cfg.bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        state = _row_state(cfg, idx_ref, valid_ref, tile, rows)
+        state = _row_state(cfg, idx_ref, valid_ref, tile, queries)
         qk = mm(q, kb, trans_b=True) * c  # [R, sbp]
         dp = mm(do, vb, trans_b=True) - delta_ref[rows][:, None]
-        return q, do, lse_ref[rows][:, None], gate_ref[rows, :], state, qk, dp
+        return q, do, lse_ref[rows][:, None], _to_rows(cfg, gate_ref[queries, :]), state, qk, dp
 
     def accumulate(carry, q, do, p, ds):
         dk, dv = carry
@@ -328,14 +333,14 @@ def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
     return dict(
         row_d=pl.BlockSpec((None, None, r, d), lambda i, bi, s: (bi, s, i, 0)),
         row=pl.BlockSpec((None, None, r), lambda i, bi, s: (bi, s, i)),
-        row_kp=pl.BlockSpec((None, None, r, kp), lambda i, bi, s: (bi, s, i, 0)),
+        query_kp=pl.BlockSpec((None, cfg.bq, None, kp), lambda i, bi, s: (bi, i, s, 0)),  # [b, nq_pad, sh, kp]
         kv=pl.BlockSpec((None, nk_alloc, None, d), lambda i, bi, s: (bi, 0, s // upk, 0)),
         cand=pl.BlockSpec((None, None, None, mb), lambda i, bi, s: (bi, s, i, 0)),
     )
 
 
 def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple):
-    """q [b, groups, nq_pad * rows, d]; idx/valid/gate per row [b, groups, nq_pad * rows, kp];
+    """q [b, groups, nq_pad * rows, d]; idx/valid/gate per query [b, nq_pad, groups, kp];
     packed: () or (row document starts, ends [b, groups, nq_pad * rows], slot table [b, nb])."""
     b, groups, nr, d = q.shape
     sp = _specs(cfg, d, k.shape[1])
@@ -343,7 +348,7 @@ def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
-        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"]]
+        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["query_kp"], sp["query_kp"], sp["query_kp"], sp["cand"]]
         + packed_specs,
         out_specs=[sp["row_d"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, groups, nr), F32)],
@@ -361,9 +366,9 @@ def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(nr // cfg.tile_rows, b, groups),
-        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["row_kp"], sp["row_kp"], sp["row_kp"], sp["cand"],
+        in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["query_kp"], sp["query_kp"], sp["query_kp"], sp["cand"],
                   sp["row_d"], sp["row"], sp["row"]] + packed_specs,
-        out_specs=[sp["row_d"], sp["row_kp"]],
+        out_specs=[sp["row_d"], sp["query_kp"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(idx.shape, F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
@@ -388,6 +393,7 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
     full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
     upk = cfg.groups_per_kv
     kv = pl.BlockSpec((None, nk_alloc, None, d), lambda j, p, bi, s: (bi, 0, s // upk, 0))
+    per_query = pl.BlockSpec((None, nr // cfg.rows, None, cfg.kp), lambda j, p, bi, s: (bi, 0, s, 0))
     per_group = lambda n: pl.BlockSpec((None, None, n), lambda j, p, bi, s: (bi, s, 0))  # noqa: E731
     packed_full = [full(), full(), pl.BlockSpec((None, cfg.nb), lambda j, p, bi, s: (bi, 0)),
                    pl.BlockSpec((None, cfg.nb, 2), lambda j, p, bi, s: (bi, 0, 0))] if packed else []
@@ -397,7 +403,7 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
         return pl.pallas_call(
             functools.partial(_dkv_kernel, cfg=cfg, part=part),
             grid=(cfg.nb, splits, b, groups),
-            in_specs=[full(d), kv, kv, full(cfg.kp), full(cfg.kp), full(cfg.kp), full(d), full(), full(),
+            in_specs=[full(d), kv, kv, per_query, per_query, per_query, full(d), full(), full(),
                       per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)] + packed_full,
             out_specs=[out, out],
             out_shape=[jax.ShapeDtypeStruct((splits, b, groups, cfg.nb, cfg.sbp, d), F32)] * 2,
@@ -425,27 +431,24 @@ def _backward_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, del
     """dk, dv through `kernels.selected_query`'s kernel, and with its stored dlogits
     (`cfg.by_query.stored_ds`) dq and dgate through that family's dq kernel (else None, None):
     the tiles' row layout [b, groups, nq_pad * rows, ...] to its per-query one [b, nq, groups,
-    rows, ...] (padding queries dropped) and back."""
+    rows, ...] (padding queries dropped) and back; idx/valid/gate are per query already."""
     b, groups, nr, d = q.shape
     nq_pad = nr // cfg.rows
     per_query = lambda x: jnp.swapaxes(x.reshape(b, groups, nq_pad, cfg.rows, *x.shape[3:]), 1, 2)[:, :cfg.nq]  # noqa: E731
-    first_row = lambda x: jnp.swapaxes(x[:, :, ::cfg.rows], 1, 2)[:, :cfg.nq]  # noqa: E731  [b, nq, groups, kp]
-    qq, sel = per_query(q), (first_row(idx), first_row(valid), first_row(gate))
+    qq, sel = per_query(q), (idx[:, :cfg.nq], valid[:, :cfg.nq], gate[:, :cfg.nq])
     dk, dv, order, stored = query_dkdv(cfg.by_query, qq, k, v, *sel, None, per_query(lse), per_query(do),
                                        per_query(delta))
     if not cfg.by_query.stored_ds:
         return None, dk, dv, None
     dq, dgate = query_dq_from_stored(cfg.by_query, qq, k, *sel, order, *stored)
     dq = pad_axis(jnp.swapaxes(dq, 1, 2), 2, nq_pad).reshape(q.shape)  # [b, nq, groups, rows, d] -> rows
-    # dgate per query -> per row (the caller's repeat over a query's rows sums them back): first rows only
-    dgate = pad_axis(jnp.swapaxes(dgate, 1, 2)[:, :, :, None], 2, nq_pad)  # [b, groups, nq_pad, 1, kp]
-    return dq, dk, dv, pad_axis(dgate, 3, cfg.rows).reshape(idx.shape)
+    return dq, dk, dv, pad_axis(dgate, 1, nq_pad)  # dgate [b, nq_pad, groups, kp]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, key_source):
-    """q [b, groups, nq_pad * rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate per row
-    [b, groups, nq_pad * rows, kp]; cand from `candidates`; packed () or (row document
+    """q [b, groups, nq_pad * rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate per query
+    [b, nq_pad, groups, kp] (the caller's layout: no transpose); cand from `candidates`; packed () or (row document
     starts, ends, slot table, own queries) with key_source (`Packed`; else None) -> o like q."""
     return _forward(cfg, q, k, v, idx, valid, gate, cand, packed[:3])[0]
 
@@ -500,14 +503,14 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
             by_query, stored_ds=settings.tiled_dq == "stored", dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))
     q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
 
-    per_query = lambda x: pad_axis(x.transpose(0, 2, 1, 3), 2, nq_pad)  # noqa: E731  [b, groups, nq_pad, kp]
-    per_row = lambda x: jnp.repeat(per_query(x), rows, axis=2)  # noqa: E731  [b, groups, nq_pad * rows, kp]
-    cand = candidates(cfg, per_query(idx), per_query(val))
+    per_query = lambda x: pad_axis(x, 1, nq_pad)  # noqa: E731  [b, nq_pad, groups, kp]: the kernels' layout
+    idx, val, gate = per_query(idx), per_query(val), per_query(gate)
+    cand = candidates(cfg, idx.transpose(0, 2, 1, 3), val.transpose(0, 2, 1, 3))
     extra, key_source = (), None
     if packed is not None:  # per-row document bounds [b, groups, nq_pad * rows] and the slot table
         per_row_bound = lambda x: jnp.broadcast_to(  # noqa: E731
             jnp.repeat(pad_axis(x, 1, nq_pad), rows, axis=1)[:, None], (b, groups, nq_pad * rows))
         bounds = (per_row_bound(packed.start), per_row_bound(packed.end))
         extra, key_source = (*bounds, packed.slot_start, packed.own_queries), packed.key_source
-    o = tiled_selected(cfg, q_t, k, v, per_row(idx), per_row(val), per_row(gate), cand, extra, key_source)
+    o = tiled_selected(cfg, q_t, k, v, idx, val, gate, cand, extra, key_source)
     return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)
