@@ -61,6 +61,16 @@ def _to_rows(cfg: TiledConfig, x):
     return jnp.broadcast_to(x[:, None], (cfg.bq, cfg.rows, *x.shape[1:])).reshape(cfg.tile_rows, *x.shape[1:])
 
 
+def _flat(cfg: TiledConfig, x):
+    """[bq, rows, ...] (the caller's layout of a tile) -> [R, ...] (the tile's rows)."""
+    return x.reshape(cfg.tile_rows, *x.shape[2:])
+
+
+def _unflat(cfg: TiledConfig, x):
+    """[R, ...] -> [bq, rows, ...]."""
+    return x.reshape(cfg.bq, cfg.rows, *x.shape[1:])
+
+
 def _row_state(cfg: TiledConfig, idx_ref, valid_ref, tile=None, queries=slice(None)):
     """Per row of a tile (this program's, or `tile` with its `queries` of the refs, which hold
     one entry per query): its query, its selection [R, kp], validity and the zero-row flag."""
@@ -130,10 +140,10 @@ def _split_refs(cfg: TiledConfig, refs, outputs: int):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, *refs, cfg: TiledConfig):
     bounds_refs, slot_ref, _, (o_ref, lse_ref) = _split_refs(cfg, refs, 2)
-    q = q_ref[...]  # [R, d]
+    q = _flat(cfg, q_ref[...])  # [R, d]
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
-    bounds = None if bounds_refs is None else (bounds_refs[0][...], bounds_refs[1][...])
+    bounds = None if bounds_refs is None else (_to_rows(cfg, bounds_refs[0][...]), _to_rows(cfg, bounds_refs[1][...]))
     gate = _to_rows(cfg, gate_ref[...])
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
@@ -164,21 +174,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, *re
             _, phantom = own_keys(cfg, tr, tr, br, idx, valid)
             carry = add_phantom_keys(carry, jnp.where(real, phantom, 0)[:, 0].astype(F32))
     o, lse = softmax_finish(carry)
-    o_ref[...] = o.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    o_ref[...] = _unflat(cfg, o).astype(o_ref.dtype)
+    lse_ref[...] = _unflat(cfg, lse)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_ref, lse_ref, delta_ref,
                *refs, cfg: TiledConfig):
     """dq and the dgates of the tile's queries [bq, kp] (a query's rows summed)."""
     bounds_refs, slot_ref, _, (dq_ref, dgate_ref) = _split_refs(cfg, refs, 2)
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...][:, None]
-    delta = delta_ref[...][:, None]
+    q = _flat(cfg, q_ref[...])
+    do = _flat(cfg, do_ref[...])
+    lse = _flat(cfg, lse_ref[...])[:, None]
+    delta = _flat(cfg, delta_ref[...])[:, None]
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
-    bounds = None if bounds_refs is None else (bounds_refs[0][...], bounds_refs[1][...])
+    bounds = None if bounds_refs is None else (_to_rows(cfg, bounds_refs[0][...]), _to_rows(cfg, bounds_refs[1][...]))
     gate = _to_rows(cfg, gate_ref[...])
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
@@ -206,7 +216,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_r
         return dq, dgate
 
     rows, d = q.shape
-    dq, dgate = lax.fori_loop(0, _walked(cfg, cand_ref), body, (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32)))
+    zeros = (jnp.zeros((rows, d), F32), jnp.zeros((rows, cfg.kp), F32))
+    dq, dgate = lax.fori_loop(0, _walked(cfg, cand_ref), body, zeros)
     if cfg.own_block:
         first, last = _own_range(cfg, pl.program_id(0), t, bounds)
 
@@ -217,7 +228,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_r
             return dq + mm(dlogits(vb, s, _own_mask(cfg, o, t, idx, valid, bounds)).astype(kb.dtype), kb)
 
         dq = lax.fori_loop(first, last + 1, own, dq)
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    dq_ref[...] = _unflat(cfg, dq * cfg.scale).astype(dq_ref.dtype)
     dgate_ref[...] = dgate.reshape(cfg.bq, cfg.rows, cfg.kp).sum(axis=1)  # a query's rows summed
 
 
@@ -232,19 +243,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
     bounds_refs, slot_ref, own_ref, (dk_ref, dv_ref) = _split_refs(cfg, refs, 2)
     j, split = pl.program_id(0), pl.program_id(1)
     c = cfg.scale * LOG2E
-    r = cfg.tile_rows
     first_key = slot_ref[j] if part == "selected" else j * cfg.sb
     kb = k_ref[pl.ds(first_key, cfg.sbp), :]
     vb = v_ref[pl.ds(first_key, cfg.sbp), :]
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def tile_terms(tile):
-        rows, queries = pl.ds(tile * r, r), pl.ds(tile * cfg.bq, cfg.bq)
-        q, do = q_ref[rows, :], do_ref[rows, :]
+        queries = pl.ds(tile * cfg.bq, cfg.bq)
+        q, do = _flat(cfg, q_ref[queries]), _flat(cfg, do_ref[queries])
         state = _row_state(cfg, idx_ref, valid_ref, tile, queries)
         qk = mm(q, kb, trans_b=True) * c  # [R, sbp]
-        dp = mm(do, vb, trans_b=True) - delta_ref[rows][:, None]
-        return q, do, lse_ref[rows][:, None], _to_rows(cfg, gate_ref[queries, :]), state, qk, dp
+        dp = mm(do, vb, trans_b=True) - _flat(cfg, delta_ref[queries])[:, None]
+        return q, do, _flat(cfg, lse_ref[queries])[:, None], _to_rows(cfg, gate_ref[queries, :]), state, qk, dp
 
     def accumulate(carry, q, do, p, ds):
         dk, dv = carry
@@ -271,12 +281,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
             start, stop = start + split * chunk, jnp.minimum(start + split * chunk + chunk, stop)
         carry = lax.fori_loop(start, stop, walked, carry)
     if cfg.own_block and part != "selected":  # tiles holding queries with keys of block j in their own block
-        tiles = q_ref.shape[0] // r
+        tiles = q_ref.shape[0] // cfg.bq
 
         def own(tile, carry):
             q, do, lse, _, (t, idx, valid, _), qk, dp = tile_terms(tile)
-            rows = pl.ds(tile * r, r)
-            bounds = None if bounds_refs is None else (bounds_refs[0][rows], bounds_refs[1][rows])
+            queries = pl.ds(tile * cfg.bq, cfg.bq)
+            bounds = None if bounds_refs is None else tuple(_to_rows(cfg, x[queries]) for x in bounds_refs)
             p = jnp.where(_own_mask(cfg, j, t, idx, valid, bounds), jnp.exp2(qk - lse), 0.0)
             return accumulate(carry, q, do, p, p * dp)
 
@@ -328,30 +338,32 @@ def _walked(cfg: TiledConfig, cand_ref):
 
 
 def _specs(cfg: TiledConfig, d: int, nk_alloc: int):
-    r, kp, mb = cfg.tile_rows, cfg.kp, cfg.max_blocks
+    rows, kp, mb = cfg.rows, cfg.kp, cfg.max_blocks
     upk = cfg.groups_per_kv
     return dict(
-        row_d=pl.BlockSpec((None, None, r, d), lambda i, bi, s: (bi, s, i, 0)),
-        row=pl.BlockSpec((None, None, r), lambda i, bi, s: (bi, s, i)),
-        query_kp=pl.BlockSpec((None, cfg.bq, None, kp), lambda i, bi, s: (bi, i, s, 0)),  # [b, nq_pad, sh, kp]
+        # a tile's queries in the caller's layouts [b, nq_pad, sh, ...]
+        row_d=pl.BlockSpec((None, cfg.bq, None, rows, d), lambda i, bi, s: (bi, i, s, 0, 0)),
+        row=pl.BlockSpec((None, cfg.bq, None, rows), lambda i, bi, s: (bi, i, s, 0)),
+        query=pl.BlockSpec((None, cfg.bq), lambda i, bi, s: (bi, i)),  # [b, nq_pad]
+        query_kp=pl.BlockSpec((None, cfg.bq, None, kp), lambda i, bi, s: (bi, i, s, 0)),
         kv=pl.BlockSpec((None, nk_alloc, None, d), lambda i, bi, s: (bi, 0, s // upk, 0)),
         cand=pl.BlockSpec((None, None, None, mb), lambda i, bi, s: (bi, s, i, 0)),
     )
 
 
 def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple):
-    """q [b, groups, nq_pad * rows, d]; idx/valid/gate per query [b, nq_pad, groups, kp];
-    packed: () or (row document starts, ends [b, groups, nq_pad * rows], slot table [b, nb])."""
-    b, groups, nr, d = q.shape
+    """q [b, nq_pad, groups, rows, d]; idx/valid/gate [b, nq_pad, groups, kp]; packed: () or
+    (document starts, ends [b, nq_pad], slot table [b, nb]): the caller's layouts, no transposes."""
+    b, nq_pad, groups, _, d = q.shape
     sp = _specs(cfg, d, k.shape[1])
-    packed_specs = [sp["row"], sp["row"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
+    packed_specs = [sp["query"], sp["query"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
-        grid=(nr // cfg.tile_rows, b, groups),
+        grid=(nq_pad // cfg.bq, b, groups),
         in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["query_kp"], sp["query_kp"], sp["query_kp"], sp["cand"]]
         + packed_specs,
         out_specs=[sp["row_d"], sp["row"]],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, groups, nr), F32)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], F32)],
         compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="nsa_selected_tiled_fwd",
@@ -360,12 +372,12 @@ def _forward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple):
 
 def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, lse, do, delta):
     """dq and dgate by the tiled dq kernel (recomputes each walked block's logits for the tile's rows)."""
-    b, groups, nr, d = q.shape
+    b, nq_pad, groups, _, d = q.shape
     sp = _specs(cfg, d, k.shape[1])
-    packed_specs = [sp["row"], sp["row"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
+    packed_specs = [sp["query"], sp["query"], pl.BlockSpec((None, cfg.nb), lambda i, bi, s: (bi, 0))] if packed else []
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        grid=(nr // cfg.tile_rows, b, groups),
+        grid=(nq_pad // cfg.bq, b, groups),
         in_specs=[sp["row_d"], sp["kv"], sp["kv"], sp["query_kp"], sp["query_kp"], sp["query_kp"], sp["cand"],
                   sp["row_d"], sp["row"], sp["row"]] + packed_specs,
         out_specs=[sp["row_d"], sp["query_kp"]],
@@ -377,9 +389,9 @@ def _tiled_dq(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
 
 
 def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, key_source, o, lse, do):
-    """packed: () or (row document starts, ends, slot table, own queries [b, nb, 2])."""
+    """packed: () or (document starts, ends, slot table, own queries [b, nb, 2])."""
     packed, own_queries = packed[:3], packed[3:]
-    b, groups, nr, d = q.shape
+    b, nq_pad, groups, rows, d = q.shape
     nk_alloc, kh = k.shape[1], k.shape[2]
     delta = softmax_delta(o, do)
     if cfg.by_query is not None and not packed:  # dk/dv (and with stored dlogits dq) from the per-query family
@@ -390,12 +402,15 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
     dq, dgate = _tiled_dq(cfg, q, k, v, idx, valid, gate, cand, packed, lse, do, delta)
 
     tile_ids, offsets = inverted_tiles(cfg, cand)
-    full = lambda *tail: pl.BlockSpec((None, None, nr, *tail), lambda j, p, bi, s: (bi, s, 0) + (0,) * len(tail))  # noqa: E731
+
+    def full(*tail):  # a group's whole sequence: [nq_pad, *tail] of [b, nq_pad, groups, *tail]
+        return pl.BlockSpec((None, nq_pad, None, *tail), lambda j, p, bi, s: (bi, 0, s) + (0,) * len(tail))
+
     upk = cfg.groups_per_kv
     kv = pl.BlockSpec((None, nk_alloc, None, d), lambda j, p, bi, s: (bi, 0, s // upk, 0))
-    per_query = pl.BlockSpec((None, nr // cfg.rows, None, cfg.kp), lambda j, p, bi, s: (bi, 0, s, 0))
     per_group = lambda n: pl.BlockSpec((None, None, n), lambda j, p, bi, s: (bi, s, 0))  # noqa: E731
-    packed_full = [full(), full(), pl.BlockSpec((None, cfg.nb), lambda j, p, bi, s: (bi, 0)),
+    sequence = pl.BlockSpec((None, nq_pad), lambda j, p, bi, s: (bi, 0))
+    packed_full = [sequence, sequence, pl.BlockSpec((None, cfg.nb), lambda j, p, bi, s: (bi, 0)),
                    pl.BlockSpec((None, cfg.nb, 2), lambda j, p, bi, s: (bi, 0, 0))] if packed else []
 
     def dkv(part: str, splits: int):  # -> dk, dv [splits, b, groups, nb, sbp, d] float32
@@ -403,8 +418,8 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
         return pl.pallas_call(
             functools.partial(_dkv_kernel, cfg=cfg, part=part),
             grid=(cfg.nb, splits, b, groups),
-            in_specs=[full(d), kv, kv, per_query, per_query, per_query, full(d), full(), full(),
-                      per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)] + packed_full,
+            in_specs=[full(rows, d), kv, kv, full(cfg.kp), full(cfg.kp), full(cfg.kp), full(rows, d), full(rows),
+                      full(rows), per_group(tile_ids.shape[-1]), per_group(cfg.nb + 1)] + packed_full,
             out_specs=[out, out],
             out_shape=[jax.ShapeDtypeStruct((splits, b, groups, cfg.nb, cfg.sbp, d), F32)] * 2,
             compiler_params=compiler_params(cfg.dkv_num_warps, cfg.num_stages),
@@ -430,26 +445,25 @@ def _backward(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, 
 def _backward_by_query(cfg: TiledConfig, q, k, v, idx, valid, gate, lse, do, delta):
     """dk, dv through `kernels.selected_query`'s kernel, and with its stored dlogits
     (`cfg.by_query.stored_ds`) dq and dgate through that family's dq kernel (else None, None):
-    the tiles' row layout [b, groups, nq_pad * rows, ...] to its per-query one [b, nq, groups,
-    rows, ...] (padding queries dropped) and back; idx/valid/gate are per query already."""
-    b, groups, nr, d = q.shape
-    nq_pad = nr // cfg.rows
-    per_query = lambda x: jnp.swapaxes(x.reshape(b, groups, nq_pad, cfg.rows, *x.shape[3:]), 1, 2)[:, :cfg.nq]  # noqa: E731
-    qq, sel = per_query(q), (idx[:, :cfg.nq], valid[:, :cfg.nq], gate[:, :cfg.nq])
+    the same [b, nq, groups, ...] layout, padding queries dropped (and dq, dgate padded back)."""
+    nq_pad = q.shape[1]
+    per_query = lambda x: x[:, :cfg.nq]  # noqa: E731
+    qq, sel = per_query(q), (per_query(idx), per_query(valid), per_query(gate))
     dk, dv, order, stored = query_dkdv(cfg.by_query, qq, k, v, *sel, None, per_query(lse), per_query(do),
                                        per_query(delta))
     if not cfg.by_query.stored_ds:
         return None, dk, dv, None
     dq, dgate = query_dq_from_stored(cfg.by_query, qq, k, *sel, order, *stored)
-    dq = pad_axis(jnp.swapaxes(dq, 1, 2), 2, nq_pad).reshape(q.shape)  # [b, nq, groups, rows, d] -> rows
+    dq = pad_axis(dq, 1, nq_pad)  # [b, nq_pad, groups, rows, d]
     return dq, dk, dv, pad_axis(dgate, 1, nq_pad)  # dgate [b, nq_pad, groups, kp]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def tiled_selected(cfg: TiledConfig, q, k, v, idx, valid, gate, cand, packed: tuple, key_source):
-    """q [b, groups, nq_pad * rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate per query
-    [b, nq_pad, groups, kp] (the caller's layout: no transpose); cand from `candidates`; packed () or (row document
-    starts, ends, slot table, own queries) with key_source (`Packed`; else None) -> o like q."""
+    """q [b, nq_pad, groups, rows, d]; k, v [b, nk_alloc, kh, d]; idx/valid/gate [b, nq_pad,
+    groups, kp]; cand from `candidates`; packed () or (document starts, ends [b, nq_pad], slot
+    table, own queries) with key_source (`Packed`; else None) -> o like q. The caller's layouts:
+    the kernels read a tile's [bq, rows] and flatten it to rows in registers."""
     return _forward(cfg, q, k, v, idx, valid, gate, cand, packed[:3])[0]
 
 
@@ -501,16 +515,13 @@ def tiled_selected_attention(qg, k, v, idx, val, gate, packed: Packed | None = N
         # dk/dv (and with tiled_dq="stored" dq from its stored dlogits); chunks of at least the matrix unit's 16 rows
         cfg = dataclasses.replace(cfg, by_query=dataclasses.replace(
             by_query, stored_ds=settings.tiled_dq == "stored", dkv_chunk=max(settings.tiled_dkv_chunk, MIN_DOT // rows)))
-    q_t = pad_axis(qg.transpose(0, 2, 1, 3, 4), 2, nq_pad).reshape(b, groups, nq_pad * rows, d)
-
-    per_query = lambda x: pad_axis(x, 1, nq_pad)  # noqa: E731  [b, nq_pad, groups, kp]: the kernels' layout
-    idx, val, gate = per_query(idx), per_query(val), per_query(gate)
+    # the kernels read these layouts as they are: queries padded to whole tiles (a no-op when they fill them)
+    qg, idx, val, gate = (pad_axis(x, 1, nq_pad) for x in (qg, idx, val, gate))
     cand = candidates(cfg, idx.transpose(0, 2, 1, 3), val.transpose(0, 2, 1, 3))
     extra, key_source = (), None
-    if packed is not None:  # per-row document bounds [b, groups, nq_pad * rows] and the slot table
-        per_row_bound = lambda x: jnp.broadcast_to(  # noqa: E731
-            jnp.repeat(pad_axis(x, 1, nq_pad), rows, axis=1)[:, None], (b, groups, nq_pad * rows))
-        bounds = (per_row_bound(packed.start), per_row_bound(packed.end))
-        extra, key_source = (*bounds, packed.slot_start, packed.own_queries), packed.key_source
-    o = tiled_selected(cfg, q_t, k, v, idx, val, gate, cand, extra, key_source)
-    return o.reshape(b, groups, nq_pad, rows, d)[:, :, :nq].transpose(0, 2, 1, 3, 4)
+    if packed is not None:  # document bounds per query [b, nq_pad] and the slot table
+        extra = (pad_axis(packed.start, 1, nq_pad), pad_axis(packed.end, 1, nq_pad), packed.slot_start,
+                 packed.own_queries)
+        key_source = packed.key_source
+    o = tiled_selected(cfg, qg, k, v, idx, val, gate, cand, extra, key_source)
+    return o[:, :nq]
