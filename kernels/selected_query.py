@@ -466,12 +466,13 @@ def query_dq_from_stored(cfg: QueryConfig, q, k, idx, valid, gate, order, ds, ds
     upk, e = cfg.groups_per_kv, nq * cfg.kp
     ent = jnp.arange(e, dtype=jnp.int32)
     pos = jax.vmap(jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(ent)))(order)  # [b, groups, e]: inverse of order
-    pos = pos.reshape(b, groups, nq, cfg.kp).transpose(0, 2, 1, 3)  # [b, nq, groups, kp]
+    pos = pos.reshape(b, groups, nq, cfg.kp)  # read in this layout: no transpose
+    pos_spec = pl.BlockSpec((None, None, None, cfg.kp), lambda t, bi, s: (bi, s, t, 0))
     q_spec, _, sel_spec = _group_specs(cfg, d)
     return pl.pallas_call(
         functools.partial(_dq_stored_kernel, cfg=cfg),
         grid=(nq, b, groups),
-        in_specs=[q_spec, _kv_spec(cfg, k.shape[1], d), sel_spec, sel_spec, sel_spec, sel_spec,
+        in_specs=[q_spec, _kv_spec(cfg, k.shape[1], d), sel_spec, sel_spec, sel_spec, pos_spec,
                   pl.BlockSpec((None, None, None, e + 1, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, 0, 0, 0)),
                   pl.BlockSpec((None, None, None, None, cfg.sbp, rows), lambda t, bi, s: (bi, s // upk, s % upk, t, 0, 0))],
         out_specs=[q_spec, sel_spec],
