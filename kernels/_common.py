@@ -96,8 +96,8 @@ def softmax_finish(carry) -> tuple[jax.Array, jax.Array]:
 
 
 def tokens_to_rows(x: jax.Array, g: int) -> jax.Array:
-    """Per-token values [BQ] -> per-row [BQ * g] for tiles whose row r is token r // g."""
-    return jnp.broadcast_to(x[:, None], (x.shape[0], g)).reshape(x.shape[0] * g)
+    """Per-token values [BQ, ...] -> per-row [BQ * g, ...] for tiles whose row r is token r // g."""
+    return jnp.broadcast_to(x[:, None], (x.shape[0], g, *x.shape[1:])).reshape(x.shape[0] * g, *x.shape[1:])
 
 
 def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:

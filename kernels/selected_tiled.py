@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from kernels._common import (
     F32, LOG2E, MASK_VALUE, MIN_DOT, add_phantom_keys, compiler_params, interpret_mode, iota, mm,
-    online_softmax_step, pad_axis, round_up, softmax_delta, softmax_finish, softmax_init,
+    online_softmax_step, pad_axis, round_up, softmax_delta, softmax_finish, softmax_init, tokens_to_rows,
 )
 from kernels._selected_common import (
     Packed, SelectedConfig, own_block_range, own_keys, slot_tiles_to_keys, sort_by_block,
@@ -56,11 +56,6 @@ class TiledConfig(SelectedConfig):
         return self.bq * self.kp
 
 
-def _to_rows(cfg: TiledConfig, x):
-    """[bq, ...] per query of a tile -> [R, ...] per row (a query's rows are consecutive)."""
-    return jnp.broadcast_to(x[:, None], (cfg.bq, cfg.rows, *x.shape[1:])).reshape(cfg.tile_rows, *x.shape[1:])
-
-
 def _flat(cfg: TiledConfig, x):
     """[bq, rows, ...] (the caller's layout of a tile) -> [R, ...] (the tile's rows)."""
     return x.reshape(cfg.tile_rows, *x.shape[2:])
@@ -71,13 +66,19 @@ def _unflat(cfg: TiledConfig, x):
     return x.reshape(cfg.bq, cfg.rows, *x.shape[1:])
 
 
+def _bounds(cfg: TiledConfig, bounds_refs, queries=slice(None)):
+    """Packed: the document bounds (start, end) of each row of a tile (its `queries` of the
+    per-query refs); else None."""
+    return None if bounds_refs is None else tuple(tokens_to_rows(x[queries], cfg.rows) for x in bounds_refs)
+
+
 def _row_state(cfg: TiledConfig, idx_ref, valid_ref, tile=None, queries=slice(None)):
     """Per row of a tile (this program's, or `tile` with its `queries` of the refs, which hold
     one entry per query): its query, its selection [R, kp], validity and the zero-row flag."""
     tile = pl.program_id(0) if tile is None else tile
     t = tile * cfg.bq + lax.div(iota(cfg.tile_rows), cfg.rows)  # [R] query of each row
-    idx = _to_rows(cfg, idx_ref[queries, :])  # [R, kp]
-    valid = (_to_rows(cfg, valid_ref[queries, :]) > 0) & (iota(cfg.kp) < cfg.num_sel)[None, :]
+    idx = tokens_to_rows(idx_ref[queries, :], cfg.rows)  # [R, kp]
+    valid = (tokens_to_rows(valid_ref[queries, :], cfg.rows) > 0) & (iota(cfg.kp) < cfg.num_sel)[None, :]
     zero_row = jnp.logical_not(jnp.max(jnp.where(valid, 1, 0), axis=1) > 0)  # [R]
     return t, idx, valid, zero_row
 
@@ -143,8 +144,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, *re
     q = _flat(cfg, q_ref[...])  # [R, d]
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
-    bounds = None if bounds_refs is None else (_to_rows(cfg, bounds_refs[0][...]), _to_rows(cfg, bounds_refs[1][...]))
-    gate = _to_rows(cfg, gate_ref[...])
+    bounds = _bounds(cfg, bounds_refs)
+    gate = tokens_to_rows(gate_ref[...], cfg.rows)
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def body(i, carry):
@@ -188,8 +189,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_r
     delta = _flat(cfg, delta_ref[...])[:, None]
     c = cfg.scale * LOG2E
     t, idx, valid, zero_row = _row_state(cfg, idx_ref, valid_ref)
-    bounds = None if bounds_refs is None else (_to_rows(cfg, bounds_refs[0][...]), _to_rows(cfg, bounds_refs[1][...]))
-    gate = _to_rows(cfg, gate_ref[...])
+    bounds = _bounds(cfg, bounds_refs)
+    gate = tokens_to_rows(gate_ref[...], cfg.rows)
     in_block = (iota(cfg.sbp) < cfg.sb)[None, :]
 
     def dlogits(vb, s, mask):
@@ -229,7 +230,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, cand_ref, do_r
 
         dq = lax.fori_loop(first, last + 1, own, dq)
     dq_ref[...] = _unflat(cfg, dq * cfg.scale).astype(dq_ref.dtype)
-    dgate_ref[...] = dgate.reshape(cfg.bq, cfg.rows, cfg.kp).sum(axis=1)  # a query's rows summed
+    dgate_ref[...] = _unflat(cfg, dgate).sum(axis=1)  # a query's rows summed
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_ref, delta_ref, tile_ref, off_ref,
@@ -254,7 +255,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
         state = _row_state(cfg, idx_ref, valid_ref, tile, queries)
         qk = mm(q, kb, trans_b=True) * c  # [R, sbp]
         dp = mm(do, vb, trans_b=True) - _flat(cfg, delta_ref[queries])[:, None]
-        return q, do, _flat(cfg, lse_ref[queries])[:, None], _to_rows(cfg, gate_ref[queries, :]), state, qk, dp
+        gate = tokens_to_rows(gate_ref[queries, :], cfg.rows)
+        return q, do, _flat(cfg, lse_ref[queries])[:, None], gate, state, qk, dp
 
     def accumulate(carry, q, do, p, ds):
         dk, dv = carry
@@ -286,7 +288,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, idx_ref, valid_ref, gate_ref, do_ref, lse_r
         def own(tile, carry):
             q, do, lse, _, (t, idx, valid, _), qk, dp = tile_terms(tile)
             queries = pl.ds(tile * cfg.bq, cfg.bq)
-            bounds = None if bounds_refs is None else tuple(_to_rows(cfg, x[queries]) for x in bounds_refs)
+            bounds = _bounds(cfg, bounds_refs, queries)
             p = jnp.where(_own_mask(cfg, j, t, idx, valid, bounds), jnp.exp2(qk - lse), 0.0)
             return accumulate(carry, q, do, p, p * dp)
 
