@@ -2,6 +2,7 @@
 
     python -m bench.profile_step --variant pallas --seq_len 4096 --batch_size 1 --grad_accum_every 1
     python -m bench.profile_step --seq_len 262144 --batch_size 1 --dtype bfloat16 --context 2   # one sequence, 2 GPUs
+    python -m bench.profile_step --detail 'compress|optimizer'   # and every kernel of the scopes this matches
 
 Runs a few steps under `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData`
 and sums the device time of every GPU kernel by name (Pallas kernels are named `nsa_*`; XLA's
@@ -9,7 +10,8 @@ fusions keep their HLO names, with the JAX op that produced them where the trace
 Prints the top kernels per step, the share of the Pallas kernels, and GPU busy time against the
 step's wall time (the gap is launch overhead and host work), and the kernels per named scope of
 the model (attention/selection, feedforward, optimizer, ...; forward and backward apart), read from
-the compiled step's HLO: where the kernels of a step come from. With --context N, each sequence is
+the compiled step's HLO: where the kernels of a step come from (--detail REGEX lists each kernel of
+the matching scopes; the JSON has them for every scope). With --context N, each sequence is
 split over N GPUs (context parallelism) and the kernels are those of the first GPU. Writes JSON
 with --json.
 """
@@ -123,6 +125,8 @@ def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = No
     ops: dict[str, str] = {}
     scopes: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])  # scope -> [kernels, us] per step
     scope_cache: dict[tuple[str, str], str] = {}  # (kernel, hlo_op) -> scope: each looked up once, not per event
+    # scope -> kernel -> [calls, us] per step: which kernels a scope is made of
+    detail: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0.0]))
     for name, op, us, hlo_op in events:
         by_name[name] += us / steps
         calls[name] += 1
@@ -131,9 +135,9 @@ def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = No
             if (name, hlo_op) not in scope_cache:
                 op_name = kernel_op_name(op_names, name, hlo_op)
                 scope_cache[name, hlo_op] = scope_of(op_name) if op_name is not None else "(library kernels, copies)"
-            entry = scopes[scope_cache[name, hlo_op]]
-            entry[0] += 1 / steps
-            entry[1] += us / steps
+            for entry in (scopes[scope_cache[name, hlo_op]], detail[scope_cache[name, hlo_op]][name]):
+                entry[0] += 1 / steps
+                entry[1] += us / steps
     total = sum(by_name.values())
     pallas = sum(us for name, us in by_name.items() if name.startswith("nsa_"))
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
@@ -143,8 +147,12 @@ def summarise(events, steps: int, top: int, op_names: dict[str, str] | None = No
     for name, us in by_name.items():
         groups[name.split("_")[0] if not name.startswith("nsa_") else "_".join(name.split("_")[:2])] += us
     by_scope = {k: dict(kernels_per_step=n, us_per_step=us) for k, (n, us) in sorted(scopes.items(), key=lambda kv: -kv[1][0])}
+    by_scope_kernel = {scope: {name: dict(calls_per_step=n, us_per_step=us)
+                               for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])}
+                       for scope, kernels in detail.items()}
     return dict(gpu_us_per_step=total, pallas_us_per_step=pallas, kernels_per_step=len(events) / steps, top=rows,
-                groups=dict(sorted(groups.items(), key=lambda kv: -kv[1])), scopes=by_scope)
+                groups=dict(sorted(groups.items(), key=lambda kv: -kv[1])), scopes=by_scope,
+                scope_kernels=by_scope_kernel)
 
 
 def add_step_flags(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +173,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--context", type=int, default=1, help="split each sequence over this many GPUs")
+    parser.add_argument("--detail", default=None, metavar="REGEX",
+                        help="also list every kernel of the named scopes this matches (e.g. 'compress$')")
     add_kernel_flags(parser)
     args = parser.parse_args()
 
@@ -221,6 +231,9 @@ def main() -> None:
     print(f"{'named scope (per step, all layers)':48} {'kernels':>9} {'us':>9}")
     for scope, row in summary["scopes"].items():
         print(f"{scope[:48]:48} {row['kernels_per_step']:>9.0f} {row['us_per_step']:>9.1f}")
+        if args.detail and re.search(args.detail, scope):
+            for name, k in summary["scope_kernels"][scope].items():
+                print(f"    {name[:60]:60} {k['calls_per_step']:>5.0f} {k['us_per_step']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(vars(args), device=jax.devices()[0].device_kind, wall_us_per_step=wall_us,

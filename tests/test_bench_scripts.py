@@ -689,3 +689,21 @@ def test_retrieval_reading_leaves_out_each_branch_as_a_model_built_without_it():
     read = retrieval.reading(fns, params, task, np.random.default_rng(1), length, 8, 8 * length)
     assert set(read["branches"]) == set(fns) and read["missed"] == 8 and len(read["misses"]) == 3  # untrained
     assert all(len(m["given"]) == task.digits for m in read["misses"])
+
+
+def test_profile_step_breaks_each_scope_into_its_kernels():
+    """bench.profile_step --detail: per named scope, each kernel's calls and time per step, largest first;
+    library kernels (no scope in the HLO) under their own heading."""
+    from bench.profile_step import summarise
+
+    names = {"loop_add_fusion.1": 'jit(_train_step)/jvp(attention)/compress/add',
+             "gemm_fusion_dot.2": 'jit(_train_step)/jvp(attention)/compress/dot_general'}
+    events = [("loop_add_fusion_1", "", 3.0, ""), ("gemm_fusion_dot_2", "", 10.0, ""),
+              ("loop_add_fusion_1", "", 5.0, ""), ("sm90_xmma_gemm", "", 7.0, "")]
+    summary = summarise(events, steps=2, top=5, op_names=names)
+    compress = summary["scope_kernels"]["fwd attention/compress"]
+    assert list(compress) == ["gemm_fusion_dot_2", "loop_add_fusion_1"]
+    assert compress["loop_add_fusion_1"] == dict(calls_per_step=1.0, us_per_step=4.0)
+    assert summary["scopes"]["fwd attention/compress"] == dict(kernels_per_step=1.5, us_per_step=9.0)
+    assert summary["scope_kernels"]["(library kernels, copies)"] == {
+        "sm90_xmma_gemm": dict(calls_per_step=0.5, us_per_step=3.5)}
