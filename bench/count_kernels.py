@@ -136,8 +136,8 @@ def pretend_gpu() -> None:
     def cudnn_usable(q):
         return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
 
-    for name in ("_common", "_flash", "compressed_attention", "fla_selection", "mosaic_compressed", "selection",
-                 "selected_attention", "selected_query", "selected_tiled", "sliding_window"):
+    for name in ("_common", "_flash", "compress_matmul", "compressed_attention", "fla_selection", "mosaic_compressed",
+                 "selection", "selected_attention", "selected_query", "selected_tiled", "sliding_window"):
         module = importlib.import_module(f"kernels.{name}")
         if hasattr(module, "interpret_mode"):
             module.interpret_mode = lambda: False

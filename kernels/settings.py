@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from kernels.compress_matmul import GroupedMatmulTiles, MatmulTiles  # noqa: F401  (re-exported)
+
 # Programs per SM that keep an H100 (132 SMs) busy enough where a kernel splits its work to fill the
 # GPU (the selection's d(block keys)); the flash dk/dv kernels measured best at 4x as many.
 H100_SMS = 132
@@ -256,6 +258,7 @@ class MosaicTiles:
 
 SLIDING_IMPLS = ("auto", "pallas", "cudnn", "xla")
 COMPRESSED_IMPLS = ("auto", "pallas", "mosaic", "cudnn", "xla")
+COMPRESS_IMPLS = ("auto", "pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,8 +278,21 @@ class KernelSettings:
     # ms back to back) 5.18 (1) / 5.31 / 5.34 / 5.45 (2 / 4 / 8 splits), 5.18 / 5.30 / 5.33 / 5.44 in a
     # second round. Hence 1 (one matmul).
     compress_split_k: int = 1
+    # The grouped compress networks' input layers in the train step (`GroupedMLP.pair` with its layer
+    # stack at hand: `nsa_jax.stacking`): "xla" (einsums), "pallas" (`kernels.compress_matmul`: the
+    # forward product with its bias and ReLU, and d(input), reading the layer's weights in their
+    # stack in place), or "auto" (pallas on a GPU for float32 and at most
+    # `kernels.compress_matmul.AUTO_MAX_ROWS` rows per head, where XLA's tiling leaves SMs idle).
+    # Sizes the kernels' tiles do not divide, and batches split over devices outside `shard_map`,
+    # take XLA's. The float32 train step (seed model, H200, 2026-12-02, ms back to back, xla ->
+    # pallas): B=4 T=512 5.02 -> 4.87 and 5.03 -> 4.89 (128 rows per head); B=1 T=2048 5.52 -> 5.45
+    # (128 rows); B=1 T=4096 8.38 -> 8.56 (256 rows: slower, hence the limit).
+    compress_impl: str = "auto"
+    compress_tiles: GroupedMatmulTiles = GroupedMatmulTiles()
 
     def __post_init__(self):
+        _check(self.compress_impl in COMPRESS_IMPLS,
+               f"compress_impl must be one of {', '.join(COMPRESS_IMPLS)}, got {self.compress_impl!r}")
         _check(self.compress_split_k >= 1 and self.compress_split_k & (self.compress_split_k - 1) == 0,
                f"compress_split_k must be a power of two, got {self.compress_split_k}")
         _check(self.sliding_impl in SLIDING_IMPLS,

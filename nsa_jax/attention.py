@@ -157,6 +157,9 @@ class SparseAttention(nnx.Module):
         self.mask_sliding_window_padding = mask_sliding_window_padding
         self.use_pallas_nsa = True if use_triton_kernel and use_pallas_nsa is None else use_pallas_nsa
         self.kernel_settings = kernels.KernelSettings() if kernel_settings is None else kernel_settings
+        # This module's place in a Transformer's layers (set there): the train step's kernels read
+        # its compress networks' weights in place in the stacked parameters (`GroupedMLP.pair`).
+        self.layer_index: int | None = None
 
         self.norm = nnx.data(RMSNorm(dim, param_dtype=param_dtype) if norm else None)
         self.to_qkv = Linear(dim, (heads + 2 * kv_heads) * dim_head, use_bias=False,
@@ -215,7 +218,10 @@ class SparseAttention(nnx.Module):
         kw = kw + self.k_intrablock_positions[...].astype(kw.dtype)[:, None]
         vw = vw + self.v_intrablock_positions[...].astype(vw.dtype)[:, None]
         if isinstance(self.k_compress, GroupedMLP) and isinstance(self.v_compress, GroupedMLP):
-            both = GroupedMLP.pair(self.k_compress, self.v_compress, kw, vw, self.kernel_settings.compress_split_k)
+            settings = self.kernel_settings
+            impl = settings.compress_impl if kernels.backend_name(self.use_pallas_nsa) == "pallas" else "xla"
+            both = GroupedMLP.pair(self.k_compress, self.v_compress, kw, vw, settings.compress_split_k,
+                                   layer=self.layer_index, impl=impl, tiles=settings.compress_tiles)
             ck, cv = jnp.split(both.transpose(0, 2, 1, 3), 2, axis=2)
             return ck, cv
         ck = self.k_compress(kw).transpose(0, 2, 1, 3)  # [b, kh, w, d] -> [b, w, kh, d]

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import compress_matmul
+from kernels.compress_matmul import GroupedMatmulTiles
 from nsa_jax.layers import Linear, torch_uniform_init
 
 
@@ -63,7 +65,8 @@ class GroupedMLP(nnx.Module):
 
     @staticmethod
     def pair(first: "GroupedMLP", second: "GroupedMLP", kv1: jax.Array, kv2: jax.Array,
-             split_k: int = 1) -> jax.Array:
+             split_k: int = 1, *, layer: int | None = None, impl: str = "xla",
+             tiles: GroupedMatmulTiles = GroupedMatmulTiles()) -> jax.Array:
         """Both networks: kv1 [b, h1, w, n, d], kv2 [b, h2, w, n, d] -> [b, h1 + h2, w, d].
 
         As the train step hands them (`nsa_jax.stacking.JOINED`), `first` holds both networks'
@@ -74,10 +77,23 @@ class GroupedMLP(nnx.Module):
         seed model).
         `split_k` > 1 splits the input layers' contraction (window x head dim) into that many
         partial products summed after (`_input_layer`): a speed setting, the same sums reassociated.
+        Joined, `second` holds the whole layer stacks of the joined parameters, and the input layer
+        may run as kernels that read layer `layer` of them in place (`impl`: `KernelSettings.
+        compress_impl`; `kernels.compress_matmul`).
         """
         if first.kernel_in[...].shape[0] == first.heads + second.heads:  # joined
-            return _grouped_mlp(jnp.concatenate([kv1, kv2], axis=1), first.kernel_in[...], first.bias_in[...],
-                                first.kernel_out[...], first.bias_out[...], split_k)
+            kv = jnp.concatenate([kv1, kv2], axis=1)
+            kernel_in, bias_in = first.kernel_in[...], first.bias_in[...]
+            stack = (second.kernel_in[...], second.bias_in[...])
+            b, h, w = kv.shape[:3]
+            if (split_k == 1 and layer is not None and stack[0].ndim == kernel_in.ndim + 1
+                    and kernel_in.dtype == kv.dtype
+                    and compress_matmul.use_kernels(impl, b * w, *kernel_in.shape[1:], kv.dtype, tiles)):
+                x = kv.reshape(b, h, w, -1).transpose(1, 0, 2, 3).reshape(h, b * w, -1)  # [h, rows, n * d]
+                hidden = compress_matmul.relu_linear(x, kernel_in, bias_in, stack, layer, tiles)  # after the ReLU
+                out = jnp.einsum("hri,hio->hro", hidden, first.kernel_out[...]) + first.bias_out[...][:, None]
+                return out.reshape(h, b, w, -1).transpose(1, 0, 2, 3)
+            return _grouped_mlp(kv, kernel_in, bias_in, first.kernel_out[...], first.bias_out[...], split_k)
         hidden = jnp.concatenate([_input_layer(kv1, first.kernel_in[...], first.bias_in[...], split_k),
                                   _input_layer(kv2, second.kernel_in[...], second.bias_in[...], split_k)], axis=1)
         cat = lambda a, b: jnp.concatenate([a[...], b[...]], axis=0).astype(kv1.dtype)  # noqa: E731

@@ -41,6 +41,13 @@ def _halves(x, half: int):  # a joined array -> its pair
     return x[:, :half], x[:, half:]
 
 
+class _WholeStack:
+    """`unstack(joined=True)`: the value every layer's second network of a pair gets, unsliced."""
+
+    def __init__(self, stack: jax.Array):
+        self.stack = stack
+
+
 def _joined_key(first: str, second: str) -> str:
     """'layers.*.attn.k_compress.kernel_in', '...v_compress...' -> 'layers.*.attn.{k,v}_compress.kernel_in'."""
     i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
@@ -91,7 +98,7 @@ class LayerStack:
         for key, value in stacked.items():
             if key in firsts:
                 joined, second = firsts[key]
-                out[joined] = combine(value, stacked[second])
+                out[joined] = combine(value, stacked.get(second))
             elif key not in seconds:
                 out[key] = value
         return out
@@ -111,27 +118,30 @@ class LayerStack:
     def stack(self, state: nnx.State, joined: bool = False) -> Stacked:
         """An `nnx.State` of the parameter structure -> {key: array}, layer kinds [depth, ...].
         joined: a state from `unstack(..., joined=True)` (its gradient): each pair's first
-        parameter holds both, the second nothing."""
+        parameter holds both; the second (its whole stack's gradient, zero) is left out."""
         leaves = [variable.get_value() for _, variable in nnx.to_flat_state(state)]
         if len(leaves) != len(self._paths):
             raise ValueError(f"expected a state of {len(self._paths)} parameters, got {len(leaves)}")
+        seconds = {b for _, b in self._joined.values()} if joined else set()  # (their whole stacks' zero gradients)
         apart = {key: jnp.stack([leaves[i] for i in members]) if "*" in key else leaves[members[0]]
-                 for key, members in self._groups.items()}
+                 for key, members in self._groups.items() if key not in seconds}
         return self.join(apart, lambda a, b: a) if joined else self.join(apart)
 
     def unstack(self, stacked: Stacked, joined: bool = False) -> nnx.State:
         """{key: array} -> the `nnx.State` of the model's parameters (what `nnx.merge` takes).
 
         joined: for the train step's loss. Each `JOINED` pair's first parameter holds the
-        pair's joined slice [2 x heads, ...] and the second an empty array, which
-        `GroupedMLP.pair` recognises (any other use of those modules needs joined=False)."""
-        apart = self.split(stacked, (lambda x, half: (x, None)) if joined else _halves)  # None: an empty second
+        pair's joined slice [2 x heads, ...], and the second the whole joined stack [depth, 2 x
+        heads, ...] (the state's own array, not a copy), which `GroupedMLP.pair` recognises: it
+        runs both networks as one, and kernels may read a layer's weights in that stack in place
+        (`kernels.compress_matmul`). Any other use of those modules needs joined=False."""
+        apart = self.split(stacked, (lambda x, half: (x, _WholeStack(x))) if joined else _halves)
         leaves: list[Any] = [None] * len(self._paths)
         for key, members in self._groups.items():
             value = apart[key]
             for layer, i in enumerate(members):
-                if value is None:
-                    leaves[i] = jnp.zeros((0,), self._variables[i].dtype)
+                if isinstance(value, _WholeStack):
+                    leaves[i] = value.stack
                 else:
                     leaves[i] = value[layer] if "*" in key else value
         return nnx.from_flat_state([(path, variable.replace(leaf)) for path, variable, leaf

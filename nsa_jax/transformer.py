@@ -148,6 +148,9 @@ class Transformer(nnx.Module):
             Block(attention(), FeedForward(dim, ff_expansion_factor, param_dtype=param_dtype, rngs=rngs))
             for _ in range(depth)
         ])
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.attn, SparseAttention):
+                layer.attn.layer_index = i
         self.norm = RMSNorm(dim, param_dtype=param_dtype)
         self.to_logits = Linear(dim, num_tokens, use_bias=False, param_dtype=param_dtype, rngs=rngs)
 
