@@ -51,18 +51,16 @@ class GroupedMatmulTiles:
     dx: MatmulTiles = MatmulTiles(block_m=64, block_n=64, block_k=64)
 
 
-def _matmul_kernel(a_ref, b_ref, *rest, trans_a: bool, trans_b: bool, block_k: int, bias: bool, relu: bool):
-    """One output tile: a_ref [bm, K] ([K, bm] trans_a), b_ref [K, bn] ([bn, K] trans_b)."""
+def _matmul_kernel(a_ref, b_ref, *rest, trans_b: bool, block_k: int, bias: bool, relu: bool):
+    """One output tile: a_ref [bm, K], b_ref [K, bn] ([bn, K] trans_b)."""
     o_ref = rest[-1]
-    k_total = a_ref.shape[0] if trans_a else a_ref.shape[1]
 
     def step(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        a = a_ref[ks, :] if trans_a else a_ref[:, ks]
         b = b_ref[:, ks] if trans_b else b_ref[ks, :]
-        return acc + mm(a, b, trans_a=trans_a, trans_b=trans_b)
+        return acc + mm(a_ref[:, ks], b, trans_b=trans_b)
 
-    acc = lax.fori_loop(0, k_total // block_k, step, jnp.zeros(o_ref.shape, F32))
+    acc = lax.fori_loop(0, a_ref.shape[1] // block_k, step, jnp.zeros(o_ref.shape, F32))
     if bias:
         acc = acc + rest[0][...].astype(F32)[None, :]
     if relu:
@@ -75,17 +73,15 @@ def fits(m: int, n: int, k: int, tiles: MatmulTiles) -> bool:
     return m % tiles.block_m == 0 and n % tiles.block_n == 0 and k % tiles.block_k == 0
 
 
-@functools.partial(jax.jit, static_argnames=("trans_a", "trans_b", "relu", "layer", "tiles"))
-def batched_matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, trans_a: bool = False,
-                   trans_b: bool = False, relu: bool = False, layer: int | None = None,
-                   tiles: MatmulTiles = MatmulTiles()) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("trans_b", "relu", "layer", "tiles"))
+def batched_matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, trans_b: bool = False,
+                   relu: bool = False, layer: int | None = None, tiles: MatmulTiles = MatmulTiles()) -> jax.Array:
     """Per head h: a[h] @ b[h] (+ bias[h], ReLU), float32 accumulation, in a's dtype.
 
-    a [h, m, k] ([h, k, m] with trans_a), b [h, k, n] ([h, n, k] with trans_b), bias [h, n] -> [h, m, n].
+    a [h, m, k], b [h, k, n] ([h, n, k] with trans_b), bias [h, n] -> [h, m, n].
     With `layer`, b and bias are stacks [layers, h, ...] read at that layer in place (a slice passed
     to a kernel would be copied first). m, n, k must be multiples of the tiles (`fits`)."""
-    h = a.shape[0]
-    m, k = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
+    h, m, k = a.shape
     b_dims = b.shape[1:] if layer is not None else b.shape
     n = b_dims[1] if trans_b else b_dims[2]
     if not fits(m, n, k, tiles):
@@ -93,8 +89,7 @@ def batched_matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *,
     bm, bn = tiles.block_m, tiles.block_n
     # Program (i, j, head): i fastest, so the programs that run together share b's column tile
     # (the weights) and read it from L2 once.
-    a_spec = (pl.BlockSpec((None, k, bm), lambda i, j, g: (g, 0, i)) if trans_a
-              else pl.BlockSpec((None, bm, k), lambda i, j, g: (g, i, 0)))
+    a_spec = pl.BlockSpec((None, bm, k), lambda i, j, g: (g, i, 0))
     b_spec = (pl.BlockSpec((None, bn, k), lambda i, j, g: (g, j, 0)) if trans_b
               else pl.BlockSpec((None, k, bn), lambda i, j, g: (g, 0, j)))
     if layer is not None:  # the same tiles, one layer of the stack
@@ -105,8 +100,8 @@ def batched_matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *,
         in_specs.append(pl.BlockSpec((None, bn), lambda i, j, g: (g, j)) if layer is None
                         else pl.BlockSpec((None, None, bn), lambda i, j, g: (layer, g, j)))
         args.append(bias)
-    kernel = functools.partial(_matmul_kernel, trans_a=trans_a, trans_b=trans_b, block_k=tiles.block_k,
-                               bias=bias is not None, relu=relu)
+    kernel = functools.partial(_matmul_kernel, trans_b=trans_b, block_k=tiles.block_k, bias=bias is not None,
+                               relu=relu)
     return pl.pallas_call(
         kernel,
         grid=(m // bm, n // bn, h),
