@@ -41,13 +41,6 @@ def _halves(x, half: int):  # a joined array -> its pair
     return x[:, :half], x[:, half:]
 
 
-class _WholeStack:
-    """`unstack(joined=True)`: the value every layer's second network of a pair gets, unsliced."""
-
-    def __init__(self, stack: jax.Array):
-        self.stack = stack
-
-
 def _joined_key(first: str, second: str) -> str:
     """'layers.*.attn.k_compress.kernel_in', '...v_compress...' -> 'layers.*.attn.{k,v}_compress.kernel_in'."""
     i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
@@ -82,6 +75,10 @@ class LayerStack:
             if a in self._groups and b in self._groups and self._shape(a) == self._shape(b) and self._shape(a):
                 self._joined[_joined_key(a, b)] = (a, b)
 
+    @property
+    def _seconds(self) -> set[str]:  # the keys of each joined pair's second parameter
+        return {b for _, b in self._joined.values()}
+
     def _shape(self, key: str) -> tuple[int, ...]:  # one layer's shape of a stacked key
         return tuple(self._variables[self._groups[key][0]].shape)
 
@@ -93,7 +90,7 @@ class LayerStack:
         """{key: array} with each `JOINED` pair apart -> the pair as one array (`combine`), in the
         first one's place."""
         out: dict[str, Any] = {}
-        seconds = {b for _, b in self._joined.values()}
+        seconds = self._seconds
         firsts = {a: (key, b) for key, (a, b) in self._joined.items()}
         for key, value in stacked.items():
             if key in firsts:
@@ -122,7 +119,7 @@ class LayerStack:
         leaves = [variable.get_value() for _, variable in nnx.to_flat_state(state)]
         if len(leaves) != len(self._paths):
             raise ValueError(f"expected a state of {len(self._paths)} parameters, got {len(leaves)}")
-        seconds = {b for _, b in self._joined.values()} if joined else set()  # (their whole stacks' zero gradients)
+        seconds = self._seconds if joined else set()  # (their whole stacks' zero gradients)
         apart = {key: jnp.stack([leaves[i] for i in members]) if "*" in key else leaves[members[0]]
                  for key, members in self._groups.items() if key not in seconds}
         return self.join(apart, lambda a, b: a) if joined else self.join(apart)
@@ -135,15 +132,13 @@ class LayerStack:
         heads, ...] (the state's own array, not a copy), which `GroupedMLP.pair` recognises: it
         runs both networks as one, and kernels may read a layer's weights in that stack in place
         (`kernels.compress_matmul`). Any other use of those modules needs joined=False."""
-        apart = self.split(stacked, (lambda x, half: (x, _WholeStack(x))) if joined else _halves)
+        apart = self.split(stacked, (lambda x, half: (x, x)) if joined else _halves)
+        whole = self._seconds if joined else set()  # keys every layer gets unsliced
         leaves: list[Any] = [None] * len(self._paths)
         for key, members in self._groups.items():
             value = apart[key]
             for layer, i in enumerate(members):
-                if isinstance(value, _WholeStack):
-                    leaves[i] = value.stack
-                else:
-                    leaves[i] = value[layer] if "*" in key else value
+                leaves[i] = value[layer] if "*" in key and key not in whole else value
         return nnx.from_flat_state([(path, variable.replace(leaf)) for path, variable, leaf
                                     in zip(self._paths, self._variables, leaves)])
 
