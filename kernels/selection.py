@@ -142,6 +142,8 @@ class _Config:
     kp: int  # pick slots in HBM (power of two >= k)
     block_q: int  # tokens per forward / dq tile (rows = block_q * gs)
     block_k: int  # blocks per forward / dq chunk
+    lanes: bool  # the forward keeps a top-k per column lane (`_insert_lanes`) instead of merging rounds
+    block_k_fwd: int  # blocks per forward step (divides block_k; < block_k only with lanes)
     block_q_dbk: int
     block_k_dbk: int
     n_pad: int
@@ -341,10 +343,51 @@ def _merge_top_k(s, start, top_v, top_i):
     return top_v, top_i
 
 
+def _insert_lanes(s, j, top_v, top_i):
+    """Insert a step's logits s [R, C] (blocks j [1, C]) into a top-k kept per row and column
+    lane: tuples of k arrays [R, C], best first. Every entry of a lane is a block of the same
+    index modulo C, arriving in index order, so strict compares keep lax.top_k's order within a
+    lane (an entry goes below the equal values already kept); `_lanes_to_rows` merges the lanes
+    once per tile. Elementwise only: 3k compares and selects per logit, no row reductions, where
+    `_merge_top_k` pays two row reductions per round and a round per pick entering any row."""
+    k = len(top_v)
+    idx = jnp.broadcast_to(j, s.shape)
+    above = [s > v for v in top_v]  # above[p - 1] implies above[p]: a lane's slots are sorted
+    new_v, new_i = [], []
+    for p in range(k):
+        v = jnp.where(above[p], s, top_v[p])
+        i = jnp.where(above[p], idx, top_i[p])
+        if p:
+            v = jnp.where(above[p - 1], top_v[p - 1], v)
+            i = jnp.where(above[p - 1], top_i[p - 1], i)
+        new_v.append(v)
+        new_i.append(i)
+    return tuple(new_v), tuple(new_i)
+
+
+def _lanes_to_rows(top_v, top_i):
+    """The rows' top-k (k vectors [R], best first, in lax.top_k's order) from the lanes' (k
+    arrays [R, C], each lane sorted): k rounds taking the best lane head (lowest block index
+    among equal values; lanes hold distinct blocks) and popping it."""
+    k = len(top_v)
+    out_v, out_i = [], []
+    for p in range(k):
+        best_v = jnp.max(top_v[0], axis=1)
+        best_i = jnp.min(jnp.where(top_v[0] == best_v[:, None], top_i[0], NO_BLOCK), axis=1)
+        out_v.append(best_v)
+        out_i.append(best_i)
+        if p + 1 < k:  # pop the head of the winning lane (empty lanes, NO_BLOCK: popping is a no-op)
+            hit = top_i[0] == best_i[:, None]
+            top_v = tuple(jnp.where(hit, top_v[r + 1] if r + 1 < k else -jnp.inf, top_v[r]) for r in range(k))
+            top_i = tuple(jnp.where(hit, top_i[r + 1] if r + 1 < k else NO_BLOCK, top_i[r]) for r in range(k))
+    return out_v, out_i
+
+
 def _fwd_kernel(c_lo_ref, c_hi_ref, fv_ref, q_ref, bk_ref, *refs, cfg: _Config):
     """The picks (probabilities, indices) and the log-sum-exp of one tile of query rows."""
     *bound_refs, val_ref, idx_ref, lse_ref = refs
-    bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k
+    bq, gs, bkc = cfg.block_q, cfg.gs, cfg.block_k_fwd
+    steps = cfg.block_k // bkc  # the layout counts chunks of block_k blocks: the same blocks, in steps
     rows, d = bq * gs, q_ref.shape[-1]
     t = (pl.program_id(0) * bq + lax.div(iota(rows), gs))[:, None]  # [R, 1]
     bounds = _row_bounds([r[...] for r in bound_refs], gs, column=True) if cfg.packed else None
@@ -359,12 +402,18 @@ def _fwd_kernel(c_lo_ref, c_hi_ref, fv_ref, q_ref, bk_ref, *refs, cfg: _Config):
         s = _logits(cfg, q, bk, fv_ref[pl.ds(start, bkc)][None, :], t, j, bounds)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)  # MASKED gives 0
-        top_v, top_i = _merge_top_k(s, start, top_v, top_i)
+        if cfg.lanes:
+            top_v, top_i = _insert_lanes(s, j, top_v, top_i)
+        else:
+            top_v, top_i = _merge_top_k(s, start, top_v, top_i)
         return m_new, l, top_v, top_i
 
+    slots = (rows, bkc) if cfg.lanes else (rows,)
     init = (jnp.full((rows,), pad, F32), jnp.ones((rows,), F32),
-            (jnp.full((rows,), -jnp.inf, F32),) * cfg.k, (jnp.full((rows,), NO_BLOCK, jnp.int32),) * cfg.k)
-    m, l, top_v, top_i = lax.fori_loop(c_lo_ref[0], c_hi_ref[0], chunk, init)
+            (jnp.full(slots, -jnp.inf, F32),) * cfg.k, (jnp.full(slots, NO_BLOCK, jnp.int32),) * cfg.k)
+    m, l, top_v, top_i = lax.fori_loop(c_lo_ref[0] * steps, c_hi_ref[0] * steps, chunk, init)
+    if cfg.lanes:
+        top_v, top_i = _lanes_to_rows(top_v, top_i)
     lse = m + jnp.log(l)
     for p in range(cfg.k):
         val_ref[:, :, p] = jnp.exp(top_v[p] - lse).reshape(bq, gs)
@@ -573,6 +622,8 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
     block_q, block_q_dbk = min(next_pow2(block_q), q_cap), min(next_pow2(block_q_dbk), q_cap)
     key_cap = max(MIN_DOT, kp, next_pow2(nb))
     block_k = min(max(settings.block_keys, kp, MIN_DOT), key_cap)  # >= kp: the first chunk fills every slot
+    lanes = settings.top_k == "lanes" and kp <= settings.max_lane_picks
+    block_k_fwd = min(max(settings.lane_keys, MIN_DOT), block_k) if lanes else block_k
     block_k_dbk = min(max(settings.block_keys_dbk, MIN_DOT), key_cap)
     n_pad = round_up(n, max(block_q, block_q_dbk))
     nb_pad = round_up(nb, max(block_k, block_k_dbk))
@@ -583,6 +634,7 @@ def _config(n: int, nc: int, nb: int, gs: int, k: int, d_pad: int, kh: int, b: i
                  max(1, tiles // settings.min_dbk_tiles_per_split))
     return _Config(scale=float(scale), causal=causal, own_block=sb != stride, sb=sb, stride=stride, nc=nc, nb=nb,
                    interpolated=interpolated, n=n, gs=gs, k=k, kp=kp, block_q=block_q, block_k=block_k,
+                   lanes=lanes, block_k_fwd=block_k_fwd,
                    block_q_dbk=block_q_dbk, block_k_dbk=block_k_dbk, n_pad=n_pad, nb_pad=nb_pad,
                    dbk_splits=max(1, splits), packed=packed,
                    num_warps=settings.num_warps,

@@ -189,6 +189,7 @@ def query_dkv_splits(settings: SelectedSettings, nq: int, num_sel: int, groups_p
 
 
 SELECTION_IMPLS = ("pallas", "xla")
+SELECTION_TOP_K = ("rounds", "lanes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +204,11 @@ class SelectionSettings:
     dims >= 128, else 4; measured on an H200, BENCHMARKS.md "Selection kernel").
     impl "xla": no kernel, the reference's dense importance scores ([b, h, n, n / stride]) and
     top-k in XLA, the backward recomputing them; for short sequences.
+    top_k: how the forward keeps each row's running top-k. "rounds": k vectors per row, a chunk's
+    better entries inserted one per round (two row reductions a round); "lanes": k entries per
+    row and column lane over steps of `lane_keys` blocks, elementwise, the lanes merged once per
+    tile (only while the picks' slots, a power of two >= k, are at most `max_lane_picks`: 2k
+    arrays of [rows, lane_keys] live in registers).
     """
 
     impl: str = "pallas"
@@ -218,15 +224,19 @@ class SelectionSettings:
     num_warps: int = 4
     num_warps_dbk: int | None = None
     num_stages: int = 2
+    top_k: str = "rounds"
+    lane_keys: int = 32
+    max_lane_picks: int = 8
 
     def __post_init__(self):
+        _check(self.top_k in SELECTION_TOP_K, f"top_k must be one of {', '.join(SELECTION_TOP_K)}, got {self.top_k!r}")
         _check(self.impl in SELECTION_IMPLS, f"impl must be one of {', '.join(SELECTION_IMPLS)}, got {self.impl!r}")
         for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk", "max_dbk_splits", "dbk_target_programs",
-                     "min_dbk_tiles_per_split", "num_warps", "num_stages"):
+                     "min_dbk_tiles_per_split", "num_warps", "num_stages", "lane_keys", "max_lane_picks"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.num_warps_dbk is None or self.num_warps_dbk >= 1,
                f"num_warps_dbk must be None or >= 1, got {self.num_warps_dbk}")
-        for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk"):
+        for name in ("rows", "block_keys", "rows_dbk", "block_keys_dbk", "lane_keys"):
             value = getattr(self, name)
             _check(value & (value - 1) == 0, f"{name} must be a power of two, got {value}")
 

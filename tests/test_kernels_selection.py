@@ -79,6 +79,9 @@ SETTINGS = {  # the defaults; small tiles (many chunks and query tiles, dbk spli
                                      min_dbk_tiles_per_split=1),
     "tall_dbk": SelectionSettings(rows=32, block_keys=32, rows_dbk=128, block_keys_dbk=32, num_warps_dbk=8),
     "xla": SelectionSettings(impl="xla"),  # no kernel: the reference in the inputs' dtype (float32 cases only)
+    # the top-k kept per column lane; 16-block steps: several steps per 64-block chunk
+    "lanes": SelectionSettings(top_k="lanes", lane_keys=16),
+    "lanes_small": SelectionSettings(top_k="lanes", rows=16, block_keys=32, lane_keys=16, max_lane_picks=32),
 }
 
 
@@ -87,7 +90,7 @@ def settings_grid() -> list:
     case in the slow tier, on the seed-like float32 case in the quick one."""
     params = []
     for tiles in SETTINGS:
-        quick = QUICK if tiles == "default" else {} if tiles == "xla" else {"seed_like": F32_ONLY}
+        quick = QUICK if tiles in ("default", "lanes") else {} if tiles == "xla" else {"seed_like": F32_ONLY}
         params += [pytest.param(*p.values, tiles, id=f"{p.id}-{tiles}", marks=p.marks) for p in grid(CASES, quick)
                    if tiles != "xla" or (p.values[1] == jnp.float32 and p.id.split("-")[0] in QUICK)]
     return params
@@ -177,18 +180,20 @@ def test_pallas_backend_serves_the_kernels():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("tiles", ["default", "lanes"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_exact_ties_break_toward_the_lower_block_as_lax_top_k(shared):
+def test_exact_ties_break_toward_the_lower_block_as_lax_top_k(shared, tiles):
     """Blocks with bitwise-equal logits (repeated compressed keys) are picked lower index first
     and listed in lax.top_k's order, so the kernel's picks equal the reference's exactly; only
     logits that differ by float rounding between the two can order differently, which is why
     the grid test above compares valid picks as sets."""
-    base = randn(jax.random.key(3), (1, 3, 2, 32))
-    ck = jnp.concatenate([randn(jax.random.key(4), (1, 1, 2, 32)), jnp.tile(base, (1, 8, 1, 1))], axis=1)  # 24 blocks
+    # 24 blocks repeating every 4: equal blocks 16 apart share a column lane of the "lanes" top-k
+    base = randn(jax.random.key(3), (1, 4, 2, 32))
+    ck = jnp.concatenate([randn(jax.random.key(4), (1, 1, 2, 32)), jnp.tile(base, (1, 6, 1, 1))], axis=1)
     q = randn(jax.random.key(5), (1, 96, 4, 32))
     kw = dict(num_mem=1, stride=4, causal=True, share_heads=shared, num_selected=5, selection_block_size=4)
     with jax.default_matmul_precision("highest"):
-        values, indices = jax.jit(functools.partial(select_blocks, **kw))(q, ck)
+        values, indices = jax.jit(functools.partial(select_blocks, settings=SETTINGS[tiles], **kw))(q, ck)
         ref_values, ref_indices = jax.jit(functools.partial(reference.select_blocks, **kw))(q, ck)
     valid = np.asarray(reference.valid_selection(ref_values))
     assert valid.sum() > 100, "too few valid picks to test ties"
