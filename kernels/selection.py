@@ -311,7 +311,6 @@ def _merge_top_k(s, start, top_v, top_i):
     blocks (MASKED, finite) rank below every logit but above the empty slots (-inf). A round is
     a max and a min over the chunk (the best value, then its lowest column): cheaper than an
     argmax's paired compares, which is what this kernel spends its time on."""
-    k = len(top_v)
     cols = s.shape[1]
     col = iota(cols)[None, :]
 
@@ -325,19 +324,9 @@ def _merge_top_k(s, start, top_v, top_i):
 
     def insert(state):
         top_v, top_i, sv, best_v, best_c = state
-        best_i = start + best_c
-        above = [(best_v > v) for v in top_v]  # false for rows without a candidate
-        new_v, new_i = [], []
-        for p in range(k):  # sorted insertion: slots below the new entry shift down by one
-            v = jnp.where(above[p], best_v, top_v[p])
-            i = jnp.where(above[p], best_i, top_i[p])
-            if p:
-                v = jnp.where(above[p - 1], top_v[p - 1], v)
-                i = jnp.where(above[p - 1], top_i[p - 1], i)
-            new_v.append(v)
-            new_i.append(i)
+        new_v, new_i = _sorted_insert(best_v, start + best_c, top_v, top_i)  # no-op for rows without a candidate
         sv = jnp.where(col == best_c[:, None], -jnp.inf, sv)
-        return (tuple(new_v), tuple(new_i), sv, *best(sv))
+        return (new_v, new_i, sv, *best(sv))
 
     top_v, top_i, *_ = lax.while_loop(more, insert, (top_v, top_i, s, *best(s)))
     return top_v, top_i
@@ -350,13 +339,18 @@ def _insert_lanes(s, j, top_v, top_i):
     lane (an entry goes below the equal values already kept); `_lanes_to_rows` merges the lanes
     once per tile. Elementwise only: 3k compares and selects per logit, no row reductions, where
     `_merge_top_k` pays two row reductions per round and a round per pick entering any row."""
-    k = len(top_v)
-    idx = jnp.broadcast_to(j, s.shape)
-    above = [s > v for v in top_v]  # above[p - 1] implies above[p]: a lane's slots are sorted
+    return _sorted_insert(s, jnp.broadcast_to(j, s.shape), top_v, top_i)
+
+
+def _sorted_insert(value, index, top_v, top_i):
+    """Insert (value, index) into sorted slots top_v / top_i (k arrays of value's shape, best
+    first) where it is strictly above a slot's value: the slots below it shift down by one, the
+    last drops out; equal values stay above it (the lower indices, which arrived first)."""
+    above = [value > v for v in top_v]  # above[p - 1] implies above[p]: the slots are sorted
     new_v, new_i = [], []
-    for p in range(k):
-        v = jnp.where(above[p], s, top_v[p])
-        i = jnp.where(above[p], idx, top_i[p])
+    for p in range(len(top_v)):
+        v = jnp.where(above[p], value, top_v[p])
+        i = jnp.where(above[p], index, top_i[p])
         if p:
             v = jnp.where(above[p - 1], top_v[p - 1], v)
             i = jnp.where(above[p - 1], top_i[p - 1], i)
