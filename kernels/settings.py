@@ -299,8 +299,16 @@ class KernelSettings:
     # (128 rows); B=1 T=4096 8.38 -> 8.56 (256 rows: slower, hence the limit).
     compress_impl: str = "auto"
     compress_tiles: GroupedMatmulTiles = GroupedMatmulTiles()
+    # The q / k / v projection (`SparseAttention.project`, any backend) from this many rows (batch x
+    # tokens) on as three products on the joined weight's columns; below, one joined product sliced.
+    # XLA copies each slice out and concatenates their gradients: 0.5 ms a step at B=1 T=16384, where
+    # three products run 28.09 / 28.13 -> 27.62 ms back to back (peak memory 5.64 -> 5.42 GiB), against
+    # 31 more kernels at B=4 T=512: 4.89 / 4.90 -> 5.03 / 5.04 ms (float32 train step, seed model,
+    # H200, 2026-12-02). 0: always joined.
+    split_qkv_from_rows: int = 8192
 
     def __post_init__(self):
+        _check(self.split_qkv_from_rows >= 0, f"split_qkv_from_rows must be >= 0, got {self.split_qkv_from_rows}")
         _check(self.compress_impl in COMPRESS_IMPLS,
                f"compress_impl must be one of {', '.join(COMPRESS_IMPLS)}, got {self.compress_impl!r}")
         _check(self.compress_split_k >= 1 and self.compress_split_k & (self.compress_split_k - 1) == 0,

@@ -199,7 +199,13 @@ class SparseAttention(nnx.Module):
         x = self.norm(inp) if self.norm is not None else inp
         b, n, _ = x.shape
         h, kh, d = self.heads, self.kv_heads, self.dim_head
-        q, k, v = jnp.split(self.to_qkv(x), [h * d, (h + kh) * d], axis=-1)
+        split = self.kernel_settings.split_qkv_from_rows
+        if split and b * n >= split:  # long inputs: one product per output, q, k, v contiguous (no slice copies)
+            w = self.to_qkv.kernel[...].astype(x.dtype)
+            bounds = ((0, h * d), (h * d, (h + kh) * d), ((h + kh) * d, (h + 2 * kh) * d))
+            q, k, v = (x @ w[:, lo:hi] for lo, hi in bounds)
+        else:
+            q, k, v = jnp.split(self.to_qkv(x), [h * d, (h + kh) * d], axis=-1)
         return x, q.reshape(b, n, h, d), k.reshape(b, n, kh, d), v.reshape(b, n, kh, d)
 
     def compress(self, k: jax.Array, v: jax.Array, segments: Segments | None = None) -> tuple[jax.Array, jax.Array]:

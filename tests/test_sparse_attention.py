@@ -291,6 +291,37 @@ def grouped_pair(window_seed: int):
     return k_net, v_net, kw, vw
 
 
+def test_split_qkv_projection_equals_the_joined_one():
+    """`KernelSettings.split_qkv_from_rows`: q, k, v as three products on the joined weight's
+    columns give the joined product's output and gradients (input and every parameter), on fresh
+    random inputs and weights; the threshold counts batch x tokens."""
+    import dataclasses
+
+    from kernels import KernelSettings
+
+    x = jax.random.normal(jax.random.key(11), (2, 24, DIM))
+    with jax.default_matmul_precision("highest"):
+        outs, grads = [], []
+        for rows in (0, 48):  # joined; split from 2 x 24 rows on
+            attn = make(3, kernel_settings=KernelSettings(split_qkv_from_rows=rows))
+            graphdef, state = nnx.split(attn)
+
+            def loss(state, x):
+                out = nnx.merge(graphdef, state)(x)
+                return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+            (_, out), grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(state, x)
+            outs.append(out)
+            grads.append(grad)
+        split_jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s).project(x))(state, x))
+        joined = make(3, kernel_settings=dataclasses.replace(KernelSettings(), split_qkv_from_rows=49))
+        joined_jaxpr = str(jax.make_jaxpr(lambda x: joined.project(x))(x))
+    assert split_jaxpr.count("dot_general") == 3 and joined_jaxpr.count("dot_general") == 1  # below: joined
+    np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0]), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_grouped_mlp_pair_equals_the_two_networks():
     """`GroupedMLP.pair` (keys' and values' networks together) gives each network's own output
