@@ -208,7 +208,10 @@ class SelectionSettings:
     better entries inserted one per round (two row reductions a round); "lanes": k entries per
     row and column lane over steps of `lane_keys` blocks, elementwise, the lanes merged once per
     tile (only while the picks' slots, a power of two >= k, are at most `max_lane_picks`: 2k
-    arrays of [rows, lane_keys] live in registers).
+    arrays of [rows, lane_keys] live in registers). Measured on an H200 (2026-12-02, seed model): the
+    forward kernel alone 0.25 ("rounds") against 0.26 ms at T=16384, the float32 train step 0.06-0.13 ms
+    faster at T=16384 back to back and 0.01-0.04 ms slower at B=4 T=512: the rounds were not what the
+    kernel spends its time on; "rounds" stays the default.
     """
 
     impl: str = "pallas"
