@@ -14,7 +14,8 @@ head (rows: BQ tokens x the kv head's selection heads) streams over chunks of bl
 keeping a running max / sum for the softmax normaliser and a running top-k sorted in
 registers (k vectors of [R], the k-th best being the admission threshold; a chunk's entries
 above it are inserted one per row and round, so a chunk that brings no better block costs
-two row reductions). Only the probabilities and indices of the picks
+two row reductions; or, `SelectionSettings(top_k="lanes")`, k entries per row and column lane,
+merged once per tile). Only the probabilities and indices of the picks
 [b, n, sh, k] and the log-sum-exp [b, n, sh] reach HBM.
 
 Masking follows the reference: a block is invisible iff (causal) any compressed column with a
@@ -310,7 +311,7 @@ def _merge_top_k(s, start, top_v, top_i):
     above the k-th best, and a round takes a chunk's lowest index among equal values. Masked
     blocks (MASKED, finite) rank below every logit but above the empty slots (-inf). A round is
     a max and a min over the chunk (the best value, then its lowest column): cheaper than an
-    argmax's paired compares, which is what this kernel spends its time on."""
+    argmax's paired compares."""
     cols = s.shape[1]
     col = iota(cols)[None, :]
 
@@ -337,8 +338,9 @@ def _insert_lanes(s, j, top_v, top_i):
     lane: tuples of k arrays [R, C], best first. Every entry of a lane is a block of the same
     index modulo C, arriving in index order, so strict compares keep lax.top_k's order within a
     lane (an entry goes below the equal values already kept); `_lanes_to_rows` merges the lanes
-    once per tile. Elementwise only: 3k compares and selects per logit, no row reductions, where
-    `_merge_top_k` pays two row reductions per round and a round per pick entering any row."""
+    once per tile. Elementwise only: k compares and 4k selects per logit, no row reductions, where
+    `_merge_top_k` pays two row reductions per round and a round per pick entering any row (on an
+    H200 the kernel ran no faster for it: `SelectionSettings.top_k`)."""
     return _sorted_insert(s, jnp.broadcast_to(j, s.shape), top_v, top_i)
 
 
